@@ -1,0 +1,390 @@
+"""agent.yaml: the whole configuration schema, its defaults, and loading with actionable errors.
+
+Every key is documented in docs/configuration.md; packaging/agent.yaml.example is the commented
+example shipped as /etc/mesh-agent/agent.yaml. Keys are snake_case; a probe override uses the same
+names as Istio's WorkloadGroup probe, in snake_case.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from agent.schema import Duration, Loader, SchemaError, SchemaErrors, Size, field
+
+DEFAULT_PATH = "/etc/mesh-agent/agent.yaml"
+ENV_VAR = "MESH_AGENT_CONFIG"
+EX_CONFIG = 78  # sysexits.h: configuration error; the unit does not restart on it
+
+
+def _d(text: str) -> Duration:
+    from agent.schema import parse_duration
+
+    return Duration(parse_duration(text))
+
+
+# --- bundle ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KubernetesSourceConfig:
+    """How to build the bundle from the cluster (bundle.source: kubernetes)."""
+    istio_namespace: str = field("istio-system", help="namespace istiod runs in")
+    revision: str = field("", help="istio revision; empty for the default revision")
+    gateway_address: str | None = field(None, help="address for the istiod hosts line; "
+                                        "default: the east-west gateway Service's address")
+    token_lifetime: Duration = field(_d("1h"), min=600.0, max=86400.0 * 2,
+                                     help="lifetime of each minted istio token")
+    static_dir: str | None = field(None, help="directory with mesh.yaml/hosts made by the admin, "
+                                   "used when the agent may not read the istio namespace")
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    source: str = field(help="https:// URL, file:// or path to a .tar.gz, a directory, or `kubernetes`")
+    ca_file: str | None = field(None, help="CA bundle to verify an https source (default: system CAs)")
+    token_file: str | None = field(None, help="file holding a bearer token sent to an https source")
+    client_cert: str | None = field(None, help="client certificate (PEM) for an https source")
+    client_key: str | None = field(None, help="key of client_cert")
+    allow_insecure: bool = field(False, help="allow an http:// source (never in production)")
+    connect_timeout: Duration = field(_d("5s"), min=0.1, max=300.0)
+    read_timeout: Duration = field(_d("30s"), min=0.1, max=600.0)
+    max_size: Size = field(Size(1024 * 1024), min=1024, max=64 * 1024 * 1024,
+                           help="largest bundle accepted")
+    refresh_fraction: float = field(0.7, min=0.1, max=0.95,
+                                    help="refresh when this fraction of the token's lifetime has passed")
+    refresh_interval: Duration = field(_d("1h"), min=10.0,
+                                       help="refresh period when the bundle's token has no expiry")
+    on_autoregister: Literal["drop", "refuse"] = field(
+        "drop", help="what to do with ISTIO_META_AUTO_REGISTER_GROUP in cluster.env")
+    restore_tampered: bool = field(True, help="restore installed files edited or deleted by hand")
+    kubernetes: KubernetesSourceConfig = field(factory=KubernetesSourceConfig)
+
+    @staticmethod
+    def checks(c: BundleConfig) -> list[tuple[str, str]]:
+        out = []
+        if (c.client_cert is None) != (c.client_key is None):
+            out.append(("client_cert", "client_cert and client_key must be set together"))
+        if c.source.startswith("http://") and not c.allow_insecure:
+            out.append(("source", "http:// is refused; use https:// or set bundle.allow_insecure: true"))
+        if not c.source.strip():
+            out.append(("source", "must not be empty"))
+        return out
+
+
+# --- sidecar --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackageConfig:
+    """The istio-sidecar .deb; overrides the bundle's sidecar.yaml."""
+    url: str | None = field(None, help="https:// URL, file:// URL or path of the .deb")
+    version: str | None = field(None, help="the package version it holds (dpkg's format)")
+    sha256: str | None = field(None, help="hex sha256 of the .deb, checked before use")
+
+    @staticmethod
+    def checks(c: PackageConfig) -> list[tuple[str, str]]:
+        out = []
+        if c.url and not (c.version and c.sha256):
+            out.append(("url", "a package url needs version and sha256 too"))
+        if c.sha256 is not None and (len(c.sha256) != 64 or
+                                     any(ch not in "0123456789abcdef" for ch in c.sha256.lower())):
+            out.append(("sha256", "expected 64 hex digits"))
+        return out
+
+
+@dataclass(frozen=True)
+class BackoffConfig:
+    initial: Duration = field(_d("200ms"), min=0.01, max=60.0)
+    max: Duration = field(_d("30s"), min=0.1, max=3600.0)
+
+
+@dataclass(frozen=True)
+class CrashLoopConfig:
+    max_exits: int = field(5, min=1, max=1000, help="exits within window that make the sidecar FATAL")
+    window: Duration = field(_d("120s"), min=1.0, max=86400.0)
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    profile: Literal["istio", "envoy"] = field("istio", help="istio: pilot-agent + Envoy; envoy: plain Envoy")
+    package: PackageConfig = field(factory=PackageConfig)
+    command: tuple[str, ...] | None = field(None, help="argv override for the proxy")
+    envoy_binary: str = field("/usr/local/bin/envoy", help="Envoy binary (envoy profile)")
+    pilot_agent_binary: str = field("/usr/local/bin/pilot-agent", help="pilot-agent binary (istio profile)")
+    bootstrap: str | None = field(None, help="Envoy bootstrap file (envoy profile)")
+    base_id: int = field(0, min=0, max=65535, help="Envoy --base-id (envoy profile)")
+    admin_address: str = field("127.0.0.1:15000", help="Envoy admin host:port")
+    readiness_url: str | None = field(None, help="default: :15021/healthz/ready (istio), "
+                                      "<admin>/ready (envoy)")
+    ready_timeout: Duration = field(_d("60s"), min=1.0, max=3600.0)
+    backoff: BackoffConfig = field(factory=BackoffConfig)
+    crash_loop: CrashLoopConfig = field(factory=CrashLoopConfig)
+    drain_timeout: Duration = field(_d("20s"), min=0.0, max=3600.0)
+    stop_grace: Duration = field(_d("10s"), min=0.1, max=600.0, help="SIGTERM to SIGKILL")
+    user: str = field("istio-proxy", help="user the proxy runs as (istio profile)")
+    log_dir: str | None = field(None, help="also write the proxy's output under this directory "
+                                "(e.g. /var/log/istio); default: journal only")
+    manage_iptables: bool = field(True, help="run pilot-agent istio-iptables unless "
+                                  "ISTIO_CUSTOM_IP_TABLES=true (istio profile)")
+
+    @staticmethod
+    def checks(c: SidecarConfig) -> list[tuple[str, str]]:
+        out = []
+        if c.profile == "envoy" and not c.bootstrap and not c.command:
+            out.append(("bootstrap", "the envoy profile needs a bootstrap file"))
+        if c.backoff.initial > c.backoff.max:
+            out.append(("backoff.initial", "must not be larger than backoff.max"))
+        if ":" not in c.admin_address:
+            out.append(("admin_address", f'expected host:port, got "{c.admin_address}"'))
+        return out
+
+
+# --- app and probes -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HttpHeader:
+    name: str = field()
+    value: str = field("")
+
+
+@dataclass(frozen=True)
+class HttpGetProbe:
+    port: int = field(min=1, max=65535)
+    path: str = field("/")
+    host: str | None = field(None, help="default: app.probe_host")
+    scheme: Literal["HTTP", "HTTPS"] = field("HTTP")
+    http_headers: tuple[HttpHeader, ...] = field(())
+
+
+@dataclass(frozen=True)
+class TcpSocketProbe:
+    port: int = field(min=1, max=65535)
+    host: str | None = field(None)
+
+
+@dataclass(frozen=True)
+class ExecProbe:
+    command: tuple[str, ...] = field()
+
+    @staticmethod
+    def checks(c: ExecProbe) -> list[tuple[str, str]]:
+        return [("command", "must not be empty")] if not c.command else []
+
+
+@dataclass(frozen=True)
+class GrpcProbe:
+    port: int = field(min=1, max=65535)
+    service: str = field("")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Istio's WorkloadGroup probe, in snake_case. Exactly one of the four kinds."""
+    http_get: HttpGetProbe | None = field(None)
+    tcp_socket: TcpSocketProbe | None = field(None)
+    exec: ExecProbe | None = field(None)
+    grpc: GrpcProbe | None = field(None)
+    initial_delay: Duration = field(_d("0s"), min=0.0, max=3600.0)
+    timeout: Duration = field(_d("1s"), min=0.001, max=600.0)
+    period: Duration = field(_d("10s"), min=0.01, max=3600.0)
+    success_threshold: int = field(1, min=1, max=100)
+    failure_threshold: int = field(3, min=1, max=100)
+
+    @staticmethod
+    def checks(c: ProbeConfig) -> list[tuple[str, str]]:
+        kinds = [k for k in ("http_get", "tcp_socket", "exec", "grpc") if getattr(c, k) is not None]
+        if len(kinds) != 1:
+            return [("http_get", "a probe needs exactly one of http_get, tcp_socket, exec, grpc"
+                                 + (f" (got {', '.join(kinds)})" if kinds else ""))]
+        if c.grpc is not None:
+            try:
+                import grpc  # noqa: F401
+            except ImportError:
+                return [("grpc", "a grpc probe needs grpcio (Debian: apt install python3-grpcio)")]
+        return []
+
+
+@dataclass(frozen=True)
+class FlapConfig:
+    """Damping of health transitions, so a flapping app does not churn the mesh."""
+    min_dwell: Duration = field(_d("5s"), min=0.0, max=3600.0,
+                                help="least time in a state before leaving it")
+    max_transitions: int = field(6, min=2, max=1000, help="transitions allowed per window")
+    window: Duration = field(_d("5m"), min=1.0, max=86400.0)
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    ports: tuple[int, ...] = field((), help="app ports; default: the group's ports or ISTIO_INBOUND_PORTS")
+    probe: ProbeConfig | None = field(None, help="overrides the WorkloadGroup's probe")
+    probe_host: Literal["localhost", "instance"] = field(
+        "localhost", help="probe 127.0.0.1, or the instance address as Istio's agent does")
+    flap: FlapConfig = field(factory=FlapConfig)
+    watch_process: bool = field(True, help="watch the process owning the port; its exit is "
+                                "Unhealthy at once")
+
+    @staticmethod
+    def checks(c: AppConfig) -> list[tuple[str, str]]:
+        bad = [p for p in c.ports if not 1 <= p <= 65535]
+        return [("ports", f"ports must be 1..65535, got {bad[0]}")] if bad else []
+
+
+# --- registry -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AddressConfig:
+    """The VM's address in the mesh. Default: ISTIO_SVC_IP, else the default route's interface."""
+    value: str | None = field(None, help="a fixed address")
+    interface: str | None = field(None, help="take the address of this interface")
+    cidr: str | None = field(None, help="take the first local address inside this CIDR")
+    family: Literal["auto", "ipv4", "ipv6"] = field("auto")
+
+    @staticmethod
+    def checks(c: AddressConfig) -> list[tuple[str, str]]:
+        import ipaddress
+
+        out = []
+        if sum(x is not None for x in (c.value, c.interface, c.cidr)) > 1:
+            out.append(("value", "set at most one of value, interface, cidr"))
+        if c.value is not None:
+            try:
+                ipaddress.ip_address(c.value)
+            except ValueError:
+                out.append(("value", f'expected an IP address, got "{c.value}"'))
+        if c.cidr is not None:
+            try:
+                ipaddress.ip_network(c.cidr, strict=False)
+            except ValueError:
+                out.append(("cidr", f'expected a CIDR like "10.0.0.0/8", got "{c.cidr}"'))
+        return out
+
+
+@dataclass(frozen=True)
+class LeaseConfig:
+    duration: Duration = field(_d("40s"), min=5.0, max=3600.0)
+    renew: Duration = field(_d("10s"), min=1.0, max=1800.0)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    enabled: bool = field(True, help="register the VM's WorkloadEntry")
+    kubeconfig: str | None = field(None, help="default: the bundle's kubeconfig")
+    server: str | None = field(None, help="API server URL, used with token_file and ca_file")
+    ca_file: str | None = field(None)
+    token_file: str | None = field(None, help="bearer token, re-read when it changes")
+    renew_token: bool = field(False, help="renew the agent's own service-account token with "
+                              "TokenRequest before it expires")
+    namespace: str | None = field(None, help="default: POD_NAMESPACE from cluster.env")
+    group: str | None = field(None, help="WorkloadGroup name; default: ISTIO_META_WORKLOAD_NAME")
+    address: AddressConfig = field(factory=AddressConfig)
+    network: str | None = field(None, help="default: ISTIO_META_NETWORK")
+    locality: str | None = field(None, help="region/zone/subzone")
+    weight: int | None = field(None, min=0, max=4294967295)
+    labels: dict[str, str] = field(factory=dict, help="extra labels on the entry")
+    on_unhealthy: Literal["delete", "condition"] = field("delete")
+    lease: LeaseConfig = field(factory=LeaseConfig)
+    resync: Duration = field(_d("5m"), min=5.0, max=86400.0)
+    timeout: Duration = field(_d("10s"), min=0.5, max=300.0, help="per API request")
+    backoff: BackoffConfig = field(factory=lambda: BackoffConfig(_d("500ms"), _d("30s")))
+
+    @staticmethod
+    def checks(c: RegistryConfig) -> list[tuple[str, str]]:
+        out = []
+        if c.kubeconfig and c.server:
+            out.append(("server", "set kubeconfig or server, not both"))
+        if c.server and not c.token_file:
+            out.append(("token_file", "registry.server needs registry.token_file"))
+        if c.lease.renew >= c.lease.duration:
+            out.append(("lease.renew", "must be shorter than lease.duration"))
+        if c.locality is not None and c.locality.count("/") > 2:
+            out.append(("locality", f'expected "region/zone/subzone", got "{c.locality}"'))
+        return out
+
+
+# --- the rest -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    propagation: Duration = field(_d("5s"), min=0.0, max=600.0,
+                                  help="wait after withdrawing the entry, before draining")
+    timeout: Duration = field(_d("60s"), min=1.0, max=3600.0, help="whole stop, after which it is forced")
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    ready_when_unhealthy: bool = field(True, help="tell systemd READY=1 when the app is known "
+                                       "unhealthy, so `systemctl start` does not hang")
+    recent_errors: int = field(20, min=0, max=1000)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = field(True)
+    address: str = field("127.0.0.1")
+    port: int = field(15099, min=1, max=65535)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = field("info")
+    target: Literal["auto", "journal", "stderr"] = field(
+        "auto", help="auto: journald when started by systemd, else stderr")
+
+
+@dataclass(frozen=True)
+class Config:
+    bundle: BundleConfig = field()
+    sidecar: SidecarConfig = field(factory=SidecarConfig)
+    app: AppConfig = field(factory=AppConfig)
+    registry: RegistryConfig = field(factory=RegistryConfig)
+    shutdown: ShutdownConfig = field(factory=ShutdownConfig)
+    status: StatusConfig = field(factory=StatusConfig)
+    metrics: MetricsConfig = field(factory=MetricsConfig)
+    logging: LoggingConfig = field(factory=LoggingConfig)
+    root: str = field("/", help="prefix for every managed path (tests and the demo)")
+    state_dir: str = field("/var/lib/mesh-agent")
+    run_dir: str = field("/run/mesh-agent")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; str() is one line per problem."""
+
+    def __init__(self, errors: list[SchemaError]) -> None:
+        super().__init__("\n".join(str(e) for e in errors))
+        self.errors = errors
+
+
+def config_path(cli_value: str | None = None) -> str:
+    return cli_value or os.environ.get(ENV_VAR) or DEFAULT_PATH
+
+
+def parse(text: str, file: str = "agent.yaml") -> Config:
+    """Parse agent.yaml's text; raises ConfigError listing every problem found."""
+    try:
+        return Loader(file).load(text, Config)
+    except SchemaErrors as exc:
+        raise ConfigError(exc.errors) from None
+
+
+def load(path: str) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([SchemaError(path, 0, "", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([SchemaError(path, 0, "", "not UTF-8 text")]) from None
+    return parse(text, path)
+
+
+def to_dict(obj: Any) -> Any:
+    """A config (or part of one) as plain data, e.g. for `config check --show`."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj

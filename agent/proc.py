@@ -1,0 +1,79 @@
+"""The one place that runs subprocesses.
+
+Short commands go through run(); long-lived children (the sidecar) through spawn(). Both take an
+argv list, never a shell string, and every run has a timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+class CommandError(Exception):
+    def __init__(self, result: Result) -> None:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        super().__init__(f"{' '.join(result.argv)} exited {result.returncode}: {' | '.join(tail)}")
+        self.result = result
+
+
+def run(argv: Sequence[str], *, timeout: float, check: bool = False, env: Mapping[str, str] | None = None,
+        input: str | None = None, cwd: str | None = None) -> Result:
+    """Run a command to completion; on timeout its whole process group is killed."""
+    log.debug("running %s", " ".join(argv))
+    with subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                          env=dict(env) if env is not None else None, cwd=cwd, text=True,
+                          start_new_session=True) as p:
+        try:
+            out, err = p.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            result = Result(tuple(argv), -signal.SIGKILL, out, err + f"\ntimed out after {timeout:g}s")
+            if check:
+                raise CommandError(result) from None
+            return result
+    result = Result(tuple(argv), p.returncode, out, err)
+    if check and not result.ok:
+        raise CommandError(result)
+    return result
+
+
+def spawn(argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
+          user: str | None = None, stdout: int | None = None, stderr: int | None = None,
+          pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+    """Start a long-lived child in its own process group (so it can be signalled as a whole)."""
+    log.debug("spawning %s", " ".join(argv))
+    return subprocess.Popen(list(argv), env=dict(env) if env is not None else None, cwd=cwd,
+                            user=user, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                            start_new_session=True, pass_fds=tuple(pass_fds))
+
+
+def kill_group(pid: int, sig: int) -> bool:
+    """Signal a process group led by pid; False if it is gone already."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+    return True

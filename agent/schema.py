@@ -1,0 +1,283 @@
+"""Typed loading of YAML into frozen dataclasses, with errors that name file, line and key.
+
+The configuration schema (config.py) is plain dataclasses; this module walks the YAML node tree
+(yaml.compose keeps line numbers, yaml.safe_load does not) against the dataclass annotations and
+collects every error in the file instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class Duration(float):
+    """Seconds, written in YAML as `500ms`, `10s`, `5m`, `1h` or `1m30s`."""
+
+
+class Size(int):
+    """Bytes, written in YAML as `1048576`, `512KiB`, `1MiB` or `2GiB`."""
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+               "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+
+
+def parse_duration(text: str) -> float:
+    """`1m30s` -> 90.0. Raises ValueError for anything else."""
+    text = text.strip()
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if pos == 0 or pos != len(text):
+        raise ValueError(text)
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    if seconds and seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{seconds:g}s"
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(text)
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+@dataclass(frozen=True)
+class SchemaError:
+    file: str
+    line: int  # 1-based; 0 when unknown
+    path: str  # dotted key path, "" for the document
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class SchemaErrors(Exception):
+    def __init__(self, errors: list[SchemaError]) -> None:
+        super().__init__("\n".join(str(e) for e in errors))
+        self.errors = errors
+
+
+# A check run on a loaded dataclass; returns (key, message) pairs for problems between fields.
+Check = Callable[[Any], list[tuple[str, str]]]
+
+
+def _type_name(tp: Any) -> str:
+    if tp is Duration:
+        return 'a duration like "40s"'
+    if tp is Size:
+        return 'a size like "1MiB"'
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(tp))
+    if origin in (tuple, list):
+        return "a list"
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _shown(node: yaml.Node) -> str:
+    if isinstance(node, yaml.ScalarNode):
+        return f'"{node.value}"'
+    return "a list" if isinstance(node, yaml.SequenceNode) else "a mapping"
+
+
+class Loader:
+    """Converts one YAML document into a dataclass instance, collecting errors."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.errors: list[SchemaError] = []
+
+    def error(self, node: yaml.Node | None, path: str, message: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else 0
+        self.errors.append(SchemaError(self.file, line, path, message))
+
+    def load(self, text: str, cls: type) -> Any:
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+            problem = getattr(exc, "problem", None) or str(exc)
+            line = mark.line + 1 if mark else 0
+            self.errors.append(SchemaError(self.file, line, "", f"YAML syntax error: {problem}"))
+            raise SchemaErrors(self.errors) from None
+        if node is None:  # an empty file is all defaults
+            node = yaml.MappingNode("tag:yaml.org,2002:map", [])
+        value = self.convert(node, cls, "")
+        if self.errors:
+            self.errors.sort(key=lambda e: e.line)
+            raise SchemaErrors(self.errors)
+        return value
+
+    def convert(self, node: yaml.Node, tp: Any, path: str) -> Any:
+        origin = get_origin(tp)
+        if origin in (Union, types.UnionType):
+            inner = [a for a in get_args(tp) if a is not type(None)]
+            if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+                return None
+            return self.convert(node, inner[0], path)
+        if dataclasses.is_dataclass(tp):
+            return self.dataclass(node, tp, path)
+        if origin in (tuple, list):
+            if not isinstance(node, yaml.SequenceNode):
+                return self.mismatch(node, tp, path)
+            (item,) = get_args(tp)[:1]
+            return tuple(self.convert(n, item, f"{path}[{i}]") for i, n in enumerate(node.value))
+        if origin is dict:
+            if not isinstance(node, yaml.MappingNode):
+                return self.mismatch(node, tp, path)
+            _, val_tp = get_args(tp)
+            out: dict[str, Any] = {}
+            for k, v in node.value:
+                key = str(k.value)
+                if key in out:
+                    self.error(k, f"{path}.{key}", "duplicate key")
+                out[key] = self.convert(v, val_tp, f"{path}.{key}")
+            return out
+        if not isinstance(node, yaml.ScalarNode):
+            return self.mismatch(node, tp, path)
+        return self.scalar(node, tp, path)
+
+    def mismatch(self, node: yaml.Node, tp: Any, path: str) -> Any:
+        self.error(node, path, f"expected {_type_name(tp)}, got {_shown(node)}")
+        return None
+
+    def scalar(self, node: yaml.ScalarNode, tp: Any, path: str) -> Any:
+        tag, text = node.tag, node.value
+        plain = tag == "tag:yaml.org,2002:str"
+        try:
+            if get_origin(tp) is Literal:
+                if text not in get_args(tp):
+                    raise ValueError
+                return text
+            if tp is Duration:
+                if not plain:
+                    raise ValueError
+                return Duration(parse_duration(text))
+            if tp is Size:
+                return Size(parse_size(text))
+            if tp is bool:
+                if tag != "tag:yaml.org,2002:bool":
+                    raise ValueError
+                return text.lower() in ("true", "yes", "on")
+            if tp is int:
+                if tag != "tag:yaml.org,2002:int":
+                    raise ValueError
+                return int(text, 0)
+            if tp is float:
+                if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+                    raise ValueError
+                return float(text)
+            if tp is str:
+                # Numbers and booleans where a string is expected are almost always a mistake
+                # (`version: 1.10` silently becomes 1.1): ask for quotes.
+                if tag not in ("tag:yaml.org,2002:str",):
+                    raise ValueError
+                return text
+        except ValueError:
+            return self.mismatch(node, tp, path)
+        raise TypeError(f"unsupported schema type {tp!r}")
+
+    def dataclass(self, node: yaml.Node, cls: type, path: str) -> Any:
+        if not isinstance(node, yaml.MappingNode):
+            return self.mismatch(node, cls, path)
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        key_nodes: dict[str, yaml.Node] = {}
+        for knode, vnode in node.value:
+            key = str(knode.value)
+            sub = f"{path}.{key}" if path else key
+            if key in key_nodes:
+                self.error(knode, sub, "duplicate key")
+                continue
+            key_nodes[key] = knode
+            if key not in fields:
+                hint = _close_match(key, fields)
+                self.error(knode, sub, "unknown key" + (f' (did you mean "{hint}"?)' if hint else ""))
+                continue
+            value = self.convert(vnode, hints[key], sub)
+            if value is None and not _optional(hints[key]):
+                if not isinstance(vnode, yaml.ScalarNode) or vnode.tag != "tag:yaml.org,2002:null":
+                    continue  # the conversion already reported it
+                self.error(vnode, sub, f"expected {_type_name(hints[key])}, got null")
+                continue
+            if value is not None:
+                self.bounds(vnode, sub, fields[key], value)
+            values[key] = value
+        for name, f in fields.items():
+            if name not in values and f.default is dataclasses.MISSING and \
+                    f.default_factory is dataclasses.MISSING and name not in key_nodes:
+                sub = f"{path}.{name}" if path else name
+                self.error(node, sub, "required key is missing")
+        try:
+            obj = cls(**values)
+        except TypeError:
+            return None  # missing required values: already reported
+        for key, message in getattr(cls, "checks", lambda _o: [])(obj):
+            sub = f"{path}.{key}" if path else key
+            self.error(key_nodes.get(key.split(".")[0], node), sub, message)
+        return obj
+
+    def bounds(self, node: yaml.Node, path: str, f: dataclasses.Field, value: Any) -> None:
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if lo is not None and value < lo:
+            shown = format_duration(lo) if isinstance(value, Duration) else lo
+            self.error(node, path, f"must be at least {shown}, got {_shown(node)}")
+        if hi is not None and value > hi:
+            shown = format_duration(hi) if isinstance(value, Duration) else hi
+            self.error(node, path, f"must be at most {shown}, got {_shown(node)}")
+
+
+def _optional(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def _close_match(key: str, fields: dict[str, Any]) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.75)
+    return found[0] if found else None
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str = "", min: Any = None, max: Any = None,
+          factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field with a help text and bounds the loader enforces."""
+    meta = {"help": help, "min": min, "max": max}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)

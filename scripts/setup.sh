@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what mesh-agent's demo and tests need on a Debian 12/13 machine:
+# Debian packages (only those missing), then a virtualenv in .venv with the Python packages.
+# Usage: scripts/setup.sh [--system-test]   (the flag adds what the booted-systemd tests need)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev iproute2 ca-certificates)
+# kubectl may come from another package (a cloud SDK ships one); Debian's is kubernetes-client.
+command -v kubectl >/dev/null || packages+=(kubernetes-client)
+if [[ "${1:-}" == "--system-test" ]]; then
+    packages+=(debootstrap dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
+               python3-setuptools lintian fakeroot systemd util-linux)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    sudo=""
+    [[ $(id -u) == 0 ]] || sudo="sudo"
+    echo "setup: installing Debian packages: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive $sudo dpkg --configure -a || true
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's own Python, the one the .deb runs on.
+if [[ ! -x .venv/bin/python ]]; then
+    /usr/bin/python3 -m venv .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [[ ! -e $stamp ]]; then
+    echo "setup: installing Python packages into .venv"
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[test]'
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
