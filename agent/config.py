@@ -342,6 +342,8 @@ class Config:
     status: StatusConfig = field(factory=StatusConfig)
     metrics: MetricsConfig = field(factory=MetricsConfig)
     logging: LoggingConfig = field(factory=LoggingConfig)
+    configured: bool = field(True, help="false keeps the service from starting (the shipped example "
+                             "says false until an admin or image builder fills it in)")
     root: str = field("/", help="prefix for every managed path (tests and the demo)")
     state_dir: str = field("/var/lib/mesh-agent")
     run_dir: str = field("/run/mesh-agent")

@@ -147,7 +147,7 @@ class Loader:
         origin = get_origin(tp)
         if origin in (Union, types.UnionType):
             inner = [a for a in get_args(tp) if a is not type(None)]
-            if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+            if _is_null(node):
                 return None
             return self.convert(node, inner[0], path)
         if dataclasses.is_dataclass(tp):
@@ -217,6 +217,7 @@ class Loader:
             return self.mismatch(node, cls, path)
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        errors_before = len(self.errors)
         values: dict[str, Any] = {}
         key_nodes: dict[str, yaml.Node] = {}
         for knode, vnode in node.value:
@@ -230,12 +231,19 @@ class Loader:
                 hint = _close_match(key, fields)
                 self.error(knode, sub, "unknown key" + (f' (did you mean "{hint}"?)' if hint else ""))
                 continue
-            value = self.convert(vnode, hints[key], sub)
-            if value is None and not _optional(hints[key]):
-                if not isinstance(vnode, yaml.ScalarNode) or vnode.tag != "tag:yaml.org,2002:null":
-                    continue  # the conversion already reported it
-                self.error(vnode, sub, f"expected {_type_name(hints[key])}, got null")
-                continue
+            tp = hints[key]
+            if _is_null(vnode) and not _optional(tp):
+                if dataclasses.is_dataclass(tp) or get_origin(tp) in (dict, tuple, list):
+                    # `app:` with everything below commented out means "all defaults".
+                    vnode = yaml.MappingNode("tag:yaml.org,2002:map", [], vnode.start_mark) \
+                        if get_origin(tp) not in (tuple, list) else \
+                        yaml.SequenceNode("tag:yaml.org,2002:seq", [], vnode.start_mark)
+                else:
+                    self.error(vnode, sub, f"expected {_type_name(tp)}, got null")
+                    continue
+            value = self.convert(vnode, tp, sub)
+            if value is None and not _optional(tp):
+                continue  # the conversion reported it
             if value is not None:
                 self.bounds(vnode, sub, fields[key], value)
             values[key] = value
@@ -248,6 +256,8 @@ class Loader:
             obj = cls(**values)
         except TypeError:
             return None  # missing required values: already reported
+        if len(self.errors) > errors_before:
+            return obj  # cross-field checks on half-read values would only add noise
         for key, message in getattr(cls, "checks", lambda _o: [])(obj):
             sub = f"{path}.{key}" if path else key
             self.error(key_nodes.get(key.split(".")[0], node), sub, message)
@@ -261,6 +271,10 @@ class Loader:
         if hi is not None and value > hi:
             shown = format_duration(hi) if isinstance(value, Duration) else hi
             self.error(node, path, f"must be at most {shown}, got {_shown(node)}")
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 
 def _optional(tp: Any) -> bool:

@@ -19,7 +19,11 @@ def notify(*fields: str) -> bool:
     """Send fields like "READY=1"; True if systemd got it, False when there is no socket."""
     if _daemon is None or not under_systemd():
         return False
-    return bool(_daemon.notify("\n".join(fields)))
+    try:
+        return bool(_daemon.notify("\n".join(fields)))
+    except OSError:
+        # systemd went away (or the socket was never there): nothing to tell, nothing to die for.
+        return False
 
 
 def ready(status: str | None = None) -> bool:

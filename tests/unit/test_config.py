@@ -1,0 +1,270 @@
+"""agent.yaml loading: every bad file gets exact file:line: key: message lines; good files load."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from agent import config
+from agent.cli import main as cli_main
+from agent.config import ConfigError
+from tests.conftest import REPO
+
+# (name, yaml text, expected stderr lines). Lines are 1-based in the dedented text.
+BAD = [
+    ("syntax-error", """\
+        bundle:
+          source: /x
+          timeout: a: b
+        """, ["agent.yaml:3: YAML syntax error: mapping values are not allowed here"]),
+    ("bad-indent", """\
+        bundle:
+          source: /x
+         sidecar: {profile: envoy}
+        """, ["agent.yaml:3: YAML syntax error: expected <block end>, but found '<block mapping start>'"]),
+    ("unclosed-flow", """\
+        bundle: {source: /x
+        """, ["agent.yaml:2: YAML syntax error: expected ',' or '}', but got '<stream end>'"]),
+    ("unknown-top-key", """\
+        bundle: {source: /x}
+        regsitry: {}
+        """, ['agent.yaml:2: regsitry: unknown key (did you mean "registry"?)']),
+    ("unknown-nested-key", """\
+        bundle: {source: /x}
+        registry:
+          lease:
+            duraton: 40s
+        """, ['agent.yaml:4: registry.lease.duraton: unknown key (did you mean "duration"?)']),
+    ("bad-duration", """\
+        bundle: {source: /x}
+        registry:
+          lease:
+            duration: forty
+        """, ['agent.yaml:4: registry.lease.duration: expected a duration like "40s", got "forty"']),
+    ("bare-number-duration", """\
+        bundle: {source: /x}
+        shutdown: {propagation: 5}
+        """, ['agent.yaml:2: shutdown.propagation: expected a duration like "40s", got "5"']),
+    ("missing-required", """\
+        sidecar: {profile: istio}
+        """, ["agent.yaml:1: bundle: required key is missing"]),
+    ("missing-required-nested", """\
+        bundle:
+          allow_insecure: true
+        """, ["agent.yaml:2: bundle.source: required key is missing"]),
+    ("wrong-type-bool", """\
+        bundle: {source: /x, allow_insecure: "yes please"}
+        """, ['agent.yaml:1: bundle.allow_insecure: expected true or false, got "yes please"']),
+    ("wrong-type-int", """\
+        bundle: {source: /x}
+        metrics:
+          port: http
+        """, ['agent.yaml:3: metrics.port: expected an integer, got "http"']),
+    ("out-of-range-int", """\
+        bundle: {source: /x}
+        metrics:
+          port: 70000
+        """, ['agent.yaml:3: metrics.port: must be at most 65535, got "70000"']),
+    ("out-of-range-duration", """\
+        bundle: {source: /x}
+        registry:
+          lease: {duration: 1s}
+        """, ['agent.yaml:3: registry.lease.duration: must be at least 5s, got "1s"']),
+    ("bad-enum", """\
+        bundle: {source: /x}
+        registry:
+          on_unhealthy: ignore
+        """, ['agent.yaml:3: registry.on_unhealthy: expected one of delete, condition, got "ignore"']),
+    ("list-instead-of-mapping", """\
+        bundle: {source: /x}
+        sidecar: [istio]
+        """, ["agent.yaml:2: sidecar: expected a mapping, got a list"]),
+    ("string-where-list", """\
+        bundle: {source: /x}
+        app:
+          ports: 8080
+        """, ['agent.yaml:3: app.ports: expected a list, got "8080"']),
+    ("duplicate-key", """\
+        bundle: {source: /x}
+        bundle: {source: /y}
+        """, ["agent.yaml:2: bundle: duplicate key"]),
+    ("http-refused", """\
+        bundle:
+          source: http://bundles.example/vm.tar.gz
+        """, ["agent.yaml:2: bundle.source: http:// is refused; use https:// or set "
+              "bundle.allow_insecure: true"]),
+    ("cert-without-key", """\
+        bundle:
+          source: https://bundles.example/vm.tar.gz
+          client_cert: /etc/c.pem
+        """, ["agent.yaml:3: bundle.client_cert: client_cert and client_key must be set together"]),
+    ("probe-two-kinds", """\
+        bundle: {source: /x}
+        app:
+          probe:
+            http_get: {port: 80}
+            tcp_socket: {port: 80}
+        """, ["agent.yaml:4: app.probe.http_get: a probe needs exactly one of http_get, tcp_socket, exec, "
+              "grpc (got http_get, tcp_socket)"]),
+    ("lease-renew-too-long", """\
+        bundle: {source: /x}
+        registry:
+          lease: {duration: 10s, renew: 20s}
+        """, ["agent.yaml:3: registry.lease.renew: must be shorter than lease.duration"]),
+    ("bad-address", """\
+        bundle: {source: /x}
+        registry:
+          address: {value: 10.0.0.300}
+        """, ['agent.yaml:3: registry.address.value: expected an IP address, got "10.0.0.300"']),
+    ("string-where-string-expected-number", """\
+        bundle: {source: /x}
+        sidecar:
+          package: {url: /p.deb, version: 1.10, sha256: """ + "a" * 64 + """}
+        """, ['agent.yaml:3: sidecar.package.version: expected a string, got "1.10"']),
+    ("several-errors-at-once", """\
+        bundle: {source: /x}
+        metrics: {port: 0}
+        logging: {level: loud}
+        sidecar: {profil: envoy}
+        """, ['agent.yaml:2: metrics.port: must be at least 1, got "0"',
+              'agent.yaml:3: logging.level: expected one of debug, info, warning, error, got "loud"',
+              'agent.yaml:4: sidecar.profil: unknown key (did you mean "profile"?)']),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), BAD, ids=[b[0] for b in BAD])
+def test_bad_file_is_rejected_with_exact_messages(name: str, text: str, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.parse(textwrap.dedent(text), "agent.yaml")
+    assert [str(e) for e in info.value.errors] == expected
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), BAD, ids=[b[0] for b in BAD])
+def test_config_check_exits_78_naming_file_line_and_key(
+        name: str, text: str, expected: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(textwrap.dedent(text))
+    assert cli_main(["config", "check", str(path)]) == 78
+    err = capsys.readouterr().err.splitlines()
+    assert err[:-1] == [line.replace("agent.yaml", str(path), 1) for line in expected]
+    assert err[-1].startswith(f"{path}: {len(expected)} problem")
+
+
+def test_minimal_file_gets_documented_defaults() -> None:
+    cfg = config.parse("bundle: {source: /srv/bundle}\n")
+    assert cfg.bundle.source == "/srv/bundle"
+    assert cfg.bundle.max_size == 1024 * 1024
+    assert cfg.bundle.refresh_fraction == 0.7
+    assert cfg.sidecar.profile == "istio"
+    assert cfg.sidecar.backoff.initial == 0.2 and cfg.sidecar.backoff.max == 30.0
+    assert cfg.sidecar.crash_loop.max_exits == 5 and cfg.sidecar.crash_loop.window == 120.0
+    assert cfg.registry.lease.duration == 40.0 and cfg.registry.lease.renew == 10.0
+    assert cfg.registry.resync == 300.0
+    assert cfg.registry.on_unhealthy == "delete"
+    assert cfg.shutdown.propagation == 5.0
+    assert cfg.app.probe is None
+    assert cfg.configured is True
+
+
+def test_full_file_round_trips_to_dataclasses() -> None:
+    text = textwrap.dedent("""\
+        configured: true
+        bundle:
+          source: https://bundles.example/vm.tar.gz
+          ca_file: /etc/mesh-agent/ca.pem
+          client_cert: /etc/mesh-agent/c.pem
+          client_key: /etc/mesh-agent/k.pem
+          max_size: 2MiB
+          read_timeout: 1m30s
+          on_autoregister: refuse
+          kubernetes: {revision: canary, token_lifetime: 2h}
+        sidecar:
+          profile: envoy
+          bootstrap: /etc/mesh-agent/envoy.yaml
+          command: [/usr/bin/envoy, -c, /etc/envoy.yaml]
+          backoff: {initial: 500ms, max: 1m}
+          crash_loop: {max_exits: 3, window: 60s}
+          package: {url: /srv/istio-sidecar.deb, version: "1.24.0", sha256: %s}
+        app:
+          ports: [8080, 9090]
+          probe:
+            http_get:
+              port: 8080
+              path: /healthz
+              scheme: HTTPS
+              http_headers: [{name: X-Probe, value: mesh}]
+            period: 2s
+            failure_threshold: 2
+          flap: {min_dwell: 1s, max_transitions: 4, window: 1m}
+        registry:
+          kubeconfig: /etc/mesh-agent/kubeconfig
+          namespace: vm-apps
+          group: billing
+          address: {cidr: 10.0.0.0/8, family: ipv4}
+          labels: {rack: r1, tier: "2"}
+          on_unhealthy: condition
+          lease: {duration: 30s, renew: 5s}
+        shutdown: {propagation: 2s, timeout: 45s}
+        metrics: {enabled: false, port: 19000}
+        logging: {level: debug, target: stderr}
+        root: /tmp/root
+        """ % ("ab" * 32))
+    cfg = config.parse(text)
+    assert cfg.bundle.max_size == 2 * 1024 * 1024
+    assert cfg.bundle.read_timeout == 90.0
+    assert cfg.bundle.kubernetes.revision == "canary" and cfg.bundle.kubernetes.token_lifetime == 7200.0
+    assert cfg.sidecar.command == ("/usr/bin/envoy", "-c", "/etc/envoy.yaml")
+    assert cfg.sidecar.backoff == config.BackoffConfig(0.5, 60.0)
+    assert cfg.sidecar.package.version == "1.24.0"
+    assert cfg.app.ports == (8080, 9090)
+    probe = cfg.app.probe
+    assert probe is not None and probe.http_get is not None
+    assert probe.http_get.http_headers == (config.HttpHeader("X-Probe", "mesh"),)
+    assert probe.http_get.scheme == "HTTPS" and probe.period == 2.0 and probe.timeout == 1.0
+    assert cfg.registry.labels == {"rack": "r1", "tier": "2"}
+    assert cfg.registry.address == config.AddressConfig(cidr="10.0.0.0/8", family="ipv4")
+    assert cfg.metrics.enabled is False and cfg.metrics.port == 19000
+    assert config.to_dict(cfg)["sidecar"]["crash_loop"] == {"max_exits": 3, "window": 60.0}
+
+
+def test_empty_sections_mean_defaults() -> None:
+    cfg = config.parse("bundle: {source: /x}\napp:\nregistry:\n")
+    assert cfg.app == config.AppConfig() and cfg.registry == config.RegistryConfig()
+
+
+def test_shipped_example_is_valid_and_not_yet_configured(capsys: pytest.CaptureFixture[str]) -> None:
+    example = str(REPO / "packaging" / "agent.yaml.example")
+    assert cli_main(["config", "check", example]) == 0
+    assert cli_main(["config", "configured", example]) == 1
+    assert "configured: false" in capsys.readouterr().err
+
+
+def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(config.ENV_VAR, raising=False)
+    assert config.config_path(None) == "/etc/mesh-agent/agent.yaml"
+    monkeypatch.setenv(config.ENV_VAR, "/srv/a.yaml")
+    assert config.config_path(None) == "/srv/a.yaml"
+    assert config.config_path("/x.yaml") == "/x.yaml"
+
+
+def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read: No such file or directory"):
+        config.load(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("10s", 10), ("5m", 300), ("1h", 3600),
+                                                ("1m30s", 90), ("1.5s", 1.5)])
+def test_durations(text: str, seconds: float) -> None:
+    from agent.schema import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10", "s", "10 s", "1h-5m", "ten seconds", "5m3"])
+def test_bad_durations(text: str) -> None:
+    from agent.schema import parse_duration
+
+    with pytest.raises(ValueError):
+        parse_duration(text)
