@@ -42,14 +42,16 @@ class KubernetesSourceConfig:
 
 @dataclass(frozen=True)
 class BundleConfig:
+    """Where the mesh bundle comes from and how it is kept fresh."""
+
     source: str = field(help="https:// URL, file:// or path to a .tar.gz, a directory, or `kubernetes`")
     ca_file: str | None = field(None, help="CA bundle to verify an https source (default: system CAs)")
     token_file: str | None = field(None, help="file holding a bearer token sent to an https source")
     client_cert: str | None = field(None, help="client certificate (PEM) for an https source")
     client_key: str | None = field(None, help="key of client_cert")
     allow_insecure: bool = field(False, help="allow an http:// source (never in production)")
-    connect_timeout: Duration = field(_d("5s"), min=0.1, max=300.0)
-    read_timeout: Duration = field(_d("30s"), min=0.1, max=600.0)
+    connect_timeout: Duration = field(_d("5s"), min=0.1, max=300.0, help="TCP+TLS connect timeout")
+    read_timeout: Duration = field(_d("30s"), min=0.1, max=600.0, help="timeout between bytes")
     max_size: Size = field(Size(1024 * 1024), min=1024, max=64 * 1024 * 1024,
                            help="largest bundle accepted")
     refresh_fraction: float = field(0.7, min=0.1, max=0.95,
@@ -95,18 +97,24 @@ class PackageConfig:
 
 @dataclass(frozen=True)
 class BackoffConfig:
-    initial: Duration = field(_d("200ms"), min=0.01, max=60.0)
-    max: Duration = field(_d("30s"), min=0.1, max=3600.0)
+    """Restart or retry delays: exponential with full jitter."""
+
+    initial: Duration = field(_d("200ms"), min=0.01, max=60.0, help="first delay's ceiling")
+    max: Duration = field(_d("30s"), min=0.1, max=3600.0, help="largest delay (exponential, full jitter)")
 
 
 @dataclass(frozen=True)
 class CrashLoopConfig:
+    """When a crashing sidecar is given up on (FATAL: the agent exits non-zero)."""
+
     max_exits: int = field(5, min=1, max=1000, help="exits within window that make the sidecar FATAL")
-    window: Duration = field(_d("120s"), min=1.0, max=86400.0)
+    window: Duration = field(_d("120s"), min=1.0, max=86400.0, help="sliding window for max_exits")
 
 
 @dataclass(frozen=True)
 class SidecarConfig:
+    """The proxy the agent installs, runs, supervises and drains."""
+
     profile: Literal["istio", "envoy"] = field("istio", help="istio: pilot-agent + Envoy; envoy: plain Envoy")
     package: PackageConfig = field(factory=PackageConfig)
     command: tuple[str, ...] | None = field(None, help="argv override for the proxy")
@@ -117,10 +125,12 @@ class SidecarConfig:
     admin_address: str = field("127.0.0.1:15000", help="Envoy admin host:port")
     readiness_url: str | None = field(None, help="default: :15021/healthz/ready (istio), "
                                       "<admin>/ready (envoy)")
-    ready_timeout: Duration = field(_d("60s"), min=1.0, max=3600.0)
+    ready_timeout: Duration = field(_d("60s"), min=1.0, max=3600.0,
+                                    help="not ready within this after start: restart it")
     backoff: BackoffConfig = field(factory=BackoffConfig)
     crash_loop: CrashLoopConfig = field(factory=CrashLoopConfig)
-    drain_timeout: Duration = field(_d("20s"), min=0.0, max=3600.0)
+    drain_timeout: Duration = field(_d("20s"), min=0.0, max=3600.0,
+                                    help="longest wait for in-flight requests when stopping")
     stop_grace: Duration = field(_d("10s"), min=0.1, max=600.0, help="SIGTERM to SIGKILL")
     user: str = field("istio-proxy", help="user the proxy runs as (istio profile)")
     log_dir: str | None = field(None, help="also write the proxy's output under this directory "
@@ -144,28 +154,30 @@ class SidecarConfig:
 
 @dataclass(frozen=True)
 class HttpHeader:
+    """A header sent by an http_get probe."""
+
     name: str = field()
     value: str = field("")
 
 
 @dataclass(frozen=True)
 class HttpGetProbe:
-    port: int = field(min=1, max=65535)
-    path: str = field("/")
+    port: int = field(min=1, max=65535, help="port to GET")
+    path: str = field("/", help="path to GET; 200-399 is healthy")
     host: str | None = field(None, help="default: app.probe_host")
-    scheme: Literal["HTTP", "HTTPS"] = field("HTTP")
-    http_headers: tuple[HttpHeader, ...] = field(())
+    scheme: Literal["HTTP", "HTTPS"] = field("HTTP", help="HTTPS certificates are not verified, as kubelet")
+    http_headers: tuple[HttpHeader, ...] = field((), help="list of {name, value}")
 
 
 @dataclass(frozen=True)
 class TcpSocketProbe:
-    port: int = field(min=1, max=65535)
-    host: str | None = field(None)
+    port: int = field(min=1, max=65535, help="port to connect to")
+    host: str | None = field(None, help="default: app.probe_host")
 
 
 @dataclass(frozen=True)
 class ExecProbe:
-    command: tuple[str, ...] = field()
+    command: tuple[str, ...] = field(help="argv, run without a shell; exit 0 is healthy")
 
     @staticmethod
     def checks(c: ExecProbe) -> list[tuple[str, str]]:
@@ -174,22 +186,22 @@ class ExecProbe:
 
 @dataclass(frozen=True)
 class GrpcProbe:
-    port: int = field(min=1, max=65535)
-    service: str = field("")
+    port: int = field(min=1, max=65535, help="grpc.health.v1 port")
+    service: str = field("", help="service name sent in the health check")
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
     """Istio's WorkloadGroup probe, in snake_case. Exactly one of the four kinds."""
-    http_get: HttpGetProbe | None = field(None)
-    tcp_socket: TcpSocketProbe | None = field(None)
-    exec: ExecProbe | None = field(None)
-    grpc: GrpcProbe | None = field(None)
-    initial_delay: Duration = field(_d("0s"), min=0.0, max=3600.0)
-    timeout: Duration = field(_d("1s"), min=0.001, max=600.0)
-    period: Duration = field(_d("10s"), min=0.01, max=3600.0)
-    success_threshold: int = field(1, min=1, max=100)
-    failure_threshold: int = field(3, min=1, max=100)
+    http_get: HttpGetProbe | None = field(None, help="HTTP GET probe")
+    tcp_socket: TcpSocketProbe | None = field(None, help="TCP connect probe")
+    exec: ExecProbe | None = field(None, help="command probe")
+    grpc: GrpcProbe | None = field(None, help="gRPC health probe (needs python3-grpcio)")
+    initial_delay: Duration = field(_d("0s"), min=0.0, max=3600.0, help="wait before the first probe")
+    timeout: Duration = field(_d("1s"), min=0.001, max=600.0, help="a probe slower than this failed")
+    period: Duration = field(_d("10s"), min=0.01, max=3600.0, help="time between probes")
+    success_threshold: int = field(1, min=1, max=100, help="successes in a row to become healthy")
+    failure_threshold: int = field(3, min=1, max=100, help="failures in a row to become unhealthy")
 
     @staticmethod
     def checks(c: ProbeConfig) -> list[tuple[str, str]]:
@@ -211,11 +223,13 @@ class FlapConfig:
     min_dwell: Duration = field(_d("5s"), min=0.0, max=3600.0,
                                 help="least time in a state before leaving it")
     max_transitions: int = field(6, min=2, max=1000, help="transitions allowed per window")
-    window: Duration = field(_d("5m"), min=1.0, max=86400.0)
+    window: Duration = field(_d("5m"), min=1.0, max=86400.0, help="sliding window for max_transitions")
 
 
 @dataclass(frozen=True)
 class AppConfig:
+    """The local application whose health decides registration."""
+
     ports: tuple[int, ...] = field((), help="app ports; default: the group's ports or ISTIO_INBOUND_PORTS")
     probe: ProbeConfig | None = field(None, help="overrides the WorkloadGroup's probe")
     probe_host: Literal["localhost", "instance"] = field(
@@ -238,7 +252,7 @@ class AddressConfig:
     value: str | None = field(None, help="a fixed address")
     interface: str | None = field(None, help="take the address of this interface")
     cidr: str | None = field(None, help="take the first local address inside this CIDR")
-    family: Literal["auto", "ipv4", "ipv6"] = field("auto")
+    family: Literal["auto", "ipv4", "ipv6"] = field("auto", help="address family to detect")
 
     @staticmethod
     def checks(c: AddressConfig) -> list[tuple[str, str]]:
@@ -262,16 +276,21 @@ class AddressConfig:
 
 @dataclass(frozen=True)
 class LeaseConfig:
-    duration: Duration = field(_d("40s"), min=5.0, max=3600.0)
-    renew: Duration = field(_d("10s"), min=1.0, max=1800.0)
+    """The coordination.k8s.io Lease that proves this VM is alive."""
+
+    duration: Duration = field(_d("40s"), min=5.0, max=3600.0,
+                               help="leaseDurationSeconds: silent this long, the VM counts as dead")
+    renew: Duration = field(_d("10s"), min=1.0, max=1800.0, help="renewal period (jittered)")
 
 
 @dataclass(frozen=True)
 class RegistryConfig:
+    """Registration of the VM's WorkloadEntry through the Kubernetes API."""
+
     enabled: bool = field(True, help="register the VM's WorkloadEntry")
     kubeconfig: str | None = field(None, help="default: the bundle's kubeconfig")
     server: str | None = field(None, help="API server URL, used with token_file and ca_file")
-    ca_file: str | None = field(None)
+    ca_file: str | None = field(None, help="CA of the API server, with server")
     token_file: str | None = field(None, help="bearer token, re-read when it changes")
     renew_token: bool = field(False, help="renew the agent's own service-account token with "
                               "TokenRequest before it expires")
@@ -280,11 +299,12 @@ class RegistryConfig:
     address: AddressConfig = field(factory=AddressConfig)
     network: str | None = field(None, help="default: ISTIO_META_NETWORK")
     locality: str | None = field(None, help="region/zone/subzone")
-    weight: int | None = field(None, min=0, max=4294967295)
+    weight: int | None = field(None, min=0, max=4294967295, help="load-balancing weight of the entry")
     labels: dict[str, str] = field(factory=dict, help="extra labels on the entry")
-    on_unhealthy: Literal["delete", "condition"] = field("delete")
+    on_unhealthy: Literal["delete", "condition"] = field(
+        "delete", help="delete the entry, or keep it with condition Healthy=False")
     lease: LeaseConfig = field(factory=LeaseConfig)
-    resync: Duration = field(_d("5m"), min=5.0, max=86400.0)
+    resync: Duration = field(_d("5m"), min=5.0, max=86400.0, help="re-read and fix the entry this often")
     timeout: Duration = field(_d("10s"), min=0.5, max=300.0, help="per API request")
     backoff: BackoffConfig = field(factory=lambda: BackoffConfig(_d("500ms"), _d("30s")))
 
@@ -306,6 +326,8 @@ class RegistryConfig:
 
 @dataclass(frozen=True)
 class ShutdownConfig:
+    """The draining stop on SIGTERM."""
+
     propagation: Duration = field(_d("5s"), min=0.0, max=600.0,
                                   help="wait after withdrawing the entry, before draining")
     timeout: Duration = field(_d("60s"), min=1.0, max=3600.0, help="whole stop, after which it is forced")
@@ -313,21 +335,27 @@ class ShutdownConfig:
 
 @dataclass(frozen=True)
 class StatusConfig:
+    """What the agent reports to systemd and `mesh-agent status`."""
+
     ready_when_unhealthy: bool = field(True, help="tell systemd READY=1 when the app is known "
                                        "unhealthy, so `systemctl start` does not hang")
-    recent_errors: int = field(20, min=0, max=1000)
+    recent_errors: int = field(20, min=0, max=1000, help="errors kept for `mesh-agent status`")
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    enabled: bool = field(True)
-    address: str = field("127.0.0.1")
-    port: int = field(15099, min=1, max=65535)
+    """Prometheus metrics on a local port."""
+
+    enabled: bool = field(True, help="serve Prometheus metrics")
+    address: str = field("127.0.0.1", help="listen address (keep it local)")
+    port: int = field(15099, min=1, max=65535, help="listen port")
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    level: Literal["debug", "info", "warning", "error"] = field("info")
+    """Log level and destination."""
+
+    level: Literal["debug", "info", "warning", "error"] = field("info", help="least severity logged")
     target: Literal["auto", "journal", "stderr"] = field(
         "auto", help="auto: journald when started by systemd, else stderr")
 
@@ -345,8 +373,8 @@ class Config:
     configured: bool = field(True, help="false keeps the service from starting (the shipped example "
                              "says false until an admin or image builder fills it in)")
     root: str = field("/", help="prefix for every managed path (tests and the demo)")
-    state_dir: str = field("/var/lib/mesh-agent")
-    run_dir: str = field("/run/mesh-agent")
+    state_dir: str = field("/var/lib/mesh-agent", help="persistent state: last good bundle, token copy")
+    run_dir: str = field("/run/mesh-agent", help="runtime state: status.json, pid files")
 
 
 class ConfigError(Exception):

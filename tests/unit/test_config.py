@@ -268,3 +268,17 @@ def test_bad_durations(text: str) -> None:
 
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_configuration_reference_is_generated_from_the_schema() -> None:
+    from agent.config_doc import render
+
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    assert doc == render(), "run: python -m agent.config_doc > docs/configuration.md"
+
+
+def test_every_key_is_documented() -> None:
+    from agent.schema import describe
+
+    undocumented = [k.path for k in describe(config.Config) if not k.help]
+    assert undocumented == []

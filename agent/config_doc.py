@@ -1,0 +1,46 @@
+"""Writes docs/configuration.md from the schema, so the reference cannot drift from the code.
+
+    python -m agent.config_doc > docs/configuration.md
+"""
+
+from __future__ import annotations
+
+from agent.config import Config
+from agent.schema import describe
+
+HEADER = """\
+# Configuration reference: /etc/mesh-agent/agent.yaml
+
+Generated from `agent/config.py` by `python -m agent.config_doc`; do not edit by hand.
+
+The file is YAML. Only `bundle.source` is required. Durations are written `500ms`, `10s`, `5m`, `1h`
+or `1m30s`; sizes `1048576`, `512KiB`, `1MiB`. Unknown keys are errors (a misspelt key would otherwise be
+silently ignored). The file is found at `--config FILE`, else `$MESH_AGENT_CONFIG`, else
+`/etc/mesh-agent/agent.yaml`.
+
+Check a file without starting anything: `mesh-agent config check FILE`. Every problem is reported, one line
+each, as `FILE:LINE: KEY: MESSAGE`, and the exit status is 78 (EX_CONFIG); `mesh-agent run` does the same
+at start and on reload (a bad file on reload keeps the running configuration). The systemd unit does not
+restart the agent on status 78.
+
+`configured: false` (as in the example the package ships) keeps the service from starting: the unit's
+`ExecCondition` runs `mesh-agent config configured`. Set it to `true` once the file is filled in.
+
+A probe override (`app.probe`) uses the names of Istio's WorkloadGroup probe in snake_case
+(`httpGet` -> `http_get`, `periodSeconds` -> `period`, ...).
+
+| key | type | default | meaning |
+|---|---|---|---|
+"""
+
+
+def render() -> str:
+    rows = []
+    for k in describe(Config):
+        default = f"`{k.default}`" if k.default not in ("", "required") else k.default
+        rows.append(f"| `{k.path}` | {k.type} | {default} | {k.help} |")
+    return HEADER + "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")
