@@ -1,0 +1,74 @@
+"""Prometheus metrics on a local port (prometheus-client; optional: without it, metrics are off)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+try:
+    import prometheus_client as prom
+except ImportError:  # Debian: python3-prometheus-client is a Recommends, not a Depends
+    prom = None
+
+PHASES = ("starting", "running", "reloading", "stopping", "stopped", "failed")
+
+
+class Metrics:
+    """All metrics the agent exports. Without prometheus-client every method is a no-op."""
+
+    def __init__(self) -> None:
+        self.enabled = prom is not None
+        if prom is None:
+            return
+        r = self.registry = prom.CollectorRegistry(auto_describe=True)
+        self.phase = prom.Gauge("mesh_agent_phase", "1 for the agent's current phase", ["phase"], registry=r)
+        self.app_healthy = prom.Gauge("mesh_agent_app_healthy", "1 when the app is healthy", registry=r)
+        self.registered = prom.Gauge("mesh_agent_registered", "1 while the WorkloadEntry is registered",
+                                     registry=r)
+        self.sidecar_ready = prom.Gauge("mesh_agent_sidecar_ready", "1 when the proxy is ready", registry=r)
+        self.sidecar_restarts = prom.Counter("mesh_agent_sidecar_restarts", "proxy restarts", registry=r)
+        self.writes = prom.Counter("mesh_agent_registration_writes", "API writes by action and result",
+                                   ["action", "result"], registry=r)
+        self.errors = prom.Counter("mesh_agent_errors", "errors by where they happened", ["where"], registry=r)
+        self.expiry = prom.Gauge("mesh_agent_expiry_timestamp_seconds",
+                                 "when the bundle's token and root cert expire (unix time)", ["what"],
+                                 registry=r)
+        self.bundle_fetched = prom.Gauge("mesh_agent_bundle_fetched_timestamp_seconds",
+                                         "last successful bundle fetch (unix time)", registry=r)
+        self.api_contact = prom.Gauge("mesh_agent_api_last_contact_timestamp_seconds",
+                                      "last successful Kubernetes API call (unix time)", registry=r)
+        self.probe_latency = prom.Histogram(
+            "mesh_agent_probe_duration_seconds", "app probe latency", ["result"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+    def serve(self, address: str, port: int) -> bool:
+        if prom is None:
+            log.warning("metrics are off: python3-prometheus-client is not installed")
+            return False
+        prom.start_http_server(port, addr=address, registry=self.registry)
+        log.info("metrics on http://%s:%d/metrics", address, port)
+        return True
+
+    def set_phase(self, phase: str) -> None:
+        if self.enabled:
+            for p in PHASES:
+                self.phase.labels(p).set(1 if p == phase else 0)
+
+    def set(self, name: str, value: float, *labels: str) -> None:
+        if self.enabled:
+            metric: Any = getattr(self, name)
+            (metric.labels(*labels) if labels else metric).set(value)
+
+    def inc(self, name: str, *labels: str, amount: float = 1) -> None:
+        if self.enabled:
+            metric: Any = getattr(self, name)
+            (metric.labels(*labels) if labels else metric).inc(amount)
+
+    def observe_probe(self, seconds: float, ok: bool) -> None:
+        if self.enabled:
+            self.probe_latency.labels("success" if ok else "failure").observe(seconds)
+
+    def render(self) -> bytes:
+        return prom.generate_latest(self.registry) if prom is not None else b""
