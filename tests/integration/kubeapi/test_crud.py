@@ -221,19 +221,25 @@ def test_orphan_propagation_keeps_dependents(api: KubeAPI, co: client.CustomObje
     assert kept is not None and "ownerReferences" not in kept["metadata"]
 
 
-def test_namespace_deletion_removes_its_content(api: KubeAPI, kube_client: client.ApiClient) -> None:
+def test_namespace_deletion_waits_for_its_content(api: KubeAPI, kube_client: client.ApiClient) -> None:
     core = client.CoreV1Api(kube_client)
-    core.create_namespaced_config_map(NS, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="c"),
-                                                             data={"k": "v"}))
+    held = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="held", finalizers=["example.com/hold"]))
+    core.create_namespaced_config_map(NS, held)
+    core.create_namespaced_config_map(NS, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="plain")))
     core.delete_namespace(NS)
     assert core.read_namespace(NS).status.phase == "Terminating"
     with pytest.raises(client.ApiException) as exc:
-        core.create_namespaced_config_map(NS, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="d")))
-    assert exc.value.status in (403, 404)
+        core.create_namespaced_config_map(NS, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="new")))
+    assert exc.value.status == 403 and "being terminated" in json.loads(exc.value.body)["message"]
     deadline = time.monotonic() + 5
+    while api.get("ConfigMap", NS, "plain") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api.get("ConfigMap", NS, "plain") is None
+    assert core.read_namespaced_config_map("held", NS).metadata.deletion_timestamp is not None
+    core.patch_namespaced_config_map("held", NS, {"metadata": {"finalizers": None}})
     while api.get("Namespace", "", NS) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert api.get("Namespace", "", NS) is None and api.objects("ConfigMap", NS) == []
+    assert api.get("Namespace", "", NS) is None
 
 
 def test_core_types_and_leases_round_trip(api: KubeAPI, kube_client: client.ApiClient) -> None:
