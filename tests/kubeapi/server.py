@@ -308,6 +308,15 @@ class _Handler(BaseHTTPRequestHandler):
             if query.get("propagationPolicy"):
                 options["propagationPolicy"] = query["propagationPolicy"]
             self._send_json(200, cluster.delete(rt, v, ns, route.name, options, req))
+        elif verb == "deletecollection":
+            options = self._json_body(raw) if raw else {}
+            if query.get("propagationPolicy"):
+                options["propagationPolicy"] = query["propagationPolicy"]
+            listed = cluster.list(rt, v, ns or None, query.get("labelSelector"), query.get("fieldSelector"))
+            for item in listed["items"]:
+                m = item["metadata"]
+                cluster.delete(rt, v, m.get("namespace", ""), m["name"], dict(options), req)
+            self._send_json(200, listed)
         else:
             raise method_not_allowed()
 
