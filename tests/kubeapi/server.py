@@ -13,6 +13,7 @@ import ssl
 import struct
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import trustme
 import yaml
 
-from tests.kubeapi import openapi, protobuf
+from tests.kubeapi import openapi, protobuf, table
 from tests.kubeapi.auth import ADMIN, Identity, Rule, forbidden_message
 from tests.kubeapi.cluster import Cluster, Request
 from tests.kubeapi.faults import Faults, message_for, reason_for
@@ -137,6 +138,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(exc.code, exc.body(), exc.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except Exception as exc:  # a bug here must show as a 500, like a real server's, not a hang
+            traceback.print_exc()
+            with contextlib.suppress(OSError):
+                error = ApiError(500, "InternalError", f"Internal error occurred: {exc!r}")
+                self._send_json(500, error.body())
         finally:
             self._record()
 
@@ -284,11 +290,22 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         v = route.version
         if verb == "get":
-            self._send_json(200, cluster.get(rt, v, ns, route.name))
+            obj = cluster.get(rt, v, ns, route.name)
+            if table.wants_table(self.headers.get("Accept") or ""):
+                obj = table.table(rt, v, [obj], obj["metadata"]["resourceVersion"],
+                                  query.get("includeObject", ""))
+            self._send_json(200, obj)
         elif verb == "list":
             limit = int(query.get("limit", "0") or 0)
-            self._send_json(200, cluster.list(rt, v, ns or None, query.get("labelSelector"),
-                                              query.get("fieldSelector"), limit, query.get("continue")))
+            listed = cluster.list(rt, v, ns or None, query.get("labelSelector"), query.get("fieldSelector"),
+                                  limit, query.get("continue"))
+            if table.wants_table(self.headers.get("Accept") or ""):
+                out = table.table(rt, v, listed["items"], listed["metadata"]["resourceVersion"],
+                                  query.get("includeObject", ""))
+                if listed["metadata"].get("continue"):
+                    out["metadata"]["continue"] = listed["metadata"]["continue"]
+                listed = out
+            self._send_json(200, listed)
         elif verb == "watch":
             self._watch(rt, v, ns, query)
         elif verb == "create":

@@ -253,3 +253,21 @@ def test_core_types_and_leases_round_trip(api: KubeAPI, kube_client: client.ApiC
                                                                   data={"k": "v"}))
     cm.data["k"] = "w"
     assert core.replace_namespaced_config_map("c", NS, cm).data == {"k": "w"}
+
+
+def test_strategic_merge_patch_merges_keyed_lists_of_built_in_types(kube_client: client.ApiClient,
+                                                                     api: KubeAPI) -> None:
+    core = client.CoreV1Api(kube_client)
+    core.create_namespaced_service(NS, client.V1Service(
+        metadata=client.V1ObjectMeta(name="billing", finalizers=["example.com/a"]),
+        spec=client.V1ServiceSpec(ports=[client.V1ServicePort(port=80, name="http")])))
+    # The Python client sends a dict patch for a built-in type as a strategic merge patch.
+    out = core.patch_namespaced_service("billing", NS, {
+        "metadata": {"finalizers": ["example.com/b"]},
+        "spec": {"ports": [{"port": 443, "name": "https"}]}})
+    assert [p.port for p in out.spec.ports] == [80, 443]
+    assert out.metadata.finalizers == ["example.com/a", "example.com/b"]
+    out = core.patch_namespaced_service("billing", NS, {
+        "metadata": {"$deleteFromPrimitiveList/finalizers": ["example.com/a", "example.com/b"]},
+        "spec": {"ports": [{"port": 80, "$patch": "delete"}]}})
+    assert [p.port for p in out.spec.ports] == [443] and not out.metadata.finalizers

@@ -43,7 +43,9 @@ def test_get_lists_entries_across_namespaces(api: KubeAPI, tmp_path: Path) -> No
     api.create(yaml.safe_load(MANIFEST))
     out = yaml.safe_load(kubectl(api, tmp_path, "get", "workloadentries", "-A", "-o", "yaml").stdout)
     assert [i["metadata"]["name"] for i in out["items"]] == ["billing-10-0-0-1"]
-    assert "billing-10-0-0-1" in kubectl(api, tmp_path, "get", "we", "-n", NS).stdout
+    table = kubectl(api, tmp_path, "get", "we", "-A").stdout.split()
+    assert table[:4] == ["NAMESPACE", "NAME", "AGE", "ADDRESS"] and table[4:6] == [NS, "billing-10-0-0-1"]
+    assert table[-1] == "10.0.0.1"
 
 
 def test_client_side_apply_creates_then_patches(api: KubeAPI, tmp_path: Path) -> None:
