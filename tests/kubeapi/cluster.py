@@ -359,6 +359,9 @@ class Cluster:
                     raise not_found(rt.plural, rt.group, name)
             elif am.get("resourceVersion") and am["resourceVersion"] != live["metadata"]["resourceVersion"]:
                 raise conflict(rt.plural, rt.group, name, MODIFIED)
+            elif am.get("uid") and am["uid"] != live["metadata"]["uid"]:
+                raise conflict(rt.plural, rt.group, name, f"Precondition failed: UID in precondition: "
+                               f"{am['uid']}, UID in object meta: {live['metadata']['uid']}")
             live = self._out(rt, version, live)
             try:
                 merged = fieldmanager.apply(live, applied, fm_schema, manager=req.manager, api_version=want,

@@ -87,3 +87,11 @@ def test_field_sets_use_the_managed_fields_spelling() -> None:
         "f:metadata": {"f:labels": {"f:a": {}}, "f:finalizers": {'v:"f/x"': {}}},
         "f:spec": {"f:hosts": {}, "f:ports": {'k:{"name":"http"}': {".": {}, "f:name": {}, "f:number": {}}}}}
     assert fieldmanager.from_fields_v1(fieldmanager.to_fields_v1(paths)) == paths
+
+
+def test_validate_object_checks_metadata_too() -> None:
+    obj = {"apiVersion": "networking.istio.io/v1beta1", "kind": "WorkloadEntry",
+           "metadata": {"name": "Billing_VM", "labels": {"app": "-x"}}, "spec": {"address": "10.0.0.1"}}
+    assert [e.split(":")[0] for e in openapi.validate_object(obj)] == ["metadata.name", "metadata.labels"]
+    [error] = openapi.validate_object({**obj, "apiVersion": "networking.istio.io/v2"})
+    assert error.startswith("apiVersion")
