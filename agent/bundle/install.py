@@ -179,7 +179,7 @@ def resolve_owner(user: str | None) -> tuple[int, int] | None:
         pw = pwd.getpwnam(user)
     except KeyError:
         raise InstallError(f"user {user!r} does not exist; it is created by the istio-sidecar package "
-                           "(install it first), or set sidecar.user") from None
+                           "(install it first), or choose another user (sidecar.user, --user)") from None
     return pw.pw_uid, pw.pw_gid
 
 

@@ -368,7 +368,20 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _register(files: dict[str, bytes]) -> None:
-    """The token is a credential: mask it wherever it might be logged."""
+    """The tokens are credentials: mask them wherever they might be logged."""
     token = files.get("istio-token")
     if token:
         register_secret(token.decode("utf-8", "replace"))
+    kubeconfig = files.get("kubeconfig")
+    if kubeconfig:
+        import yaml
+
+        try:
+            doc = yaml.safe_load(kubeconfig)
+        except yaml.YAMLError:
+            return
+        users = doc.get("users") if isinstance(doc, dict) else None
+        for u in users if isinstance(users, list) else []:
+            user = u.get("user") if isinstance(u, dict) else None
+            if isinstance(user, dict) and isinstance(user.get("token"), str):
+                register_secret(user["token"])
