@@ -37,6 +37,7 @@ from typing import Any
 
 from agent.bundle.model import Bundle, scan_hosts
 from agent.paths import Layout
+from agent.redact import register_secret
 
 log = logging.getLogger("agent.bundle.install")
 
@@ -282,6 +283,8 @@ def _store(layout: Layout, files: dict[str, bytes], meta: dict[str, Any]) -> Pat
 def _load_stored(directory: Path) -> tuple[InstalledBundle, dict[str, bytes]]:
     meta = json.loads((directory / META).read_text())
     files = {p.name: p.read_bytes() for p in directory.iterdir() if p.name != META and p.is_file()}
+    if files.get("istio-token"):
+        register_secret(files["istio-token"].decode("utf-8", "replace"))
     info = InstalledBundle(
         version=meta["version"], digest=meta["digest"], source=meta["source"],
         fetched_at=meta["fetched_at"], installed_at=meta.get("installed_at", 0.0),

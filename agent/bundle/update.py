@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from agent.bundle.install import InstalledBundle, InstallResult, install, last_good
 from agent.bundle.model import Bundle, parse_bundle
-from agent.bundle.source import Fetched, NotModified, Validators, fetch
+from agent.bundle.source import Fetched, FetchError, NotModified, Validators, fetch
 from agent.config import BundleConfig
 from agent.paths import Layout
 
@@ -40,7 +40,8 @@ def update(cfg: BundleConfig, layout: Layout, *, user: str | None = "istio-proxy
     previous = Validators(current.etag, current.last_modified) if current else None
     fetched = fetch(cfg, previous)
     if isinstance(fetched, NotModified):
-        assert current is not None
+        if current is None:  # we sent no validators: a server answering 304 anyway is broken
+            raise FetchError(f"{fetched.source}: HTTP 304 Not Modified, but no bundle is installed yet")
         return Unchanged(current)
     assert isinstance(fetched, Fetched)
     wall = time.time() if now is None else now
