@@ -28,8 +28,9 @@ when it is ours (same command line, or our marker in its environment) and health
 otherwise: there are never two proxies.
 
 Output: under systemd the proxy writes straight into the journal under its own identifier (`envoy`
-or `istio-proxy`), so its output survives an agent restart; otherwise (or with log_dir) a thread
-forwards its lines to the agent's log (and to <log_dir>/<identifier>.log).
+or `istio-proxy`: `journalctl -t envoy`); with log_dir, to <log_dir>/<identifier>.log instead;
+outside systemd, to the agent's stderr. Never through a pipe the agent reads, so the proxy and its
+logging survive an agent restart.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ READY_POLL = 0.05          # first readiness polls are quick (Envoy is ready in 
 READY_POLL_MAX = 0.5       # ... then slower, so a slow start costs little
 PROBE_TIMEOUT = 1.0
 KILL_WAIT = 5.0            # after SIGKILL, how long to wait for the exit to be seen
+PORT_SETTLE = 1.0          # how long a port may stay held by a dying process before it is a conflict
 
 
 # --- events (posted to the daemon's queue) ---------------------------------------------------------
@@ -324,54 +326,41 @@ class _Child:
                 return True, self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 return False, None
-        assert self.process is not None
+        # Not our child (adopted): its exit status is not ours to read, and whoever reaps it may be
+        # slow, so a zombie counts as exited.
+        end = None if timeout is None else time.monotonic() + timeout
+        delay = 0.01
+        while not self.poll():
+            if end is not None and time.monotonic() >= end:
+                return False, None
+            time.sleep(delay)
+            delay = min(0.1, delay * 2)
+        return True, None
+
+
+def _output_for(spec: LaunchSpec) -> tuple[int, IO[Any] | None]:
+    """The proxy's stdout/stderr: (fd for the child, our copy to close after spawning).
+
+    Never a pipe read by the agent: a proxy that outlives the agent (pilot-agent does; a plain
+    Envoy does not, it asks for SIGTERM when its parent dies) must keep logging. So:
+    <log_dir>/<identifier>.log when asked (appended, as istio-start.sh did); else, under systemd,
+    a journal stream of its own identifier; else the agent's own stderr.
+    """
+    if spec.log_dir:
         try:
-            return True, self.process.wait(timeout)
-        except psutil.TimeoutExpired:
-            return False, None
-        except psutil.Error:
-            return True, None
-
-
-class _Output:
-    """Where the proxy's stdout/stderr go; see the module docstring."""
-
-    def __init__(self, spec: LaunchSpec) -> None:
-        self.spec = spec
-        self.tail: deque[str] = deque(maxlen=8)
-        self._journal = _journal_module() if _under_systemd() else None
-        self._file: IO[str] | None = None
-        if spec.log_dir:
-            with contextlib.suppress(OSError):
-                Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
-            try:
-                self._file = open(Path(spec.log_dir) / f"{spec.identifier}.log", "a",  # noqa: SIM115
-                                  encoding="utf-8", errors="replace")
-            except OSError as exc:
-                log.warning("cannot write the proxy's log under %s: %s", spec.log_dir, exc)
-
-    def target(self) -> tuple[Any, bool]:
-        """(stdout for the child, whether a pump thread must read a pipe)."""
-        if self._journal is not None and self._file is None:
-            try:
-                return self._journal.stream(self.spec.identifier), False
-            except OSError as exc:
-                log.warning("cannot open a journal stream for the proxy: %s", exc)
-        return subprocess.PIPE, True
-
-    def pump(self, pipe: IO[bytes]) -> None:
-        for raw in iter(pipe.readline, b""):
-            line = raw.decode(errors="replace").rstrip()
-            self.tail.append(line)
-            if self._file is not None:
-                with contextlib.suppress(OSError):
-                    self._file.write(line + "\n")
-                    self._file.flush()
-            if self._journal is not None:
-                self._journal.send(line, SYSLOG_IDENTIFIER=self.spec.identifier)
-            else:
-                proxy_log.info("[%s] %s", self.spec.identifier, line)
-        pipe.close()
+            Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
+            f = open(Path(spec.log_dir) / f"{spec.identifier}.log", "ab")  # noqa: SIM115
+            return f.fileno(), f
+        except OSError as exc:
+            log.warning("cannot write the proxy's log under %s: %s", spec.log_dir, exc)
+    journal = _journal_module() if _under_systemd() else None
+    if journal is not None:
+        try:
+            stream = journal.stream(spec.identifier)
+            return stream.fileno(), stream
+        except OSError as exc:
+            log.warning("cannot open a journal stream for the proxy: %s", exc)
+    return 2, None   # the agent's stderr (not its stdout, which may be a pipe to its caller)
 
 
 def _under_systemd() -> bool:
@@ -401,7 +390,6 @@ class Supervisor:
                                                                spec.policy.backoff_max))
         self._generation = 0
         self._child: _Child | None = None
-        self._output: _Output | None = None
         self._stop_watch = threading.Event()
 
     # -- read-only view
@@ -457,9 +445,7 @@ class Supervisor:
             self._remove_pidfile()
             proc.kill_group(event.pid, signal.SIGKILL)  # what is left of its group (pilot-agent's Envoy)
             what = _exit_text(event.pid, event.returncode)
-            if self._output is not None and self._output.tail:
-                what += f" (last output: {self._output.tail[-1][:200]})"
-            conflicts = port_holders(self.spec.ports)
+            conflicts = self._port_conflicts()
             if conflicts:
                 self.machine.fatal(f"{what}; {'; '.join(map(str, conflicts))}: free the port or "
                                    "change the proxy's ports")
@@ -509,7 +495,7 @@ class Supervisor:
 
     def _launch(self, now: float) -> None:
         spec = self.spec
-        conflicts = port_holders(spec.ports)
+        conflicts = self._port_conflicts()
         if conflicts:
             self.machine.fatal("; ".join(map(str, conflicts)) +
                                ": free the port or change the proxy's ports")
@@ -521,29 +507,34 @@ class Supervisor:
             return
         self._generation += 1
         gen = self._generation
-        output = _Output(spec)
-        stdout, needs_pump = output.target()
+        out_fd, ours = _output_for(spec)
         try:
             popen = proc.spawn(spec.argv, env=_child_env(spec), user=spec.user, cwd="/",
-                               stdout=stdout, stderr=subprocess.STDOUT)
+                               stdout=out_fd, stderr=subprocess.STDOUT)
         except (OSError, KeyError) as exc:   # missing binary, unknown user
             self.machine.spawn_failed(now, f"cannot start {spec.argv[0]}: {exc}")
             self._changed(State.STARTING)
             return
         finally:
-            if not needs_pump and hasattr(stdout, "close"):
-                stdout.close()  # the child has its own copy of the journal stream
-        self._output = output
+            if ours is not None:
+                ours.close()  # the child has its own copy
         child = _Child(popen.pid, popen=popen)
         self._child = child
         log.info("sidecar started: pid %d, %s", popen.pid, describe(spec))
-        if needs_pump and popen.stdout is not None:
-            threading.Thread(target=output.pump, args=(popen.stdout,), daemon=True,
-                             name=f"sidecar-output-{gen}").start()
         with contextlib.suppress(psutil.Error, OSError):
             write_pidfile(self.layout.sidecar_pidfile, PidRecord(
                 popen.pid, psutil.Process(popen.pid).create_time(), spec.argv, spec.profile))
         self._watch(gen, child, wait_ready=True)
+
+    def _port_conflicts(self) -> list[PortHolder]:
+        """Other processes on our ports. A proxy that was just killed may hold its sockets for a
+        moment while it is torn down: give that a second before calling it a conflict."""
+        end = time.monotonic() + PORT_SETTLE
+        while True:
+            conflicts = port_holders(self.spec.ports)
+            if not conflicts or time.monotonic() >= end:
+                return conflicts
+            time.sleep(0.05)
 
     def _watch(self, gen: int, child: _Child, wait_ready: bool) -> None:
         spec = self.spec
@@ -575,14 +566,14 @@ class Supervisor:
                 if abs(p.create_time() - record.create_time) < 1.0 and _is_ours(p, record.argv):
                     leftovers.append(p)
         for p in psutil.process_iter(["cmdline"]):
-            if p.info["cmdline"] == list(spec.argv) and p.pid != os.getpid() \
+            if same_command(p.info["cmdline"] or [], spec.argv) and p.pid != os.getpid() \
                     and all(p.pid != q.pid for q in leftovers):
                 leftovers.append(p)
         adopted: psutil.Process | None = None
         expect = "LIVE" if spec.profile == "envoy" and spec.readiness_url.endswith("/ready") else None
         for p in leftovers:
             with contextlib.suppress(psutil.Error):
-                if adopted is None and p.cmdline() == list(spec.argv) \
+                if adopted is None and same_command(p.cmdline(), spec.argv) \
                         and probe_ready(spec.readiness_url, expect):
                     adopted = p
                     continue
@@ -594,7 +585,6 @@ class Supervisor:
             return False
         self._generation += 1
         self._child = _Child(adopted.pid, process=adopted)
-        self._output = None
         with contextlib.suppress(psutil.Error, OSError):
             write_pidfile(self.layout.sidecar_pidfile, PidRecord(
                 adopted.pid, adopted.create_time(), spec.argv, spec.profile))
@@ -604,6 +594,10 @@ class Supervisor:
 
     def _terminate(self, child: _Child, drain: bool) -> None:
         policy = self.spec.policy
+        # Its descendants too (pilot-agent's Envoy): stopping ends when all of them are gone.
+        members: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            members = psutil.Process(child.pid).children(recursive=True)
         if drain and self.spec.drain == "admin":
             self._drain_admin(self._clock() + policy.drain_timeout, child)
         # pilot-agent drains Envoy on SIGTERM and then stops it: signal the leader only, so Envoy
@@ -621,6 +615,14 @@ class Supervisor:
         proc.kill_group(child.pid, signal.SIGKILL)
         if not exited:
             child.wait(KILL_WAIT)
+        for member in members:
+            with contextlib.suppress(psutil.Error):
+                member.kill()   # one that left the group
+        end = time.monotonic() + KILL_WAIT
+        while (still := [p for p in members if _alive(p)]) and time.monotonic() < end:
+            time.sleep(0.02)
+        if still:
+            log.warning("sidecar processes still running after SIGKILL: %s", [p.pid for p in still])
 
     def _drain_admin(self, deadline: float, child: _Child) -> None:
         """Envoy: fail health checks, drain inbound listeners, wait for in-flight requests."""
@@ -654,13 +656,26 @@ class Supervisor:
             self.layout.sidecar_pidfile.unlink()
 
 
+def same_command(cmdline: Sequence[str], argv: Sequence[str]) -> bool:
+    """A process's command line is argv, or an interpreter running argv (a `#!` script)."""
+    cmdline, argv = list(cmdline), list(argv)
+    return cmdline == argv or (len(cmdline) == len(argv) + 1 and cmdline[1:] == argv)
+
+
 def _is_ours(p: psutil.Process, recorded_argv: Sequence[str]) -> bool:
     with contextlib.suppress(psutil.Error):
-        if p.cmdline() == list(recorded_argv):
+        if same_command(p.cmdline(), recorded_argv):
             return True
     with contextlib.suppress(psutil.Error):
         return MARKER_ENV in p.environ()
     return False
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _child_env(spec: LaunchSpec) -> dict[str, str]:

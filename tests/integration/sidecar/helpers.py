@@ -151,3 +151,72 @@ class App:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+CLUSTER_ENV = {
+    "CANONICAL_REVISION": "latest",
+    "CANONICAL_SERVICE": "billing",
+    "ISTIO_INBOUND_PORTS": "8080",
+    "ISTIO_LOCAL_EXCLUDE_PORTS": "22,15090,15021,15020",
+    "ISTIO_METAJSON_LABELS": '{"app":"billing","version":"v1"}',
+    "ISTIO_META_CLUSTER_ID": "cluster1",
+    "ISTIO_META_NETWORK": "",
+    "ISTIO_NAMESPACE": "vm-apps",
+    "ISTIO_SERVICE": "billing.vm-apps",
+    "POD_NAMESPACE": "vm-apps",
+    "SERVICE_ACCOUNT": "billing-vm",
+    "TRUST_DOMAIN": "cluster.local",
+}
+
+
+class IstioStandIn:
+    """The istio profile wired to tests/.../fake_pilot_agent.py, in a directory any user can read.
+
+    The stand-in's settings travel in sidecar.env, as an operator's would.
+    """
+
+    def __init__(self, user: str | None, **overrides: object) -> None:
+        import os
+        import tempfile
+
+        from agent.sidecar import profiles
+
+        self.dir = Path(tempfile.mkdtemp(prefix="mesh-agent-sidecar-"))
+        self.dir.chmod(0o755)
+        self.admin = free_port()
+        self.bootstrap = self.dir / "bootstrap.json"
+        self.bootstrap.write_text(bootstrap(self.admin))
+        self.pilot_agent = self.dir / "pilot-agent"
+        source = (Path(__file__).parent / "fake_pilot_agent.py").read_text()
+        self.pilot_agent.write_text(f"#!{sys.executable}\n{source}")
+        self.pilot_agent.chmod(0o755)
+        self.record = self.dir / "record" / "calls.jsonl"
+        self.record.parent.mkdir()
+        self.record.touch()
+        self.record.chmod(0o666)   # written by the agent (root) and the proxy user
+        self.sidecar_env = {"STANDIN_RECORD": str(self.record), "STANDIN_ENVOY": envoy_binary(),
+                            "STANDIN_BOOTSTRAP": str(self.bootstrap),
+                            "STANDIN_BASE_ID": str(random.randint(1000, 60000))}
+        values: dict = dict(
+            profile="istio", pilot_agent_binary=str(self.pilot_agent), user=user or "istio-proxy",
+            admin_address=f"127.0.0.1:{self.admin}",
+            readiness_url=f"http://127.0.0.1:{self.admin}/ready", ready_timeout=Duration(20.0),
+            backoff=BackoffConfig(Duration(0.05), Duration(0.5)), stop_grace=Duration(2.0))
+        values.update(overrides)
+        self.cfg = SidecarConfig(**values)
+        self.spec = profiles.istio_profile(self.cfg, sidecar_env=self.sidecar_env,
+                                           cluster_env=CLUSTER_ENV, hostname="vm-7.example.internal",
+                                           address="10.1.2.3", proxy_ports=())
+        if user is None:   # cannot switch users: run as ourselves, the spec was checked already
+            import dataclasses
+
+            self.spec = dataclasses.replace(self.spec, user=None)
+        self._os = os
+
+    def calls(self) -> list[dict]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines()]
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
