@@ -7,8 +7,9 @@ agent can run it instead: the environment from sidecar.env then cluster.env, the
 `istio-proxy`. `envoy` runs a plain Envoy with a bootstrap file; its admin address comes from the
 bootstrap and readiness is the admin `/ready` page.
 
-Nothing here touches the machine: the caller reads the files, the host name and the address, and
-passes them in. `agent.sidecar.process.Supervisor` runs the resulting LaunchSpec.
+The profile builders touch nothing: the caller passes the files' contents, the host name and the
+address in. `read_spec()`, at the end, is the one helper that reads the two files a profile needs
+(sidecar.env, the bootstrap). `agent.sidecar.process.Supervisor` runs the resulting LaunchSpec.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import math
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
 
 from agent.config import SidecarConfig
+from agent.paths import Layout
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_CA_ADDR = "istiod.istio-system.svc:15012"
@@ -227,6 +229,28 @@ def istio_profile(cfg: SidecarConfig, *, sidecar_env: Mapping[str, str], cluster
         profile="istio", argv=tuple(argv), env=env, user=user, readiness_url=readiness,
         admin_address=admin, ports=ports, drain="signal", pre_start=pre, post_stop=post,
         identifier="istio-proxy", log_dir=cfg.log_dir, policy=Policy.from_config(cfg))
+
+
+def read_spec(cfg: SidecarConfig, layout: Layout, *, cluster_env: Mapping[str, str], hostname: str,
+              address: str | None) -> LaunchSpec:
+    """The LaunchSpec of the configured profile, reading sidecar.env (istio; missing is fine, the
+    package ships it all comments) or the bootstrap (envoy). cluster_env: the installed cluster.env,
+    as parsed by the bundle package. Raises ProfileError naming the file on any problem."""
+    if cfg.profile == "envoy":
+        path = cfg.bootstrap or ""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ProfileError(f"cannot read the Envoy bootstrap {path}: {exc}") from None
+        return envoy_profile(cfg, text)
+    try:
+        sidecar_text = layout.sidecar_env.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        sidecar_text = ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"cannot read {layout.sidecar_env}: {exc}") from None
+    return istio_profile(cfg, sidecar_env=read_env_lines(sidecar_text), cluster_env=cluster_env,
+                         hostname=hostname, address=address)
 
 
 def describe(spec: LaunchSpec) -> str:

@@ -144,3 +144,25 @@ def test_sidecar_env_reader() -> None:
         profiles.read_env_lines("not a pair")
     with pytest.raises(ProfileError, match="line 2"):
         profiles.read_env_lines("A=1\nB='unclosed")
+
+
+def test_read_spec_reads_sidecar_env_or_the_bootstrap(tmp_path) -> None:
+    from agent.paths import Layout
+
+    layout = Layout(root=tmp_path)
+    spec = profiles.read_spec(SidecarConfig(), layout, cluster_env=CLUSTER_ENV, hostname="h",
+                              address="10.0.0.1")
+    assert spec.profile == "istio" and spec.env["ISTIO_SERVICE"] == "billing.vm-apps"   # no sidecar.env: fine
+    layout.sidecar_env.parent.mkdir(parents=True)
+    layout.sidecar_env.write_text("# comments\nISTIO_AGENT_FLAGS=--x\n")
+    spec = profiles.read_spec(SidecarConfig(), layout, cluster_env=CLUSTER_ENV, hostname="h",
+                              address="10.0.0.1")
+    assert spec.argv[-1] == "--x"
+
+    (tmp_path / "b.json").write_text(BOOTSTRAP)
+    cfg = SidecarConfig(profile="envoy", bootstrap=str(tmp_path / "b.json"))
+    spec = profiles.read_spec(cfg, layout, cluster_env={}, hostname="h", address=None)
+    assert spec.admin_address == ("127.0.0.1", 19000)
+    with pytest.raises(ProfileError, match="cannot read the Envoy bootstrap"):
+        profiles.read_spec(SidecarConfig(profile="envoy", bootstrap=str(tmp_path / "missing.json")), layout,
+                           cluster_env={}, hostname="h", address=None)
