@@ -61,10 +61,23 @@ def run(argv: Sequence[str], *, timeout: float, check: bool = False, env: Mappin
 def spawn(argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
           user: str | None = None, stdout: int | None = None, stderr: int | None = None,
           pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
-    """Start a long-lived child in its own process group (so it can be signalled as a whole)."""
+    """Start a long-lived child in its own process group (so it can be signalled as a whole).
+
+    With `user`, the child also gets that user's primary and supplementary groups (as login, sudo
+    and systemd's User= do), not the agent's root groups. Raises KeyError for an unknown user.
+    """
     log.debug("spawning %s", " ".join(argv))
+    group: int | None = None
+    extra_groups: list[int] | None = None
+    if user is not None:
+        import pwd
+
+        entry = pwd.getpwnam(user)
+        group = entry.pw_gid
+        extra_groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
     return subprocess.Popen(list(argv), env=dict(env) if env is not None else None, cwd=cwd,
-                            user=user, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                            user=user, group=group, extra_groups=extra_groups,
+                            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                             start_new_session=True, pass_fds=tuple(pass_fds))
 
 

