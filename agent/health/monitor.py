@@ -109,7 +109,7 @@ def _watched_ports(ports: Sequence[int], cfg: ProbeConfig | None) -> tuple[int, 
 class Monitor:
     def __init__(self, probe: ProbeConfig | None, *, ports: Sequence[int], post: Callable[[object], None],
                  flap: FlapConfig | None = None, probe_host: str = "127.0.0.1", watch_process: bool = True,
-                 sidecar_ready: bool = False, port_interval: float = 1.0,
+                 sidecar_ready: bool = False, port_interval: float = 1.0, use_pidfd: bool | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._post = post
         self._clock = clock
@@ -126,7 +126,8 @@ class Monitor:
         self._last: probes.ProbeResult | None = None
         self._last_at: float | None = None
         self._portwatch = PortWatch(_watched_ports(ports, probe), self._on_port_event,
-                                    interval=port_interval, watch_process=watch_process)
+                                    interval=port_interval, watch_process=watch_process,
+                                    use_pidfd=use_pidfd)
 
     @classmethod
     def from_config(cls, app: AppConfig, *, bundle_probe: ProbeConfig | None, ports: Sequence[int],

@@ -1,7 +1,8 @@
 """Which app ports are listening, which processes own them, and the moment an owner dies.
 
-Cheap at rest: once per `interval` it reads /proc/net/tcp and /proc/net/tcp6 (one read each, only
-the LISTEN lines are parsed) to learn the listening sockets' inodes. Only when a new listening inode
+Cheap at rest: once per `interval` it asks the kernel for the listening TCP sockets (sock_diag over
+netlink, about 0.1 ms; reading /proc/net/tcp{,6} instead, the fallback, walks every socket and costs
+milliseconds on a busy host) to learn their inodes. Only when a new listening inode
 appears does it look for its owners in /proc/*/fd, the costly step, which it then skips until the
 listener changes. It waits on each owner's exit with a pidfd (os.pidfd_open + poll, where the kernel
 has it), so a dead app is reported within milliseconds, not at the next scan; where pidfds are not
@@ -19,6 +20,8 @@ import contextlib
 import logging
 import os
 import select
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -82,7 +85,75 @@ def _read(path: str) -> str:
         return f.read()
 
 
+# sock_diag (netlink): the kernel lists only the listening sockets, from its small listening hash,
+# where reading /proc/net/tcp walks every socket (milliseconds on a busy host, even for tcp6).
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCP_LISTEN_BIT = 1 << 10
+
+
+def _diag_request(family: int, seq: int) -> bytes:
+    # inet_diag_req_v2: family, protocol, ext, pad, states; then a zeroed inet_diag_sockid (48 bytes).
+    body = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, _TCP_LISTEN_BIT) + bytes(48)
+    return struct.pack("=IHHII", 16 + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, seq, 0) + body
+
+
+def parse_diag(data: bytes, ports: set[int], out: dict[int, set[int]]) -> bool:
+    """Add the listening sockets in a sock_diag reply to out; True once the dump is done."""
+    off = 0
+    while off + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, off)
+        if length < 16:
+            raise OSError("malformed netlink message")
+        if kind == _NLMSG_DONE:
+            return True
+        if kind == _NLMSG_ERROR:
+            (err,) = struct.unpack_from("=i", data, off + 16)
+            raise OSError(-err, os.strerror(-err))
+        if kind == _SOCK_DIAG_BY_FAMILY and length >= 16 + 72:
+            msg = off + 16  # inet_diag_msg: sport (big-endian) at 4, inode at 68
+            (port,) = struct.unpack_from("!H", data, msg + 4)
+            (inode,) = struct.unpack_from("=I", data, msg + 68)
+            if port in ports and inode:
+                out.setdefault(port, set()).add(inode)
+        off += (length + 3) & ~3
+    return False
+
+
+def read_listeners_diag(ports: Iterable[int]) -> dict[int, set[int]]:
+    wanted = set(ports)
+    out: dict[int, set[int]] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG) as s:
+        s.settimeout(2.0)
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
+            s.sendall(_diag_request(family, seq))
+            while not parse_diag(s.recv(65536), wanted, out):
+                pass
+    return out
+
+
 def read_listeners(ports: Iterable[int], proc: str = "/proc") -> dict[int, set[int]]:
+    """Listening sockets on these ports: port -> inodes (sock_diag, else /proc/net/tcp{,6})."""
+    ports = tuple(ports)
+    if proc == "/proc" and _diag_works():
+        try:
+            return read_listeners_diag(ports)
+        except OSError as exc:
+            log.info("sock_diag failed (%s); reading /proc/net/tcp instead", exc)
+            _diag_state["ok"] = False
+    return read_listeners_proc(ports, proc)
+
+
+_diag_state: dict[str, bool] = {}
+
+
+def _diag_works() -> bool:
+    return _diag_state.setdefault("ok", hasattr(socket, "AF_NETLINK"))
+
+
+def read_listeners_proc(ports: Iterable[int], proc: str = "/proc") -> dict[int, set[int]]:
     ports = tuple(ports)
     out: dict[int, set[int]] = {}
     for name in ("tcp", "tcp6"):
@@ -231,13 +302,14 @@ class PortWatch:
             with self._lock:
                 if self._rescan:
                     self._rescan, next_scan = False, now
-                polling = not self.use_pidfd and bool(self._owners)
             if now >= next_scan:
                 try:
                     self._scan()
                 except Exception:  # keep watching whatever one bad read did
                     log.exception("port scan failed")
                 next_scan = now + self.interval
+            with self._lock:
+                polling = not self.use_pidfd and bool(self._owners)
             wait = max(0.0, next_scan - time.monotonic())
             if polling:
                 wait = min(wait, self.fallback_interval)

@@ -186,3 +186,20 @@ def test_portwatch_reports_owner_and_exit(apps: Apps, events: Events, use_pidfd:
         assert not any(isinstance(e, ListenerDown) for e in events.drain(0.5))
     finally:
         w.stop()
+
+
+def test_sock_diag_and_proc_agree_on_listeners() -> None:
+    import socket
+
+    from agent.health.portwatch import read_listeners_diag, read_listeners_proc
+
+    with socket.socket() as v4, socket.socket(socket.AF_INET6) as v6, socket.socket() as client:
+        v4.bind(("127.0.0.1", 0))
+        v4.listen()
+        port = v4.getsockname()[1]
+        v6.bind(("::1", port))
+        v6.listen()
+        client.connect(("127.0.0.1", port))  # an established socket on the port is not a listener
+        found = read_listeners_diag([port, 1])
+        assert found == read_listeners_proc([port, 1])
+        assert len(found[port]) == 2

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from agent import config
 from agent.config import ExecProbe, HttpGetProbe, HttpHeader, ProbeConfig, TcpSocketProbe
 from agent.health import probes
-from agent.health.portwatch import parse_listeners, parse_stat
+from agent.health.portwatch import parse_diag, parse_listeners, parse_stat
 from agent.health.probes import ProbeSpecError, probe_from_istio
 
 
@@ -148,3 +150,19 @@ def test_parse_stat_of_a_zombie() -> None:
     fields = ["Z"] + ["0"] * 18 + ["123456"] + ["0"] * 29 + ["9"]
     state, start, name, status = parse_stat("77 (my app) " + " ".join(fields))
     assert (state, start, name, status) == ("Z", 123456, "my app", 9)
+
+
+def _diag_msg(port: int, inode: int) -> bytes:
+    # inet_diag_msg: family, state, timer, retrans, sockid (48), expires, rqueue, wqueue, uid, inode
+    body = bytes([2, 10, 0, 0]) + struct.pack("!HH", port, 0) + bytes(44) + bytes(16)
+    body += struct.pack("=I", inode)
+    return struct.pack("=IHHII", 16 + len(body), 20, 2, 1, 0) + body
+
+
+def test_parse_sock_diag_reply() -> None:
+    out: dict[int, set[int]] = {}
+    done = parse_diag(_diag_msg(8080, 77) + _diag_msg(22, 5) + _diag_msg(8080, 78), {8080}, out)
+    assert not done and out == {8080: {77, 78}}
+    assert parse_diag(struct.pack("=IHHII", 20, 3, 2, 1, 0) + bytes(4), {8080}, out)
+    with pytest.raises(OSError):
+        parse_diag(struct.pack("=IHHIIi", 36, 2, 0, 1, 0, -13) + bytes(16), {8080}, out)
