@@ -428,3 +428,16 @@ def probe_from_istio(spec: Mapping[str, Any], where: str = "probe") -> ProbeConf
         success_threshold=timing("successThreshold", 1, 100),
         failure_threshold=timing("failureThreshold", 1, 100),
     )
+
+
+def bundle_probe(workloadgroup: Mapping[str, Any] | None,
+                 mesh: Mapping[str, Any] | None) -> ProbeConfig | None:
+    """The probe a bundle carries: the WorkloadGroup's spec.probe, else mesh.yaml's
+    defaultConfig.readinessProbe (istioctl's copy of it), else None. Raises ProbeSpecError."""
+    spec = (workloadgroup or {}).get("spec") or {}
+    if isinstance(spec, Mapping) and spec.get("probe"):
+        return probe_from_istio(spec["probe"], "workloadgroup.yaml: spec.probe")
+    default = (mesh or {}).get("defaultConfig") or {}
+    if isinstance(default, Mapping) and default.get("readinessProbe"):
+        return probe_from_istio(default["readinessProbe"], "mesh.yaml: defaultConfig.readinessProbe")
+    return None

@@ -166,3 +166,13 @@ def test_parse_sock_diag_reply() -> None:
     assert parse_diag(struct.pack("=IHHII", 20, 3, 2, 1, 0) + bytes(4), {8080}, out)
     with pytest.raises(OSError):
         parse_diag(struct.pack("=IHHIIi", 36, 2, 0, 1, 0, -13) + bytes(16), {8080}, out)
+
+
+def test_bundle_probe_prefers_the_workloadgroup() -> None:
+    wg = {"spec": {"probe": {"httpGet": {"port": 8080}}}}
+    mesh = {"defaultConfig": {"readinessProbe": {"tcpSocket": {"port": 9000}, "periodSeconds": 3}}}
+    assert probes.bundle_probe(wg, mesh).http_get.port == 8080
+    assert probes.bundle_probe(None, mesh).tcp_socket.port == 9000
+    assert probes.bundle_probe({"spec": {}}, {"defaultConfig": {}}) is None
+    with pytest.raises(ProbeSpecError, match=r"mesh\.yaml: defaultConfig\.readinessProbe\.tcpSocket\.port"):
+        probes.bundle_probe(None, {"defaultConfig": {"readinessProbe": {"tcpSocket": {}}}})
