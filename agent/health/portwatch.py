@@ -334,6 +334,8 @@ class PortWatch:
 
     def _scan(self) -> None:
         with self._lock:
+            if not self._ports:
+                return
             self.scans += 1
             now = time.monotonic()
             listeners = read_listeners(self._ports)
@@ -451,8 +453,34 @@ class PortWatch:
 
     @staticmethod
     def _exit_code(owner: _Owner) -> int | None:
-        """The exit status while the process is a zombie (its parent has not reaped it yet)."""
+        """The exit status: from /proc while the process awaits its parent, else (Linux >= 6.15)
+        from the pidfd once the parent has reaped it; None when neither can tell."""
         st = _stat(owner.pid)
-        if st is None or st[0] != "Z" or st[1] != owner.start_ticks or st[3] is None:
-            return None
-        return os.waitstatus_to_exitcode(st[3])
+        if st is not None and st[0] == "Z" and st[1] == owner.start_ticks and st[3] is not None:
+            return os.waitstatus_to_exitcode(st[3])
+        if owner.pidfd is not None:
+            status = pidfd_exit_status(owner.pidfd)
+            if status is not None:
+                return os.waitstatus_to_exitcode(status)
+        return None
+
+
+# PIDFD_GET_INFO (Linux 6.15): struct pidfd_info is 64 bytes, mask first, exit_code at offset 60.
+_PIDFD_GET_INFO = 0xC040FF0B  # _IOWR(0xFF, 11, 64 bytes)
+_PIDFD_INFO_EXIT = 1 << 3
+
+
+def pidfd_exit_status(pidfd: int) -> int | None:
+    """A reaped process's wait status through its pidfd, or None (not reaped, or an older kernel)."""
+    import fcntl
+
+    buf = bytearray(struct.pack("=Q", _PIDFD_INFO_EXIT) + bytes(56))
+    try:
+        fcntl.ioctl(pidfd, _PIDFD_GET_INFO, buf)
+    except OSError:
+        return None
+    (mask,) = struct.unpack_from("=Q", buf, 0)
+    if not mask & _PIDFD_INFO_EXIT:
+        return None
+    (status,) = struct.unpack_from("=i", buf, 60)
+    return status

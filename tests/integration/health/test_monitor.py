@@ -203,3 +203,39 @@ def test_sock_diag_and_proc_agree_on_listeners() -> None:
         found = read_listeners_diag([port, 1])
         assert found == read_listeners_proc([port, 1])
         assert len(found[port]) == 2
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    parts = os.uname().release.split(".")
+    return (int(parts[0]), int(parts[1].split("-")[0])) >= (major, minor)
+
+
+def test_exit_status_of_an_app_its_parent_reaps_at_once(events: Events, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .conftest import APP
+
+    # The app's parent (here a shell, on a VM systemd) reaps it before the agent can read /proc.
+    parent = subprocess.Popen(["sh", "-c", f'"{sys.executable}" "{APP}" tcp & wait'],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert parent.stdout is not None
+        port = int(parent.stdout.readline())
+        w = PortWatch([port], events.post, interval=0.2)
+        w.start()
+        try:
+            up = events.next(3)
+            assert isinstance(up, ListenerUp) and len(up.pids) == 1 and up.pids[0] != parent.pid
+            os.kill(up.pids[0], signal.SIGKILL)
+            gone = events.next(3)
+            assert isinstance(gone, OwnerExited) and gone.pid == up.pids[0]
+            if w.use_pidfd and _kernel_at_least(6, 15):
+                assert gone.returncode == -signal.SIGKILL
+            else:
+                assert gone.returncode in (-signal.SIGKILL, None)
+        finally:
+            w.stop()
+    finally:
+        parent.kill()
+        parent.wait(5)
