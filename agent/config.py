@@ -221,8 +221,10 @@ class ProbeConfig:
 class FlapConfig:
     """Damping of health transitions, so a flapping app does not churn the mesh."""
     min_dwell: Duration = field(_d("5s"), min=0.0, max=3600.0,
-                                help="least time in a state before leaving it")
-    max_transitions: int = field(6, min=2, max=1000, help="transitions allowed per window")
+                                help="least time after a transition before a return to Healthy "
+                                "(going Unhealthy is never delayed)")
+    max_transitions: int = field(6, min=2, max=1000, help="transitions allowed per window; past it the "
+                                 "app is held Unhealthy until the window frees a slot")
     window: Duration = field(_d("5m"), min=1.0, max=86400.0, help="sliding window for max_transitions")
 
 

@@ -1,0 +1,486 @@
+"""Which app ports are listening, which processes own them, and the moment an owner dies.
+
+Cheap at rest: once per `interval` it asks the kernel for the listening TCP sockets (sock_diag over
+netlink, about 0.1 ms; reading /proc/net/tcp{,6} instead, the fallback, walks every socket and costs
+milliseconds on a busy host) to learn their inodes. Only when a new listening inode
+appears does it look for its owners in /proc/*/fd, the costly step, which it then skips until the
+listener changes. It waits on each owner's exit with a pidfd (os.pidfd_open + poll, where the kernel
+has it), so a dead app is reported within milliseconds, not at the next scan; where pidfds are not
+available it checks the owners' /proc entries every `fallback_interval` instead.
+
+An owner's exit is reported (OwnerExited) only when the port stopped listening with it: a worker
+that dies while its siblings keep the shared socket is not the app's death.
+
+Events, posted through `post` from the watcher's thread: ListenerUp, ListenerDown, OwnerExited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's `st` column
+_MAX_OWNERS = 64  # pidfds kept per listener (e.g. pre-forked workers sharing one socket)
+
+
+@dataclass(frozen=True)
+class ListenerUp:
+    port: int
+    pids: tuple[int, ...]  # its owners, () when they cannot be seen
+    at: float
+
+
+@dataclass(frozen=True)
+class ListenerDown:
+    port: int
+    at: float
+
+
+@dataclass(frozen=True)
+class OwnerExited:
+    pid: int
+    name: str
+    returncode: int | None  # as Popen's: exit status, or -N when killed by signal N; None: unknown
+    ports: tuple[int, ...]  # the ports that stopped listening with it
+    at: float
+
+
+# --- /proc parsing (pure) ---------------------------------------------------------------------------
+
+def parse_listeners(text: str, ports: Iterable[int]) -> dict[int, set[int]]:
+    """Listening sockets in /proc/net/tcp{,6} text: port -> inodes, for the given ports only."""
+    wanted = {f"{p:04X}": p for p in ports}
+    out: dict[int, set[int]] = {}
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) < 10 or parts[3] != _LISTEN:
+            continue
+        port = wanted.get(parts[1].rpartition(":")[2])
+        if port is not None and parts[9] != "0":
+            out.setdefault(port, set()).add(int(parts[9]))
+    return out
+
+
+def parse_stat(text: str) -> tuple[str, int, str, int | None]:
+    """/proc/PID/stat -> (state, start time in ticks, name, exit wait status or None)."""
+    name = text[text.index("(") + 1:text.rindex(")")]
+    rest = text[text.rindex(")") + 2:].split()
+    # rest[0] is field 3 (state); field 22 is starttime, field 52 exit_code (Linux >= 3.5).
+    exit_status = int(rest[49]) if len(rest) > 49 else None
+    return rest[0], int(rest[19]), name, exit_status
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="ascii", errors="replace") as f:
+        return f.read()
+
+
+# sock_diag (netlink): the kernel lists only the listening sockets, from its small listening hash,
+# where reading /proc/net/tcp walks every socket (milliseconds on a busy host, even for tcp6).
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCP_LISTEN_BIT = 1 << 10
+
+
+def _diag_request(family: int, seq: int) -> bytes:
+    # inet_diag_req_v2: family, protocol, ext, pad, states; then a zeroed inet_diag_sockid (48 bytes).
+    body = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, _TCP_LISTEN_BIT) + bytes(48)
+    return struct.pack("=IHHII", 16 + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, seq, 0) + body
+
+
+def parse_diag(data: bytes, ports: set[int], out: dict[int, set[int]]) -> bool:
+    """Add the listening sockets in a sock_diag reply to out; True once the dump is done."""
+    off = 0
+    while off + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, off)
+        if length < 16:
+            raise OSError("malformed netlink message")
+        if kind == _NLMSG_DONE:
+            return True
+        if kind == _NLMSG_ERROR:
+            (err,) = struct.unpack_from("=i", data, off + 16)
+            raise OSError(-err, os.strerror(-err))
+        if kind == _SOCK_DIAG_BY_FAMILY and length >= 16 + 72:
+            msg = off + 16  # inet_diag_msg: sport (big-endian) at 4, inode at 68
+            (port,) = struct.unpack_from("!H", data, msg + 4)
+            (inode,) = struct.unpack_from("=I", data, msg + 68)
+            if port in ports and inode:
+                out.setdefault(port, set()).add(inode)
+        off += (length + 3) & ~3
+    return False
+
+
+def read_listeners_diag(ports: Iterable[int]) -> dict[int, set[int]]:
+    wanted = set(ports)
+    out: dict[int, set[int]] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG) as s:
+        s.settimeout(2.0)
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
+            s.sendall(_diag_request(family, seq))
+            while not parse_diag(s.recv(65536), wanted, out):
+                pass
+    return out
+
+
+def read_listeners(ports: Iterable[int], proc: str = "/proc") -> dict[int, set[int]]:
+    """Listening sockets on these ports: port -> inodes (sock_diag, else /proc/net/tcp{,6})."""
+    ports = tuple(ports)
+    if proc == "/proc" and _diag_works():
+        try:
+            return read_listeners_diag(ports)
+        except OSError as exc:
+            log.info("sock_diag failed (%s); reading /proc/net/tcp instead", exc)
+            _diag_state["ok"] = False
+    return read_listeners_proc(ports, proc)
+
+
+_diag_state: dict[str, bool] = {}
+
+
+def _diag_works() -> bool:
+    return _diag_state.setdefault("ok", hasattr(socket, "AF_NETLINK"))
+
+
+def read_listeners_proc(ports: Iterable[int], proc: str = "/proc") -> dict[int, set[int]]:
+    ports = tuple(ports)
+    out: dict[int, set[int]] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            text = _read(f"{proc}/net/{name}")
+        except OSError:
+            continue  # no IPv6 in this kernel
+        for port, inodes in parse_listeners(text, ports).items():
+            out.setdefault(port, set()).update(inodes)
+    return out
+
+
+def find_owners(inodes: set[int], proc: str = "/proc") -> dict[int, set[int]]:
+    """inode -> pids holding the socket, by reading every process's fd links (costly: call rarely)."""
+    targets = {f"socket:[{i}]": i for i in inodes}
+    out: dict[int, set[int]] = {}
+    try:
+        pids = [int(d) for d in os.listdir(proc) if d.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        fd_dir = f"{proc}/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue  # gone, or not ours to see
+        for fd in fds:
+            try:
+                link = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            inode = targets.get(link)
+            if inode is not None:
+                out.setdefault(inode, set()).add(pid)
+    return out
+
+
+def _stat(pid: int) -> tuple[str, int, str, int | None] | None:
+    try:
+        return parse_stat(_read(f"/proc/{pid}/stat"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pidfd_supported() -> bool:
+    if not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
+
+
+# --- the watcher ------------------------------------------------------------------------------------
+
+@dataclass
+class _Owner:
+    pid: int
+    name: str
+    start_ticks: int
+    pidfd: int | None
+    ports: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Port:
+    listening: bool | None = None  # None: not scanned yet
+    inodes: frozenset[int] = frozenset()
+    pids: set[int] = field(default_factory=set)
+    owners_looked_at: float = float("-inf")
+
+
+class PortWatch:
+    """Watches ports and their owners in one thread; `post` gets the events."""
+
+    def __init__(self, ports: Iterable[int], post: Callable[[object], None], *, interval: float = 1.0,
+                 watch_process: bool = True, fallback_interval: float = 0.05,
+                 owner_retry: float = 30.0, use_pidfd: bool | None = None) -> None:
+        self._post = post
+        self.interval = interval
+        self.watch_process = watch_process
+        self.fallback_interval = fallback_interval
+        self.owner_retry = owner_retry
+        self.use_pidfd = pidfd_supported() if use_pidfd is None else use_pidfd
+        self._lock = threading.Lock()
+        self._ports: dict[int, _Port] = {p: _Port() for p in dict.fromkeys(ports)}
+        self._owners: dict[int, _Owner] = {}
+        self._fd_to_pid: dict[int, int] = {}
+        self._poller = select.poll()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._poller.register(self._wake_r, select.POLLIN)
+        self._stop = threading.Event()
+        self._rescan = False
+        self._thread: threading.Thread | None = None
+        self.scans = 0  # listener scans done (for the benchmark and status)
+        self.owner_scans = 0
+
+    # --- control (any thread) -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Scan once (so the first events are posted before this returns), then watch in a thread."""
+        self._scan()
+        self._thread = threading.Thread(target=self._run, name="portwatch", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            for owner in list(self._owners.values()):
+                self._unwatch(owner.pid)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def set_ports(self, ports: Iterable[int]) -> None:
+        """Watch these ports from now on; new ones are reported at the next (immediate) scan."""
+        with self._lock:
+            wanted = list(dict.fromkeys(ports))
+            for port in list(self._ports):
+                if port not in wanted:
+                    self._drop_port(port)
+            for port in wanted:
+                self._ports.setdefault(port, _Port())
+            self._rescan = True
+        self._wake()
+
+    def snapshot(self) -> dict[int, dict[str, object]]:
+        with self._lock:
+            return {p: {"listening": s.listening, "pids": sorted(s.pids)} for p, s in self._ports.items()}
+
+    # --- the thread -----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _run(self) -> None:
+        next_scan = time.monotonic() + self.interval
+        while not self._stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                if self._rescan:
+                    self._rescan, next_scan = False, now
+            if now >= next_scan:
+                try:
+                    self._scan()
+                except Exception:  # keep watching whatever one bad read did
+                    log.exception("port scan failed")
+                next_scan = now + self.interval
+            with self._lock:
+                polling = not self.use_pidfd and bool(self._owners)
+            wait = max(0.0, next_scan - time.monotonic())
+            if polling:
+                wait = min(wait, self.fallback_interval)
+            for fd, _ in self._poller.poll(wait * 1000):
+                if fd == self._wake_r:
+                    try:
+                        while os.read(self._wake_r, 512):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                    continue
+                with self._lock:
+                    pid = self._fd_to_pid.get(fd)
+                    if pid is not None:
+                        self._owner_gone(pid)
+            if polling:
+                with self._lock:
+                    for owner in list(self._owners.values()):
+                        st = _stat(owner.pid)
+                        if st is None or st[0] == "Z" or st[1] != owner.start_ticks:
+                            self._owner_gone(owner.pid)
+
+    def _scan(self) -> None:
+        with self._lock:
+            if not self._ports:
+                return
+            self.scans += 1
+            now = time.monotonic()
+            listeners = read_listeners(self._ports)
+            for port, state in self._ports.items():
+                inodes = frozenset(listeners.get(port, ()))
+                if not inodes and state.pids:
+                    # Closed between two polls of a dead owner: report the exit, not just the port.
+                    for pid in list(state.pids):
+                        st = _stat(pid)
+                        if st is None or st[0] == "Z":
+                            self._owner_gone(pid)
+                if not inodes:
+                    if state.listening is not False:
+                        self._set_down(port, state)
+                        self._post(ListenerDown(port, now))
+                    continue
+                changed = inodes != state.inodes or state.listening is not True
+                retry = (not state.pids and self.watch_process
+                         and now - state.owners_looked_at >= self.owner_retry)
+                if changed or retry:
+                    was_up = state.listening is True and inodes == state.inodes
+                    state.listening, state.inodes = True, inodes
+                    self._resolve_owners(port, state, now)
+                    if not was_up:
+                        self._post(ListenerUp(port, tuple(sorted(state.pids)), now))
+
+    def _resolve_owners(self, port: int, state: _Port, now: float) -> None:
+        if not self.watch_process:
+            return
+        state.owners_looked_at = now
+        self.owner_scans += 1
+        found: set[int] = set()
+        for pids in find_owners(set(state.inodes)).values():
+            found |= pids
+        for pid in state.pids - found:
+            self._release(pid, port)
+        state.pids = set(sorted(found)[:_MAX_OWNERS])
+        for pid in state.pids:
+            self._watch(pid, port)
+
+    def _watch(self, pid: int, port: int) -> None:
+        owner = self._owners.get(pid)
+        if owner is None:
+            st = _stat(pid)
+            if st is None:
+                return
+            pidfd = None
+            if self.use_pidfd:
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except ProcessLookupError:
+                    return  # gone already: the next scan sees its port closed
+                except OSError as exc:
+                    log.info("cannot open a pidfd for %d (%s); polling it instead", pid, exc.strerror)
+                    self.use_pidfd = False
+            owner = _Owner(pid, st[2], st[1], pidfd)
+            self._owners[pid] = owner
+            if pidfd is not None:
+                self._fd_to_pid[pidfd] = pid
+                self._poller.register(pidfd, select.POLLIN)
+        owner.ports.add(port)
+
+    def _release(self, pid: int, port: int) -> None:
+        owner = self._owners.get(pid)
+        if owner is not None:
+            owner.ports.discard(port)
+            if not owner.ports:
+                self._unwatch(pid)
+
+    def _unwatch(self, pid: int) -> None:
+        owner = self._owners.pop(pid, None)
+        if owner is not None and owner.pidfd is not None:
+            self._fd_to_pid.pop(owner.pidfd, None)
+            with contextlib.suppress(KeyError):
+                self._poller.unregister(owner.pidfd)
+            os.close(owner.pidfd)
+
+    def _drop_port(self, port: int) -> None:
+        state = self._ports.pop(port)
+        for pid in list(state.pids):
+            self._release(pid, port)
+
+    def _set_down(self, port: int, state: _Port) -> None:
+        for pid in list(state.pids):
+            self._release(pid, port)
+        state.listening, state.inodes, state.pids = False, frozenset(), set()
+
+    def _owner_gone(self, pid: int) -> None:
+        """An owner exited: the app died if a port it held is no longer listening."""
+        owner = self._owners.get(pid)
+        if owner is None:
+            return
+        returncode = self._exit_code(owner)
+        self._unwatch(pid)
+        now = time.monotonic()
+        listeners = read_listeners(owner.ports)
+        closed: list[int] = []
+        for port in sorted(owner.ports):
+            state = self._ports.get(port)
+            if state is None:
+                continue
+            state.pids.discard(pid)
+            inodes = frozenset(listeners.get(port, ()))
+            if not inodes:
+                self._set_down(port, state)
+                closed.append(port)
+            elif not state.pids or inodes != state.inodes:
+                # Someone else still holds the socket (an inherited fd, a new listener): find them.
+                state.inodes = inodes
+                self._resolve_owners(port, state, now)
+        if closed:
+            self._post(OwnerExited(pid, owner.name, returncode, tuple(closed), now))
+        else:
+            log.debug("process %d (%s) exited; its ports are still listening", pid, owner.name)
+
+    @staticmethod
+    def _exit_code(owner: _Owner) -> int | None:
+        """The exit status: from /proc while the process awaits its parent, else (Linux >= 6.15)
+        from the pidfd once the parent has reaped it; None when neither can tell."""
+        st = _stat(owner.pid)
+        if st is not None and st[0] == "Z" and st[1] == owner.start_ticks and st[3] is not None:
+            return os.waitstatus_to_exitcode(st[3])
+        if owner.pidfd is not None:
+            status = pidfd_exit_status(owner.pidfd)
+            if status is not None:
+                return os.waitstatus_to_exitcode(status)
+        return None
+
+
+# PIDFD_GET_INFO (Linux 6.15): struct pidfd_info is 64 bytes, mask first, exit_code at offset 60.
+_PIDFD_GET_INFO = 0xC040FF0B  # _IOWR(0xFF, 11, 64 bytes)
+_PIDFD_INFO_EXIT = 1 << 3
+
+
+def pidfd_exit_status(pidfd: int) -> int | None:
+    """A reaped process's wait status through its pidfd, or None (not reaped, or an older kernel)."""
+    import fcntl
+
+    buf = bytearray(struct.pack("=Q", _PIDFD_INFO_EXIT) + bytes(56))
+    try:
+        fcntl.ioctl(pidfd, _PIDFD_GET_INFO, buf)
+    except OSError:
+        return None
+    (mask,) = struct.unpack_from("=Q", buf, 0)
+    if not mask & _PIDFD_INFO_EXIT:
+        return None
+    (status,) = struct.unpack_from("=i", buf, 60)
+    return status

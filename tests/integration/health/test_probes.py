@@ -1,0 +1,143 @@
+"""Each probe kind against real servers in their own processes: passing, failing, timing out."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import trustme
+
+from agent.health import probes
+
+from .conftest import Apps
+
+
+def test_http_status_200_to_399_pass_others_fail(apps: Apps, tmp_path: Path) -> None:
+    status = tmp_path / "status"
+    app = apps.start("http", "--status-file", str(status))
+    probe = probes.HttpProbe("127.0.0.1", app.port, "/ready")
+    for code, ok in (("200", True), ("302", True), ("399", True), ("404", False), ("500", False)):
+        status.write_text(code)
+        r = probe.check(2.0)
+        assert (r.ok, r.reason) == (ok, f"HTTP {code}")
+        assert 0 < r.latency < 2.0
+
+
+def test_http_headers_are_sent(apps: Apps) -> None:
+    app = apps.start("http")
+    bare = probes.HttpProbe("127.0.0.1", app.port, "/", headers=[("X-Require", "probe")])
+    assert bare.check(2.0).reason == "HTTP 403"
+    with_header = probes.HttpProbe("127.0.0.1", app.port, "/",
+                                   headers=[("X-Require", "probe"), ("X-Probe", "yes")])
+    assert with_header.check(2.0).ok
+
+
+def test_https_with_an_untrusted_certificate_passes(apps: Apps, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("app.example")  # a name that does not match 127.0.0.1, from an unknown CA
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "cert.pem"))
+    app = apps.start("https", "--cert", str(tmp_path / "cert.pem"), "--key", str(tmp_path / "cert.pem"))
+    r = probes.HttpProbe("127.0.0.1", app.port, "/", "HTTPS").check(2.0)
+    assert r.ok and r.reason == "HTTP 200"
+    # Speaking plain HTTP to it fails.
+    assert not probes.HttpProbe("127.0.0.1", app.port, "/", "HTTP").check(2.0).ok
+
+
+def test_http_to_a_closed_port_fails(apps: Apps) -> None:
+    app = apps.start("tcp")
+    port = app.port
+    app.kill()
+    r = probes.HttpProbe("127.0.0.1", port).check(1.0)
+    assert not r.ok and r.reason == "connection refused"
+
+
+@pytest.mark.parametrize("scheme", ["HTTP", "HTTPS"])
+def test_a_server_that_accepts_but_never_answers_times_out(apps: Apps, scheme: str) -> None:
+    app = apps.start("hang")
+    start = time.monotonic()
+    r = probes.HttpProbe("127.0.0.1", app.port, "/", scheme).check(0.5)
+    assert not r.ok and r.reason == "timed out"
+    assert time.monotonic() - start < 3.0
+    # It does accept, so a TCP probe passes.
+    assert probes.TcpProbe("127.0.0.1", app.port).check(0.5).ok
+
+
+def test_tcp_pass_and_fail(apps: Apps) -> None:
+    app = apps.start("tcp")
+    r = probes.TcpProbe("127.0.0.1", app.port).check(1.0)
+    assert r.ok
+    port = app.port
+    app.kill()
+    r = probes.TcpProbe("127.0.0.1", port).check(1.0)
+    assert not r.ok and r.reason == f"port {port}: connection refused"
+    both = probes.default_probe([apps.start("tcp").port, port])
+    assert not both.check(1.0).ok
+
+
+def test_exec_exit_status() -> None:
+    assert probes.CommandProbe(["true"]).check(2.0).ok
+    script = "import sys; print('db down', file=sys.stderr); sys.exit(3)"
+    result = probes.CommandProbe([sys.executable, "-c", script]).check(5.0)
+    assert not result.ok and result.reason == "exit 3: db down"
+    missing = probes.CommandProbe(["/nonexistent/check"]).check(1.0)
+    assert not missing.ok and "cannot run /nonexistent/check" in missing.reason
+
+
+def test_exec_is_not_run_by_a_shell(tmp_path: Path) -> None:
+    marker = tmp_path / "x"
+    r = probes.CommandProbe(["echo", f"; touch {marker}"]).check(2.0)
+    assert r.ok and not marker.exists()
+
+
+def test_exec_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time\n"
+              "c = subprocess.Popen(['sleep', '60'])\n"
+              f"open({str(pidfile)!r}, 'w').write(str(c.pid))\n"
+              "time.sleep(60)\n")
+    start = time.monotonic()
+    r = probes.CommandProbe([sys.executable, "-c", script]).check(1.0)
+    assert not r.ok and r.reason == "timed out after 1s"
+    assert time.monotonic() - start < 5.0
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(child).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, 9)
+        raise AssertionError("the probe's grandchild survived its timeout")
+
+
+needs_grpc = pytest.mark.skipif(not probes.grpc_available(), reason="grpcio is not installed")
+
+
+@needs_grpc
+def test_grpc_serving_and_not_serving(apps: Apps, tmp_path: Path) -> None:
+    status = tmp_path / "status"
+    app = apps.start("grpc", "--status-file", str(status))
+    probe = probes.GrpcHealthProbe("127.0.0.1", app.port, "billing")
+    r = probe.check(2.0)
+    assert (r.ok, r.reason) == (True, "SERVING")
+    status.write_text("NOT_SERVING")
+    assert probe.check(2.0).reason == "NOT_SERVING"
+    app.kill()
+    r = probe.check(1.0)
+    assert not r.ok and r.reason.startswith("rpc UNAVAILABLE")
+
+
+@needs_grpc
+def test_grpc_against_a_server_that_never_answers(apps: Apps) -> None:
+    app = apps.start("hang")
+    start = time.monotonic()
+    r = probes.GrpcHealthProbe("127.0.0.1", app.port).check(0.5)
+    assert not r.ok and r.reason == "timed out"
+    assert time.monotonic() - start < 3.0
