@@ -12,8 +12,9 @@ body for `application/apply-patch+yaml`. The old one (22.6) hard-codes merge-pat
 on the same configuration whose default Content-Type is the apply type, with the body pre-serialised
 to a string (JSON is YAML), which that client passes through unchanged.
 
-Every call has a timeout; the client's own retries are off (`retries=0`): backoff belongs to
-agent.retry, where the whole fleet's behaviour is decided.
+Every call has a timeout; the client's own retries are limited to one reconnect (a kept-alive
+connection the server closed): backoff belongs to the registrar (agent.retry), where the whole
+fleet's behaviour is decided.
 """
 
 from __future__ import annotations
@@ -195,7 +196,12 @@ def make_configuration(creds: Credentials) -> Any:
         tf = TokenFile(token_file)
         cfg.refresh_api_key_hook = tf.hook
         tf.hook(cfg)
-    cfg.retries = 0
+    # One quiet retry for a pooled connection the server closed meanwhile; never for a status
+    # (a 429 or 5xx goes back to the registrar's backoff, which honours Retry-After).
+    import urllib3
+
+    cfg.retries = urllib3.util.Retry(total=1, connect=1, read=1, status=0, redirect=0, other=0,
+                                     raise_on_status=False, respect_retry_after_header=False)
     return cfg
 
 
@@ -292,7 +298,7 @@ class Kube:
                           *res[:2], namespace, res[2], **kwargs)
 
     def apply(self, res: Resource, obj: dict[str, Any], force: bool = True,
-              subresource: str | None = None) -> dict[str, Any]:
+              subresource: str | None = None, field_manager: str = "mesh-agent") -> dict[str, Any]:
         """Server-side apply with field manager mesh-agent. A metadata.resourceVersion in obj is a
         precondition: the server answers 409 if the object changed since it was read."""
         meta = obj["metadata"]
@@ -302,9 +308,14 @@ class Kube:
             else api.patch_namespaced_custom_object
         extra: dict[str, Any] = {"_content_type": APPLY_PATCH} if self._new else {}
         body = obj if self._new else json.dumps(obj)
-        return self._call("patch" if subresource is None else f"patch {subresource} of", res, ns, name,
-                          fn, *res[:2], ns, res[2], name, body,
-                          field_manager="mesh-agent", force=force, **extra)
+        # The raw body: the new client drops a 201 (apply that created the object) as "no content".
+        raw = self._call("patch" if subresource is None else f"patch {subresource} of", res, ns, name,
+                         fn, *res[:2], ns, res[2], name, body,
+                         field_manager=field_manager, force=force, _preload_content=False, **extra)
+        try:
+            return json.loads(raw.data)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise Unavailable("patch", _describe(res, ns, name), 0, f"unreadable answer: {exc}") from exc
 
     def delete(self, res: Resource, namespace: str, name: str, uid: str | None = None,
                resource_version: str | None = None) -> bool:
