@@ -412,7 +412,8 @@ class Registrar:
                 return
             # Without the group we cannot name the entry; what we own is known from the last lease.
             if self._lease is None:
-                self._set(State.HELD, "waiting for the WorkloadGroup")
+                self._set(State.HELD, f"the WorkloadGroup {self.s.namespace}/{self.s.group} does not exist"
+                          if self.inputs.group_deleted else "waiting for the WorkloadGroup")
                 self._next_converge = now + self.s.resync
                 self._dirty = False
                 return
