@@ -487,3 +487,9 @@ def live_paths(layout: Layout) -> dict[str, Path]:
     out = {name: _live_path(layout, name) for name in LIVE_FILES}
     out["hosts"] = layout.etc_hosts
     return out
+
+
+def load_last_good(layout: Layout) -> tuple[InstalledBundle, dict[str, bytes]] | None:
+    """The last good bundle's record and files, e.g. to rebuild its Bundle after a restart."""
+    current = _resolve(layout.last_good_bundle)
+    return _load_stored(current) if current is not None else None

@@ -4,7 +4,9 @@ on reload, and what `mesh-agent bundle install` does."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.bundle.install import InstalledBundle, InstallResult, install, last_good
@@ -12,6 +14,7 @@ from agent.bundle.model import Bundle, parse_bundle
 from agent.bundle.source import Fetched, FetchError, NotModified, Validators, fetch
 from agent.config import BundleConfig
 from agent.paths import Layout
+from agent.retry import Backoff
 
 log = logging.getLogger("agent.bundle")
 
@@ -59,3 +62,83 @@ def _needs_restore(layout: Layout) -> bool:
     from agent.bundle.install import drifted
 
     return bool(drifted(layout))
+
+
+# --- the daemon's background fetch ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BundleFetched:
+    """A bundle was downloaded or read; the loop validates and installs `files`."""
+    files: dict[str, bytes]
+    source: str
+    validators: Validators
+
+
+@dataclass(frozen=True)
+class BundleNotModified:
+    """The source still has the installed bundle (HTTP 304)."""
+    source: str
+
+
+@dataclass(frozen=True)
+class BundleFetchFailed:
+    """The fetch failed after its retries; the installed bundle stays. Tried again in `retry_in` s."""
+    error: str
+    retry_in: float
+
+
+class Refresher:
+    """Fetches cfg.source in its own thread when due, and posts what it got; never installs.
+
+    Installing happens on the daemon's loop thread, so that the tamper watch (also handled there)
+    never sees a half-installed bundle. The loop calls `schedule(seconds)` after each install (from
+    watch.refresh_delay) and `refresh_now()` on reload.
+    """
+
+    def __init__(self, cfg: BundleConfig, post: Callable[[object], None],
+                 validators: Callable[[], Validators | None], retry: Backoff | None = None) -> None:
+        self.cfg = cfg
+        self.post = post
+        self.validators = validators
+        self.retry = retry or Backoff(initial=5.0, max=300.0)
+        self._due = time.monotonic()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bundle-fetch", daemon=True)
+
+    def start(self) -> Refresher:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def schedule(self, seconds: float) -> None:
+        self._due = time.monotonic() + max(0.0, seconds)
+        self._wake.set()
+
+    def refresh_now(self) -> None:
+        self.schedule(0.0)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            wait = self._due - time.monotonic()
+            if wait > 0:
+                self._wake.wait(wait)
+                self._wake.clear()
+                continue
+            self._due = float("inf")  # until the loop schedules the next one
+            try:
+                got = fetch(self.cfg, self.validators())
+            except FetchError as exc:
+                delay = self.retry.next_delay()
+                self._due = time.monotonic() + delay
+                self.post(BundleFetchFailed(str(exc), delay))
+                continue
+            self.retry.reset()
+            if isinstance(got, NotModified):
+                self.post(BundleNotModified(got.source))
+            else:
+                self.post(BundleFetched(got.files, got.source, got.validators))

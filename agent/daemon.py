@@ -1,0 +1,680 @@
+"""`mesh-agent run`: the main loop that joins bundle, sidecar, health and registry.
+
+Reading order: `main` loads the config (exit 78 when it is bad) and runs `Agent.run`: start, then the
+loop, then the draining stop, top to bottom. The loop owns all state. Threads (the bundle fetch, the
+sidecar's waiter, probes and the port watch, file watches, the API worker and group watch) only post
+events to `self.events`; signal handlers only record.
+
+What the loop decides, on every pass:
+- a fetched bundle is validated and installed here (never in a thread), so the tamper watch never
+  sees half an install; a bad one is refused and the last good bundle keeps running;
+- the first bundle brings the rest up: sidecar package, proxy, app monitor, registrar;
+- the registrar is told the app's health (which already includes the sidecar's readiness) and
+  whether the VM is in maintenance; it registers or withdraws on its own worker thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import queue
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from agent import __version__, config, logs, systemd
+from agent.bundle import install as bundle_install
+from agent.bundle import model as bundle_model
+from agent.bundle import update as bundle_update
+from agent.bundle import watch as bundle_watch
+from agent.health import probes
+from agent.health.monitor import HealthChanged, Monitor
+from agent.health.tracker import Health
+from agent.maintenance import maintenance_requested
+from agent.metrics import Metrics
+from agent.paths import Layout
+from agent.registry import entry as reg_entry
+from agent.registry import registrar as reg
+from agent.registry.address import AddressError, detect_address
+from agent.registry.kube import Credentials, Kube
+from agent.sidecar import package as sidecar_package
+from agent.sidecar import process as sidecar_process
+from agent.sidecar.profiles import ProfileError, describe, read_spec
+from agent.state import Phase, PhaseMachine, Status, StatusWriter, summarize
+
+log = logging.getLogger("agent.daemon")
+
+EX_FAILURE = 1
+MAX_WAIT = 1.0  # the loop wakes at least this often (maintenance file, timers); costs ~nothing
+
+
+class FatalError(Exception):
+    """Something the agent cannot fix by itself: exit non-zero so systemd restarts it."""
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Put on the queue by a signal handler so the loop looks at the flags now."""
+
+
+class Signals:
+    """Signal handlers that only record. SimpleQueue.put is safe to call from a signal handler."""
+
+    def __init__(self, events: queue.SimpleQueue[object]) -> None:
+        self.events = events
+        self.terminate = 0
+        self.reload = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_term(self, _signo: int, _frame: Any) -> None:
+        self.terminate += 1
+        self.events.put(Wake())
+
+    def _on_hup(self, _signo: int, _frame: Any) -> None:
+        self.reload = True
+        self.events.put(Wake())
+
+
+def add_arguments(p: argparse.ArgumentParser, _verb: str) -> None:
+    p.add_argument("--config", help=f"agent.yaml (default: ${config.ENV_VAR} or {config.DEFAULT_PATH})")
+
+
+def main(args: argparse.Namespace) -> int:
+    path = config.config_path(args.config)
+    try:
+        cfg = config.load(path)
+    except config.ConfigError as exc:
+        # To stderr (the journal under systemd) and as STATUS=, so `systemctl status` shows why.
+        print(exc, file=sys.stderr)
+        systemd.status(f"bad configuration: {exc.errors[0]}")
+        return config.EX_CONFIG
+    logs.setup(cfg.logging.level, cfg.logging.target)
+    return Agent(cfg, path).run()
+
+
+class Agent:
+    def __init__(self, cfg: config.Config, config_path: str) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.layout = Layout.from_config(cfg)
+        self.events: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.signals = Signals(self.events)
+        self.phase = PhaseMachine()
+        self.status = Status(version=__version__)
+        self.status_writer = StatusWriter(self.layout.status_file)
+        self.metrics = Metrics()
+        self.ready_sent = False
+        self.last_summary = ""
+        self.watchdog_every = systemd.watchdog_interval()
+        self.last_watchdog = 0.0
+        # The parts; None until the first bundle brings them up.
+        self.bundle: bundle_model.Bundle | None = None
+        self.installed: bundle_install.InstalledBundle | None = None
+        self.last_fetch_attempt: float | None = None
+        self.fetcher: Any = None  # bundle_update.Refresher, or the cluster source's refresher
+        self.tamper_watch: bundle_watch.InstalledFilesWatcher | None = None
+        self.address: str | None = None
+        self.sidecar: sidecar_process.Supervisor | None = None
+        self.monitor: Monitor | None = None
+        self.kube: Kube | None = None
+        self.worker: reg.RegistryWorker | None = None
+        self.registrar: reg.Registrar | None = None
+        self.group_watch: reg.GroupWatcher | None = None
+
+    @property
+    def file_owner(self) -> str | None:
+        """Who owns the installed bundle files: the proxy's user (istio), or nobody special (envoy)."""
+        return self.cfg.sidecar.user if self.cfg.sidecar.profile == "istio" else None
+
+    # --- the whole life, top to bottom ---------------------------------------------------------
+
+    def run(self) -> int:
+        self.signals.install()
+        self.layout.run.mkdir(parents=True, exist_ok=True)
+        log.info("mesh-agent %s starting (config %s)", __version__, self.config_path)
+        if self.cfg.metrics.enabled:
+            self.serve_metrics()
+        try:
+            self.start()
+            self.enter(Phase.RUNNING)
+            while not self.signals.terminate:
+                self.one_pass()
+        except FatalError as exc:
+            log.error("giving up: %s", exc)
+            self.record_error("agent", str(exc))
+            self.enter(Phase.FAILED)
+            self.stop()
+            return EX_FAILURE
+        self.enter(Phase.STOPPING)
+        self.stop()
+        self.enter(Phase.STOPPED)
+        self.publish()
+        self.status_writer.remove()
+        log.info("mesh-agent stopped")
+        return 0
+
+    def start(self) -> None:
+        """Restore the last good bundle (the VM stays in the mesh across restarts), then fetch."""
+        restored = bundle_install.restore_last_good(self.layout, user=self.file_owner)
+        if restored is not None:
+            log.info("last good bundle %s from %s", restored.version, restored.source)
+            self.use_bundle(self.parse_stored())
+        self.fetcher = self.make_fetcher()
+        self.fetcher.start()
+        if self.cfg.bundle.restore_tampered:
+            self.tamper_watch = bundle_watch.InstalledFilesWatcher(self.layout, self.events.put)
+            self.tamper_watch.start()
+        self.publish()
+
+    def one_pass(self) -> None:
+        """Wait for one event or the next deadline, handle everything pending, then decide."""
+        now = time.monotonic()
+        timeout = max(0.0, min(self.next_deadline(now) - now, MAX_WAIT))
+        try:
+            event: object | None = self.events.get(timeout=timeout)
+        except queue.Empty:
+            event = None
+        while event is not None:
+            self.handle(event)
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                event = None
+        if self.signals.reload:
+            self.signals.reload = False
+            self.reload()
+        self.tick(time.monotonic())
+        self.publish()
+        self.ping_watchdog()
+
+    def stop(self) -> None:
+        """The draining stop: withdraw, wait for the mesh to notice, drain, stop, release the lease."""
+        s = self.cfg.shutdown
+        deadline = time.monotonic() + s.timeout
+        systemd.stopping("withdrawing from the mesh")
+        self.publish()
+        if self.registrar is not None:
+            self.registrar.shutdown(time.monotonic(), timeout=max(1.0, s.timeout / 3))
+            self.pump_until(lambda: self.registrar is None or self.registrar.finished, deadline)
+            if self.status.registration.get("registered") is False or self.registrar.finished:
+                log.info("entry withdrawn; waiting %.1fs for the mesh to stop sending traffic", s.propagation)
+                self.pump_until(lambda: False, min(deadline, time.monotonic() + s.propagation))
+        if self.sidecar is not None:
+            remaining = deadline - time.monotonic()
+            systemd.extend_timeout(max(remaining, 1.0) + 5)
+            self.sidecar.stop(drain=self.signals.terminate < 2)
+            self.sidecar_changed()
+        for part in (self.monitor, self.fetcher, self.tamper_watch, self.group_watch):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.stop()
+        if self.worker is not None:
+            self.worker.stop(timeout=2.0)
+        self.publish()
+
+    # --- events ----------------------------------------------------------------------------------
+
+    def handle(self, event: object) -> None:
+        now = time.monotonic()
+        if isinstance(event, Wake):
+            return
+        if isinstance(event, bundle_update.BundleFetched):
+            self.last_fetch_attempt = time.time()
+            self.install_bundle(event.files, event.source, event.validators)
+        elif isinstance(event, bundle_update.BundleNotModified):
+            self.last_fetch_attempt = time.time()
+            self.schedule_refresh()
+        elif isinstance(event, bundle_update.BundleFetchFailed):
+            self.last_fetch_attempt = time.time()
+            self.bundle_error(f"fetch failed (retry in {event.retry_in:.0f}s): {event.error}")
+        elif isinstance(event, bundle_watch.BundleFilesChanged):
+            restored = bundle_watch.restore_tampered(self.layout, user=self.file_owner)
+            if restored:
+                self.record_error("bundle", f"restored {', '.join(restored)}: edited outside the agent")
+        elif self.sidecar is not None and self.sidecar.handle(event):
+            self.sidecar_changed()
+        elif isinstance(event, sidecar_process.SidecarStateChanged):
+            pass  # the snapshot is read from the supervisor itself
+        elif isinstance(event, HealthChanged):
+            self.health_changed(event)
+        elif self.registrar is not None and self.registrar.handle(event, now):
+            if isinstance(event, reg.GroupSeen):
+                self.group_seen(event.group)
+        else:
+            self.handle_cluster_event(event)
+
+    def handle_cluster_event(self, event: object) -> None:
+        """Events of the `kubernetes` bundle source, when it is used."""
+        try:
+            from agent.bundle import cluster_source
+        except ImportError:
+            log.debug("unhandled event %r", event)
+            return
+        if isinstance(event, cluster_source.ClusterBundleFetched):
+            self.last_fetch_attempt = time.time()
+            self.install_bundle(dict(event.files), cluster_source.SOURCE_NAME, None)
+        elif isinstance(event, cluster_source.ClusterFetchFailed):
+            self.bundle_error(f"building the bundle from the cluster failed "
+                              f"(retry in {event.retry_in:.0f}s): {event.error}")
+        else:
+            log.debug("unhandled event %r", event)
+
+    def tick(self, now: float) -> None:
+        if self.sidecar is not None:
+            self.sidecar.tick(now)
+            self.sidecar_changed()
+        if self.registrar is not None:
+            self.registrar.set_maintenance(maintenance_requested(self.layout))
+            self.registrar.tick(now)
+            self.registration_changed()
+        self.status.maintenance = maintenance_requested(self.layout)
+
+    def next_deadline(self, now: float) -> float:
+        deadlines = [now + MAX_WAIT]
+        if self.watchdog_every:
+            deadlines.append(self.last_watchdog + self.watchdog_every)
+        if self.sidecar is not None:
+            d = self.sidecar.machine.deadline
+            if d is not None:
+                deadlines.append(d)
+        return min(deadlines)
+
+    def pump_until(self, done: Any, deadline: float) -> None:
+        """Keep handling events (API answers, a second SIGTERM) until done() or the deadline."""
+        while not done() and time.monotonic() < deadline and self.signals.terminate < 2:
+            try:
+                event = self.events.get(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                event = None
+            if event is not None:
+                self.handle(event)
+            if self.registrar is not None:
+                self.registrar.tick(time.monotonic())
+                self.registration_changed()
+            self.publish()
+            self.ping_watchdog()
+
+    # --- bundle ----------------------------------------------------------------------------------
+
+    def make_fetcher(self) -> Any:
+        if self.cfg.bundle.source.strip() == "kubernetes":
+            return self.make_cluster_fetcher()
+
+        def validators() -> bundle_update.Validators | None:
+            i = self.installed
+            return bundle_update.Validators(i.etag, i.last_modified) if i else None
+
+        return bundle_update.Refresher(self.cfg.bundle, self.events.put, validators)
+
+    def make_cluster_fetcher(self) -> Any:
+        from agent.bundle import cluster_source
+
+        kube = self.api()
+        settings = cluster_source.settings_from_config(self.cfg.bundle, svc_ip=self.cfg.registry.address.value)
+        source = cluster_source.ClusterSource(kube, settings)
+        return cluster_source.ClusterRefresher(source, self.events.put,
+                                               refresh_fraction=self.cfg.bundle.refresh_fraction)
+
+    def parse_stored(self) -> bundle_model.Bundle:
+        """The last good bundle as a Bundle, validated as of when it was fetched (its token may have
+        expired since; the proxy renews its certificate with the one it holds)."""
+        loaded = bundle_install.load_last_good(self.layout)
+        assert loaded is not None
+        self.installed, files = loaded
+        return bundle_model.parse_bundle(files, self.installed.fetched_at, self.cfg.bundle)
+
+    def install_bundle(self, files: dict[str, bytes], source: str,
+                       validators: bundle_update.Validators | None) -> None:
+        """Validate, then install, a fetched bundle. Anything wrong: refused, nothing live touched."""
+        wall = time.time()
+        try:
+            bundle = bundle_model.parse_bundle(files, wall, self.cfg.bundle)
+            if self.installed is not None and self.installed.digest == bundle.digest \
+                    and not bundle_install.drifted(self.layout):
+                self.schedule_refresh()
+                return
+            for w in bundle.warnings:
+                log.warning("bundle %s: %s", bundle.version, w)
+            result = bundle_install.install(
+                bundle, self.layout, source=source, fetched_at=wall, user=self.file_owner,
+                etag=validators.etag if validators else None,
+                last_modified=validators.last_modified if validators else None)
+        except (bundle_model.BundleError, bundle_install.InstallError) as exc:
+            self.bundle_error(f"bundle from {source} refused, keeping the last good one: {exc}")
+            self.schedule_refresh()
+            return
+        self.installed = result.installed
+        self.status.bundle.pop("error", None)
+        self.metrics.set("bundle_fetched", wall)
+        changed = set(result.changed)
+        first = self.bundle is None
+        self.use_bundle(bundle)
+        if not first and self.sidecar is not None and changed & {"cluster.env", "mesh.yaml"} \
+                and self.cfg.sidecar.profile == "istio":
+            log.info("cluster.env or mesh.yaml changed: restarting the proxy to use them")
+            self.sidecar.stop(drain=True)
+            self.sidecar.start()
+        self.schedule_refresh()
+
+    def schedule_refresh(self) -> None:
+        i = self.installed
+        if i is None or not isinstance(self.fetcher, bundle_update.Refresher):
+            return  # the cluster source schedules itself
+        delay = bundle_watch.refresh_delay(i.token_expiry, i.token_issued_at, i.fetched_at, self.cfg.bundle,
+                                           time.time(), self.last_fetch_attempt)
+        self.fetcher.schedule(delay)
+
+    def bundle_error(self, message: str) -> None:
+        log.error("%s", message)
+        self.status.bundle["error"] = message
+        self.record_error("bundle", message)
+
+    def use_bundle(self, bundle: bundle_model.Bundle) -> None:
+        """Take a (new) bundle into use; the first one brings up the sidecar, monitor and registrar."""
+        self.bundle = bundle
+        if self.installed is not None:
+            self.status.bundle = {**self.installed.status(), "warnings": list(bundle.warnings)}
+            if self.installed.token_expiry:
+                self.metrics.set("expiry", self.installed.token_expiry, "token")
+            if self.installed.cert_expiry:
+                self.metrics.set("expiry", self.installed.cert_expiry, "root_cert")
+        if self.address is None:
+            self.address = self.detect_address(bundle)
+        if self.sidecar is None:
+            self.start_sidecar(bundle)
+        if self.monitor is None:
+            self.start_monitor(bundle)
+        if self.registrar is None and self.cfg.registry.enabled:
+            self.start_registrar(bundle)
+
+    # --- sidecar ---------------------------------------------------------------------------------
+
+    def start_sidecar(self, bundle: bundle_model.Bundle) -> None:
+        source = sidecar_package.choose_source(self.cfg.sidecar.package,
+                                               _as_mapping(bundle.sidecar) if bundle.sidecar else None)
+        if source is not None:
+            try:
+                sidecar_package.Installer(self.layout).ensure(source)
+            except sidecar_package.PackageError as exc:
+                raise FatalError(f"sidecar package: {exc}") from exc
+        try:
+            spec = read_spec(self.cfg.sidecar, self.layout, cluster_env=bundle.env_map,
+                             hostname=socket.gethostname().split(".")[0], address=self.address)
+        except ProfileError as exc:
+            raise FatalError(f"sidecar: {exc}") from exc
+        log.info("sidecar: %s", describe(spec))
+        self.sidecar = sidecar_process.Supervisor(spec, self.layout, self.events.put)
+        self.sidecar.start()
+        self.sidecar_changed()
+
+    def sidecar_changed(self) -> None:
+        sup = self.sidecar
+        if sup is None:
+            return
+        before = self.status.sidecar.get("restarts", 0)
+        self.status.sidecar = {"state": sup.state.value if hasattr(sup.state, "value") else str(sup.state),
+                               "pid": sup.pid, "restarts": sup.restarts, "ready": sup.ready,
+                               "reason": sup.reason}
+        if sup.restarts > before:
+            self.metrics.inc("sidecar_restarts", amount=sup.restarts - before)
+        self.metrics.set("sidecar_ready", 1 if sup.ready else 0)
+        if self.monitor is not None:
+            self.monitor.set_sidecar_ready(sup.ready)
+        if sup.state is sidecar_process.State.FATAL and self.phase.phase is not Phase.STOPPING:
+            raise FatalError(f"sidecar failed: {sup.reason}")
+
+    # --- app health ------------------------------------------------------------------------------
+
+    def start_monitor(self, bundle: bundle_model.Bundle) -> None:
+        group = bundle.workload_group or {}
+        template_ports = ((group.get("spec") or {}).get("template") or {}).get("ports")
+        ports = probes.app_ports(self.cfg.app.ports, template_ports, bundle.env_map.get("ISTIO_INBOUND_PORTS"))
+        probe = self.group_probe(group) or bundle.probe
+        self.monitor = Monitor.from_config(self.cfg.app, bundle_probe=probe, ports=ports,
+                                           instance_address=self.address, post=self.events.put,
+                                           sidecar_ready=bool(self.sidecar and self.sidecar.ready))
+        self.monitor.start()
+        self.health_snapshot()
+
+    def group_probe(self, group: dict[str, Any]) -> config.ProbeConfig | None:
+        spec = group.get("spec") or {}
+        if not spec.get("probe"):
+            return None
+        try:
+            return probes.probe_from_istio(spec["probe"], "WorkloadGroup spec.probe")
+        except probes.ProbeSpecError as exc:
+            self.record_error("health", str(exc))
+            return None
+
+    def health_changed(self, event: HealthChanged) -> None:
+        healthy = {Health.HEALTHY: True, Health.UNHEALTHY: False}.get(event.state)
+        if self.registrar is not None:
+            self.registrar.set_health(healthy, event.reason)
+        self.metrics.set("app_healthy", 1 if healthy else 0)
+        self.health_snapshot()
+
+    def health_snapshot(self) -> None:
+        if self.monitor is None:
+            return
+        snap = self.monitor.snapshot().to_dict()
+        state = snap.get("state")
+        snap["healthy"] = {"healthy": True, "unhealthy": False}.get(str(state))
+        last = snap.get("last_result")
+        if isinstance(last, dict):
+            snap["last_probe"] = f"{'ok' if last.get('ok') else 'failed'}: {last.get('detail', '')}".strip()
+        self.status.app = snap
+
+    def group_seen(self, group: dict[str, Any]) -> None:
+        """A changed WorkloadGroup may carry a new probe; the registrar re-applies the entry itself."""
+        probe = self.group_probe(group)
+        if probe is not None and self.monitor is not None and self.bundle is not None:
+            template_ports = ((group.get("spec") or {}).get("template") or {}).get("ports")
+            ports = probes.app_ports(self.cfg.app.ports, template_ports,
+                                     self.bundle.env_map.get("ISTIO_INBOUND_PORTS"))
+            self.monitor.reconfigure(self.cfg.app.probe or probe, ports=ports, flap=self.cfg.app.flap,
+                                     probe_host=self.probe_host())
+
+    def probe_host(self) -> str:
+        from agent.health.monitor import probe_host
+
+        return probe_host(self.cfg.app, self.address)
+
+    # --- registration ----------------------------------------------------------------------------
+
+    def detect_address(self, bundle: bundle_model.Bundle) -> str | None:
+        a = self.cfg.registry.address
+        try:
+            return detect_address(svc_ip=bundle.env_map.get("ISTIO_SVC_IP") or None, value=a.value,
+                                  interface=a.interface, cidr=a.cidr, family=a.family)
+        except AddressError as exc:
+            self.record_error("registry", str(exc))
+            return None
+
+    def credentials(self) -> Credentials:
+        r = self.cfg.registry
+        if r.kubeconfig or r.server:
+            return Credentials(kubeconfig=r.kubeconfig, server=r.server, ca_file=r.ca_file,
+                               token_file=r.token_file)
+        shipped = bundle_install.last_good_file(self.layout, "kubeconfig")
+        if shipped.exists():
+            return Credentials(kubeconfig=str(shipped))
+        raise FatalError("no Kubernetes credentials: set registry.kubeconfig (or registry.server with "
+                         "registry.token_file), or ship a kubeconfig in the bundle")
+
+    def api(self) -> Kube:
+        if self.kube is None:
+            try:
+                self.kube = Kube.from_credentials(self.credentials(), timeout=self.cfg.registry.timeout)
+            except (ValueError, OSError) as exc:
+                raise FatalError(f"Kubernetes credentials: {exc}") from exc
+        return self.kube
+
+    def start_registrar(self, bundle: bundle_model.Bundle) -> None:
+        r = self.cfg.registry
+        env = bundle.env_map
+        namespace = r.namespace or env.get("POD_NAMESPACE") or env.get("ISTIO_NAMESPACE")
+        group = r.group or env.get("ISTIO_META_WORKLOAD_NAME") or (env.get("ISTIO_SERVICE") or "").split(".")[0]
+        if not namespace or not group:
+            raise FatalError("registry: cannot tell the WorkloadGroup: set registry.namespace and registry.group")
+        if self.address is None:
+            raise FatalError("registry: no address for this VM: set registry.address")
+        try:
+            machine_id = self.layout.machine_id.read_text()
+            instance = reg_entry.instance_id(machine_id)
+        except (OSError, reg_entry.EntryError) as exc:
+            raise FatalError(f"registry: {self.layout.machine_id}: {exc}") from exc
+        labels = _json_labels(env.get("ISTIO_METAJSON_LABELS"))
+        network = r.network if r.network is not None else (env.get("ISTIO_META_NETWORK") or None)
+        address = self.address
+
+        def build(wg: dict[str, Any]) -> dict[str, Any]:
+            return reg_entry.build_entry(reg_entry.EntryInputs(
+                group=wg, address=address, instance=instance, namespace=namespace, network=network,
+                locality=r.locality, weight=r.weight, workload_labels=labels, extra_labels=dict(r.labels),
+                condition_mode=r.on_unhealthy == "condition"))
+
+        settings = reg.Settings(namespace=namespace, group=group, instance=instance,
+                                lease_duration=r.lease.duration, lease_renew=r.lease.renew, resync=r.resync,
+                                condition_mode=r.on_unhealthy == "condition",
+                                backoff_initial=r.backoff.initial, backoff_max=r.backoff.max)
+        kube = self.api()
+        self.worker = reg.RegistryWorker(kube, self.events.put)
+        self.registrar = reg.Registrar(settings, build, self.worker.submit)
+        if bundle.workload_group:
+            self.registrar.set_group(dict(bundle.workload_group))
+        self.group_watch = reg.GroupWatcher(kube, namespace, group, self.events.put).start()
+        if self.monitor is not None:
+            state = self.monitor.snapshot().state
+            self.registrar.set_health({Health.HEALTHY: True, Health.UNHEALTHY: False}.get(state))
+        log.info("registering as %s in %s/%s (instance %s)", address, namespace, group, instance)
+
+    def registration_changed(self) -> None:
+        if self.registrar is None:
+            return
+        st = self.registrar.status()
+        reg_status = {"state": st.state.value, "want": st.want.value, "entry": st.entry,
+                      "namespace": st.namespace, "message": st.message,
+                      "registered": st.state is reg.State.REGISTERED}
+        if st.conflict_holder:
+            reg_status["conflict"] = f"entry held by instance {st.conflict_holder}"
+        if st.state in (reg.State.RETRYING,):
+            reg_status["error"] = st.message
+        self.status.registration = reg_status
+        self.metrics.set("registered", 1 if reg_status["registered"] else 0)
+        self.maybe_ready()
+
+    def maybe_ready(self) -> None:
+        """READY=1 once registered, or once the app is known unhealthy (so `systemctl start` ends)."""
+        if self.ready_sent:
+            return
+        r, a = self.status.registration, self.status.app
+        known_sick = a.get("healthy") is False and self.cfg.status.ready_when_unhealthy
+        maintenance = self.status.maintenance
+        if r.get("registered") or known_sick or maintenance or (not self.cfg.registry.enabled and self.sidecar
+                                                                and self.sidecar.ready):
+            systemd.ready(self.status.summary)
+            self.ready_sent = True
+            log.info("ready")
+
+    # --- reload ----------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config and the bundle, and apply only what changed."""
+        systemd.reloading()
+        self.enter(Phase.RELOADING)
+        try:
+            new = config.load(self.config_path)
+        except config.ConfigError as exc:
+            log.error("reload refused, keeping the running configuration:\n%s", exc)
+            self.record_error("reload", str(exc.errors[0]))
+        else:
+            old, self.cfg = self.cfg, new
+            logs.setup(new.logging.level, new.logging.target)
+            if new.registry != old.registry and self.registrar is not None and self.bundle is not None:
+                log.info("registry settings changed: re-applying the entry")
+                self.restart_registrar(self.bundle)
+            if new.app != old.app and self.monitor is not None and self.bundle is not None:
+                self.monitor.reconfigure(new.app.probe or self.bundle.probe, ports=probes.app_ports(
+                    new.app.ports, None, self.bundle.env_map.get("ISTIO_INBOUND_PORTS")),
+                    flap=new.app.flap, probe_host=self.probe_host())
+            if new.sidecar != old.sidecar:
+                log.warning("sidecar settings changed: they take effect at the next restart of mesh-agent")
+            if new.bundle != old.bundle and self.fetcher is not None:
+                self.fetcher.stop()
+                self.fetcher = self.make_fetcher()
+                self.fetcher.start()
+            log.info("configuration reloaded")
+        if isinstance(self.fetcher, bundle_update.Refresher):
+            self.fetcher.refresh_now()
+        elif self.fetcher is not None:
+            self.fetcher.refresh_now("reload")
+        self.enter(Phase.RUNNING)
+        systemd.ready(self.status.summary)
+
+    def restart_registrar(self, bundle: bundle_model.Bundle) -> None:
+        """New registry settings: a new registrar takes over; the old one does not withdraw."""
+        if self.group_watch is not None:
+            self.group_watch.stop()
+        if self.worker is not None:
+            self.worker.stop(timeout=2.0)
+        self.registrar = self.worker = self.group_watch = None
+        self.start_registrar(bundle)
+
+    # --- reporting -------------------------------------------------------------------------------
+
+    def enter(self, phase: Phase) -> None:
+        self.phase.to(phase)
+        self.status.phase = phase.value
+        self.metrics.set_phase(phase.value)
+        log.info("phase: %s", phase.value)
+
+    def publish(self) -> None:
+        s = self.status
+        self.health_snapshot()
+        s.summary = summarize(self.phase.phase, s.sidecar, s.app, s.registration, s.maintenance)
+        self.status_writer.write(s)
+        if s.summary != self.last_summary:
+            self.last_summary = s.summary
+            systemd.status(s.summary)
+            log.info("status: %s", s.summary)
+
+    def record_error(self, where: str, message: str) -> None:
+        self.status.errors.append({"at": time.time(), "where": where, "message": message})
+        del self.status.errors[:-self.cfg.status.recent_errors or None]
+        self.metrics.inc("errors", where)
+
+    def ping_watchdog(self) -> None:
+        now = time.monotonic()
+        if self.watchdog_every and now - self.last_watchdog >= self.watchdog_every:
+            systemd.watchdog_ping()
+            self.last_watchdog = now
+
+    def serve_metrics(self) -> None:
+        try:
+            self.metrics.serve(self.cfg.metrics.address, self.cfg.metrics.port)
+        except OSError as exc:
+            log.warning("metrics off: cannot listen on %s:%d: %s", self.cfg.metrics.address,
+                        self.cfg.metrics.port, exc.strerror)
+
+
+def _json_labels(text: str | None) -> dict[str, str]:
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _as_mapping(pkg: Any) -> dict[str, object]:
+    return {"url": pkg.url, "version": pkg.version, "sha256": pkg.sha256}

@@ -1,0 +1,1 @@
+"""The local demo: `./scripts/demo.sh` (python -m demo)."""
