@@ -1,10 +1,12 @@
 """Fetch, validate and install in one call: what the daemon does at start, when a refresh is due and
-on reload, and what `mesh-agent bundle install` does."""
+on reload, and what `mesh-agent bundle install` does. update_in_thread runs it off the main loop."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.bundle.install import InstalledBundle, InstallResult, install, last_good
@@ -59,3 +61,37 @@ def _needs_restore(layout: Layout) -> bool:
     from agent.bundle.install import drifted
 
     return bool(drifted(layout))
+
+
+@dataclass(frozen=True)
+class BundleUpdateDone:
+    """Posted by update_in_thread when an update finished. `outcome` is None when it failed; `error` is
+    then one line per problem (the live files are unchanged). `attempted_at` is wall-clock time, for
+    watch.refresh_delay's last_attempt."""
+    outcome: Updated | Unchanged | None
+    error: str | None
+    attempted_at: float
+
+
+def update_in_thread(cfg: BundleConfig, layout: Layout, post: Callable[[object], None], *,
+                     user: str | None = "istio-proxy") -> threading.Thread:
+    """Run update() in a daemon thread (it waits on the network) and post one BundleUpdateDone."""
+    from agent.bundle.install import InstallError
+    from agent.bundle.model import BundleError
+
+    def run() -> None:
+        started = time.time()
+        try:
+            outcome = update(cfg, layout, user=user)
+        except (FetchError, BundleError, InstallError) as exc:
+            log.error("bundle update failed: %s", exc)
+            post(BundleUpdateDone(None, str(exc), started))
+        except Exception as exc:  # a bug must not kill the thread silently
+            log.exception("bundle update failed unexpectedly")
+            post(BundleUpdateDone(None, f"{type(exc).__name__}: {exc}", started))
+        else:
+            post(BundleUpdateDone(outcome, None, started))
+
+    t = threading.Thread(target=run, name="bundle-update", daemon=True)
+    t.start()
+    return t

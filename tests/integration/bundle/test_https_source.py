@@ -187,3 +187,20 @@ def test_ipv6_loopback(tmp_path: Path) -> None:
             assert isinstance(got, Fetched) and got.source.startswith("https://[::1]:")
     except OSError as exc:
         pytest.skip(f"no IPv6 loopback: {exc}")
+
+
+def test_update_in_thread_posts_one_event(server, tmp_path: Path) -> None:
+    import queue
+
+    from agent.bundle.update import BundleUpdateDone, update_in_thread
+
+    layout = make_root(tmp_path)
+    events: queue.Queue[object] = queue.Queue()
+    update_in_thread(cfg(server), layout, events.put, user=None).join(timeout=30)
+    done = events.get(timeout=1)
+    assert isinstance(done, BundleUpdateDone) and isinstance(done.outcome, Updated) and done.error is None
+    update_in_thread(cfg(server, "/status/404"), layout, events.put, user=None).join(timeout=30)
+    failed = events.get(timeout=1)
+    assert isinstance(failed, BundleUpdateDone) and failed.outcome is None
+    assert "HTTP 404" in (failed.error or "")
+    assert events.empty()

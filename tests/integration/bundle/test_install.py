@@ -282,3 +282,33 @@ def test_old_stored_bundles_are_pruned(tmp_path: Path) -> None:
     stored = [p for p in (layout.state / "bundles").iterdir()]
     assert len(stored) == inst.KEEP_VERSIONS
     assert layout.last_good_bundle.resolve() in stored
+
+
+def test_tamper_checks_during_an_install_in_another_thread_never_revert_it(tmp_path: Path) -> None:
+    import threading
+
+    from agent.bundle.watch import restore_tampered
+
+    layout = make_root(tmp_path)
+    old, _ = load(tmp_path, "old", kit.files(NOW))
+    do_install(layout, old)
+    new_files = kit.files(NOW + 1, ipv6=True)
+    new, _ = load(tmp_path, "new", new_files)
+    errors: list[BaseException] = []
+
+    def slow_install() -> None:
+        try:
+            do_install(layout, new, hook=lambda _name: time.sleep(0.05))
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=slow_install)
+    t.start()
+    restored: list[str] = []
+    while t.is_alive():
+        restored += restore_tampered(layout, user=USER)  # what the loop does on a file event
+        time.sleep(0.01)
+    t.join()
+    assert errors == [] and restored == []
+    live = live_files(layout)
+    assert all(live[n] == new_files[n] for n in ("cluster.env", "mesh.yaml", "root-cert.pem", "istio-token"))
