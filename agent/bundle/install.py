@@ -93,7 +93,7 @@ class InstallResult:
     changed: tuple[str, ...]  # bundle files whose live copy changed ("hosts" for the /etc/hosts block)
     ownership_applied: bool  # False when not root: files keep the current user (tests, the demo)
     hosts_in_place: bool = False  # /etc/hosts had to be rewritten in place (bind mount)
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = field(default=())  # things the operator should fix (logged as warnings)
 
 
 # --- small file-system helpers --------------------------------------------------------------------
@@ -216,6 +216,30 @@ def hosts_with_block(current: bytes, lines: Iterable[str]) -> bytes:
             rows[-1] += "\n"
         rows.extend(block)
     return "".join(rows).encode("latin-1")
+
+
+def shadowing_lines(current: bytes, lines: Iterable[str]) -> list[str]:
+    """Lines outside our block that name one of our hosts with another address. The resolver takes the
+    first match, so such a line (often left by the manual `cat hosts >> /etc/hosts` setup) wins."""
+    ours: dict[str, str] = {}
+    for ln in lines:
+        addr, *names = ln.split()
+        for n in names:
+            ours.setdefault(n.lower(), addr)
+    out = []
+    inside = False
+    for i, row in enumerate(current.decode("latin-1").splitlines(), 1):
+        if row in (HOSTS_BEGIN, HOSTS_END):
+            inside = row == HOSTS_BEGIN
+            continue
+        fields = row.split("#", 1)[0].split()
+        if inside or len(fields) < 2:
+            continue
+        for n in fields[1:]:
+            if n.lower() in ours and fields[0] != ours[n.lower()]:
+                out.append(f"/etc/hosts:{i}: {n} -> {fields[0]} outside the mesh-agent block takes "
+                           f"precedence over {ours[n.lower()]}; remove that line")
+    return out
 
 
 def hosts_block(current: bytes) -> list[str] | None:
@@ -477,7 +501,10 @@ def _install_locked(bundle: Bundle, layout: Layout, owner: tuple[int, int] | Non
     info, _ = _load_stored(stored)
     log.info("installed bundle %s from %s (%s)", bundle.version, source,
              ", ".join(changed) if changed else "no file changed")
-    return InstallResult(info, tuple(changed), owner is not None, in_place)
+    notes = shadowing_lines(_read(layout.etc_hosts) or b"", bundle.hosts_lines)
+    for note in notes:
+        log.warning("%s", note)
+    return InstallResult(info, tuple(changed), owner is not None, in_place, tuple(notes))
 
 
 @_serialized

@@ -312,3 +312,14 @@ def test_tamper_checks_during_an_install_in_another_thread_never_revert_it(tmp_p
     assert errors == [] and restored == []
     live = live_files(layout)
     assert all(live[n] == new_files[n] for n in ("cluster.env", "mesh.yaml", "root-cert.pem", "istio-token"))
+
+
+def test_a_stale_manual_istiod_line_is_reported(tmp_path: Path) -> None:
+    layout = make_root(tmp_path)
+    layout.etc_hosts.write_bytes(ORIGINAL_HOSTS + b"203.0.113.9 istiod.istio-system.svc\n")
+    bundle, _ = load(tmp_path, "vm", kit.files(NOW))
+    result = do_install(layout, bundle)
+    assert len(result.notes) == 1
+    assert result.notes[0].startswith("/etc/hosts:5: istiod.istio-system.svc -> 203.0.113.9 outside")
+    # not ours to edit
+    assert layout.etc_hosts.read_bytes().startswith(ORIGINAL_HOSTS + b"203.0.113.9 istiod")
