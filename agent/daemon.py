@@ -240,6 +240,8 @@ class Agent:
             restored = bundle_watch.restore_tampered(self.layout, user=self.file_owner)
             if restored:
                 self.record_error("bundle", f"restored {', '.join(restored)}: edited outside the agent")
+            if self.tamper_watch is not None:
+                self.tamper_watch.rewatch()
         elif self.sidecar is not None and self.sidecar.handle(event):
             self.sidecar_changed()
         elif isinstance(event, sidecar_process.SidecarStateChanged):

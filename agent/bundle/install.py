@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import functools
 import json
 import logging
 import os
@@ -30,10 +32,10 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.bundle.model import Bundle, scan_hosts
 from agent.paths import Layout
@@ -91,7 +93,7 @@ class InstallResult:
     changed: tuple[str, ...]  # bundle files whose live copy changed ("hosts" for the /etc/hosts block)
     ownership_applied: bool  # False when not root: files keep the current user (tests, the demo)
     hosts_in_place: bool = False  # /etc/hosts had to be rewritten in place (bind mount)
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = field(default=())  # things the operator should fix (logged as warnings)
 
 
 # --- small file-system helpers --------------------------------------------------------------------
@@ -216,6 +218,30 @@ def hosts_with_block(current: bytes, lines: Iterable[str]) -> bytes:
     return "".join(rows).encode("latin-1")
 
 
+def shadowing_lines(current: bytes, lines: Iterable[str]) -> list[str]:
+    """Lines outside our block that name one of our hosts with another address. The resolver takes the
+    first match, so such a line (often left by the manual `cat hosts >> /etc/hosts` setup) wins."""
+    ours: dict[str, str] = {}
+    for ln in lines:
+        addr, *names = ln.split()
+        for n in names:
+            ours.setdefault(n.lower(), addr)
+    out = []
+    inside = False
+    for i, row in enumerate(current.decode("latin-1").splitlines(), 1):
+        if row in (HOSTS_BEGIN, HOSTS_END):
+            inside = row == HOSTS_BEGIN
+            continue
+        fields = row.split("#", 1)[0].split()
+        if inside or len(fields) < 2:
+            continue
+        for n in fields[1:]:
+            if n.lower() in ours and fields[0] != ours[n.lower()]:
+                out.append(f"/etc/hosts:{i}: {n} -> {fields[0]} outside the mesh-agent block takes "
+                           f"precedence over {ours[n.lower()]}; remove that line")
+    return out
+
+
 def hosts_block(current: bytes) -> list[str] | None:
     """The lines inside our block, or None when there is no block."""
     rows = current.decode("latin-1").splitlines()
@@ -332,6 +358,38 @@ def last_good_file(layout: Layout, name: str) -> Path:
     return layout.last_good_bundle / name
 
 
+# --- one install at a time -----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _lock(layout: Layout, create: bool = False) -> Iterator[None]:
+    """An exclusive flock on <state>/bundle.lock: the daemon's installs, its tamper checks (which may run
+    while a worker thread installs) and `mesh-agent bundle install` never interleave. Without a state
+    directory nothing is installed yet and there is nothing to lock, unless `create`."""
+    if not layout.state.is_dir():
+        if not create:
+            yield
+            return
+        layout.state.mkdir(mode=0o755, parents=True, exist_ok=True)
+    fd = os.open(layout.state / "bundle.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _serialized(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        layout = kwargs.get("layout") or next(a for a in args if isinstance(a, Layout))
+        with _lock(layout):
+            return func(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]
+
+
 # --- writing the live files -----------------------------------------------------------------------
 
 Hook = Callable[[str], None]
@@ -407,6 +465,13 @@ def install(bundle: Bundle, layout: Layout, *, source: str, fetched_at: float,
     owner = resolve_owner(user)
     hosts_now = _read(layout.etc_hosts) or b""
     hosts_with_block(hosts_now, bundle.hosts_lines)  # damaged markers: refuse before touching anything
+    with _lock(layout, create=True):
+        return _install_locked(bundle, layout, owner, source, fetched_at, etag, last_modified, hook)
+
+
+def _install_locked(bundle: Bundle, layout: Layout, owner: tuple[int, int] | None, source: str,
+                    fetched_at: float, etag: str | None, last_modified: str | None,
+                    hook: Hook | None) -> InstallResult:
     meta = {"version": bundle.version, "digest": bundle.digest, "source": source, "fetched_at": fetched_at,
             "installed_at": time.time(), "token_expiry": bundle.token_expiry,
             "token_issued_at": bundle.token_issued_at, "cert_expiry": bundle.cert_expiry,
@@ -436,9 +501,13 @@ def install(bundle: Bundle, layout: Layout, *, source: str, fetched_at: float,
     info, _ = _load_stored(stored)
     log.info("installed bundle %s from %s (%s)", bundle.version, source,
              ", ".join(changed) if changed else "no file changed")
-    return InstallResult(info, tuple(changed), owner is not None, in_place)
+    notes = shadowing_lines(_read(layout.etc_hosts) or b"", bundle.hosts_lines)
+    for note in notes:
+        log.warning("%s", note)
+    return InstallResult(info, tuple(changed), owner is not None, in_place, tuple(notes))
 
 
+@_serialized
 def restore_last_good(layout: Layout, *, user: str | None = "istio-proxy") -> InstalledBundle | None:
     """Make the live files the last good bundle again; run at start and when files were tampered with.
 
@@ -463,6 +532,7 @@ def restore_last_good(layout: Layout, *, user: str | None = "istio-proxy") -> In
     return info
 
 
+@_serialized
 def drifted(layout: Layout) -> list[str]:
     """Bundle files whose live copy differs from the last good bundle (edited, deleted, mode changed),
     "hosts" when the /etc/hosts block differs. Empty when there is no last good bundle."""

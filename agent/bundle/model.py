@@ -142,6 +142,11 @@ def scan_cluster_env(text: str, file: str = "cluster.env") -> tuple[list[EnvEntr
             pos, line = _skip_line(text, pos), line + 1
             continue
         m = _KEY.match(text, pos)
+        if text[pos] == "\r":
+            problems.append(f"{file}:{line}: carriage return (DOS line ending); "
+                            "save the file with Unix line endings")
+            pos, line = _skip_line(text, pos), line + 1
+            continue
         if not m or m.end() >= n or text[m.end()] != "=":
             shown = text[pos:_skip_line(text, pos)].rstrip("\r\n")[:60]
             problems.append(f"{file}:{line}: expected KEY='value', got {shown!r}")

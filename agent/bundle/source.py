@@ -75,6 +75,9 @@ def fetch(cfg: BundleConfig, previous: Validators | None = None, *,
           sleep: Callable[[float], None] = time.sleep, tries: int = RETRY_TRIES) -> Fetched | NotModified:
     """Fetch the bundle named by cfg.source. Raises FetchError."""
     source = cfg.source.strip()
+    if source == "kubernetes":
+        raise FetchError("bundle.source: kubernetes (building the bundle from the cluster) is not available "
+                         "in this version of mesh-agent; use an https:// URL, an archive or a directory")
     scheme = urlsplit(source).scheme
     if scheme in ("http", "https"):
         return fetch_https(cfg, previous, sleep=sleep, tries=tries)

@@ -1,5 +1,5 @@
 """Fetch, validate and install in one call: what the daemon does at start, when a refresh is due and
-on reload, and what `mesh-agent bundle install` does."""
+on reload, and what `mesh-agent bundle install` does. update_in_thread runs it off the main loop."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ class Refresher:
         self.post = post
         self.validators = validators
         self.retry = retry or Backoff(initial=5.0, max=300.0)
-        self._due = time.monotonic()
+        self._due: float | None = time.monotonic()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bundle-fetch", daemon=True)
@@ -124,12 +124,16 @@ class Refresher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self._due is None:  # the loop schedules the next fetch
+                self._wake.wait()
+                self._wake.clear()
+                continue
             wait = self._due - time.monotonic()
             if wait > 0:
                 self._wake.wait(wait)
                 self._wake.clear()
                 continue
-            self._due = float("inf")  # until the loop schedules the next one
+            self._due = None
             try:
                 got = fetch(self.cfg, self.validators())
             except FetchError as exc:

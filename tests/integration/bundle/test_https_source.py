@@ -187,3 +187,29 @@ def test_ipv6_loopback(tmp_path: Path) -> None:
             assert isinstance(got, Fetched) and got.source.startswith("https://[::1]:")
     except OSError as exc:
         pytest.skip(f"no IPv6 loopback: {exc}")
+
+
+def test_refresher_posts_what_it_fetched_and_retries_failures(server, tmp_path: Path) -> None:
+    import queue
+
+    from agent.bundle.update import BundleFetched, BundleFetchFailed, Refresher
+    from agent.retry import Backoff
+
+    events: queue.Queue[object] = queue.Queue()
+    ok = Refresher(cfg(server), events.put, lambda: None).start()
+    try:
+        got = events.get(timeout=30)
+        assert isinstance(got, BundleFetched) and "cluster.env" in got.files
+        assert events.empty()  # nothing more until the loop schedules the next fetch
+        ok.refresh_now()
+        assert isinstance(events.get(timeout=30), BundleFetched)
+    finally:
+        ok.stop()
+    bad = Refresher(cfg(server, "/status/404"), events.put, lambda: None,
+                    retry=Backoff(initial=0.05, max=0.1)).start()
+    try:
+        first, second = events.get(timeout=30), events.get(timeout=30)
+        assert isinstance(first, BundleFetchFailed) and "HTTP 404" in first.error
+        assert isinstance(second, BundleFetchFailed)  # retried on its own, with backoff
+    finally:
+        bad.stop()

@@ -282,3 +282,44 @@ def test_old_stored_bundles_are_pruned(tmp_path: Path) -> None:
     stored = [p for p in (layout.state / "bundles").iterdir()]
     assert len(stored) == inst.KEEP_VERSIONS
     assert layout.last_good_bundle.resolve() in stored
+
+
+def test_tamper_checks_during_an_install_in_another_thread_never_revert_it(tmp_path: Path) -> None:
+    import threading
+
+    from agent.bundle.watch import restore_tampered
+
+    layout = make_root(tmp_path)
+    old, _ = load(tmp_path, "old", kit.files(NOW))
+    do_install(layout, old)
+    new_files = kit.files(NOW + 1, ipv6=True)
+    new, _ = load(tmp_path, "new", new_files)
+    errors: list[BaseException] = []
+
+    def slow_install() -> None:
+        try:
+            do_install(layout, new, hook=lambda _name: time.sleep(0.05))
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=slow_install)
+    t.start()
+    restored: list[str] = []
+    while t.is_alive():
+        restored += restore_tampered(layout, user=USER)  # what the loop does on a file event
+        time.sleep(0.01)
+    t.join()
+    assert errors == [] and restored == []
+    live = live_files(layout)
+    assert all(live[n] == new_files[n] for n in ("cluster.env", "mesh.yaml", "root-cert.pem", "istio-token"))
+
+
+def test_a_stale_manual_istiod_line_is_reported(tmp_path: Path) -> None:
+    layout = make_root(tmp_path)
+    layout.etc_hosts.write_bytes(ORIGINAL_HOSTS + b"203.0.113.9 istiod.istio-system.svc\n")
+    bundle, _ = load(tmp_path, "vm", kit.files(NOW))
+    result = do_install(layout, bundle)
+    assert len(result.notes) == 1
+    assert result.notes[0].startswith("/etc/hosts:5: istiod.istio-system.svc -> 203.0.113.9 outside")
+    # not ours to edit
+    assert layout.etc_hosts.read_bytes().startswith(ORIGINAL_HOSTS + b"203.0.113.9 istiod")
