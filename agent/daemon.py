@@ -359,6 +359,8 @@ class Agent:
         self.metrics.set("bundle_fetched", wall)
         changed = set(result.changed)
         first = self.bundle is None
+        if self.tamper_watch is not None:
+            self.tamper_watch.rewatch()  # the first install creates the directories it watches
         self.use_bundle(bundle)
         if not first and self.sidecar is not None and changed & {"cluster.env", "mesh.yaml"} \
                 and self.cfg.sidecar.profile == "istio":

