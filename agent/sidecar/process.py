@@ -179,6 +179,11 @@ class Machine:
             return Action.KILL
         return Action.NONE
 
+    def hot_restarting(self, now: float, epoch: int) -> None:
+        """RUNNING -> STARTING: the next Envoy epoch takes over from the running one."""
+        self.ready_since = None
+        self._go(State.STARTING, f"hot restart to epoch {epoch}", now + self.policy.ready_timeout)
+
     def spawn_failed(self, now: float, what: str) -> Action:
         """A start that failed before a process existed (pre-start command, exec error): an exit."""
         return self.exited(now, what)
@@ -405,6 +410,8 @@ class Supervisor:
                                                                spec.policy.backoff_max))
         self._generation = 0
         self._child: _Child | None = None
+        self._epoch = 0                      # Envoy --restart-epoch of the current child
+        self._retiring: list[_Child] = []    # earlier epochs, draining after a hot restart
         self._stop_watch = threading.Event()
 
     # -- read-only view
@@ -459,6 +466,7 @@ class Supervisor:
             self._child = None
             self._remove_pidfile()
             proc.kill_group(event.pid, signal.SIGKILL)  # what is left of its group (pilot-agent's Envoy)
+            self._end_retiring()   # a new epoch that failed: the next start is a fresh one
             what = _exit_text(event.pid, event.returncode)
             conflicts = self._port_conflicts()
             if conflicts:
@@ -482,6 +490,24 @@ class Supervisor:
             proc.kill_group(self._child.pid, signal.SIGKILL)
         return self.machine.deadline
 
+    def hot_restart(self) -> bool:
+        """envoy profile: start the next --restart-epoch beside the running Envoy, which hands over
+        its listeners without dropping connections, drains, and exits by itself after
+        --parent-shutdown-time-s. Used to apply a changed bootstrap. Returns False when not possible
+        (another profile, not RUNNING, no --restart-epoch in the command): then stop() and start()."""
+        if self.spec.profile != "envoy" or self.state is not State.RUNNING or self._child is None \
+                or "--restart-epoch" not in self.spec.argv:
+            return False
+        now = self._clock()
+        previous = self.state
+        self._retiring = [r for r in self._retiring if not r.poll()]
+        self._retiring.append(self._child)
+        self._epoch += 1
+        self.machine.hot_restarting(now, self._epoch)
+        self._changed(previous)
+        self._launch(now, hot=True)   # a new generation: the old epoch's exit is not an exit
+        return True
+
     def stop(self, drain: bool = True) -> None:
         """Drain (if asked), SIGTERM, SIGKILL after stop_grace; blocks for at most
         drain_timeout + stop_grace + KILL_WAIT, plus the post-stop commands."""
@@ -494,6 +520,10 @@ class Supervisor:
         child, self._child = self._child, None
         if child is not None and not child.poll():
             self._terminate(child, drain)
+        for old in self._retiring:
+            if not old.poll():
+                self._terminate(old, drain=False)
+        self._retiring.clear()
         self._run_commands(self.spec.post_stop, "post-stop")
         self._remove_pidfile()
         previous = self.state
@@ -508,26 +538,30 @@ class Supervisor:
         log.log(level, "sidecar %s -> %s: %s", previous.value, self.state.value, self.reason)
         self._post(SidecarStateChanged(self.state, previous, self.reason, self.pid))
 
-    def _launch(self, now: float) -> None:
+    def _launch(self, now: float, hot: bool = False) -> None:
         spec = self.spec
-        conflicts = self._port_conflicts()
-        if conflicts:
-            self.machine.fatal("; ".join(map(str, conflicts)) +
-                               ": free the port or change the proxy's ports")
-            self._changed(State.STARTING)
-            return
-        if not self._run_commands(spec.pre_start, "pre-start"):
-            self.machine.spawn_failed(now, "pre-start command failed")
-            self._changed(State.STARTING)
-            return
+        if not hot:
+            self._end_retiring()
+            self._epoch = 0
+            conflicts = self._port_conflicts()
+            if conflicts:
+                self.machine.fatal("; ".join(map(str, conflicts)) +
+                                   ": free the port or change the proxy's ports")
+                self._changed(State.STARTING)
+                return
+            if not self._run_commands(spec.pre_start, "pre-start"):
+                self.machine.spawn_failed(now, "pre-start command failed")
+                self._changed(State.STARTING)
+                return
         self._generation += 1
         gen = self._generation
+        argv = with_epoch(spec.argv, self._epoch)
         out_fd, ours = _output_for(spec)
         try:
-            popen = proc.spawn(spec.argv, env=_child_env(spec), user=spec.user, cwd="/",
+            popen = proc.spawn(argv, env=_child_env(spec), user=spec.user, cwd="/",
                                stdout=out_fd, stderr=subprocess.STDOUT)
         except (OSError, KeyError) as exc:   # missing binary, unknown user
-            self.machine.spawn_failed(now, f"cannot start {spec.argv[0]}: {exc}")
+            self.machine.spawn_failed(now, f"cannot start {argv[0]}: {exc}")
             self._changed(State.STARTING)
             return
         finally:
@@ -538,8 +572,16 @@ class Supervisor:
         log.info("sidecar started: pid %d, %s", popen.pid, describe(spec))
         with contextlib.suppress(psutil.Error, OSError):
             write_pidfile(self.layout.sidecar_pidfile, PidRecord(
-                popen.pid, psutil.Process(popen.pid).create_time(), spec.argv, spec.profile))
-        self._watch(gen, child, wait_ready=True)
+                popen.pid, psutil.Process(popen.pid).create_time(), argv, spec.profile))
+        self._watch(gen, child, wait_ready=True, epoch=self._epoch)
+
+    def _end_retiring(self) -> None:
+        """Stop what is left of earlier hot-restart epochs (they normally exit by themselves)."""
+        for old in self._retiring:
+            if not old.poll():
+                proc.kill_group(old.pid, signal.SIGKILL)
+                old.wait(KILL_WAIT)
+        self._retiring.clear()
 
     def _port_conflicts(self) -> list[PortHolder]:
         """Other processes on our ports. A proxy that was just killed may hold its sockets for a
@@ -551,15 +593,21 @@ class Supervisor:
                 return conflicts
             time.sleep(0.05)
 
-    def _watch(self, gen: int, child: _Child, wait_ready: bool) -> None:
+    def _watch(self, gen: int, child: _Child, wait_ready: bool, epoch: int = 0) -> None:
         spec = self.spec
         expect = "LIVE" if spec.profile == "envoy" and spec.readiness_url.endswith("/ready") else None
+
+        def ready() -> bool:
+            if not probe_ready(spec.readiness_url, expect):
+                return False
+            # After a hot restart the admin port may still be the previous epoch's for a moment.
+            return epoch == 0 or server_epoch(spec) == epoch
 
         def run() -> None:
             if wait_ready:
                 delay, fast_until = READY_POLL, time.monotonic() + READY_POLL_FAST_FOR
                 while not child.poll():
-                    if probe_ready(spec.readiness_url, expect):
+                    if ready():
                         self._post(ProxyReady(gen, child.pid))
                         break
                     time.sleep(delay)
@@ -589,6 +637,8 @@ class Supervisor:
                     and all(p.pid != q.pid for q in leftovers):
                 leftovers.append(p)
         adopted: psutil.Process | None = None
+        # After a hot restart two epochs may be left: the newest is the one to keep.
+        leftovers.sort(key=lambda p: -_epoch_of_process(p))
         expect = "LIVE" if spec.profile == "envoy" and spec.readiness_url.endswith("/ready") else None
         for p in leftovers:
             with contextlib.suppress(psutil.Error):
@@ -604,9 +654,11 @@ class Supervisor:
             return False
         self._generation += 1
         self._child = _Child(adopted.pid, process=adopted)
+        with contextlib.suppress(psutil.Error):
+            self._epoch = epoch_of(adopted.cmdline())
         with contextlib.suppress(psutil.Error, OSError):
             write_pidfile(self.layout.sidecar_pidfile, PidRecord(
-                adopted.pid, adopted.create_time(), spec.argv, spec.profile))
+                adopted.pid, adopted.create_time(), with_epoch(spec.argv, self._epoch), spec.profile))
         log.info("adopted the running sidecar: pid %d", adopted.pid)
         self._watch(self._generation, self._child, wait_ready=False)
         return True
@@ -676,9 +728,39 @@ class Supervisor:
 
 
 def same_command(cmdline: Sequence[str], argv: Sequence[str]) -> bool:
-    """A process's command line is argv, or an interpreter running argv (a `#!` script)."""
-    cmdline, argv = list(cmdline), list(argv)
+    """A process's command line is argv (whatever its --restart-epoch), or an interpreter running
+    argv (a `#!` script)."""
+    cmdline, argv = list(with_epoch(cmdline, 0)), list(with_epoch(argv, 0))
     return cmdline == argv or (len(cmdline) == len(argv) + 1 and cmdline[1:] == argv)
+
+
+def with_epoch(argv: Sequence[str], epoch: int) -> tuple[str, ...]:
+    """argv with its --restart-epoch value replaced (unchanged without one)."""
+    out = list(argv)
+    for i, word in enumerate(out[:-1]):
+        if word == "--restart-epoch":
+            out[i + 1] = str(epoch)
+    return tuple(out)
+
+
+def epoch_of(argv: Sequence[str]) -> int:
+    words = list(argv)
+    for i, word in enumerate(words[:-1]):
+        if word == "--restart-epoch":
+            with contextlib.suppress(ValueError):
+                return int(words[i + 1])
+    return 0
+
+
+def server_epoch(spec: LaunchSpec) -> int | None:
+    """The --restart-epoch of the Envoy answering on the admin port (GET /server_info)."""
+    try:
+        status, text = admin_request(spec, "GET", "/server_info")
+        if status != 200:
+            return None
+        return int(json.loads(text)["command_line_options"]["restart_epoch"])
+    except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+        return None
 
 
 def _is_ours(p: psutil.Process, recorded_argv: Sequence[str]) -> bool:
@@ -688,6 +770,13 @@ def _is_ours(p: psutil.Process, recorded_argv: Sequence[str]) -> bool:
     with contextlib.suppress(psutil.Error):
         return MARKER_ENV in p.environ()
     return False
+
+
+def _epoch_of_process(p: psutil.Process) -> int:
+    try:
+        return epoch_of(p.cmdline())
+    except psutil.Error:
+        return -1
 
 
 def _alive(p: psutil.Process) -> bool:
