@@ -1,19 +1,20 @@
 """The supervised sidecar proxy: start, readiness, restart with backoff, crash-loop, drain and stop.
 
-How the daemon uses it (everything runs on the daemon's loop thread, except two helper threads per
-proxy that only post events):
+How the daemon uses it (everything runs on the daemon's loop thread; one helper thread per proxy
+polls its readiness and waits for its exit, and only posts events):
 
-    sup = Supervisor(spec, layout, post)      # spec from agent.sidecar.profiles
+    sup = Supervisor(spec, layout, post)      # spec from agent.sidecar.profiles.read_spec()
     sup.start()                               # adopt a healthy proxy left by a killed agent, or spawn
     ...
     # in the loop, for every event read from the queue:
-    if sup.handle(event):                     # ProxyReady / ProxyExited: True when it was ours
-        ...
+    sup.handle(event)                         # ProxyReady / ProxyExited -> True; anything else -> False
     deadline = sup.tick()                     # drives backoff and the ready timeout; None: no timer
     if sup.state is State.FATAL:              # crash loop or port conflict: sup.reason says why
         exit non-zero
     ...
-    sup.stop(drain=True)                      # blocking, at most drain_timeout + stop_grace + ~5 s
+    sup.hot_restart(new_spec)                 # envoy profile, bootstrap changed: next epoch takes over
+    sup.stop(drain=True)                      # blocking: at most drain_timeout + stop_grace + ~5 s,
+                                              # plus the istio profile's iptables cleanup
 
 Every state change is also posted as a SidecarStateChanged event, for the status snapshot.
 
@@ -21,16 +22,17 @@ States: STOPPED -> STARTING -> RUNNING (ready); an exit -> BACKOFF (exponential 
 agent.retry.Backoff) -> STARTING; more than `max_exits` exits within `window` -> FATAL; not ready
 within `ready_timeout` -> the proxy is killed, which counts as an exit. A needed port held by another
 process -> FATAL at once with the port, pid and process name (restarting cannot fix it).
+The decisions live in Machine (pure); Supervisor carries them out.
 
 The proxy runs in its own process group. Its pid, start time and command line are kept in
-Layout.sidecar_pidfile, so that after the agent was killed the next agent finds the proxy, adopts it
-when it is ours (same command line, or our marker in its environment) and healthy, and stops it
-otherwise: there are never two proxies.
+Layout.sidecar_pidfile, so that the next agent finds a proxy left by a killed (or re-executed) agent:
+it adopts it when it runs our command and is healthy, and stops it otherwise, so there are never two
+proxies. A recycled pid (other start time) is never signalled.
 
 Output: under systemd the proxy writes straight into the journal under its own identifier (`envoy`
 or `istio-proxy`: `journalctl -t envoy`); with log_dir, to <log_dir>/<identifier>.log instead;
-outside systemd, to the agent's stderr. Never through a pipe the agent reads, so the proxy and its
-logging survive an agent restart.
+outside systemd, to the agent's stderr. Never through a pipe the agent reads, so a proxy that
+outlives the agent keeps logging.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ class Machine:
         self._go(State.RUNNING, "adopted the running proxy")
 
     def ready(self, now: float) -> None:
-        if self.state is State.STARTING:
+        if self.state is State.STARTING and self.killed_because is None:   # not one we just killed
             self.ready_since = now
             self._go(State.RUNNING, "ready")
 
@@ -412,7 +414,6 @@ class Supervisor:
         self._child: _Child | None = None
         self._epoch = 0                      # Envoy --restart-epoch of the current child
         self._retiring: list[_Child] = []    # earlier epochs, draining after a hot restart
-        self._stop_watch = threading.Event()
 
     # -- read-only view
     @property
@@ -490,14 +491,17 @@ class Supervisor:
             proc.kill_group(self._child.pid, signal.SIGKILL)
         return self.machine.deadline
 
-    def hot_restart(self) -> bool:
+    def hot_restart(self, spec: LaunchSpec | None = None) -> bool:
         """envoy profile: start the next --restart-epoch beside the running Envoy, which hands over
         its listeners without dropping connections, drains, and exits by itself after
-        --parent-shutdown-time-s. Used to apply a changed bootstrap. Returns False when not possible
-        (another profile, not RUNNING, no --restart-epoch in the command): then stop() and start()."""
-        if self.spec.profile != "envoy" or self.state is not State.RUNNING or self._child is None \
-                or "--restart-epoch" not in self.spec.argv:
+        --parent-shutdown-time-s. Used to apply a changed bootstrap (pass the new spec when its
+        ports changed). Returns False when not possible (another profile, not RUNNING, no
+        --restart-epoch in the command): then stop() and start() instead."""
+        spec = spec or self.spec
+        if spec.profile != "envoy" or self.state is not State.RUNNING or self._child is None \
+                or "--restart-epoch" not in spec.argv:
             return False
+        self.spec = spec
         now = self._clock()
         previous = self.state
         self._retiring = [r for r in self._retiring if not r.poll()]
