@@ -436,6 +436,12 @@ class Supervisor:
     def ready(self) -> bool:
         return self.machine.state is State.RUNNING
 
+    def snapshot(self) -> dict[str, object]:
+        """For the status file: what runs and how it is doing."""
+        return {"profile": self.spec.profile, "state": self.state.value, "ready": self.ready,
+                "pid": self.pid, "restarts": self.restarts, "reason": self.reason,
+                "restart_epoch": self._epoch if self.spec.profile == "envoy" else None}
+
     # -- commands
     def start(self) -> None:
         """Adopt our healthy proxy left by a previous agent, stop any other leftover, then spawn."""
@@ -646,7 +652,7 @@ class Supervisor:
         expect = "LIVE" if spec.profile == "envoy" and spec.readiness_url.endswith("/ready") else None
         for p in leftovers:
             with contextlib.suppress(psutil.Error):
-                if adopted is None and same_command(p.cmdline(), spec.argv) \
+                if adopted is None and same_command(p.cmdline(), spec.argv) and _same_env(p, spec) \
                         and probe_ready(spec.readiness_url, expect):
                     adopted = p
                     continue
@@ -774,6 +780,17 @@ def _is_ours(p: psutil.Process, recorded_argv: Sequence[str]) -> bool:
     with contextlib.suppress(psutil.Error):
         return MARKER_ENV in p.environ()
     return False
+
+
+def _same_env(p: psutil.Process, spec: LaunchSpec) -> bool:
+    """The process runs with the environment the spec would give it (e.g. cluster.env unchanged)."""
+    try:
+        env = p.environ()
+    except psutil.AccessDenied:
+        return True   # cannot tell (the agent is not root): the command line has to do
+    except psutil.Error:
+        return False
+    return all(env.get(key) == value for key, value in spec.env.items())
 
 
 def _epoch_of_process(p: psutil.Process) -> int:

@@ -56,6 +56,8 @@ def test_start_ready_sigkill_restart_and_stop(tmp_path: Path, layout: Layout) ->
         assert "SIGKILL" in sup.reason
         assert loop.run_until(sup, lambda: sup.state is State.RUNNING and sup.pid != first), sup.reason
         assert sup.restarts == 1
+        assert sup.snapshot() == {"profile": "envoy", "state": "running", "ready": True, "pid": sup.pid,
+                                  "restarts": 1, "reason": "ready", "restart_epoch": 0}
         with urllib.request.urlopen(spec.readiness_url, timeout=2) as resp:
             assert resp.read().strip() == b"LIVE"
         states = loop.states(sup)
