@@ -570,7 +570,13 @@ class Supervisor:
         try:
             popen = proc.spawn(argv, env=_child_env(spec), user=spec.user, cwd="/",
                                stdout=out_fd, stderr=subprocess.STDOUT)
-        except (OSError, KeyError) as exc:   # missing binary, unknown user
+        except (KeyError, PermissionError, FileNotFoundError) as exc:
+            # Unknown user, not allowed to switch users, missing binary: retrying will not help.
+            what = f"unknown user {spec.user}" if isinstance(exc, KeyError) else str(exc)
+            self.machine.fatal(f"cannot start {argv[0]}: {what}")
+            self._changed(State.STARTING)
+            return
+        except OSError as exc:
             self.machine.spawn_failed(now, f"cannot start {argv[0]}: {exc}")
             self._changed(State.STARTING)
             return

@@ -263,3 +263,33 @@ def test_hot_restart_hands_over_without_failed_requests(tmp_path: Path, layout: 
     assert record.argv[record.argv.index("--restart-epoch") + 1] == "1"
     sup.stop(drain=False)
     assert not _alive(new)
+
+
+def test_a_port_taken_while_in_backoff_is_fatal_not_a_restart_loop(tmp_path: Path, layout: Layout) -> None:
+    from agent.config import BackoffConfig
+
+    spec = make(tmp_path, backoff=BackoffConfig(1.0, 1.0))
+    loop = Loop()
+    sup = Supervisor(spec, layout, loop.post)
+    sup.start()
+    assert loop.run_until(sup, lambda: sup.state is State.RUNNING), sup.reason
+    old = sup.pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    assert loop.run_until(sup, lambda: sup.state is State.BACKOFF)
+    with socket.socket() as squatter:
+        squatter.bind(spec.admin_address)
+        squatter.listen()
+        assert loop.run_until(sup, lambda: sup.state is State.FATAL, timeout=10)
+        assert f"port {spec.admin_address[1]} is already in use by pid {os.getpid()}" in sup.reason
+        assert sup.restarts == 1 and sup.pid is None
+
+
+def test_a_missing_binary_is_fatal_at_once(tmp_path: Path, layout: Layout) -> None:
+    spec = make(tmp_path, envoy_binary=str(tmp_path / "no-envoy"))
+    loop = Loop()
+    sup = Supervisor(spec, layout, loop.post)
+    sup.start()
+    assert sup.state is State.FATAL
+    assert sup.reason.startswith(f"cannot start {tmp_path / 'no-envoy'}: ")
+    assert "No such file" in sup.reason
