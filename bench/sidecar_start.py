@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import os
 import queue
+import shutil
 import signal
 import statistics
 import subprocess
@@ -53,6 +54,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+    try:
+        measure(tmp, args.runs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(tmp: Path, runs: int) -> None:
     admin = free_port()
     (tmp / "bootstrap.json").write_text(bootstrap(admin))
     cfg = sidecar_config(tmp, admin, crash_loop=CrashLoopConfig(1000, 60.0), backoff=BackoffConfig())
@@ -62,7 +70,7 @@ def main() -> None:
     # Interleaved, so both see the same machine load and caches.
     alone: list[float] = []
     supervised: list[float] = []
-    for _ in range(args.runs):
+    for _ in range(runs):
         t0 = time.monotonic()
         p = subprocess.Popen(spec.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while not probe_ready(spec.readiness_url, "LIVE"):
@@ -85,7 +93,7 @@ def main() -> None:
     sup = Supervisor(spec, layout, events.put)
     sup.start()
     run_loop(sup, events, lambda: sup.state is State.RUNNING)
-    for _ in range(args.runs):
+    for _ in range(runs):
         sup.machine.backoff.reset()
         old = sup.pid
         assert old is not None
@@ -98,7 +106,7 @@ def main() -> None:
     sup.stop(drain=False)
 
     ms = 1000.0
-    print(f"runs: {args.runs}; Envoy {spec.argv[0]}")
+    print(f"runs: {runs}; Envoy {spec.argv[0]}")
     print(f"Envoy alone, spawn to /ready LIVE:   p50 {statistics.median(alone) * ms:6.1f} ms  "
           f"p95 {pct(alone, 95) * ms:6.1f} ms")
     print(f"supervised, start() to RUNNING:      p50 {statistics.median(supervised) * ms:6.1f} ms  "

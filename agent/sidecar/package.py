@@ -100,8 +100,9 @@ class Outcome:
 def install_command(deb: Path, root: Path, prefix: Sequence[str]) -> list[str]:
     """The install command: apt-get on the machine itself, dpkg inside another root."""
     if root == Path("/"):
-        return [*prefix, "apt-get", "install", "-y", "--allow-downgrades", "--no-install-recommends",
-                str(deb.resolve())]
+        # Wait for dpkg's lock instead of failing while e.g. unattended-upgrades runs at first boot.
+        return [*prefix, "apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--allow-downgrades",
+                "--no-install-recommends", str(deb.resolve())]
     return [*prefix, "dpkg", f"--root={root}", "--force-confnew", "-i", str(deb)]
 
 

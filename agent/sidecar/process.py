@@ -1,19 +1,20 @@
 """The supervised sidecar proxy: start, readiness, restart with backoff, crash-loop, drain and stop.
 
-How the daemon uses it (everything runs on the daemon's loop thread, except two helper threads per
-proxy that only post events):
+How the daemon uses it (everything runs on the daemon's loop thread; one helper thread per proxy
+polls its readiness and waits for its exit, and only posts events):
 
-    sup = Supervisor(spec, layout, post)      # spec from agent.sidecar.profiles
+    sup = Supervisor(spec, layout, post)      # spec from agent.sidecar.profiles.read_spec()
     sup.start()                               # adopt a healthy proxy left by a killed agent, or spawn
     ...
     # in the loop, for every event read from the queue:
-    if sup.handle(event):                     # ProxyReady / ProxyExited: True when it was ours
-        ...
+    sup.handle(event)                         # ProxyReady / ProxyExited -> True; anything else -> False
     deadline = sup.tick()                     # drives backoff and the ready timeout; None: no timer
     if sup.state is State.FATAL:              # crash loop or port conflict: sup.reason says why
         exit non-zero
     ...
-    sup.stop(drain=True)                      # blocking, at most drain_timeout + stop_grace + ~5 s
+    sup.hot_restart(new_spec)                 # envoy profile, bootstrap changed: next epoch takes over
+    sup.stop(drain=True)                      # blocking: at most drain_timeout + stop_grace + ~5 s,
+                                              # plus the istio profile's iptables cleanup
 
 Every state change is also posted as a SidecarStateChanged event, for the status snapshot.
 
@@ -21,16 +22,17 @@ States: STOPPED -> STARTING -> RUNNING (ready); an exit -> BACKOFF (exponential 
 agent.retry.Backoff) -> STARTING; more than `max_exits` exits within `window` -> FATAL; not ready
 within `ready_timeout` -> the proxy is killed, which counts as an exit. A needed port held by another
 process -> FATAL at once with the port, pid and process name (restarting cannot fix it).
+The decisions live in Machine (pure); Supervisor carries them out.
 
 The proxy runs in its own process group. Its pid, start time and command line are kept in
-Layout.sidecar_pidfile, so that after the agent was killed the next agent finds the proxy, adopts it
-when it is ours (same command line, or our marker in its environment) and healthy, and stops it
-otherwise: there are never two proxies.
+Layout.sidecar_pidfile, so that the next agent finds a proxy left by a killed (or re-executed) agent:
+it adopts it when it runs our command and is healthy, and stops it otherwise, so there are never two
+proxies. A recycled pid (other start time) is never signalled.
 
 Output: under systemd the proxy writes straight into the journal under its own identifier (`envoy`
 or `istio-proxy`: `journalctl -t envoy`); with log_dir, to <log_dir>/<identifier>.log instead;
-outside systemd, to the agent's stderr. Never through a pipe the agent reads, so the proxy and its
-logging survive an agent restart.
+outside systemd, to the agent's stderr. Never through a pipe the agent reads, so a proxy that
+outlives the agent keeps logging.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ class Machine:
         self._go(State.RUNNING, "adopted the running proxy")
 
     def ready(self, now: float) -> None:
-        if self.state is State.STARTING:
+        if self.state is State.STARTING and self.killed_because is None:   # not one we just killed
             self.ready_since = now
             self._go(State.RUNNING, "ready")
 
@@ -178,6 +180,11 @@ class Machine:
             self._go(State.STARTING, self.killed_because)
             return Action.KILL
         return Action.NONE
+
+    def hot_restarting(self, now: float, epoch: int) -> None:
+        """RUNNING -> STARTING: the next Envoy epoch takes over from the running one."""
+        self.ready_since = None
+        self._go(State.STARTING, f"hot restart to epoch {epoch}", now + self.policy.ready_timeout)
 
     def spawn_failed(self, now: float, what: str) -> Action:
         """A start that failed before a process existed (pre-start command, exec error): an exit."""
@@ -405,7 +412,8 @@ class Supervisor:
                                                                spec.policy.backoff_max))
         self._generation = 0
         self._child: _Child | None = None
-        self._stop_watch = threading.Event()
+        self._epoch = 0                      # Envoy --restart-epoch of the current child
+        self._retiring: list[_Child] = []    # earlier epochs, draining after a hot restart
 
     # -- read-only view
     @property
@@ -427,6 +435,12 @@ class Supervisor:
     @property
     def ready(self) -> bool:
         return self.machine.state is State.RUNNING
+
+    def snapshot(self) -> dict[str, object]:
+        """For the status file: what runs and how it is doing."""
+        return {"profile": self.spec.profile, "state": self.state.value, "ready": self.ready,
+                "pid": self.pid, "restarts": self.restarts, "reason": self.reason,
+                "restart_epoch": self._epoch if self.spec.profile == "envoy" else None}
 
     # -- commands
     def start(self) -> None:
@@ -459,6 +473,7 @@ class Supervisor:
             self._child = None
             self._remove_pidfile()
             proc.kill_group(event.pid, signal.SIGKILL)  # what is left of its group (pilot-agent's Envoy)
+            self._end_retiring()   # a new epoch that failed: the next start is a fresh one
             what = _exit_text(event.pid, event.returncode)
             conflicts = self._port_conflicts()
             if conflicts:
@@ -482,6 +497,27 @@ class Supervisor:
             proc.kill_group(self._child.pid, signal.SIGKILL)
         return self.machine.deadline
 
+    def hot_restart(self, spec: LaunchSpec | None = None) -> bool:
+        """envoy profile: start the next --restart-epoch beside the running Envoy, which hands over
+        its listeners without dropping connections, drains, and exits by itself after
+        --parent-shutdown-time-s. Used to apply a changed bootstrap (pass the new spec when its
+        ports changed). Returns False when not possible (another profile, not RUNNING, no
+        --restart-epoch in the command): then stop() and start() instead."""
+        spec = spec or self.spec
+        if spec.profile != "envoy" or self.state is not State.RUNNING or self._child is None \
+                or "--restart-epoch" not in spec.argv:
+            return False
+        self.spec = spec
+        now = self._clock()
+        previous = self.state
+        self._retiring = [r for r in self._retiring if not r.poll()]
+        self._retiring.append(self._child)
+        self._epoch += 1
+        self.machine.hot_restarting(now, self._epoch)
+        self._changed(previous)
+        self._launch(now, hot=True)   # a new generation: the old epoch's exit is not an exit
+        return True
+
     def stop(self, drain: bool = True) -> None:
         """Drain (if asked), SIGTERM, SIGKILL after stop_grace; blocks for at most
         drain_timeout + stop_grace + KILL_WAIT, plus the post-stop commands."""
@@ -494,6 +530,10 @@ class Supervisor:
         child, self._child = self._child, None
         if child is not None and not child.poll():
             self._terminate(child, drain)
+        for old in self._retiring:
+            if not old.poll():
+                self._terminate(old, drain=False)
+        self._retiring.clear()
         self._run_commands(self.spec.post_stop, "post-stop")
         self._remove_pidfile()
         previous = self.state
@@ -508,26 +548,36 @@ class Supervisor:
         log.log(level, "sidecar %s -> %s: %s", previous.value, self.state.value, self.reason)
         self._post(SidecarStateChanged(self.state, previous, self.reason, self.pid))
 
-    def _launch(self, now: float) -> None:
+    def _launch(self, now: float, hot: bool = False) -> None:
         spec = self.spec
-        conflicts = self._port_conflicts()
-        if conflicts:
-            self.machine.fatal("; ".join(map(str, conflicts)) +
-                               ": free the port or change the proxy's ports")
-            self._changed(State.STARTING)
-            return
-        if not self._run_commands(spec.pre_start, "pre-start"):
-            self.machine.spawn_failed(now, "pre-start command failed")
-            self._changed(State.STARTING)
-            return
+        if not hot:
+            self._end_retiring()
+            self._epoch = 0
+            conflicts = self._port_conflicts()
+            if conflicts:
+                self.machine.fatal("; ".join(map(str, conflicts)) +
+                                   ": free the port or change the proxy's ports")
+                self._changed(State.STARTING)
+                return
+            if not self._run_commands(spec.pre_start, "pre-start"):
+                self.machine.spawn_failed(now, "pre-start command failed")
+                self._changed(State.STARTING)
+                return
         self._generation += 1
         gen = self._generation
+        argv = with_epoch(spec.argv, self._epoch)
         out_fd, ours = _output_for(spec)
         try:
-            popen = proc.spawn(spec.argv, env=_child_env(spec), user=spec.user, cwd="/",
+            popen = proc.spawn(argv, env=_child_env(spec), user=spec.user, cwd="/",
                                stdout=out_fd, stderr=subprocess.STDOUT)
-        except (OSError, KeyError) as exc:   # missing binary, unknown user
-            self.machine.spawn_failed(now, f"cannot start {spec.argv[0]}: {exc}")
+        except (KeyError, PermissionError, FileNotFoundError) as exc:
+            # Unknown user, not allowed to switch users, missing binary: retrying will not help.
+            what = f"unknown user {spec.user}" if isinstance(exc, KeyError) else str(exc)
+            self.machine.fatal(f"cannot start {argv[0]}: {what}")
+            self._changed(State.STARTING)
+            return
+        except OSError as exc:
+            self.machine.spawn_failed(now, f"cannot start {argv[0]}: {exc}")
             self._changed(State.STARTING)
             return
         finally:
@@ -538,8 +588,16 @@ class Supervisor:
         log.info("sidecar started: pid %d, %s", popen.pid, describe(spec))
         with contextlib.suppress(psutil.Error, OSError):
             write_pidfile(self.layout.sidecar_pidfile, PidRecord(
-                popen.pid, psutil.Process(popen.pid).create_time(), spec.argv, spec.profile))
-        self._watch(gen, child, wait_ready=True)
+                popen.pid, psutil.Process(popen.pid).create_time(), argv, spec.profile))
+        self._watch(gen, child, wait_ready=True, epoch=self._epoch)
+
+    def _end_retiring(self) -> None:
+        """Stop what is left of earlier hot-restart epochs (they normally exit by themselves)."""
+        for old in self._retiring:
+            if not old.poll():
+                proc.kill_group(old.pid, signal.SIGKILL)
+                old.wait(KILL_WAIT)
+        self._retiring.clear()
 
     def _port_conflicts(self) -> list[PortHolder]:
         """Other processes on our ports. A proxy that was just killed may hold its sockets for a
@@ -551,15 +609,21 @@ class Supervisor:
                 return conflicts
             time.sleep(0.05)
 
-    def _watch(self, gen: int, child: _Child, wait_ready: bool) -> None:
+    def _watch(self, gen: int, child: _Child, wait_ready: bool, epoch: int = 0) -> None:
         spec = self.spec
         expect = "LIVE" if spec.profile == "envoy" and spec.readiness_url.endswith("/ready") else None
+
+        def ready() -> bool:
+            if not probe_ready(spec.readiness_url, expect):
+                return False
+            # After a hot restart the admin port may still be the previous epoch's for a moment.
+            return epoch == 0 or server_epoch(spec) == epoch
 
         def run() -> None:
             if wait_ready:
                 delay, fast_until = READY_POLL, time.monotonic() + READY_POLL_FAST_FOR
                 while not child.poll():
-                    if probe_ready(spec.readiness_url, expect):
+                    if ready():
                         self._post(ProxyReady(gen, child.pid))
                         break
                     time.sleep(delay)
@@ -589,10 +653,12 @@ class Supervisor:
                     and all(p.pid != q.pid for q in leftovers):
                 leftovers.append(p)
         adopted: psutil.Process | None = None
+        # After a hot restart two epochs may be left: the newest is the one to keep.
+        leftovers.sort(key=lambda p: -_epoch_of_process(p))
         expect = "LIVE" if spec.profile == "envoy" and spec.readiness_url.endswith("/ready") else None
         for p in leftovers:
             with contextlib.suppress(psutil.Error):
-                if adopted is None and same_command(p.cmdline(), spec.argv) \
+                if adopted is None and same_command(p.cmdline(), spec.argv) and _same_env(p, spec) \
                         and probe_ready(spec.readiness_url, expect):
                     adopted = p
                     continue
@@ -604,9 +670,11 @@ class Supervisor:
             return False
         self._generation += 1
         self._child = _Child(adopted.pid, process=adopted)
+        with contextlib.suppress(psutil.Error):
+            self._epoch = epoch_of(adopted.cmdline())
         with contextlib.suppress(psutil.Error, OSError):
             write_pidfile(self.layout.sidecar_pidfile, PidRecord(
-                adopted.pid, adopted.create_time(), spec.argv, spec.profile))
+                adopted.pid, adopted.create_time(), with_epoch(spec.argv, self._epoch), spec.profile))
         log.info("adopted the running sidecar: pid %d", adopted.pid)
         self._watch(self._generation, self._child, wait_ready=False)
         return True
@@ -676,9 +744,39 @@ class Supervisor:
 
 
 def same_command(cmdline: Sequence[str], argv: Sequence[str]) -> bool:
-    """A process's command line is argv, or an interpreter running argv (a `#!` script)."""
-    cmdline, argv = list(cmdline), list(argv)
+    """A process's command line is argv (whatever its --restart-epoch), or an interpreter running
+    argv (a `#!` script)."""
+    cmdline, argv = list(with_epoch(cmdline, 0)), list(with_epoch(argv, 0))
     return cmdline == argv or (len(cmdline) == len(argv) + 1 and cmdline[1:] == argv)
+
+
+def with_epoch(argv: Sequence[str], epoch: int) -> tuple[str, ...]:
+    """argv with its --restart-epoch value replaced (unchanged without one)."""
+    out = list(argv)
+    for i, word in enumerate(out[:-1]):
+        if word == "--restart-epoch":
+            out[i + 1] = str(epoch)
+    return tuple(out)
+
+
+def epoch_of(argv: Sequence[str]) -> int:
+    words = list(argv)
+    for i, word in enumerate(words[:-1]):
+        if word == "--restart-epoch":
+            with contextlib.suppress(ValueError):
+                return int(words[i + 1])
+    return 0
+
+
+def server_epoch(spec: LaunchSpec) -> int | None:
+    """The --restart-epoch of the Envoy answering on the admin port (GET /server_info)."""
+    try:
+        status, text = admin_request(spec, "GET", "/server_info")
+        if status != 200:
+            return None
+        return int(json.loads(text)["command_line_options"]["restart_epoch"])
+    except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+        return None
 
 
 def _is_ours(p: psutil.Process, recorded_argv: Sequence[str]) -> bool:
@@ -688,6 +786,24 @@ def _is_ours(p: psutil.Process, recorded_argv: Sequence[str]) -> bool:
     with contextlib.suppress(psutil.Error):
         return MARKER_ENV in p.environ()
     return False
+
+
+def _same_env(p: psutil.Process, spec: LaunchSpec) -> bool:
+    """The process runs with the environment the spec would give it (e.g. cluster.env unchanged)."""
+    try:
+        env = p.environ()
+    except psutil.AccessDenied:
+        return True   # cannot tell (the agent is not root): the command line has to do
+    except psutil.Error:
+        return False
+    return all(env.get(key) == value for key, value in spec.env.items())
+
+
+def _epoch_of_process(p: psutil.Process) -> int:
+    try:
+        return epoch_of(p.cmdline())
+    except psutil.Error:
+        return -1
 
 
 def _alive(p: psutil.Process) -> bool:

@@ -28,7 +28,6 @@ from agent.config import SidecarConfig
 from agent.paths import Layout
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DEFAULT_CA_ADDR = "istiod.istio-system.svc:15012"
 ISTIO_READINESS_URL = "http://127.0.0.1:15021/healthz/ready"
 # Ports pilot-agent and its Envoy listen on besides admin and readiness: outbound capture,
 # inbound capture, pilot-agent's status/merged metrics, Envoy's Prometheus stats.
@@ -191,22 +190,33 @@ def istio_profile(cfg: SidecarConfig, *, sidecar_env: Mapping[str, str], cluster
     namespace = env.get("ISTIO_NAMESPACE") or "default"
     service = env.get("ISTIO_SERVICE") or "rawvm"
     cp_auth = env.get("ISTIO_CP_AUTH") or "MUTUAL_TLS"
+    system_ns = env.get("ISTIO_SYSTEM_NAMESPACE") or "istio-system"
 
-    env.setdefault("CA_ADDR", DEFAULT_CA_ADDR)
-    if not env["CA_ADDR"]:
-        env["CA_ADDR"] = DEFAULT_CA_ADDR
+    # istiod's address: CA_ADDR > PILOT_ADDRESS > ISTIO_PILOT_PORT > istiod.<system ns>.svc:15012.
+    custom_pilot = env.get("PILOT_ADDRESS") or (
+        f"istiod.{system_ns}.svc:{env['ISTIO_PILOT_PORT']}" if env.get("ISTIO_PILOT_PORT") else "")
+    env["CA_ADDR"] = env.get("CA_ADDR") or custom_pilot or f"istiod.{system_ns}.svc:15012"
     # Issued certificates are written to and read from /etc/certs, so the proxy can renew with its
-    # certificate after the bootstrap token expired.
-    env["PROV_CERT"] = CERTS_DIR
-    env["OUTPUT_CERTS"] = CERTS_DIR
-    if not env.get("PROXY_CONFIG"):
-        env["PROXY_CONFIG"] = f"serviceCluster: {service}\ncontrolPlaneAuthPolicy: {cp_auth}\n"
+    # certificate after the bootstrap token expired. Like the script, an explicit value (even
+    # empty) is kept.
+    env.setdefault("PROV_CERT", CERTS_DIR)
+    env.setdefault("OUTPUT_CERTS", CERTS_DIR)
+    proxy_config = env.get("PROXY_CONFIG") or \
+        f"serviceCluster: {service}\ncontrolPlaneAuthPolicy: {cp_auth}\n"
+    if custom_pilot:
+        # The script appends this to the given PROXY_CONFIG, dropping the default when none was
+        # given; here the default is kept.
+        proxy_config = proxy_config.rstrip("\n") + f"\ndiscoveryAddress: {custom_pilot}\n"
+    env["PROXY_CONFIG"] = proxy_config
+    if env.get("WORKLOAD_IDENTITY_SOCKET_PATH"):
+        env["JWT_POLICY"] = "none"   # identity comes from the workload identity socket, not a token
     env["INSTANCE_IP"] = instance_ip
     env["POD_NAME"] = env.get("POD_NAME") or hostname.split(".")[0]
     env["POD_NAMESPACE"] = namespace  # the script passes POD_NAMESPACE=${ISTIO_NAMESPACE:-default}
 
-    # TPROXY interception needs CAP_NET_ADMIN for transparent listeners: the script runs it as root.
-    user: str | None = cfg.user
+    # EXEC_USER (sidecar.env) overrides the configured user, as in the script. TPROXY interception
+    # needs CAP_NET_ADMIN for transparent listeners: the script runs the proxy as root then.
+    user: str | None = env.get("EXEC_USER") or cfg.user
     if env.get("ISTIO_INBOUND_INTERCEPTION_MODE") == "TPROXY":
         user = "root"
 

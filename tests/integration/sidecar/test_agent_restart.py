@@ -163,6 +163,21 @@ def test_reexecuted_agent_adopts_its_envoy(world: World) -> None:
     assert alive_with(marker) == []
 
 
+def test_reexecuted_agent_with_a_changed_environment_replaces_its_envoy(world: World) -> None:
+    spec_file, marker = envoy_spec(world.tmp)
+    agent = world.agent(spec_file)
+    pid = agent.running_pid()
+    data = json.loads(spec_file.read_text())
+    data["env"]["CHANGED"] = "yes"      # as if cluster.env had changed while the agent was away
+    spec_file.write_text(json.dumps(data))
+    agent.p.send_signal(signal.SIGUSR1)
+    agent.wait_for("reexec")
+    new = agent.running_pid()
+    assert new != pid and alive_with(marker) == [new]
+    assert psutil.Process(new).environ()["CHANGED"] == "yes"
+    agent.stop()
+
+
 @pytest.fixture
 def standin(world: World) -> Iterator[IstioStandIn]:
     s = IstioStandIn(user="nobody" if ROOT else None, stop_grace=1.0)

@@ -56,6 +56,8 @@ def test_start_ready_sigkill_restart_and_stop(tmp_path: Path, layout: Layout) ->
         assert "SIGKILL" in sup.reason
         assert loop.run_until(sup, lambda: sup.state is State.RUNNING and sup.pid != first), sup.reason
         assert sup.restarts == 1
+        assert sup.snapshot() == {"profile": "envoy", "state": "running", "ready": True, "pid": sup.pid,
+                                  "restarts": 1, "reason": "ready", "restart_epoch": 0}
         with urllib.request.urlopen(spec.readiness_url, timeout=2) as resp:
             assert resp.read().strip() == b"LIVE"
         states = loop.states(sup)
@@ -198,3 +200,96 @@ def test_drain_waits_for_in_flight_requests_then_stops_early(tmp_path: Path, lay
     app.close()
     assert answer == [b"ok\n"]
     assert 0.4 < took < 5.0   # waited for the request, not for the whole drain timeout
+
+
+def test_output_goes_to_log_dir_when_asked(tmp_path: Path, layout: Layout) -> None:
+    spec = make(tmp_path, log_dir=str(tmp_path / "logs"))
+    loop = Loop()
+    sup = Supervisor(spec, layout, loop.post)
+    sup.start()
+    try:
+        assert loop.run_until(sup, lambda: sup.state is State.RUNNING), sup.reason
+    finally:
+        sup.stop(drain=False)
+    text = (tmp_path / "logs" / "envoy.log").read_text()
+    assert "starting main dispatch loop" in text or "caught ENVOY_SIGTERM" in text
+
+
+def test_hot_restart_hands_over_without_failed_requests(tmp_path: Path, layout: Layout) -> None:
+    from agent.sidecar.process import server_epoch
+
+    app = App(delay=0.05)
+    # drain_timeout 1 s: the old epoch drains for 1 s and is told to exit 6 s after the hand-over.
+    spec = make(tmp_path, listener=True, app_port=app.port, drain_timeout=1.0)
+    loop = Loop()
+    sup = Supervisor(spec, layout, loop.post)
+    sup.start()
+    assert loop.run_until(sup, lambda: sup.state is State.RUNNING), sup.reason
+    old = sup.pid
+    assert old is not None and server_epoch(spec) == 0
+
+    failures: list[str] = []
+    done = threading.Event()
+
+    def client() -> None:
+        while not done.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{spec.ports[1]}/slow", timeout=5) as r:
+                    r.read()
+            except (OSError, http.client.HTTPException) as exc:
+                failures.append(repr(exc))
+
+    t = threading.Thread(target=client, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    assert sup.hot_restart()
+    assert sup.state is State.STARTING
+    assert loop.run_until(sup, lambda: sup.state is State.RUNNING), sup.reason
+    new = sup.pid
+    assert new != old and server_epoch(spec) == 1
+    cmdline = psutil.Process(new).cmdline()
+    assert cmdline[cmdline.index("--restart-epoch") + 1] == "1"
+    # The old epoch goes away by itself; that is not an exit of the proxy.
+    assert loop.run_until(sup, lambda: not _alive(old), timeout=15)
+    time.sleep(0.2)
+    done.set()
+    t.join(10)
+    app.close()
+    loop.states(sup)
+    assert sup.state is State.RUNNING and sup.pid == new and sup.restarts == 0
+    assert failures == []
+    record = read_pidfile(layout.sidecar_pidfile)
+    assert record is not None and record.pid == new
+    assert record.argv[record.argv.index("--restart-epoch") + 1] == "1"
+    sup.stop(drain=False)
+    assert not _alive(new)
+
+
+def test_a_port_taken_while_in_backoff_is_fatal_not_a_restart_loop(tmp_path: Path, layout: Layout) -> None:
+    from agent.config import BackoffConfig
+
+    spec = make(tmp_path, backoff=BackoffConfig(1.0, 1.0))
+    loop = Loop()
+    sup = Supervisor(spec, layout, loop.post)
+    sup.start()
+    assert loop.run_until(sup, lambda: sup.state is State.RUNNING), sup.reason
+    old = sup.pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    assert loop.run_until(sup, lambda: sup.state is State.BACKOFF)
+    with socket.socket() as squatter:
+        squatter.bind(spec.admin_address)
+        squatter.listen()
+        assert loop.run_until(sup, lambda: sup.state is State.FATAL, timeout=10)
+        assert f"port {spec.admin_address[1]} is already in use by pid {os.getpid()}" in sup.reason
+        assert sup.restarts == 1 and sup.pid is None
+
+
+def test_a_missing_binary_is_fatal_at_once(tmp_path: Path, layout: Layout) -> None:
+    spec = make(tmp_path, envoy_binary=str(tmp_path / "no-envoy"))
+    loop = Loop()
+    sup = Supervisor(spec, layout, loop.post)
+    sup.start()
+    assert sup.state is State.FATAL
+    assert sup.reason.startswith(f"cannot start {tmp_path / 'no-envoy'}: ")
+    assert "No such file" in sup.reason

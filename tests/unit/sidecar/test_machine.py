@@ -114,3 +114,26 @@ def test_adopted_proxy_is_running() -> None:
     assert m.state is State.RUNNING
     m.exited(1.0, "proxy pid 5 exited")
     assert m.state is State.BACKOFF
+
+
+def test_hot_restart_goes_back_to_starting_with_a_ready_deadline() -> None:
+    m = machine(ready_timeout=5.0)
+    m.start(0.0)
+    m.ready(1.0)
+    m.hot_restarting(2.0, 1)
+    assert m.state is State.STARTING and m.deadline == 7.0 and m.reason == "hot restart to epoch 1"
+    m.ready(2.5)
+    assert m.state is State.RUNNING
+
+
+def test_command_matching_ignores_the_restart_epoch_and_allows_an_interpreter() -> None:
+    from agent.sidecar.process import epoch_of, same_command, with_epoch
+
+    argv = ("/usr/local/bin/envoy", "-c", "/b.json", "--base-id", "3", "--restart-epoch", "0")
+    assert with_epoch(argv, 4)[-1] == "4" and epoch_of(with_epoch(argv, 4)) == 4
+    assert same_command(with_epoch(argv, 2), argv)
+    assert same_command(["/usr/bin/python3", *argv], argv)
+    assert not same_command([*argv, "--extra"], argv)
+    assert not same_command(["/usr/local/bin/envoy", "-c", "/other.json", "--base-id", "3",
+                             "--restart-epoch", "0"], argv)
+    assert epoch_of(("pilot-agent", "proxy")) == 0 and with_epoch(("a",), 1) == ("a",)

@@ -42,7 +42,8 @@ def test_sidecar_yaml_accepts_path_and_name_and_rejects_gaps() -> None:
 def test_install_commands() -> None:
     deb = Path("/var/lib/mesh-agent/sidecar/istio-sidecar_1.deb")
     assert install_command(deb, Path("/"), SYSTEMD_RUN) == [
-        *SYSTEMD_RUN, "apt-get", "install", "-y", "--allow-downgrades", "--no-install-recommends", str(deb)]
+        *SYSTEMD_RUN, "apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--allow-downgrades",
+        "--no-install-recommends", str(deb)]
     assert SYSTEMD_RUN[:4] == ("systemd-run", "--wait", "--collect", "--quiet")
     assert install_command(deb, Path("/tmp/vm"), ()) == ["dpkg", "--root=/tmp/vm", "--force-confnew", "-i",
                                                          str(deb)]

@@ -91,6 +91,27 @@ def test_istio_respects_given_proxy_config_pod_name_cp_auth_and_tproxy() -> None
     assert none.env["PROXY_CONFIG"].endswith("controlPlaneAuthPolicy: NONE\n")
 
 
+def test_istiod_address_precedence_and_discovery_address() -> None:
+    base = {k: v for k, v in CLUSTER_ENV.items() if k != "CA_ADDR"}
+    env = istio(cluster={**base, "ISTIO_SYSTEM_NAMESPACE": "mesh"}).env
+    assert env["CA_ADDR"] == "istiod.mesh.svc:15012"
+    assert "discoveryAddress" not in env["PROXY_CONFIG"]
+    env = istio(cluster={**base, "ISTIO_PILOT_PORT": "15010"}).env
+    assert env["CA_ADDR"] == "istiod.istio-system.svc:15010"
+    assert env["PROXY_CONFIG"] == ("serviceCluster: billing.vm-apps\ncontrolPlaneAuthPolicy: MUTUAL_TLS\n"
+                                   "discoveryAddress: istiod.istio-system.svc:15010\n")
+    env = istio(cluster={**base, "PILOT_ADDRESS": "10.9.9.9:15012", "CA_ADDR": "ca:1"}).env
+    assert env["CA_ADDR"] == "ca:1" and env["PROXY_CONFIG"].endswith("discoveryAddress: 10.9.9.9:15012\n")
+
+
+def test_exec_user_kept_certs_and_workload_identity() -> None:
+    spec = istio(sidecar={"EXEC_USER": "proxyuser", "PROV_CERT": ""},
+                 cluster={**CLUSTER_ENV, "WORKLOAD_IDENTITY_SOCKET_PATH": "/var/run/wi/socket"})
+    assert spec.user == "proxyuser"
+    assert spec.env["PROV_CERT"] == "" and spec.env["OUTPUT_CERTS"] == "/etc/certs"
+    assert spec.env["JWT_POLICY"] == "none"
+
+
 def test_istio_without_any_address_is_an_error() -> None:
     with pytest.raises(ProfileError, match="INSTANCE_IP"):
         istio(cluster={"ISTIO_SVC_IP": ""}, address=None)
