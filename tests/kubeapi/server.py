@@ -206,7 +206,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _json_body(self, raw: bytes) -> Any:
         ctype = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip()
         if ctype == "application/vnd.kubernetes.protobuf":
-            raise ApiError(415, "UnsupportedMediaType", "protobuf is not supported by this server")
+            try:
+                return protobuf.decode(raw)
+            except protobuf.ProtobufError as exc:
+                raise ApiError(415, "UnsupportedMediaType", str(exc)) from exc
         try:
             return json.loads(raw) if ctype == "application/json" else yaml.safe_load(raw)
         except (ValueError, yaml.YAMLError) as exc:
@@ -243,14 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
         if route.special == "ssar":
             if method != "POST":
                 raise method_not_allowed()
-            if (self.headers.get("Content-Type") or "").startswith("application/vnd.kubernetes.protobuf"):
-                try:
-                    body = protobuf.access_review(raw)
-                except protobuf.ProtobufError as exc:
-                    raise ApiError(415, "UnsupportedMediaType", str(exc)) from exc
-            else:
-                body = self._json_body(raw)
-            self._send_json(201, cluster.access_review(ident, body))
+            self._send_json(201, cluster.access_review(ident, self._json_body(raw)))
             return
         if route.special == "ssr":
             self._send_json(201, {"kind": "SelfSubjectReview", "apiVersion": "authentication.k8s.io/v1",
