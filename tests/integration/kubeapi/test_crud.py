@@ -271,3 +271,11 @@ def test_strategic_merge_patch_merges_keyed_lists_of_built_in_types(kube_client:
         "metadata": {"$deleteFromPrimitiveList/finalizers": ["example.com/a", "example.com/b"]},
         "spec": {"ports": [{"port": 80, "$patch": "delete"}]}})
     assert [p.port for p in out.spec.ports] == [443] and not out.metadata.finalizers
+
+
+def test_dry_run_validates_but_stores_nothing(api: KubeAPI, co: client.CustomObjectsApi) -> None:
+    out = co.create_namespaced_custom_object(*WE, entry(), dry_run="All")
+    assert out["metadata"]["uid"] and api.get("WorkloadEntry", NS, "billing-10-0-0-1") is None
+    with pytest.raises(client.ApiException) as exc:
+        co.create_namespaced_custom_object(*WE, entry(labels={}), dry_run="All")
+    assert exc.value.status == 422
