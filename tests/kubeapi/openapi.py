@@ -472,7 +472,11 @@ def _load(path: str) -> tuple[CRD, ...]:
 
 
 def load_crds(path: str | Path | None = None) -> tuple[CRD, ...]:
-    return _load(str(path or default_crds_path()))
+    where = Path(path) if path else default_crds_path()
+    if not where.exists():
+        raise FileNotFoundError(f"no CRD file at {where}: set MESH_AGENT_CRDS (or pass crds=) to the Istio "
+                                "CRDs (shared/istio/crds.yaml)")
+    return _load(str(where))
 
 
 def crd_schema(kind: str, version: str = "v1", path: str | Path | None = None) -> Schema:
