@@ -258,6 +258,12 @@ def _check(schema: Schema, value: Any, path: str, errors: list[FieldError]) -> N
         if "minProperties" in schema and len(value) < schema["minProperties"]:
             errors.append(invalid(path, len(value), f"{path} in body should have at least "
                                                     f"{schema['minProperties']} properties"))
+        names = schema.get("propertyNames")
+        if names and "pattern" in names:
+            for key in value:
+                if not re.search(names["pattern"], key):
+                    detail = f"a valid key must match '{names['pattern']}'"
+                    errors.append(invalid(join(path, key), key, detail))
         for name in schema.get("required", []):
             if name not in value:
                 errors.append(required(join(path, name)))

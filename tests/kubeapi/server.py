@@ -390,6 +390,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
 
+        as_table = table.wants_table(self.headers.get("Accept") or "")
+
+        def shape(obj: dict[str, Any]) -> dict[str, Any]:
+            # `kubectl get -w` asks for each event's object as a one-row Table.
+            if not as_table:
+                return obj
+            return table.table(rt, version, [obj], obj["metadata"]["resourceVersion"],
+                               query.get("includeObject", ""))
+
         def send(etype: str, obj: dict[str, Any]) -> None:
             data = json.dumps({"type": etype, "object": obj}).encode() + b"\n"
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -397,7 +406,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         try:
             for obj in initial:
-                send("ADDED", cluster._out(rt, version, obj))
+                send("ADDED", shape(cluster._out(rt, version, obj)))
             next_bookmark = time.monotonic() + self.api.bookmark_interval
             while not self.api.stopping.is_set() and time.monotonic() < deadline:
                 with store.changed:
@@ -415,7 +424,7 @@ class _Handler(BaseHTTPRequestHandler):
                         continue
                     etype = self._event_type(e, ns, match)
                     if etype:
-                        send(etype, cluster._out(rt, version, e.obj))
+                        send(etype, shape(cluster._out(rt, version, e.obj)))
                 last = max(last, current) if not store.too_old(last) else last
                 if bookmarks and time.monotonic() >= next_bookmark:
                     send("BOOKMARK", {"kind": rt.kind, "apiVersion": rt.api_version(version),
