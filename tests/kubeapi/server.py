@@ -399,10 +399,15 @@ class _Handler(BaseHTTPRequestHandler):
             return table.table(rt, version, [obj], obj["metadata"]["resourceVersion"],
                                query.get("includeObject", ""))
 
-        def send(etype: str, obj: dict[str, Any]) -> None:
-            data = json.dumps({"type": etype, "object": obj}).encode() + b"\n"
+        def encode(etype: str, obj: dict[str, Any]) -> bytes:
+            return json.dumps({"type": etype, "object": obj}).encode() + b"\n"
+
+        def write(data: bytes) -> None:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
+
+        def send(etype: str, obj: dict[str, Any]) -> None:
+            write(encode(etype, obj))
 
         try:
             for obj in initial:
@@ -415,7 +420,9 @@ class _Handler(BaseHTTPRequestHandler):
                         break
                     events = store.since(last)
                     if not events:
-                        store.changed.wait(timeout=min(0.25, max(0.0, deadline - time.monotonic())))
+                        now = time.monotonic()
+                        wake = min(deadline, next_bookmark if bookmarks else deadline, now + 1.0)
+                        store.changed.wait(timeout=max(0.0, wake - now))
                         events = store.since(last)
                     current = store.rv
                 for e in events:
@@ -424,7 +431,12 @@ class _Handler(BaseHTTPRequestHandler):
                         continue
                     etype = self._event_type(e, ns, match)
                     if etype:
-                        send(etype, shape(cluster._out(rt, version, e.obj)))
+                        cache_key = (version, as_table, etype)
+                        data = e.encoded.get(cache_key)
+                        if data is None:
+                            data = encode(etype, shape(cluster._out(rt, version, e.obj)))
+                            e.encoded[cache_key] = data
+                        write(data)
                 last = max(last, current) if not store.too_old(last) else last
                 if bookmarks and time.monotonic() >= next_bookmark:
                     send("BOOKMARK", {"kind": rt.kind, "apiVersion": rt.api_version(version),
@@ -531,6 +543,8 @@ class KubeAPI:
 
     def stop(self) -> None:
         self.stopping.set()
+        with self.cluster.store.changed:
+            self.cluster.store.changed.notify_all()  # watchers see `stopping` now
         if self._restart_timer:
             self._restart_timer.cancel()
         self._unlisten()
