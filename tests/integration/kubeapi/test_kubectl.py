@@ -35,7 +35,7 @@ def kubectl(api: KubeAPI, tmp_path: Path, *args: str, stdin: str | None = None,
             check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HOME": str(tmp_path), "KUBECONFIG": str(api.kubeconfig)}
     proc = subprocess.run(["kubectl", "--cache-dir", str(tmp_path / "cache"), *args], input=stdin,
-                          capture_output=True, text=True, timeout=30, env=env)
+                          capture_output=True, text=True, timeout=60, env=env)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
