@@ -87,3 +87,14 @@ def test_outage_refuses_connections_then_recovers(api: KubeAPI) -> None:
             time.sleep(0.05)
     else:
         pytest.fail("the server did not come back")
+
+
+def test_but_a_patch_sees_the_429(api: KubeAPI, co: client.CustomObjectsApi) -> None:
+    # urllib3 retries only methods it deems idempotent (GET, PUT, DELETE...), never POST or PATCH.
+    api.faults.status(429, retry_after=1, method="PATCH")
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WorkloadEntry", "metadata": {"name": "a"},
+            "spec": {"address": "10.0.0.1"}}
+    with pytest.raises(client.ApiException) as exc:
+        co.patch_namespaced_custom_object(*WE, "a", body, field_manager="m",
+                                          _content_type="application/apply-patch+yaml")
+    assert exc.value.status == 429 and exc.value.headers["Retry-After"] == "1"
