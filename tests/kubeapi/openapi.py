@@ -258,6 +258,12 @@ def _check(schema: Schema, value: Any, path: str, errors: list[FieldError]) -> N
         if "minProperties" in schema and len(value) < schema["minProperties"]:
             errors.append(invalid(path, len(value), f"{path} in body should have at least "
                                                     f"{schema['minProperties']} properties"))
+        names = schema.get("propertyNames")
+        if names and "pattern" in names:
+            for key in value:
+                if not re.search(names["pattern"], key):
+                    detail = f"a valid key must match '{names['pattern']}'"
+                    errors.append(invalid(join(path, key), key, detail))
         for name in schema.get("required", []):
             if name not in value:
                 errors.append(required(join(path, name)))
@@ -472,7 +478,11 @@ def _load(path: str) -> tuple[CRD, ...]:
 
 
 def load_crds(path: str | Path | None = None) -> tuple[CRD, ...]:
-    return _load(str(path or default_crds_path()))
+    where = Path(path) if path else default_crds_path()
+    if not where.exists():
+        raise FileNotFoundError(f"no CRD file at {where}: set MESH_AGENT_CRDS (or pass crds=) to the Istio "
+                                "CRDs (shared/istio/crds.yaml)")
+    return _load(str(where))
 
 
 def crd_schema(kind: str, version: str = "v1", path: str | Path | None = None) -> Schema:

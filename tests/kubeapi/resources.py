@@ -11,11 +11,16 @@ _STR = {"type": "string"}
 _INT32 = {"type": "integer", "format": "int32"}
 _STRMAP = {"type": "object", "additionalProperties": {"type": "string"}}
 
+# ConfigMap keys: what the server's IsConfigMapKey allows.
+_CONFIGMAP_KEY = r"^[-._a-zA-Z0-9]{1,253}$"
+
 CONFIGMAP_SCHEMA: Schema = {
     "type": "object",
     "properties": {
-        "data": {"type": "object", "additionalProperties": _STR},
-        "binaryData": {"type": "object", "additionalProperties": {"type": "string", "format": "byte"}},
+        "data": {"type": "object", "additionalProperties": _STR,
+                 "propertyNames": {"pattern": _CONFIGMAP_KEY}},
+        "binaryData": {"type": "object", "additionalProperties": {"type": "string", "format": "byte"},
+                       "propertyNames": {"pattern": _CONFIGMAP_KEY}},
         "immutable": {"type": "boolean"},
     },
 }
@@ -76,10 +81,10 @@ LEASE_SCHEMA: Schema = {
             "type": "object",
             "properties": {
                 "holderIdentity": _STR,
-                "leaseDurationSeconds": _INT32,
+                "leaseDurationSeconds": {**_INT32, "minimum": 1},
                 "acquireTime": {"type": "string", "format": "micro-time"},
                 "renewTime": {"type": "string", "format": "micro-time"},
-                "leaseTransitions": _INT32,
+                "leaseTransitions": {**_INT32, "minimum": 0},
                 "strategy": _STR,
                 "preferredHolder": _STR,
             },

@@ -206,7 +206,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _json_body(self, raw: bytes) -> Any:
         ctype = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip()
         if ctype == "application/vnd.kubernetes.protobuf":
-            raise ApiError(415, "UnsupportedMediaType", "protobuf is not supported by this server")
+            try:
+                return protobuf.decode(raw)
+            except protobuf.ProtobufError as exc:
+                raise ApiError(415, "UnsupportedMediaType", str(exc)) from exc
         try:
             return json.loads(raw) if ctype == "application/json" else yaml.safe_load(raw)
         except (ValueError, yaml.YAMLError) as exc:
@@ -243,14 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
         if route.special == "ssar":
             if method != "POST":
                 raise method_not_allowed()
-            if (self.headers.get("Content-Type") or "").startswith("application/vnd.kubernetes.protobuf"):
-                try:
-                    body = protobuf.access_review(raw)
-                except protobuf.ProtobufError as exc:
-                    raise ApiError(415, "UnsupportedMediaType", str(exc)) from exc
-            else:
-                body = self._json_body(raw)
-            self._send_json(201, cluster.access_review(ident, body))
+            self._send_json(201, cluster.access_review(ident, self._json_body(raw)))
             return
         if route.special == "ssr":
             self._send_json(201, {"kind": "SelfSubjectReview", "apiVersion": "authentication.k8s.io/v1",
@@ -394,14 +390,28 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
 
-        def send(etype: str, obj: dict[str, Any]) -> None:
-            data = json.dumps({"type": etype, "object": obj}).encode() + b"\n"
+        as_table = table.wants_table(self.headers.get("Accept") or "")
+
+        def shape(obj: dict[str, Any]) -> dict[str, Any]:
+            # `kubectl get -w` asks for each event's object as a one-row Table.
+            if not as_table:
+                return obj
+            return table.table(rt, version, [obj], obj["metadata"]["resourceVersion"],
+                               query.get("includeObject", ""))
+
+        def encode(etype: str, obj: dict[str, Any]) -> bytes:
+            return json.dumps({"type": etype, "object": obj}).encode() + b"\n"
+
+        def write(data: bytes) -> None:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
 
+        def send(etype: str, obj: dict[str, Any]) -> None:
+            write(encode(etype, obj))
+
         try:
             for obj in initial:
-                send("ADDED", cluster._out(rt, version, obj))
+                send("ADDED", shape(cluster._out(rt, version, obj)))
             next_bookmark = time.monotonic() + self.api.bookmark_interval
             while not self.api.stopping.is_set() and time.monotonic() < deadline:
                 with store.changed:
@@ -410,7 +420,9 @@ class _Handler(BaseHTTPRequestHandler):
                         break
                     events = store.since(last)
                     if not events:
-                        store.changed.wait(timeout=min(0.25, max(0.0, deadline - time.monotonic())))
+                        now = time.monotonic()
+                        wake = min(deadline, next_bookmark if bookmarks else deadline, now + 1.0)
+                        store.changed.wait(timeout=max(0.0, wake - now))
                         events = store.since(last)
                     current = store.rv
                 for e in events:
@@ -419,7 +431,12 @@ class _Handler(BaseHTTPRequestHandler):
                         continue
                     etype = self._event_type(e, ns, match)
                     if etype:
-                        send(etype, cluster._out(rt, version, e.obj))
+                        cache_key = (version, as_table, etype)
+                        data = e.encoded.get(cache_key)
+                        if data is None:
+                            data = encode(etype, shape(cluster._out(rt, version, e.obj)))
+                            e.encoded[cache_key] = data
+                        write(data)
                 last = max(last, current) if not store.too_old(last) else last
                 if bookmarks and time.monotonic() >= next_bookmark:
                     send("BOOKMARK", {"kind": rt.kind, "apiVersion": rt.api_version(version),
@@ -526,6 +543,8 @@ class KubeAPI:
 
     def stop(self) -> None:
         self.stopping.set()
+        with self.cluster.store.changed:
+            self.cluster.store.changed.notify_all()  # watchers see `stopping` now
         if self._restart_timer:
             self._restart_timer.cancel()
         self._unlisten()

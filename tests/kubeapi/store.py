@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 TypeKey = tuple[str, str]  # (group, plural)
@@ -19,6 +19,9 @@ class Event:
     key: TypeKey
     obj: dict[str, Any]
     old: dict[str, Any] | None
+    # Encoded watch lines by (version, table, event type): every watcher of a write sends the same
+    # bytes, so they are made once.
+    encoded: dict[tuple[str, bool, str], bytes] = field(default_factory=dict, compare=False)
 
 
 class Store:
@@ -86,8 +89,16 @@ class Store:
             self.changed.notify_all()
 
     def since(self, rv: int) -> list[Event]:
+        # Newest events are at the right: walk back only as far as needed (many watchers call this
+        # on every write, so a full scan of the history would dominate).
         with self.lock:
-            return [e for e in self.events if e.rv > rv]
+            out: list[Event] = []
+            for event in reversed(self.events):
+                if event.rv <= rv:
+                    break
+                out.append(event)
+            out.reverse()
+            return out
 
     def too_old(self, rv: int) -> bool:
         with self.lock:

@@ -188,7 +188,7 @@ def test_deleting_a_group_deletes_the_entries_it_owns(api: KubeAPI, co: client.C
     co.create_namespaced_custom_object(*WE, owned)
     co.create_namespaced_custom_object(*WE, entry("unowned"))
     co.delete_namespaced_custom_object(GROUP, VERSION, NS, "workloadgroups", "billing")
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20
     while api.get("WorkloadEntry", NS, "billing-10-0-0-1") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert api.get("WorkloadEntry", NS, "billing-10-0-0-1") is None
@@ -202,7 +202,7 @@ def test_an_owner_reference_with_a_wrong_uid_gets_the_entry_collected(api: KubeA
     owned["metadata"]["ownerReferences"] = [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "WorkloadGroup",
                                              "name": "billing", "uid": "not-the-group-uid"}]
     co.create_namespaced_custom_object(*WE, owned)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20
     while api.get("WorkloadEntry", NS, "billing-10-0-0-1") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert api.get("WorkloadEntry", NS, "billing-10-0-0-1") is None
@@ -231,7 +231,7 @@ def test_namespace_deletion_waits_for_its_content(api: KubeAPI, kube_client: cli
     with pytest.raises(client.ApiException) as exc:
         core.create_namespaced_config_map(NS, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="new")))
     assert exc.value.status == 403 and "being terminated" in json.loads(exc.value.body)["message"]
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20
     while api.get("ConfigMap", NS, "plain") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert api.get("ConfigMap", NS, "plain") is None
@@ -271,3 +271,11 @@ def test_strategic_merge_patch_merges_keyed_lists_of_built_in_types(kube_client:
         "metadata": {"$deleteFromPrimitiveList/finalizers": ["example.com/a", "example.com/b"]},
         "spec": {"ports": [{"port": 80, "$patch": "delete"}]}})
     assert [p.port for p in out.spec.ports] == [443] and not out.metadata.finalizers
+
+
+def test_dry_run_validates_but_stores_nothing(api: KubeAPI, co: client.CustomObjectsApi) -> None:
+    out = co.create_namespaced_custom_object(*WE, entry(), dry_run="All")
+    assert out["metadata"]["uid"] and api.get("WorkloadEntry", NS, "billing-10-0-0-1") is None
+    with pytest.raises(client.ApiException) as exc:
+        co.create_namespaced_custom_object(*WE, entry(labels={}), dry_run="All")
+    assert exc.value.status == 422

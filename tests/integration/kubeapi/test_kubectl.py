@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import subprocess
@@ -33,7 +35,7 @@ def kubectl(api: KubeAPI, tmp_path: Path, *args: str, stdin: str | None = None,
             check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HOME": str(tmp_path), "KUBECONFIG": str(api.kubeconfig)}
     proc = subprocess.run(["kubectl", "--cache-dir", str(tmp_path / "cache"), *args], input=stdin,
-                          capture_output=True, text=True, timeout=30, env=env)
+                          capture_output=True, text=True, timeout=60, env=env)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -80,3 +82,14 @@ def test_auth_can_i_and_delete(api: KubeAPI, tmp_path: Path) -> None:
     api.create(yaml.safe_load(MANIFEST))
     kubectl(api, tmp_path, "delete", "workloadentry", "billing-10-0-0-1", "-n", NS)
     assert api.get("WorkloadEntry", NS, "billing-10-0-0-1") is None
+
+
+def test_typed_create_commands_sent_as_protobuf(api: KubeAPI, tmp_path: Path) -> None:
+    kubectl(api, tmp_path, "create", "namespace", "demo")
+    kubectl(api, tmp_path, "-n", "demo", "create", "configmap", "c", "--from-literal=a=b")
+    kubectl(api, tmp_path, "-n", "demo", "create", "serviceaccount", "billing-vm")
+    token = kubectl(api, tmp_path, "-n", "demo", "create", "token", "billing-vm", "--audience=istio-ca")
+    payload = token.stdout.strip().split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["aud"] == ["istio-ca"] and claims["sub"] == "system:serviceaccount:demo:billing-vm"
+    assert api.get("ConfigMap", "demo", "c")["data"] == {"a": "b"}

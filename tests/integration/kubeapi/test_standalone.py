@@ -32,7 +32,7 @@ def test_standalone_writes_a_kubeconfig_and_stops_on_sigterm(tmp_path: Path) -> 
         assert "vm-apps" in names and "default" in names
         api.close()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

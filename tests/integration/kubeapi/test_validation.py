@@ -150,3 +150,16 @@ def test_lease_times_need_six_fractional_digits(kube_client: client.ApiClient, a
     lease.spec.lease_duration_seconds = 40
     made = leases.create_namespaced_lease(NS, lease)
     assert made.spec.renew_time == whole_second.replace(microsecond=1)
+
+
+def test_built_in_types_are_validated_too(kube_client: client.ApiClient, api: object) -> None:
+    core = client.CoreV1Api(kube_client)
+    with pytest.raises(client.ApiException) as exc:
+        core.create_namespaced_config_map(NS, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="c"),
+                                                                 data={"bad key": "v"}))
+    assert exc.value.status == 422
+    leases = client.CoordinationV1Api(kube_client)
+    with pytest.raises(client.ApiException) as exc:
+        leases.create_namespaced_lease(NS, client.V1Lease(metadata=client.V1ObjectMeta(name="l"),
+                                                          spec=client.V1LeaseSpec(lease_duration_seconds=0)))
+    assert exc.value.status == 422 and "spec.leaseDurationSeconds" in json.loads(exc.value.body)["message"]
