@@ -239,3 +239,26 @@ def test_exit_status_of_an_app_its_parent_reaps_at_once(events: Events, tmp_path
     finally:
         parent.kill()
         parent.wait(5)
+
+
+def test_reconfigure(apps: Apps, events: Events, monitors: list[Monitor], tmp_path: Path) -> None:
+    from agent.config import AppConfig
+
+    status = tmp_path / "status"
+    app = apps.start("http", "--status-file", str(status))
+    m = start(monitors, Monitor(None, ports=[app.port], post=events.post, flap=NO_DAMPING,
+                                sidecar_ready=True))
+    assert health(events.next(5)).state is Health.HEALTHY
+    assert m.snapshot().probe == f"tcp://127.0.0.1:{app.port}"
+    with pytest.raises(ValueError, match="no probe and no app port"):
+        m.reconfigure(None, ports=[])
+    assert m.snapshot().probe == f"tcp://127.0.0.1:{app.port}"  # the running setup is kept
+    # agent.yaml now asks for an HTTP probe; the app answers 500 to it: Unhealthy, without waiting
+    # for the next 10 s period.
+    status.write_text("500")
+    cfg = ProbeConfig(http_get=http_probe(app.port).http_get, failure_threshold=1)
+    m.apply_config(AppConfig(probe=cfg, flap=NO_DAMPING), bundle_probe=None, ports=[app.port],
+                   instance_address=None)
+    ev = health(events.next(5))
+    assert ev.state is Health.UNHEALTHY and ev.reason == "probe failed: HTTP 500"
+    assert m.snapshot().probe == f"http://127.0.0.1:{app.port}/ready"
