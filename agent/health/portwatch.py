@@ -316,39 +316,43 @@ class PortWatch:
     def _run(self) -> None:
         next_scan = time.monotonic() + self.interval
         while not self._stop.is_set():
-            now = time.monotonic()
-            with self._lock:
-                if self._rescan:
-                    self._rescan, next_scan = False, now
-            if now >= next_scan:
-                try:
-                    self._scan()
-                except Exception:  # keep watching whatever one bad read did
-                    log.exception("port scan failed")
-                next_scan = now + self.interval
-            with self._lock:
-                polling = not self.use_pidfd and bool(self._owners)
-            wait = max(0.0, next_scan - time.monotonic())
-            if polling:
-                wait = min(wait, self.fallback_interval)
-            for fd, _ in self._poller.poll(wait * 1000):
-                if fd == self._wake_r:
-                    try:
-                        while os.read(self._wake_r, 512):
-                            pass
-                    except (BlockingIOError, OSError):
+            try:
+                next_scan = self._step(next_scan)
+            except Exception:  # keep watching whatever one bad read did
+                log.exception("port watch failed; going on")
+                self._stop.wait(self.interval)
+
+    def _step(self, next_scan: float) -> float:
+        """One round: scan if due, then wait for an owner's exit, a wake-up or the next scan."""
+        now = time.monotonic()
+        with self._lock:
+            if self._rescan:
+                self._rescan, next_scan = False, now
+        if now >= next_scan:
+            next_scan = now + self.interval
+            self._scan()
+        with self._lock:
+            polling = not self.use_pidfd and bool(self._owners)
+        wait = max(0.0, next_scan - time.monotonic())
+        if polling:
+            wait = min(wait, self.fallback_interval)
+        for fd, _ in self._poller.poll(wait * 1000):
+            if fd == self._wake_r:
+                with contextlib.suppress(OSError):
+                    while os.read(self._wake_r, 512):
                         pass
-                    continue
-                with self._lock:
-                    pid = self._fd_to_pid.get(fd)
-                    if pid is not None:
-                        self._owner_gone(pid)
-            if polling:
-                with self._lock:
-                    for owner in list(self._owners.values()):
-                        st = _stat(owner.pid)
-                        if st is None or st.state == "Z" or st.start_ticks != owner.start_ticks:
-                            self._owner_gone(owner.pid)
+                continue
+            with self._lock:
+                pid = self._fd_to_pid.get(fd)
+                if pid is not None:
+                    self._owner_gone(pid)
+        if polling:
+            with self._lock:
+                for owner in list(self._owners.values()):
+                    st = _stat(owner.pid)
+                    if st is None or st.state == "Z" or st.start_ticks != owner.start_ticks:
+                        self._owner_gone(owner.pid)
+        return next_scan
 
     def _scan(self) -> None:
         with self._lock:

@@ -57,7 +57,7 @@ def test_sigkill_is_unhealthy_long_before_the_period_and_restart_is_healthy(
     os.kill(app.pid, signal.SIGKILL)
     ev = health(events.next(5))
     assert ev.state is Health.UNHEALTHY and ev.cause is Cause.PROCESS_EXITED
-    assert ev.at - killed < 2.0  # the probe period is 30 s
+    assert ev.at - killed < 3.0  # the probe period is 30 s
     assert f"process {app.pid}" in ev.reason and "SIGKILL" in ev.reason
     app.proc.wait(5)
 
@@ -172,7 +172,7 @@ def test_portwatch_reports_owner_and_exit(apps: Apps, events: Events, use_pidfd:
         os.kill(app.pid, signal.SIGTERM)
         gone = events.next(3)
         assert isinstance(gone, OwnerExited) and gone.pid == app.pid and gone.ports == (app.port,)
-        assert gone.at - killed < 1.0
+        assert gone.at - killed < 3.0
         # Our test process is the parent and has not reaped it yet, so the status is known.
         assert gone.returncode in (-signal.SIGTERM, None)
         app.proc.wait(5)
