@@ -6,13 +6,19 @@ What the daemon calls (all methods are safe from any thread):
                                   instance_address="10.0.0.5", post=queue.put)
     monitor.start()                       # starts the probe thread and the port watch
     monitor.set_sidecar_ready(True)       # on each sidecar readiness change (starts False)
-    monitor.reconfigure(probe, ports=..., flap=..., probe_host=...)  # after a reload or a new bundle
+    monitor.apply_config(cfg.app, bundle_probe=..., ports=..., instance_address=...)  # after SIGHUP
+                                          # or a new bundle (or reconfigure(probe, ports=..., ...))
     snap = monitor.snapshot()             # HealthSnapshot; snap.to_dict() for status.json
     monitor.stop()                        # joins the threads (bounded)
 
+The constructor, from_config(), reconfigure() and apply_config() raise ValueError when there is
+neither a probe nor an app port to check (a configuration error: exit 78); reconfigure() then keeps
+the running setup. The state survives reconfigure(): only the probe counters start afresh.
+
 `post` receives HealthChanged events, one per transition of the health state (Unknown -> Healthy or
 Unhealthy, then between those two), from the monitor's threads. `bundle_probe` is the WorkloadGroup's
-probe (`probes.probe_from_istio(...)` of the group's spec.probe or mesh.yaml's readinessProbe);
+probe (`probes.bundle_probe(workloadgroup, mesh)`: the group's spec.probe, else mesh.yaml's
+readinessProbe);
 agent.yaml's `app.probe` overrides it; with neither, every app port gets a TCP check.
 `ports` are the app ports (`probes.app_ports(cfg.app.ports, template_ports, ISTIO_INBOUND_PORTS)`);
 the ports watched for a listener and its owner are those, else the probe's own port.
@@ -180,6 +186,12 @@ class Monitor:
             self._schedule.now_if_allowed(self._clock())
             self._cond.notify_all()
         self._portwatch.set_ports(_watched_ports(ports, probe))
+
+    def apply_config(self, app: AppConfig, *, bundle_probe: ProbeConfig | None, ports: Sequence[int],
+                     instance_address: str | None) -> None:
+        """reconfigure() from agent.yaml's app section (app.watch_process applies at the next start)."""
+        self.reconfigure(app.probe or bundle_probe, ports=ports, flap=app.flap,
+                         probe_host=probe_host(app, instance_address))
 
     def snapshot(self) -> HealthSnapshot:
         ports = self._portwatch.snapshot()  # outside our lock: the port watch posts under its own

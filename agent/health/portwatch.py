@@ -71,13 +71,31 @@ def parse_listeners(text: str, ports: Iterable[int]) -> dict[int, set[int]]:
     return out
 
 
-def parse_stat(text: str) -> tuple[str, int, str, int | None]:
-    """/proc/PID/stat -> (state, start time in ticks, name, exit wait status or None)."""
+_PF_EXITING = 0x4  # include/linux/sched.h: the process is in do_exit()
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    state: str                # R, S, D, Z, ...
+    flags: int
+    start_ticks: int          # start time since boot, in clock ticks: tells a reused pid apart
+    name: str
+    exit_status: int | None   # a wait status, meaningful once the process is a zombie
+
+    @property
+    def exiting(self) -> bool:
+        """Dead or dying: a zombie, or already past closing its files on the way out."""
+        return self.state in ("Z", "X") or bool(self.flags & _PF_EXITING)
+
+
+def parse_stat(text: str) -> ProcStat:
+    """/proc/PID/stat -> ProcStat. Fields after the name, which may hold spaces and parentheses."""
     name = text[text.index("(") + 1:text.rindex(")")]
     rest = text[text.rindex(")") + 2:].split()
-    # rest[0] is field 3 (state); field 22 is starttime, field 52 exit_code (Linux >= 3.5).
+    # rest[0] is field 3 (state), rest[6] field 9 (flags), rest[19] field 22 (starttime),
+    # rest[49] field 52 (exit_code, Linux >= 3.5).
     exit_status = int(rest[49]) if len(rest) > 49 else None
-    return rest[0], int(rest[19]), name, exit_status
+    return ProcStat(rest[0], int(rest[6]), int(rest[19]), name, exit_status)
 
 
 def _read(path: str) -> str:
@@ -191,7 +209,7 @@ def find_owners(inodes: set[int], proc: str = "/proc") -> dict[int, set[int]]:
     return out
 
 
-def _stat(pid: int) -> tuple[str, int, str, int | None] | None:
+def _stat(pid: int) -> ProcStat | None:
     try:
         return parse_stat(_read(f"/proc/{pid}/stat"))
     except (OSError, ValueError, IndexError):
@@ -298,39 +316,43 @@ class PortWatch:
     def _run(self) -> None:
         next_scan = time.monotonic() + self.interval
         while not self._stop.is_set():
-            now = time.monotonic()
-            with self._lock:
-                if self._rescan:
-                    self._rescan, next_scan = False, now
-            if now >= next_scan:
-                try:
-                    self._scan()
-                except Exception:  # keep watching whatever one bad read did
-                    log.exception("port scan failed")
-                next_scan = now + self.interval
-            with self._lock:
-                polling = not self.use_pidfd and bool(self._owners)
-            wait = max(0.0, next_scan - time.monotonic())
-            if polling:
-                wait = min(wait, self.fallback_interval)
-            for fd, _ in self._poller.poll(wait * 1000):
-                if fd == self._wake_r:
-                    try:
-                        while os.read(self._wake_r, 512):
-                            pass
-                    except (BlockingIOError, OSError):
+            try:
+                next_scan = self._step(next_scan)
+            except Exception:  # keep watching whatever one bad read did
+                log.exception("port watch failed; going on")
+                self._stop.wait(self.interval)
+
+    def _step(self, next_scan: float) -> float:
+        """One round: scan if due, then wait for an owner's exit, a wake-up or the next scan."""
+        now = time.monotonic()
+        with self._lock:
+            if self._rescan:
+                self._rescan, next_scan = False, now
+        if now >= next_scan:
+            next_scan = now + self.interval
+            self._scan()
+        with self._lock:
+            polling = not self.use_pidfd and bool(self._owners)
+        wait = max(0.0, next_scan - time.monotonic())
+        if polling:
+            wait = min(wait, self.fallback_interval)
+        for fd, _ in self._poller.poll(wait * 1000):
+            if fd == self._wake_r:
+                with contextlib.suppress(OSError):
+                    while os.read(self._wake_r, 512):
                         pass
-                    continue
-                with self._lock:
-                    pid = self._fd_to_pid.get(fd)
-                    if pid is not None:
-                        self._owner_gone(pid)
-            if polling:
-                with self._lock:
-                    for owner in list(self._owners.values()):
-                        st = _stat(owner.pid)
-                        if st is None or st[0] == "Z" or st[1] != owner.start_ticks:
-                            self._owner_gone(owner.pid)
+                continue
+            with self._lock:
+                pid = self._fd_to_pid.get(fd)
+                if pid is not None:
+                    self._owner_gone(pid)
+        if polling:
+            with self._lock:
+                for owner in list(self._owners.values()):
+                    st = _stat(owner.pid)
+                    if st is None or st.state == "Z" or st.start_ticks != owner.start_ticks:
+                        self._owner_gone(owner.pid)
+        return next_scan
 
     def _scan(self) -> None:
         with self._lock:
@@ -342,10 +364,11 @@ class PortWatch:
             for port, state in self._ports.items():
                 inodes = frozenset(listeners.get(port, ()))
                 if not inodes and state.pids:
-                    # Closed between two polls of a dead owner: report the exit, not just the port.
+                    # Closed as its owner dies (the scan came before the pidfd, or between two
+                    # polls): report the exit, not just the port.
                     for pid in list(state.pids):
                         st = _stat(pid)
-                        if st is None or st[0] == "Z":
+                        if st is None or st.exiting:
                             self._owner_gone(pid)
                 if not inodes:
                     if state.listening is not False:
@@ -391,7 +414,7 @@ class PortWatch:
                 except OSError as exc:
                     log.info("cannot open a pidfd for %d (%s); polling it instead", pid, exc.strerror)
                     self.use_pidfd = False
-            owner = _Owner(pid, st[2], st[1], pidfd)
+            owner = _Owner(pid, st.name, st.start_ticks, pidfd)
             self._owners[pid] = owner
             if pidfd is not None:
                 self._fd_to_pid[pidfd] = pid
@@ -456,8 +479,9 @@ class PortWatch:
         """The exit status: from /proc while the process awaits its parent, else (Linux >= 6.15)
         from the pidfd once the parent has reaped it; None when neither can tell."""
         st = _stat(owner.pid)
-        if st is not None and st[0] == "Z" and st[1] == owner.start_ticks and st[3] is not None:
-            return os.waitstatus_to_exitcode(st[3])
+        if (st is not None and st.state == "Z" and st.start_ticks == owner.start_ticks
+                and st.exit_status is not None):
+            return os.waitstatus_to_exitcode(st.exit_status)
         if owner.pidfd is not None:
             status = pidfd_exit_status(owner.pidfd)
             if status is not None:

@@ -57,7 +57,7 @@ def test_sigkill_is_unhealthy_long_before_the_period_and_restart_is_healthy(
     os.kill(app.pid, signal.SIGKILL)
     ev = health(events.next(5))
     assert ev.state is Health.UNHEALTHY and ev.cause is Cause.PROCESS_EXITED
-    assert ev.at - killed < 2.0  # the probe period is 30 s
+    assert ev.at - killed < 3.0  # the probe period is 30 s
     assert f"process {app.pid}" in ev.reason and "SIGKILL" in ev.reason
     app.proc.wait(5)
 
@@ -172,7 +172,7 @@ def test_portwatch_reports_owner_and_exit(apps: Apps, events: Events, use_pidfd:
         os.kill(app.pid, signal.SIGTERM)
         gone = events.next(3)
         assert isinstance(gone, OwnerExited) and gone.pid == app.pid and gone.ports == (app.port,)
-        assert gone.at - killed < 1.0
+        assert gone.at - killed < 3.0
         # Our test process is the parent and has not reaped it yet, so the status is known.
         assert gone.returncode in (-signal.SIGTERM, None)
         app.proc.wait(5)
@@ -239,3 +239,26 @@ def test_exit_status_of_an_app_its_parent_reaps_at_once(events: Events, tmp_path
     finally:
         parent.kill()
         parent.wait(5)
+
+
+def test_reconfigure(apps: Apps, events: Events, monitors: list[Monitor], tmp_path: Path) -> None:
+    from agent.config import AppConfig
+
+    status = tmp_path / "status"
+    app = apps.start("http", "--status-file", str(status))
+    m = start(monitors, Monitor(None, ports=[app.port], post=events.post, flap=NO_DAMPING,
+                                sidecar_ready=True))
+    assert health(events.next(5)).state is Health.HEALTHY
+    assert m.snapshot().probe == f"tcp://127.0.0.1:{app.port}"
+    with pytest.raises(ValueError, match="no probe and no app port"):
+        m.reconfigure(None, ports=[])
+    assert m.snapshot().probe == f"tcp://127.0.0.1:{app.port}"  # the running setup is kept
+    # agent.yaml now asks for an HTTP probe; the app answers 500 to it: Unhealthy, without waiting
+    # for the next 10 s period.
+    status.write_text("500")
+    cfg = ProbeConfig(http_get=http_probe(app.port).http_get, failure_threshold=1)
+    m.apply_config(AppConfig(probe=cfg, flap=NO_DAMPING), bundle_probe=None, ports=[app.port],
+                   instance_address=None)
+    ev = health(events.next(5))
+    assert ev.state is Health.UNHEALTHY and ev.reason == "probe failed: HTTP 500"
+    assert m.snapshot().probe == f"http://127.0.0.1:{app.port}/ready"

@@ -146,10 +146,16 @@ def test_parse_listeners_keeps_only_listening_sockets_on_wanted_ports() -> None:
     assert parse_listeners(PROC_NET_TCP, [22, 9999]) == {22: {99}}
 
 
-def test_parse_stat_of_a_zombie() -> None:
-    fields = ["Z"] + ["0"] * 18 + ["123456"] + ["0"] * 29 + ["9"]
-    state, start, name, status = parse_stat("77 (my app) " + " ".join(fields))
-    assert (state, start, name, status) == ("Z", 123456, "my app", 9)
+def test_parse_stat() -> None:
+    fields = ["Z", "1", "0", "0", "0", "0", "4194564"] + ["0"] * 12 + ["123456"] + ["0"] * 29 + ["9"]
+    st = parse_stat("77 (my (odd) app) " + " ".join(fields))
+    assert (st.state, st.flags, st.start_ticks, st.name, st.exit_status) == ("Z", 4194564, 123456,
+                                                                             "my (odd) app", 9)
+    assert st.exiting
+    fields[0], fields[6] = "R", str(0x400000 | 0x4)  # running, but in do_exit()
+    assert parse_stat("77 (a) " + " ".join(fields)).exiting
+    fields[6] = str(0x400000)
+    assert not parse_stat("77 (a) " + " ".join(fields)).exiting
 
 
 def _diag_msg(port: int, inode: int) -> bytes:
