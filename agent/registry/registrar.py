@@ -321,6 +321,7 @@ class Registrar:
         self.finished = False                     # after shutdown(): withdrawn, or gave up
         self._shutdown_deadline: float | None = None
         self.history: list[tuple[State, str]] = []
+        self._entry_name: str | None = None
 
     # inputs ----------------------------------------------------------------------------------------
     def set_health(self, healthy: bool | None, message: str = "") -> None:
@@ -424,6 +425,7 @@ class Registrar:
             self._next_converge = now + self.s.backoff_max
             self._dirty = False
             return
+        self._entry_name = desired["metadata"]["name"]
         spec = Spec(desired, self.s.instance, self.s.lease_duration, self.s.condition_mode,
                     self.inputs.message)
         self._dirty = False
@@ -554,15 +556,14 @@ class Registrar:
         self.state, self.message = state, message
 
     def _name(self) -> str:
-        group = self.inputs.group
         if self._lease is not None:
             return self._lease["metadata"]["name"]
-        return (group or {}).get("metadata", {}).get("name", self.s.group)
+        return self._entry_name or f"of group {self.s.group}"
 
     def status(self) -> RegistrationStatus:
         name = self._lease["metadata"]["name"] if self._lease else None
-        return RegistrationStatus(self.state, self.want, name, self.s.namespace, self.message,
-                                  self.conflict_holder)
+        return RegistrationStatus(self.state, self.want, name or self._entry_name, self.s.namespace,
+                                  self.message, self.conflict_holder)
 
 
 def _meta_of(group: dict[str, Any]) -> Any:
