@@ -403,23 +403,12 @@ class Registrar:
 
     def _start_converge(self, now: float) -> None:
         want = self.want
-        if self.inputs.group is None and want is not Want.HOLD and not self.inputs.group_deleted:
-            want = Want.HOLD
         group = self.inputs.group
-        if group is None:
-            if self.inputs.shutting_down and self._lease is None and self.state in (State.STARTING,
-                                                                                   State.WITHDRAWN):
-                self._finish("nothing registered")
-                return
-            # Without the group we cannot name the entry; what we own is known from the last lease.
-            if self._lease is None:
-                self._set(State.HELD, f"the WorkloadGroup {self.s.namespace}/{self.s.group} does not exist"
-                          if self.inputs.group_deleted else "waiting for the WorkloadGroup")
-                self._next_converge = now + self.s.resync
-                self._dirty = False
-                return
+        if group is None and want in (Want.REGISTER, Want.MARK_UNHEALTHY):
+            want = Want.HOLD  # cannot write an entry without its group; keep what we own
         try:
-            desired = self.build(group) if group is not None else self._entry_from_lease()
+            # Holding or withdrawing needs only the entry's name, which the group's name gives.
+            desired = self.build(group if group is not None else self._stub_group())
         except ValueError as exc:
             self._set(State.REFUSED, f"cannot build the WorkloadEntry: {exc}")
             self._next_converge = now + self.s.backoff_max
@@ -431,10 +420,9 @@ class Registrar:
         self._dirty = False
         self._dispatch(want, lambda kube: converge(kube, want, spec))
 
-    def _entry_from_lease(self) -> dict[str, Any]:
-        meta = (self._lease or {}).get("metadata") or {}
-        return {"apiVersion": E.API_VERSION, "kind": "WorkloadEntry",
-                "metadata": {"name": meta["name"], "namespace": meta["namespace"]}, "spec": {}}
+    def _stub_group(self) -> dict[str, Any]:
+        return {"apiVersion": E.API_VERSION, "kind": "WorkloadGroup",
+                "metadata": {"name": self.s.group, "namespace": self.s.namespace}, "spec": {}}
 
     def _start_renew(self) -> None:
         lease = self._lease
@@ -490,12 +478,15 @@ class Registrar:
         if out.wrote:
             log.info("registry: %s (%s)", ", ".join(out.wrote), self._name())
         if not out.present:
-            reason = self._why_withdrawn()
+            reason = self._why_withdrawn() if want is not Want.HOLD else (
+                "not registered; waiting for " + ("the WorkloadGroup" if self.inputs.group is None
+                                                  else "the app's health"))
             self._set(State.WITHDRAWN if want is not Want.HOLD else State.HELD, reason)
             if self.inputs.shutting_down:
                 self._finish("withdrawn")
         elif want is Want.HOLD:
-            self._set(State.HELD, "keeping our entry leased until health is known")
+            self._set(State.HELD, "keeping our entry leased until "
+                      + ("the WorkloadGroup can be read" if self.inputs.group is None else "health is known"))
             if self.inputs.shutting_down:
                 self._finish("left registered for the restart")
         elif want is Want.MARK_UNHEALTHY:
