@@ -4,7 +4,8 @@
     python bench/registry_fleet.py --quick        # 50 agents, 30 s window, 10 s outage
 
 Each agent is a real Registrar + worker + group watcher (the daemon's registry parts, threads), with
-its own client and credentials, production lease timings (40 s lease, renewed every 10 s, resync
+its own client and connections; the agents run in --procs child processes so that they do not share
+the emulator's interpreter, production lease timings (40 s lease, renewed every 10 s, resync
 5 min) unless overridden. Prints:
 - API requests per agent per minute at steady state (by verb and resource);
 - after an outage of the API server: the time until every agent has renewed its lease again and is
@@ -79,9 +80,15 @@ def main() -> int:
     p.add_argument("--resync", type=float, default=300.0)
     p.add_argument("--ramp", type=float, default=20.0, help="spread the agents' starts over this long")
     p.add_argument("--quick", action="store_true", help="50 agents, 30 s window, 10 s outage")
+    p.add_argument("--procs", type=int, default=4,
+                   help="processes the agents run in (their own interpreters, apart from the emulator's)")
+    p.add_argument("--child", nargs=2, type=int, metavar=("FIRST", "COUNT"), help=argparse.SUPPRESS)
+    p.add_argument("--kubeconfig", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
         args.agents, args.steady, args.outage, args.ramp = 50, 30.0, 10.0, 5.0
+    if args.child:
+        return child(args)
 
     import logging
     logging.basicConfig(level=logging.ERROR)
@@ -97,31 +104,18 @@ def main() -> int:
     api.add_token("fleet-token-" + "f" * 24, f"system:serviceaccount:{NS}:fleet-vm", rules)
     kc = api.write_kubeconfig(Path(api.state_dir or "/tmp") / "fleet.kubeconfig", "fleet-token-" + "f" * 24)
 
-    drivers: list[Driver] = []
     t0 = time.monotonic()
-    print(f"starting {args.agents} agents over {args.ramp:.0f}s (lease {args.lease:g}s, renew "
-          f"{args.renew:g}s, resync {args.resync:g}s)", flush=True)
-    for i in range(args.agents):
-        n = i + 1
-        address = f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
-        instance = f"vm-{i:05d}"
-
-        def build(group: dict, address: str = address, instance: str = instance) -> dict:
-            return E.build_entry(E.EntryInputs(group=group, address=address, instance=instance))
-        kube = Kube.from_credentials(Credentials(kubeconfig=str(kc)), timeout=10.0)
-        d = Driver(kube, Settings(NS, GROUP, instance, args.lease, args.renew, args.resync), build).start()
-        d.do(lambda r, now: r.set_health(True))
-        drivers.append(d)
-        time.sleep(args.ramp / max(1, args.agents))
+    print(f"starting {args.agents} agents in {args.procs} processes over {args.ramp:.0f}s (lease "
+          f"{args.lease:g}s, renew {args.renew:g}s, resync {args.resync:g}s)", flush=True)
+    fleet = Fleet(args, str(kc))
 
     def all_registered() -> bool:
-        return all(d.registrar.state is State.REGISTERED for d in drivers)
+        return fleet.registered() >= args.agents
 
-    deadline = time.monotonic() + 120 + args.agents * 0.2
+    deadline = time.monotonic() + 120 + args.agents * 0.3
     while not all_registered() and time.monotonic() < deadline:
         time.sleep(0.5)
-    registered = sum(d.registrar.state is State.REGISTERED for d in drivers)
-    print(f"registered {registered}/{args.agents} in {time.monotonic() - t0:.1f}s", flush=True)
+    print(f"registered {fleet.registered()}/{args.agents} in {time.monotonic() - t0:.1f}s", flush=True)
 
     # Steady state: let the start-up settle for one renewal period, then count.
     time.sleep(args.renew)
@@ -173,9 +167,74 @@ def main() -> int:
     deletes = sum(n for k, n in counter.kinds.items() if k.startswith("DELETE"))
     print(f"deletes during the whole run: {deletes}")
 
+    fleet.stop()
+    api.stop()
+    return 0
+
+
+class Fleet:
+    """The agents, in child processes that report how many are REGISTERED once a second."""
+
+    def __init__(self, args: argparse.Namespace, kubeconfig: str) -> None:
+        import subprocess
+
+        self.counts: dict[int, int] = {}
+        self.procs = []
+        per = -(-args.agents // args.procs)
+        for k, first in enumerate(range(0, args.agents, per)):
+            count = min(per, args.agents - first)
+            cmd = [sys.executable, __file__, "--child", str(first), str(count), "--kubeconfig", kubeconfig,
+                   "--lease", str(args.lease), "--renew", str(args.renew), "--resync", str(args.resync),
+                   "--ramp", str(args.ramp)]
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.procs.append(proc)
+            threading.Thread(target=self._read, args=(k, proc), daemon=True).start()
+
+    def _read(self, k: int, proc: object) -> None:
+        for line in proc.stdout:  # type: ignore[attr-defined]
+            if line.startswith("registered "):
+                self.counts[k] = int(line.split()[1])
+
+    def registered(self) -> int:
+        return sum(self.counts.values())
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.stdin.close()  # type: ignore[union-attr]
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except Exception:
+                proc.kill()
+
+
+def child(args: argparse.Namespace) -> int:
+    import logging
+    logging.basicConfig(level=logging.CRITICAL)
+    first, count = args.child
+    drivers: list[Driver] = []
+    for i in range(first, first + count):
+        n = i + 1
+        address = f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
+        instance = f"vm-{i:05d}"
+
+        def build(group: dict, address: str = address, instance: str = instance) -> dict:
+            return E.build_entry(E.EntryInputs(group=group, address=address, instance=instance))
+        kube = Kube.from_credentials(Credentials(kubeconfig=args.kubeconfig), timeout=10.0)
+        d = Driver(kube, Settings(NS, GROUP, instance, args.lease, args.renew, args.resync), build).start()
+        d.do(lambda r, now: r.set_health(True))
+        drivers.append(d)
+        time.sleep(args.ramp / max(1, count))
+    done = threading.Event()
+
+    def wait_stdin() -> None:
+        sys.stdin.read()
+        done.set()
+    threading.Thread(target=wait_stdin, daemon=True).start()
+    while not done.wait(1.0):
+        print(f"registered {sum(d.registrar.state is State.REGISTERED for d in drivers)}", flush=True)
     for d in drivers:
         d.kill()
-    api.stop()
     return 0
 
 
