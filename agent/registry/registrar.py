@@ -321,6 +321,7 @@ class Registrar:
         self.finished = False                     # after shutdown(): withdrawn, or gave up
         self._shutdown_deadline: float | None = None
         self.history: list[tuple[State, str]] = []
+        self._entry_name: str | None = None
 
     # inputs ----------------------------------------------------------------------------------------
     def set_health(self, healthy: bool | None, message: str = "") -> None:
@@ -402,37 +403,26 @@ class Registrar:
 
     def _start_converge(self, now: float) -> None:
         want = self.want
-        if self.inputs.group is None and want is not Want.HOLD and not self.inputs.group_deleted:
-            want = Want.HOLD
         group = self.inputs.group
-        if group is None:
-            if self.inputs.shutting_down and self._lease is None and self.state in (State.STARTING,
-                                                                                   State.WITHDRAWN):
-                self._finish("nothing registered")
-                return
-            # Without the group we cannot name the entry; what we own is known from the last lease.
-            if self._lease is None:
-                self._set(State.HELD, f"the WorkloadGroup {self.s.namespace}/{self.s.group} does not exist"
-                          if self.inputs.group_deleted else "waiting for the WorkloadGroup")
-                self._next_converge = now + self.s.resync
-                self._dirty = False
-                return
+        if group is None and want in (Want.REGISTER, Want.MARK_UNHEALTHY):
+            want = Want.HOLD  # cannot write an entry without its group; keep what we own
         try:
-            desired = self.build(group) if group is not None else self._entry_from_lease()
+            # Holding or withdrawing needs only the entry's name, which the group's name gives.
+            desired = self.build(group if group is not None else self._stub_group())
         except ValueError as exc:
             self._set(State.REFUSED, f"cannot build the WorkloadEntry: {exc}")
             self._next_converge = now + self.s.backoff_max
             self._dirty = False
             return
+        self._entry_name = desired["metadata"]["name"]
         spec = Spec(desired, self.s.instance, self.s.lease_duration, self.s.condition_mode,
                     self.inputs.message)
         self._dirty = False
         self._dispatch(want, lambda kube: converge(kube, want, spec))
 
-    def _entry_from_lease(self) -> dict[str, Any]:
-        meta = (self._lease or {}).get("metadata") or {}
-        return {"apiVersion": E.API_VERSION, "kind": "WorkloadEntry",
-                "metadata": {"name": meta["name"], "namespace": meta["namespace"]}, "spec": {}}
+    def _stub_group(self) -> dict[str, Any]:
+        return {"apiVersion": E.API_VERSION, "kind": "WorkloadGroup",
+                "metadata": {"name": self.s.group, "namespace": self.s.namespace}, "spec": {}}
 
     def _start_renew(self) -> None:
         lease = self._lease
@@ -488,12 +478,15 @@ class Registrar:
         if out.wrote:
             log.info("registry: %s (%s)", ", ".join(out.wrote), self._name())
         if not out.present:
-            reason = self._why_withdrawn()
+            reason = self._why_withdrawn() if want is not Want.HOLD else (
+                "not registered; waiting for " + ("the WorkloadGroup" if self.inputs.group is None
+                                                  else "the app's health"))
             self._set(State.WITHDRAWN if want is not Want.HOLD else State.HELD, reason)
             if self.inputs.shutting_down:
                 self._finish("withdrawn")
         elif want is Want.HOLD:
-            self._set(State.HELD, "keeping our entry leased until health is known")
+            self._set(State.HELD, "keeping our entry leased until "
+                      + ("the WorkloadGroup can be read" if self.inputs.group is None else "health is known"))
             if self.inputs.shutting_down:
                 self._finish("left registered for the restart")
         elif want is Want.MARK_UNHEALTHY:
@@ -554,15 +547,14 @@ class Registrar:
         self.state, self.message = state, message
 
     def _name(self) -> str:
-        group = self.inputs.group
         if self._lease is not None:
             return self._lease["metadata"]["name"]
-        return (group or {}).get("metadata", {}).get("name", self.s.group)
+        return self._entry_name or f"of group {self.s.group}"
 
     def status(self) -> RegistrationStatus:
         name = self._lease["metadata"]["name"] if self._lease else None
-        return RegistrationStatus(self.state, self.want, name, self.s.namespace, self.message,
-                                  self.conflict_holder)
+        return RegistrationStatus(self.state, self.want, name or self._entry_name, self.s.namespace,
+                                  self.message, self.conflict_holder)
 
 
 def _meta_of(group: dict[str, Any]) -> Any:

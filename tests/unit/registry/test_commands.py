@@ -71,3 +71,27 @@ def test_maintenance_file_round_trip(tmp_path: Path) -> None:
     assert M.end_maintenance(layout)
     assert not M.maintenance_requested(layout)
     assert not M.end_maintenance(layout)
+
+
+def test_plan_from_config_and_cluster_env() -> None:
+    from agent import config as C
+    from agent.registry.service import PlanError, make_plan
+
+    cfg = C.parse("bundle: {source: /b}\nregistry: {labels: {rack: r1}, on_unhealthy: condition}\n")
+    env = {"POD_NAMESPACE": "vm-apps", "ISTIO_META_WORKLOAD_NAME": "billing",
+           "ISTIO_METAJSON_LABELS": '{"app":"billing","version":"v1"}', "ISTIO_META_NETWORK": "net1"}
+    plan = make_plan(cfg.registry, env, machine_id="m" * 32, address="10.0.0.5", bundle_kubeconfig="/b/kc")
+    assert plan.settings.namespace == "vm-apps" and plan.settings.group == "billing"
+    assert plan.settings.lease_duration == 40 and plan.settings.lease_renew == 10
+    assert plan.settings.condition_mode and plan.credentials.kubeconfig == "/b/kc"
+    group = {"metadata": {"name": "billing", "namespace": "vm-apps", "uid": "u"}, "spec": {}}
+    obj = plan.build(group)
+    assert obj["metadata"]["name"] == "billing-10.0.0.5-net1"
+    assert obj["spec"]["labels"] == {"app": "billing", "version": "v1", "rack": "r1"}
+    with pytest.raises(PlanError, match=r"registry\.namespace"):
+        make_plan(cfg.registry, {}, machine_id="m" * 32, address="10.0.0.5", bundle_kubeconfig="/kc")
+    with pytest.raises(PlanError, match="no API credentials"):
+        make_plan(cfg.registry, env, machine_id="m" * 32, address="10.0.0.5")
+    with pytest.raises(PlanError, match="ISTIO_METAJSON_LABELS"):
+        make_plan(cfg.registry, {**env, "ISTIO_METAJSON_LABELS": "[1]"}, machine_id="m" * 32,
+                  address="10.0.0.5", bundle_kubeconfig="/kc")

@@ -187,3 +187,17 @@ def test_bad_entry_inputs_are_refused_not_crashing() -> None:
     r.set_health(True)
     r.tick(0)
     assert r.state is State.REFUSED and not rec.ops
+
+
+def test_without_the_group_it_holds_and_can_still_withdraw() -> None:
+    r, rec = make()
+    r.set_health(True)
+    r.tick(0)  # the group could not be read yet
+    assert r._in_flight_want is Want.HOLD
+    result(r, 0, present=True, lease=LEASE)
+    assert r.state is State.HELD and "WorkloadGroup" in r.message
+    r.shutdown(1, timeout=5)
+    r.tick(1)
+    assert r._in_flight_want is Want.WITHDRAW  # named from the group's name and the address
+    result(r, 1, present=False)
+    assert r.finished

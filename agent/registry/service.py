@@ -1,0 +1,100 @@
+"""What the daemon calls: turn configuration + cluster.env into a running registry (registrar, API
+worker, group watcher), all reporting through the daemon's `post`.
+
+    plan = make_plan(cfg.registry, cluster_env, machine_id=..., address=..., bundle_kubeconfig=...)
+    registry = RegistryService.start(plan, post)
+    # in the loop:  registry.registrar.set_health(...), .set_maintenance(...), .handle(ev, now),
+    #               deadline = registry.registrar.tick(now)
+    # on stop:      registry.registrar.shutdown(now, timeout, withdraw=...); loop until .finished;
+    #               registry.stop()
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agent.registry import entry as E
+from agent.registry.kube import Credentials, Kube
+from agent.registry.registrar import GroupWatcher, Registrar, RegistryWorker, Settings
+
+
+class PlanError(ValueError):
+    """The registry cannot be set up from this configuration; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    settings: Settings
+    credentials: Credentials
+    timeout: float
+    build: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def make_plan(reg: Any, cluster_env: Mapping[str, str], *, machine_id: str, address: str,
+              bundle_kubeconfig: str | None = None) -> Plan:
+    """Pure: `reg` is config.RegistryConfig; `address` from address.detect_address()."""
+    namespace = reg.namespace or cluster_env.get("POD_NAMESPACE") or cluster_env.get("ISTIO_NAMESPACE")
+    if not namespace:
+        raise PlanError("registry.namespace: not set, and cluster.env has no POD_NAMESPACE")
+    group = reg.group or cluster_env.get("ISTIO_META_WORKLOAD_NAME") or \
+        (cluster_env.get("ISTIO_SERVICE") or "").split(".")[0] or None
+    if not group:
+        raise PlanError("registry.group: not set, and cluster.env has no ISTIO_META_WORKLOAD_NAME")
+    if reg.kubeconfig or reg.server:
+        creds = Credentials(kubeconfig=reg.kubeconfig, server=reg.server, ca_file=reg.ca_file,
+                            token_file=reg.token_file)
+    elif bundle_kubeconfig:
+        creds = Credentials(kubeconfig=bundle_kubeconfig, token_file=reg.token_file)
+    else:
+        raise PlanError("registry.kubeconfig: no API credentials (set registry.kubeconfig or "
+                        "registry.server + token_file, or ship a kubeconfig in the bundle)")
+    labels_text = cluster_env.get("ISTIO_METAJSON_LABELS") or "{}"
+    try:
+        workload_labels = json.loads(labels_text)
+        if not isinstance(workload_labels, dict):
+            raise ValueError
+    except ValueError:
+        raise PlanError("cluster.env: ISTIO_METAJSON_LABELS is not a JSON object") from None
+    try:
+        instance = E.instance_id(machine_id)
+    except E.EntryError as exc:
+        raise PlanError(str(exc)) from None
+    network = reg.network if reg.network is not None else (cluster_env.get("ISTIO_META_NETWORK") or None)
+    condition = reg.on_unhealthy == "condition"
+    inputs = dict(address=address, instance=instance, namespace=namespace, network=network,
+                  locality=reg.locality, weight=reg.weight,
+                  service_account=None, workload_labels={str(k): str(v) for k, v in workload_labels.items()},
+                  extra_labels=dict(reg.labels), condition_mode=condition)
+
+    def build(group_obj: dict[str, Any]) -> dict[str, Any]:
+        return E.build_entry(E.EntryInputs(group=group_obj, **inputs))  # type: ignore[arg-type]
+
+    settings = Settings(namespace=namespace, group=group, instance=instance,
+                        lease_duration=float(reg.lease.duration), lease_renew=float(reg.lease.renew),
+                        resync=float(reg.resync), condition_mode=condition,
+                        backoff_initial=float(reg.backoff.initial), backoff_max=float(reg.backoff.max))
+    return Plan(settings, creds, float(reg.timeout), build)
+
+
+class RegistryService:
+    """The registry's running parts. Only `registrar` is touched from the loop; stop() ends threads."""
+
+    def __init__(self, kube: Kube, registrar: Registrar, worker: RegistryWorker,
+                 watcher: GroupWatcher) -> None:
+        self.kube, self.registrar, self.worker, self.watcher = kube, registrar, worker, watcher
+
+    @classmethod
+    def start(cls, plan: Plan, post: Callable[[object], None]) -> RegistryService:
+        kube = Kube.from_credentials(plan.credentials, plan.timeout)
+        worker = RegistryWorker(kube, post)
+        registrar = Registrar(plan.settings, plan.build, worker.submit)
+        watcher = GroupWatcher(kube, plan.settings.namespace, plan.settings.group, post).start()
+        return cls(kube, registrar, worker, watcher)
+
+    def stop(self) -> None:
+        self.watcher.stop()
+        self.worker.stop()
+        self.kube.close()

@@ -1,0 +1,242 @@
+"""A fleet of registrars against one Kubernetes API emulator: steady-state cost and outage recovery.
+
+    python bench/registry_fleet.py                # 500 agents, 300 s steady window, 60 s outage
+    python bench/registry_fleet.py --quick        # 50 agents, 30 s window, 10 s outage
+
+Each agent is a real Registrar + worker + group watcher (the daemon's registry parts, threads), with
+its own client and connections; the agents run in --procs child processes so that they do not share
+the emulator's interpreter, production lease timings (40 s lease, renewed every 10 s, resync
+5 min) unless overridden. Prints:
+- API requests per agent per minute at steady state (by verb and resource);
+- after an outage of the API server: the time until every agent has renewed its lease again and is
+  REGISTERED, the peak request rate (per second) and the requests spent on recovery.
+Traffic stays on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from agent.registry import entry as E  # noqa: E402
+from agent.registry.kube import Credentials, Kube  # noqa: E402
+from agent.registry.manifests import AGENT_RULES  # noqa: E402
+from agent.registry.registrar import Driver, Settings, State  # noqa: E402
+from tests.kubeapi.auth import Rule  # noqa: E402
+from tests.kubeapi.server import KubeAPI  # noqa: E402
+
+NS, GROUP = "fleet", "app"
+
+
+class Counter:
+    """Counts the emulator's requests per second and per kind (wraps its record hook)."""
+
+    def __init__(self, api: KubeAPI) -> None:
+        self.lock = threading.Lock()
+        self.per_second: collections.Counter[int] = collections.Counter()
+        self.kinds: collections.Counter[str] = collections.Counter()
+        self.codes: collections.Counter[int] = collections.Counter()
+        self.total = 0
+        original = api.record
+
+        def record(rec: object) -> None:
+            sec = int(time.monotonic())
+            path = getattr(rec, "path", "")
+            kind = "watch" if "watch=" in getattr(rec, "query", "") else getattr(rec, "method", "?")
+            res = "lease" if "/leases" in path else "entry" if "/workloadentries" in path else \
+                "group" if "/workloadgroups" in path else "other"
+            with self.lock:
+                self.per_second[sec] += 1
+                self.kinds[f"{kind} {res}"] += 1
+                self.codes[getattr(rec, "code", 0)] += 1
+                self.total += 1
+            original(rec)  # type: ignore[arg-type]
+        api.record = record  # type: ignore[method-assign]
+
+    def snapshot(self) -> tuple[int, collections.Counter[str]]:
+        with self.lock:
+            return self.total, collections.Counter(self.kinds)
+
+    def peak(self, since: float, until: float) -> int:
+        with self.lock:
+            return max((n for s, n in self.per_second.items() if since <= s <= until), default=0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--agents", type=int, default=500)
+    p.add_argument("--steady", type=float, default=300.0, help="steady-state window, seconds")
+    p.add_argument("--outage", type=float, default=60.0, help="API outage, seconds")
+    p.add_argument("--lease", type=float, default=40.0)
+    p.add_argument("--renew", type=float, default=10.0)
+    p.add_argument("--resync", type=float, default=300.0)
+    p.add_argument("--ramp", type=float, default=20.0, help="spread the agents' starts over this long")
+    p.add_argument("--quick", action="store_true", help="50 agents, 30 s window, 10 s outage")
+    p.add_argument("--procs", type=int, default=4,
+                   help="processes the agents run in (their own interpreters, apart from the emulator's)")
+    p.add_argument("--child", nargs=2, type=int, metavar=("FIRST", "COUNT"), help=argparse.SUPPRESS)
+    p.add_argument("--kubeconfig", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:
+        args.agents, args.steady, args.outage, args.ramp = 50, 30.0, 10.0, 5.0
+    if args.child:
+        return child(args)
+
+    import logging
+    logging.basicConfig(level=logging.ERROR)
+    api = KubeAPI(bookmark_interval=30.0).start()
+    counter = Counter(api)
+    api.create_namespace(NS)
+    api.create({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup",
+                "metadata": {"name": GROUP, "namespace": NS},
+                "spec": {"metadata": {"labels": {"app": GROUP}},
+                         "template": {"serviceAccount": "fleet-vm", "ports": {"http": 8080}}}})
+    rules = [Rule(tuple(r["verbs"]), tuple(r["apiGroups"]), tuple(r["resources"]), (NS,))
+             for r in AGENT_RULES]
+    api.add_token("fleet-token-" + "f" * 24, f"system:serviceaccount:{NS}:fleet-vm", rules)
+    kc = api.write_kubeconfig(Path(api.state_dir or "/tmp") / "fleet.kubeconfig", "fleet-token-" + "f" * 24)
+
+    t0 = time.monotonic()
+    print(f"starting {args.agents} agents in {args.procs} processes over {args.ramp:.0f}s (lease "
+          f"{args.lease:g}s, renew {args.renew:g}s, resync {args.resync:g}s)", flush=True)
+    fleet = Fleet(args, str(kc))
+
+    def all_registered() -> bool:
+        return fleet.registered() >= args.agents
+
+    deadline = time.monotonic() + 120 + args.agents * 0.3
+    while not all_registered() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    print(f"registered {fleet.registered()}/{args.agents} in {time.monotonic() - t0:.1f}s", flush=True)
+
+    # Steady state: let the start-up settle for one renewal period, then count.
+    time.sleep(args.renew)
+    n0, k0 = counter.snapshot()
+    s0 = time.monotonic()
+    time.sleep(args.steady)
+    n1, k1 = counter.snapshot()
+    minutes = (time.monotonic() - s0) / 60.0
+    rate = (n1 - n0) / args.agents / minutes
+    print(f"\nsteady state over {args.steady:.0f}s: {rate:.2f} API requests per agent per minute "
+          f"({(n1 - n0) / (minutes * 60):.1f} req/s for the fleet)")
+    for kind, n in sorted((k1 - k0).items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:18s} {n / args.agents / minutes:6.2f} /agent/min")
+
+    # Outage and recovery.
+    print(f"\nAPI outage of {args.outage:.0f}s ...", flush=True)
+    n2, _ = counter.snapshot()
+    api.outage(args.outage)
+    time.sleep(args.outage)
+    back_mono, back_wall = time.monotonic(), dt.datetime.now(dt.UTC)
+    n3, _ = counter.snapshot()
+
+    def renewed_after_recovery() -> int:
+        count = 0
+        for lease in api.objects("Lease", NS):
+            renewed = E.parse_time((lease.get("spec") or {}).get("renewTime"))
+            count += bool(renewed and renewed > back_wall)
+        return count
+
+    every_lease = every_state = None
+    limit = time.monotonic() + 180
+    while time.monotonic() < limit and (every_lease is None or every_state is None):
+        if every_lease is None and renewed_after_recovery() >= args.agents and \
+                len(api.objects("WorkloadEntry", NS)) >= args.agents:
+            every_lease = time.monotonic() - back_mono
+        if every_state is None and all_registered():
+            every_state = time.monotonic() - back_mono
+        time.sleep(0.2)
+    n4, _ = counter.snapshot()
+    peak = counter.peak(int(back_mono), int(time.monotonic()))
+    steady_per_s = (n1 - n0) / (minutes * 60)
+    print(f"requests during the outage (answered by nobody): {n3 - n2}")
+    def secs(v: float | None) -> str:
+        return f"{v:.1f}s" if v is not None else "not within 180s"
+    print(f"every entry present and its lease renewed after recovery: {secs(every_lease)}")
+    print(f"every agent REGISTERED again: {secs(every_state)}")
+    print(f"peak request rate after recovery: {peak} req/s (steady state {steady_per_s:.1f} req/s)")
+    print(f"requests from recovery until converged: {n4 - n3}")
+    deletes = sum(n for k, n in counter.kinds.items() if k.startswith("DELETE"))
+    print(f"deletes during the whole run: {deletes}")
+
+    fleet.stop()
+    api.stop()
+    return 0
+
+
+class Fleet:
+    """The agents, in child processes that report how many are REGISTERED once a second."""
+
+    def __init__(self, args: argparse.Namespace, kubeconfig: str) -> None:
+        import subprocess
+
+        self.counts: dict[int, int] = {}
+        self.procs = []
+        per = -(-args.agents // args.procs)
+        for k, first in enumerate(range(0, args.agents, per)):
+            count = min(per, args.agents - first)
+            cmd = [sys.executable, __file__, "--child", str(first), str(count), "--kubeconfig", kubeconfig,
+                   "--lease", str(args.lease), "--renew", str(args.renew), "--resync", str(args.resync),
+                   "--ramp", str(args.ramp)]
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.procs.append(proc)
+            threading.Thread(target=self._read, args=(k, proc), daemon=True).start()
+
+    def _read(self, k: int, proc: object) -> None:
+        for line in proc.stdout:  # type: ignore[attr-defined]
+            if line.startswith("registered "):
+                self.counts[k] = int(line.split()[1])
+
+    def registered(self) -> int:
+        return sum(self.counts.values())
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.stdin.close()  # type: ignore[union-attr]
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except Exception:
+                proc.kill()
+
+
+def child(args: argparse.Namespace) -> int:
+    import logging
+    logging.basicConfig(level=logging.CRITICAL)
+    first, count = args.child
+    drivers: list[Driver] = []
+    for i in range(first, first + count):
+        n = i + 1
+        address = f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
+        instance = f"vm-{i:05d}"
+
+        def build(group: dict, address: str = address, instance: str = instance) -> dict:
+            return E.build_entry(E.EntryInputs(group=group, address=address, instance=instance))
+        kube = Kube.from_credentials(Credentials(kubeconfig=args.kubeconfig), timeout=10.0)
+        d = Driver(kube, Settings(NS, GROUP, instance, args.lease, args.renew, args.resync), build).start()
+        d.do(lambda r, now: r.set_health(True))
+        drivers.append(d)
+        time.sleep(args.ramp / max(1, count))
+    done = threading.Event()
+
+    def wait_stdin() -> None:
+        sys.stdin.read()
+        done.set()
+    threading.Thread(target=wait_stdin, daemon=True).start()
+    while not done.wait(1.0):
+        print(f"registered {sum(d.registrar.state is State.REGISTERED for d in drivers)}", flush=True)
+    for d in drivers:
+        d.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
