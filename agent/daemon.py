@@ -129,6 +129,8 @@ class Agent:
         self.worker: reg.RegistryWorker | None = None
         self.registrar: reg.Registrar | None = None
         self.group_watch: reg.GroupWatcher | None = None
+        self.last_write: dict[str, Any] = {}
+        self.lease_info: dict[str, Any] = {}
 
     @property
     def file_owner(self) -> str | None:
@@ -249,6 +251,8 @@ class Agent:
         elif isinstance(event, HealthChanged):
             self.health_changed(event)
         elif self.registrar is not None and self.registrar.handle(event, now):
+            if isinstance(event, reg.RegistryResult):
+                self.registry_result(event.outcome)
             if isinstance(event, reg.GroupSeen):
                 self.group_seen(event.group)
         else:
@@ -472,9 +476,6 @@ class Agent:
         snap = self.monitor.snapshot().to_dict()
         state = snap.get("state")
         snap["healthy"] = {"healthy": True, "unhealthy": False}.get(str(state))
-        last = snap.get("last_result")
-        if isinstance(last, dict):
-            snap["last_probe"] = f"{'ok' if last.get('ok') else 'failed'}: {last.get('detail', '')}".strip()
         self.status.app = snap
 
     def group_seen(self, group: dict[str, Any]) -> None:
@@ -561,6 +562,24 @@ class Agent:
             self.registrar.set_health({Health.HEALTHY: True, Health.UNHEALTHY: False}.get(state))
         log.info("registering as %s in %s/%s (instance %s)", address, namespace, group, instance)
 
+    def registry_result(self, outcome: reg.Outcome) -> None:
+        """Remember the last write and the lease, for status and metrics."""
+        r = self.status.registration
+        if outcome.wrote:
+            self.last_write = {"last_write": time.time(), "last_action": ", ".join(outcome.wrote)}
+            for action in outcome.wrote:
+                self.metrics.inc("writes", action, "error" if outcome.error else "ok")
+        if outcome.error is None:
+            self.metrics.set("api_contact", time.time())
+        else:
+            self.metrics.inc("errors", "registry")
+        if outcome.lease is not None:
+            meta, spec = outcome.lease.get("metadata", {}), outcome.lease.get("spec", {})
+            self.lease_info = {"lease": meta.get("name"), "lease_renewed_text": spec.get("renewTime"),
+                               "lease_renewed": time.time()}
+        r.update(self.last_write)
+        r.update(self.lease_info)
+
     def registration_changed(self) -> None:
         if self.registrar is None:
             return
@@ -572,6 +591,8 @@ class Agent:
             reg_status["conflict"] = f"entry held by instance {st.conflict_holder}"
         if st.state in (reg.State.RETRYING,):
             reg_status["error"] = st.message
+        reg_status.update(self.last_write)
+        reg_status.update(self.lease_info)
         self.status.registration = reg_status
         self.metrics.set("registered", 1 if reg_status["registered"] else 0)
         self.maybe_ready()

@@ -115,8 +115,11 @@ def render(d: dict[str, Any], running: bool, now: float) -> str:
         health = {True: "healthy", False: "unhealthy", None: "unknown"}[a.get("healthy")]
         reason = f" ({a['reason']})" if a.get("reason") else ""
         lines.append(f"  app:          {health}{reason}")
-        if a.get("last_probe"):
-            lines.append(f"  last probe:   {a['last_probe']}")
+        last = a.get("last_probe")
+        if isinstance(last, dict):
+            result = "ok" if last.get("ok") else "failed"
+            lines.append(f"  last probe:   {result}: {last.get('reason', '')} ({last.get('latency_ms', '?')} ms, "
+                         f"{_ago(last.get('at'), now)}) {a.get('probe', '')}".rstrip())
     r = d.get("registration") or {}
     if r:
         state = "registered" if r.get("registered") else "not registered"

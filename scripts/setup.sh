@@ -32,9 +32,12 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [[ ! -e $stamp ]]; then
-    echo "setup: installing Python packages into .venv"
-    .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e '.[test]'
+    echo "setup: installing Python packages into .venv (log: .venv/pip.log)"
+    if ! { .venv/bin/pip install --upgrade pip && .venv/bin/pip install -e '.[test]'; } >.venv/pip.log 2>&1; then
+        tail -n 30 .venv/pip.log
+        echo "setup: pip failed; see .venv/pip.log" >&2
+        exit 1
+    fi
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
