@@ -94,6 +94,7 @@ class Rig:
     listener_port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
+    istiod_port: int = field(default_factory=free_port)  # nothing listens unless a test starts it
     app: subprocess.Popen[bytes] | None = None
     agent: subprocess.Popen[bytes] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -137,7 +138,13 @@ class Rig:
     def bundle_files(self, now: float | None = None) -> dict[str, bytes]:
         env = bundlekit.CLUSTER_ENV_V4.replace("ISTIO_SVC_IP=10.0.0.5", f"ISTIO_SVC_IP={ADDRESS}") \
             .replace("ISTIO_INBOUND_PORTS=8080", f"ISTIO_INBOUND_PORTS={self.app_port}")
-        return bundlekit.files(time.time() if now is None else now, replace={"cluster.env": env.encode()})
+        # istiod "is" on loopback, so that nothing (doctor's reachability check) dials elsewhere.
+        env = env.replace("istiod.istio-system.svc:15012", f"istiod.istio-system.svc:{self.istiod_port}")
+        mesh = bundlekit.MESH_YAML.replace("istiod.istio-system.svc:15012",
+                                           f"istiod.istio-system.svc:{self.istiod_port}")
+        return bundlekit.files(time.time() if now is None else now, replace={
+            "cluster.env": env.encode(), "mesh.yaml": mesh.encode(),
+            "hosts": b"127.0.0.1 istiod.istio-system.svc\n"})
 
     def write_bundle(self) -> None:
         bundlekit.write_dir(self.bundle_dir, self.bundle_files())

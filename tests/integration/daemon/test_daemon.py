@@ -251,3 +251,38 @@ def test_maintenance_withdraws_and_register_ends_it(r: Rig) -> None:
     assert out.returncode == 0, out.stderr
     wait_for(r.entry, 10, "registration after maintenance")
     assert r.stop_agent() == 0
+
+
+def test_doctor_names_what_is_wrong(r: Rig) -> None:
+    r.start_agent()
+    wait_for(r.entry, 60, "registration")
+    doctor = [sys.executable, "-m", "agent", "doctor", "--config", str(r.config_path)]
+    out = subprocess.run(doctor, env=agent_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 1, out.stdout  # nothing listens on istiod's port
+    assert any(line.startswith("PASS config:") for line in lines)
+    assert any(line.startswith("PASS bundle:") for line in lines)
+    assert any(line.startswith("FAIL istiod CA: istiod.istio-system.svc:") and "(127.0.0.1)" in line
+               for line in lines), out.stdout
+    assert any(line.startswith("PASS API:") for line in lines)
+    assert any(line.startswith("PASS clock:") for line in lines)
+    assert any(line.startswith("PASS RBAC: all") for line in lines)
+    assert any(line.startswith("PASS WorkloadGroup: vm-apps/billing exists") for line in lines)
+    assert any(line.startswith("PASS ports:") for line in lines), out.stdout
+    with socket.socket() as istiod:
+        istiod.bind(("127.0.0.1", r.istiod_port))
+        istiod.listen()
+        ok = subprocess.run([*doctor, "--json"], env=agent_env(), cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    checks = {c["name"]: c for c in json.loads(ok.stdout)}
+    assert ok.returncode == 0, ok.stdout
+    assert checks["istiod CA"]["result"] == "pass"
+    # A credential without the agent's RBAC: named, verb by verb.
+    r.api.add_token("weak-token-0123456789", "someone-else", [])
+    weak = r.api.write_kubeconfig(r.tmp / "weak.kubeconfig", "weak-token-0123456789")
+    r.overrides = {"registry": {"kubeconfig": str(weak)}}
+    r.write_config()
+    bad = subprocess.run(doctor, env=agent_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert "FAIL RBAC: denied in vm-apps: get workloadentries, create workloadentries" in bad.stdout
+    assert r.stop_agent() == 0

@@ -1,0 +1,348 @@
+"""`mesh-agent doctor`: one line per thing the agent needs, pass / warn / fail, with a hint.
+
+Each check is a small function returning Check lines; `run_checks` stops nothing on a failure (an admin
+wants the whole picture), except that checks needing the API are skipped when it cannot be reached.
+Nothing here writes anything; the only traffic is to istiod's addresses and the API server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.utils
+import json
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from agent import config, proc
+from agent.paths import Layout
+
+PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
+SOON = 600.0  # a token or certificate closer than this to expiry is a warning
+SKEW = 5.0    # clock skew against the API server tolerated before warning
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    result: str
+    message: str
+    hint: str = ""
+
+    def line(self) -> str:
+        text = f"{self.result.upper():4} {self.name}: {self.message}"
+        return text + (f"\n     hint: {self.hint}" if self.hint else "")
+
+
+@dataclass
+class Context:
+    """What the checks found so far, so later checks build on earlier ones."""
+    path: str
+    cfg: config.Config | None = None
+    layout: Layout | None = None
+    bundle: Any = None
+    kube: Any = None
+    namespace: str | None = None
+    group: str | None = None
+
+
+def add_arguments(p: argparse.ArgumentParser, _verb: str) -> None:
+    p.add_argument("--config", help=f"agent.yaml (default: ${config.ENV_VAR} or {config.DEFAULT_PATH})")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds per network check (default 3)")
+
+
+def main(args: argparse.Namespace) -> int:
+    ctx = Context(config.config_path(args.config))
+    checks = run_checks(ctx, args.timeout)
+    if args.json:
+        print(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        for c in checks:
+            print(c.line())
+        failed = sum(c.result == FAIL for c in checks)
+        warned = sum(c.result == WARN for c in checks)
+        print(f"{len(checks)} checks: {failed} failed, {warned} warnings")
+    return 1 if any(c.result == FAIL for c in checks) else 0
+
+
+def run_checks(ctx: Context, timeout: float) -> list[Check]:
+    out: list[Check] = []
+    steps: list[Callable[[Context, float], list[Check]]] = [
+        check_config, check_bundle, check_istiod, check_api, check_rbac, check_group, check_ports,
+        check_iptables, check_istio_service]
+    for step in steps:
+        try:
+            out.extend(step(ctx, timeout))
+        except Exception as exc:  # a broken check must not hide the others
+            out.append(Check(step.__name__.removeprefix("check_"), FAIL, f"the check itself failed: {exc}"))
+    return out
+
+
+# --- the checks, in the order an admin would look -------------------------------------------------
+
+def check_config(ctx: Context, _t: float) -> list[Check]:
+    try:
+        ctx.cfg = config.load(ctx.path)
+    except config.ConfigError as exc:
+        first = str(exc.errors[0])
+        more = f" (and {len(exc.errors) - 1} more)" if len(exc.errors) > 1 else ""
+        return [Check("config", FAIL, first + more, f"mesh-agent config check {ctx.path}")]
+    ctx.layout = Layout.from_config(ctx.cfg)
+    if not ctx.cfg.configured:
+        return [Check("config", WARN, f"{ctx.path} says configured: false",
+                      "the service will not start until it is set to true")]
+    return [Check("config", PASS, f"{ctx.path} is valid")]
+
+
+def check_bundle(ctx: Context, _t: float) -> list[Check]:
+    from agent.bundle import install, model
+
+    if ctx.cfg is None or ctx.layout is None:
+        return [Check("bundle", SKIP, "no valid configuration")]
+    loaded = install.load_last_good(ctx.layout)
+    if loaded is None:
+        return [Check("bundle", FAIL, f"no bundle installed yet (source: {ctx.cfg.bundle.source})",
+                      "is the agent running? `mesh-agent bundle fetch` shows whether the source answers")]
+    info, files = loaded
+    try:
+        ctx.bundle = model.parse_bundle(files, info.fetched_at, ctx.cfg.bundle)
+    except model.BundleError as exc:
+        return [Check("bundle", FAIL, f"the installed bundle {info.version} is invalid: {exc}")]
+    out = [Check("bundle", PASS, f"{info.version} from {info.source}, installed "
+                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(info.installed_at))}")]
+    drifted = install.drifted(ctx.layout)
+    if drifted:
+        out.append(Check("bundle files", WARN, f"differ from the installed bundle: {', '.join(drifted)}",
+                         "the running agent restores them; edit the bundle at its source instead"))
+    now = time.time()
+    for what, when, hint in (
+            ("token", info.token_expiry, "the agent refreshes at 70% of its lifetime: is the source "
+             "serving a fresh one? (`bundle.source: kubernetes` mints tokens itself)"),
+            ("root cert", info.cert_expiry, "rotate the mesh root CA and publish a new bundle")):
+        if when is None:
+            out.append(Check(what, PASS, "does not expire"))
+        elif when <= now:
+            out.append(Check(what, FAIL if what == "root cert" else WARN,
+                             f"expired {_span(now - when)} ago", hint))
+        elif when - now < SOON:
+            out.append(Check(what, WARN, f"expires in {_span(when - now)}", hint))
+        else:
+            out.append(Check(what, PASS, f"expires in {_span(when - now)}"))
+    return out
+
+
+def check_istiod(ctx: Context, timeout: float) -> list[Check]:
+    """TCP to istiod's discovery and CA addresses, resolved through the bundle's hosts lines first."""
+    if ctx.bundle is None:
+        return [Check("istiod", SKIP, "no bundle")]
+    env = ctx.bundle.env_map
+    targets = {}
+    discovery = (ctx.bundle.proxy_config or {}).get("discoveryAddress")
+    if discovery:
+        targets["discovery"] = str(discovery)
+    targets["CA"] = env.get("CA_ADDR") or "istiod.istio-system.svc:15012"
+    hosts = {name: line.address for line in ctx.bundle.hosts for name in line.names}
+    out = []
+    for what, target in targets.items():
+        host, _, port = target.rpartition(":")
+        host = host.strip("[]")
+        address = hosts.get(host, host)
+        try:
+            with socket.create_connection((address, int(port)), timeout=timeout):
+                pass
+        except (OSError, ValueError) as exc:
+            out.append(Check(f"istiod {what}", FAIL, f"{target} ({address}): {getattr(exc, 'strerror', None) or exc}",
+                             "check the east-west gateway address in the bundle's hosts file and the "
+                             "firewall between this VM and it"))
+        else:
+            out.append(Check(f"istiod {what}", PASS, f"{target} ({address}) accepts connections"))
+    return out
+
+
+def check_api(ctx: Context, timeout: float) -> list[Check]:
+    if ctx.cfg is None:
+        return [Check("API", SKIP, "no valid configuration")]
+    if not ctx.cfg.registry.enabled and ctx.cfg.bundle.source != "kubernetes":
+        return [Check("API", SKIP, "registry.enabled is false")]
+    from agent.registry.kube import Credentials, Kube
+
+    r = ctx.cfg.registry
+    kubeconfig = r.kubeconfig
+    if not kubeconfig and not r.server and ctx.layout is not None:
+        from agent.bundle.install import last_good_file
+
+        shipped = last_good_file(ctx.layout, "kubeconfig")
+        kubeconfig = str(shipped) if shipped.exists() else None
+    if not kubeconfig and not r.server:
+        return [Check("API", FAIL, "no credentials", "set registry.kubeconfig, or ship a kubeconfig in the bundle")]
+    try:
+        ctx.kube = Kube.from_credentials(Credentials(kubeconfig=kubeconfig, server=r.server, ca_file=r.ca_file,
+                                                     token_file=r.token_file), timeout=timeout)
+        from kubernetes import client
+
+        started = time.time()
+        # The raw answer (old and new clients alike): its Date header tells the clock skew.
+        resp = client.VersionApi(ctx.kube.api_client).get_code(_preload_content=False,
+                                                                _request_timeout=(timeout, timeout))
+        finished = time.time()
+    except Exception as exc:
+        ctx.kube = None
+        return [Check("API", FAIL, f"{_server(ctx)}: {_short(exc)}",
+                      "check the server address, its CA and the network path to it")]
+    out = [Check("API", PASS, f"{_server(ctx)} answers (Kubernetes "
+                 f"{json.loads(resp.data).get('gitVersion', '?')})")]
+    date = resp.headers.get("Date")
+    if date:
+        server_time = email.utils.parsedate_to_datetime(date).timestamp()
+        skew = server_time - (started + finished) / 2
+        level = PASS if abs(skew) < SKEW else WARN
+        out.append(Check("clock", level, f"{skew:+.1f}s against the API server",
+                         "" if level == PASS else "run timesyncd or chrony: token and lease times depend on it"))
+    env = ctx.bundle.env_map if ctx.bundle is not None else {}
+    ctx.namespace = r.namespace or env.get("POD_NAMESPACE")
+    ctx.group = r.group or env.get("ISTIO_META_WORKLOAD_NAME")
+    return out
+
+
+def check_rbac(ctx: Context, timeout: float) -> list[Check]:
+    if ctx.kube is None or not ctx.namespace:
+        return [Check("RBAC", SKIP, "API not reachable or namespace unknown")]
+    from kubernetes import client
+
+    from agent.registry.manifests import AGENT_RULES
+
+    api = client.AuthorizationV1Api(ctx.kube.api_client)
+    denied = []
+    asked = 0
+    for rule in AGENT_RULES:
+        for resource in rule["resources"]:
+            plural, _, sub = resource.partition("/")
+            for verb in rule["verbs"]:
+                attrs = {"verb": verb, "group": rule["apiGroups"][0], "resource": plural,
+                         "namespace": ctx.namespace}
+                if sub:
+                    attrs["subresource"] = sub
+                body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                        "spec": {"resourceAttributes": attrs}}
+                resp = api.create_self_subject_access_review(body, _preload_content=False,
+                                                             _request_timeout=(timeout, timeout))
+                asked += 1
+                if not (json.loads(resp.data).get("status") or {}).get("allowed"):
+                    denied.append(f"{verb} {resource}")
+    out = []
+    if denied:
+        out.append(Check("RBAC", FAIL, f"denied in {ctx.namespace}: {', '.join(denied)}",
+                         "apply the Role and RoleBinding that `mesh-agent manifests` prints"))
+    else:
+        out.append(Check("RBAC", PASS, f"all {asked} permissions the agent uses are granted in {ctx.namespace}"))
+    if ctx.cfg is not None and ctx.cfg.bundle.source.strip() == "kubernetes" and ctx.bundle is not None:
+        out.extend(_cluster_source_access(ctx))
+    return out
+
+
+def _cluster_source_access(ctx: Context) -> list[Check]:
+    from agent.bundle import cluster_source
+
+    assert ctx.cfg is not None
+    settings = cluster_source.settings_from_config(ctx.cfg.bundle)
+    sa = ctx.bundle.env_map.get("SERVICE_ACCOUNT", "")
+    out = []
+    for a in cluster_source.access_checks(ctx.kube, settings, sa):
+        level = PASS if a.allowed else (FAIL if a.required else WARN)
+        out.append(Check("RBAC (bundle source)", level, a.what, a.hint))
+    return out
+
+
+def check_group(ctx: Context, _t: float) -> list[Check]:
+    if ctx.kube is None or not ctx.namespace or not ctx.group:
+        return [Check("WorkloadGroup", SKIP, "API not reachable or group unknown")]
+    from agent.registry.kube import GROUPS, ApiError
+
+    try:
+        group = ctx.kube.get(GROUPS, ctx.namespace, ctx.group)
+    except ApiError as exc:
+        return [Check("WorkloadGroup", FAIL, str(exc))]
+    if group is None:
+        return [Check("WorkloadGroup", FAIL, f"{ctx.namespace}/{ctx.group} does not exist",
+                      "apply the WorkloadGroup that `mesh-agent manifests` prints")]
+    return [Check("WorkloadGroup", PASS, f"{ctx.namespace}/{ctx.group} exists")]
+
+
+def check_ports(ctx: Context, _t: float) -> list[Check]:
+    """The proxy's ports: free, or held by the sidecar this agent runs."""
+    if ctx.cfg is None or ctx.layout is None:
+        return [Check("ports", SKIP, "no valid configuration")]
+    from agent.sidecar import process
+    from agent.sidecar.profiles import ProfileError, read_spec
+
+    try:
+        spec = read_spec(ctx.cfg.sidecar, ctx.layout, cluster_env=ctx.bundle.env_map if ctx.bundle else {},
+                         hostname=socket.gethostname(), address=None)
+    except ProfileError as exc:
+        return [Check("ports", FAIL, str(exc))]
+    record = process.read_pidfile(ctx.layout.sidecar_pidfile)
+    ours = _family(record.pid) if record else set()
+    holders = process.port_holders(spec.ports, exclude=ours)
+    if holders:
+        return [Check("ports", FAIL, "; ".join(map(str, holders)),
+                      "stop that process (a leftover Envoy or istio.service?) or change the proxy's ports")]
+    return [Check("ports", PASS, f"{', '.join(map(str, spec.ports)) or 'none'}: free or held by our proxy")]
+
+
+def check_iptables(ctx: Context, _t: float) -> list[Check]:
+    if ctx.cfg is None or ctx.cfg.sidecar.profile != "istio":
+        return [Check("iptables", SKIP, "not the istio profile")]
+    found = shutil.which("iptables") or shutil.which("iptables-legacy")
+    if found is None:
+        return [Check("iptables", FAIL, "iptables is not installed", "apt install iptables")]
+    return [Check("iptables", PASS, found)]
+
+
+def check_istio_service(ctx: Context, _t: float) -> list[Check]:
+    if shutil.which("systemctl") is None or (ctx.layout is not None and str(ctx.layout.root) != "/"):
+        return [Check("istio.service", SKIP, "no systemd here")]
+    result = proc.run(["systemctl", "is-active", "istio.service"], timeout=10)
+    state = result.stdout.strip() or "unknown"
+    if state == "active":
+        return [Check("istio.service", FAIL, "is running alongside mesh-agent: two proxies fight over ports",
+                      "systemctl disable --now istio.service")]
+    return [Check("istio.service", PASS, f"not running ({state})")]
+
+
+# --- small helpers --------------------------------------------------------------------------------
+
+def _family(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return {pid, *(c.pid for c in p.children(recursive=True))}
+    except psutil.Error:
+        return set()
+
+
+def _server(ctx: Context) -> str:
+    return str(getattr(getattr(ctx.kube, "configuration", None), "host", "") or "the API server")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1][:200] if text else type(exc).__name__
+
+
+def _span(seconds: float) -> str:
+    s = int(seconds)
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 172800:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d"
+
+
+if __name__ == "__main__":
+    sys.exit(main(argparse.Namespace(config=None, json=False, timeout=3.0)))
