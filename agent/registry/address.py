@@ -1,0 +1,135 @@
+"""The VM's address in the mesh: ISTIO_SVC_IP, else configured, else the default route's interface.
+
+`select_address` is the pure decision over plain data; `detect_address` gathers that data (psutil's
+interface addresses, /proc/net/route and /proc/net/ipv6_route) and calls it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Family = Literal["auto", "ipv4", "ipv6"]
+
+
+class AddressError(ValueError):
+    """No usable address; the message says what was looked at."""
+
+
+@dataclass(frozen=True)
+class Interface:
+    name: str
+    addresses: tuple[str, ...]  # as psutil reports them (IPv6 may carry a %zone suffix)
+
+
+def _usable(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+        return None
+    return ip
+
+
+def _family_ok(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, family: Family) -> bool:
+    return family == "auto" or (family == "ipv4") == (ip.version == 4)
+
+
+def select_address(*, svc_ip: str | None, value: str | None, interface: str | None, cidr: str | None,
+                   family: Family, interfaces: list[Interface],
+                   default_route_ifaces: list[tuple[int, str]]) -> str:
+    """Pick the address. `default_route_ifaces` lists (ip version, interface) holding a default route,
+    IPv4 first, in routing-table order."""
+    if svc_ip:
+        ip = _usable(svc_ip) or _parse(svc_ip, "ISTIO_SVC_IP in cluster.env")
+        return str(ip)
+    if value:
+        return str(_parse(value, "registry.address.value"))
+    if interface:
+        for iface in interfaces:
+            if iface.name == interface:
+                found = [ip for ip in map(_usable, iface.addresses) if ip and _family_ok(ip, family)]
+                if found:
+                    return str(_prefer(found, family))
+                raise AddressError(f'interface "{interface}" has no usable {_fam(family)} address')
+        raise AddressError(f'interface "{interface}" (registry.address.interface) does not exist; '
+                           f"have: {', '.join(i.name for i in interfaces) or 'none'}")
+    if cidr:
+        net = ipaddress.ip_network(cidr, strict=False)
+        for iface in interfaces:
+            for ip in map(_usable, iface.addresses):
+                if ip is not None and ip.version == net.version and ip in net:
+                    return str(ip)
+        raise AddressError(f"no local address inside {cidr} (registry.address.cidr)")
+    by_name = {i.name: i for i in interfaces}
+    order = sorted(default_route_ifaces, key=lambda r: 0 if r[0] == 4 else 1)
+    if family == "ipv6":
+        order = sorted(default_route_ifaces, key=lambda r: 0 if r[0] == 6 else 1)
+    for version, name in order:
+        iface = by_name.get(name)
+        if iface is None:
+            continue
+        found = [ip for ip in map(_usable, iface.addresses)
+                 if ip and ip.version == version and _family_ok(ip, family)]
+        if found:
+            return str(found[0])
+    raise AddressError(f"no default route with a usable {_fam(family)} address; set "
+                       "registry.address (value, interface or cidr) or ISTIO_SVC_IP")
+
+
+def _prefer(found: list, family: Family):  # type: ignore[no-untyped-def]
+    if family == "auto":
+        v4 = [ip for ip in found if ip.version == 4]
+        return v4[0] if v4 else found[0]
+    return found[0]
+
+
+def _fam(family: Family) -> str:
+    return {"auto": "IP", "ipv4": "IPv4", "ipv6": "IPv6"}[family]
+
+
+def _parse(text: str, source: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise AddressError(f'{source}: "{text}" is not an IP address') from None
+
+
+def parse_ipv4_routes(text: str) -> list[str]:
+    """Interfaces of default routes in /proc/net/route (destination 0 and mask 0), table order."""
+    out = []
+    for line in text.splitlines()[1:]:
+        cols = line.split()
+        if len(cols) >= 8 and cols[1] == "00000000" and cols[7] == "00000000":
+            out.append(cols[0])
+    return out
+
+
+def parse_ipv6_routes(text: str) -> list[str]:
+    """Interfaces of default routes in /proc/net/ipv6_route (::/0), skipping the loopback's."""
+    out = []
+    for line in text.splitlines():
+        cols = line.split()
+        if len(cols) >= 10 and cols[0] == "0" * 32 and cols[1] == "00" and cols[9] != "lo":
+            out.append(cols[9])
+    return out
+
+
+def detect_address(*, svc_ip: str | None = None, value: str | None = None, interface: str | None = None,
+                   cidr: str | None = None, family: Family = "auto", proc: Path = Path("/proc")) -> str:
+    """The address, from the live system."""
+    import psutil
+
+    interfaces = [Interface(name, tuple(a.address for a in addrs))
+                  for name, addrs in psutil.net_if_addrs().items()]
+    routes: list[tuple[int, str]] = []
+    sources = ((4, "net/route", parse_ipv4_routes), (6, "net/ipv6_route", parse_ipv6_routes))
+    for version, rel, parse in sources:
+        with contextlib.suppress(OSError):
+            routes += [(version, name) for name in parse((proc / rel).read_text())]
+    return select_address(svc_ip=svc_ip, value=value, interface=interface, cidr=cidr, family=family,
+                          interfaces=interfaces, default_route_ifaces=routes)

@@ -1,0 +1,678 @@
+"""Keeps the VM's WorkloadEntry as it should be: the registration state machine and its API worker.
+
+Threading: the daemon's loop owns the Registrar and calls it (set_* inputs, handle(event), tick(now));
+every API call runs in one worker thread (RegistryWorker) that executes one operation at a time and
+posts its Outcome back through `post`. The loop therefore never blocks on the API (a slow or dead API
+server cannot starve probes or the watchdog), and since operations never overlap there is no race
+between a renewal and a withdrawal of the same entry. An operation is a short script of calls with a
+timeout each, so it always ends.
+
+The decisions:
+- what we want (decide_want): register when healthy, withdraw (or mark Healthy=False in condition
+  mode) when unhealthy, withdraw in maintenance, when the group is deleted and at shutdown; HOLD while
+  health or the group is not known yet, which keeps (and keeps leasing) an entry we already own, so a
+  restart or upgrade never drops the VM from the mesh;
+- who owns the entry (entry.ownership): never touch one held by another instance with a live lease;
+- failures: never delete on uncertainty; retry with agent.retry's backoff (Retry-After honoured, 30 s
+  cap) and converge with a full read when the API answers again; resync every `resync` seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from agent.registry import entry as E
+from agent.registry.kube import (
+    ENTRIES,
+    GROUPS,
+    LEASES,
+    ApiError,
+    Conflict,
+    Invalid,
+    Kube,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+)
+from agent.retry import Backoff
+
+log = logging.getLogger(__name__)
+
+Post = Callable[[object], None]
+
+
+# --- inputs and the wanted outcome ----------------------------------------------------------------
+
+class Health(enum.Enum):
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
+class Want(enum.Enum):
+    HOLD = "hold"                      # not known yet: keep whatever we own, change nothing
+    REGISTER = "register"              # entry present (Healthy=True in condition mode)
+    MARK_UNHEALTHY = "mark-unhealthy"  # entry present with Healthy=False (condition mode)
+    WITHDRAW = "withdraw"              # entry absent
+
+
+def decide_want(health: Health, maintenance: bool, group_known: bool, group_deleted: bool,
+                condition_mode: bool, shutting_down: bool, withdraw_on_shutdown: bool = True) -> Want:
+    if shutting_down:
+        return Want.WITHDRAW if withdraw_on_shutdown else Want.HOLD
+    if maintenance or group_deleted:
+        return Want.WITHDRAW
+    if not group_known or health is Health.UNKNOWN:
+        return Want.HOLD
+    if health is Health.HEALTHY:
+        return Want.REGISTER
+    return Want.MARK_UNHEALTHY if condition_mode else Want.WITHDRAW
+
+
+class State(enum.Enum):
+    STARTING = "starting"        # not reconciled with the API yet
+    REGISTERED = "registered"    # entry present and ours (Healthy=True in condition mode)
+    UNHEALTHY = "unhealthy"      # entry present with Healthy=False (condition mode)
+    WITHDRAWN = "withdrawn"      # no entry
+    HELD = "held"                # waiting for health/group; an entry we own is kept leased
+    CONFLICT = "conflict"        # another live instance owns the entry: hands off
+    RETRYING = "retrying"        # the API failed; backing off, nothing deleted
+    REFUSED = "refused"          # 401/403/422: needs an admin; retried slowly
+    STOPPED = "stopped"
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an operation found and did. Posted by the worker as RegistryResult."""
+
+    present: bool | None = None            # entry exists and is ours after the operation
+    healthy: bool | None = None            # its Healthy condition, in condition mode
+    lease: dict[str, Any] | None = None    # the lease as the server returned it
+    conflict_holder: str | None = None
+    conflict_until: dt.datetime | None = None
+    error: ApiError | None = None
+    lost_lease: bool = False               # a renewal found the lease changed: converge again
+    wrote: tuple[str, ...] = ()            # what was written, for logs and tests
+
+
+@dataclass(frozen=True)
+class RegistryResult:
+    seq: int
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class GroupSeen:
+    group: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GroupGone:
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class GroupUnavailable:
+    error: ApiError
+
+
+@dataclass(frozen=True)
+class RegistrationStatus:
+    """For `mesh-agent status` and metrics."""
+
+    state: State
+    want: Want
+    entry: str | None
+    namespace: str | None
+    message: str
+    conflict_holder: str | None = None
+
+
+# --- operations (run in the worker) ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Spec:
+    """What the worker needs to converge: the entry to apply and how to lease it."""
+
+    entry: dict[str, Any]
+    instance: str
+    lease_duration: float
+    condition_mode: bool
+    message: str = ""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _owner_ref(entry_obj: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The lease is owned by the entry, so deleting the entry (or its group) takes the lease along."""
+    meta = (entry_obj or {}).get("metadata") or {}
+    if not meta.get("uid"):
+        return None
+    return {"apiVersion": E.API_VERSION, "kind": "WorkloadEntry", "name": meta["name"], "uid": meta["uid"]}
+
+
+def converge(kube: Kube, want: Want, spec: Spec, now: Callable[[], dt.datetime] = _now) -> Outcome:
+    """Read the entry and its lease, decide, and write what differs. Raises ApiError."""
+    desired = spec.entry
+    ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+    actual = kube.get(ENTRIES, ns, name)
+    lease = kube.get(LEASES, ns, name)
+    own = E.ownership(actual, lease, spec.instance, now())
+    if own.conflict:
+        return Outcome(present=False, conflict_holder=own.holder, conflict_until=own.expires)
+    wrote: list[str] = []
+
+    if want is Want.WITHDRAW or (want is Want.HOLD and (actual is None or not own.mine)):
+        if want is Want.HOLD:
+            return Outcome(present=False)
+        if actual is not None:
+            meta = actual["metadata"]
+            kube.delete(ENTRIES, ns, name, uid=meta.get("uid"), resource_version=meta.get("resourceVersion"))
+            wrote.append("delete entry")
+        if lease is not None:
+            kube.delete(LEASES, ns, name, uid=(lease.get("metadata") or {}).get("uid"))
+            wrote.append("delete lease")
+        return Outcome(present=False, wrote=tuple(wrote))
+
+    # The lease first: a live lease is what makes the entry ours before we write the entry.
+    new_lease = E.build_lease(name, ns, spec.instance, spec.lease_duration, now(), previous=lease,
+                              owner=_owner_ref(actual))
+    lease = kube.apply(LEASES, new_lease)
+    wrote.append("lease")
+    if want is Want.HOLD:
+        return Outcome(present=True, healthy=_cond(actual), lease=lease, wrote=tuple(wrote))
+
+    if E.drifted(desired, actual):
+        body = desired
+        if actual is not None:
+            body = {**desired, "metadata": {**desired["metadata"],
+                                            "resourceVersion": actual["metadata"].get("resourceVersion")}}
+        actual = kube.apply(ENTRIES, body)
+        wrote.append("entry")
+        if _owner_ref(actual) and not (lease.get("metadata") or {}).get("ownerReferences"):
+            lease = kube.apply(LEASES, E.build_lease(name, ns, spec.instance, spec.lease_duration, now(),
+                                                     previous=lease, owner=_owner_ref(actual)))
+    healthy = None
+    if spec.condition_mode:
+        healthy = want is Want.REGISTER
+        if E.condition_of(actual) != ("True" if healthy else "False"):
+            cond = E.healthy_condition(healthy, now(), actual, spec.message)
+            actual = kube.apply(ENTRIES, E.status_patch(desired, cond), subresource="status")
+            wrote.append("status")
+    return Outcome(present=True, healthy=healthy, lease=lease, wrote=tuple(wrote))
+
+
+def _cond(entry_obj: dict[str, Any] | None) -> bool | None:
+    c = E.condition_of(entry_obj)
+    return None if c is None else c == "True"
+
+
+def renew(kube: Kube, lease: dict[str, Any], spec: Spec, now: Callable[[], dt.datetime] = _now) -> Outcome:
+    """Renew our lease with its resourceVersion as precondition: one request at steady state."""
+    meta = lease["metadata"]
+    new = E.build_lease(meta["name"], meta["namespace"], spec.instance, spec.lease_duration, now(),
+                        previous=lease, owner=(meta.get("ownerReferences") or [None])[0])
+    try:
+        return Outcome(present=True, lease=kube.apply(LEASES, new), wrote=("lease",))
+    except (Conflict, NotFound):
+        return Outcome(lost_lease=True)
+
+
+class RegistryWorker:
+    """One thread running one operation at a time; posts RegistryResult(seq, outcome)."""
+
+    def __init__(self, kube: Kube, post: Post) -> None:
+        self.kube, self.post = kube, post
+        self._q: queue.Queue[tuple[int, Callable[[Kube], Outcome]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="registry-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, seq: int, op: Callable[[Kube], Outcome]) -> None:
+        self._q.put((seq, op))
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._q.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            seq, op = item
+            try:
+                outcome = op(self.kube)
+            except ApiError as exc:
+                outcome = Outcome(error=exc)
+            except Exception as exc:  # a bug must not kill the worker: report it as an unknown failure
+                log.exception("registry operation failed unexpectedly")
+                outcome = Outcome(error=Unavailable("run", "registry operation", 0, repr(exc)))
+            self.post(RegistryResult(seq, outcome))
+
+
+# --- the state machine (runs in the loop) ---------------------------------------------------------
+
+@dataclass
+class Settings:
+    namespace: str
+    group: str
+    instance: str
+    lease_duration: float = 40.0
+    lease_renew: float = 10.0
+    resync: float = 300.0
+    condition_mode: bool = False
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    withdraw_on_shutdown: bool = True
+
+
+@dataclass
+class _Inputs:
+    health: Health = Health.UNKNOWN
+    message: str = ""
+    maintenance: bool = False
+    group: dict[str, Any] | None = None
+    group_deleted: bool = False
+    shutting_down: bool = False
+
+
+class Registrar:
+    """The registration state machine. Loop-thread only; see the module docstring.
+
+    `build(group) -> entry dict` makes the desired entry (entry.build_entry with this VM's inputs);
+    an EntryError from it is a configuration problem, reported as REFUSED.
+    """
+
+    def __init__(self, settings: Settings, build: Callable[[dict[str, Any]], dict[str, Any]],
+                 submit: Callable[[int, Callable[[Kube], Outcome]], None],
+                 rng: random.Random | None = None) -> None:
+        self.s = settings
+        self.build = build
+        self.submit = submit
+        self.rng = rng or random.Random()
+        self.inputs = _Inputs()
+        self.state = State.STARTING
+        self.message = "not reconciled yet"
+        self.conflict_holder: str | None = None
+        self._backoff = Backoff(settings.backoff_initial, settings.backoff_max, self.rng)
+        self._seq = 0
+        self._in_flight: int | None = None
+        self._in_flight_want: Want | None = None
+        self._converged: Want | None = None      # the want the last full convergence achieved
+        self._lease: dict[str, Any] | None = None
+        self._next_converge: float = 0.0          # 0: as soon as possible
+        self._next_renew: float | None = None
+        self._dirty = True                        # inputs changed since the last convergence
+        self._conflicts_in_row = 0
+        self.finished = False                     # after shutdown(): withdrawn, or gave up
+        self._shutdown_deadline: float | None = None
+        self.history: list[tuple[State, str]] = []
+
+    # inputs ----------------------------------------------------------------------------------------
+    def set_health(self, healthy: bool | None, message: str = "") -> None:
+        health = Health.UNKNOWN if healthy is None else Health.HEALTHY if healthy else Health.UNHEALTHY
+        if health is not self.inputs.health:
+            self.inputs.health, self.inputs.message = health, message
+            self._dirty = True
+
+    def set_maintenance(self, on: bool) -> None:
+        if on != self.inputs.maintenance:
+            self.inputs.maintenance = on
+            self._dirty = True
+
+    def set_group(self, group: dict[str, Any] | None) -> None:
+        """The WorkloadGroup as read or watched; None when it was deleted."""
+        if group is None:
+            if not self.inputs.group_deleted:
+                self.inputs.group_deleted, self._dirty = True, True
+            return
+        old = self.inputs.group
+        self.inputs.group, self.inputs.group_deleted = group, False
+        if old is None or old.get("spec") != group.get("spec") or _meta_of(old) != _meta_of(group):
+            self._dirty = True
+
+    def shutdown(self, now: float, timeout: float, withdraw: bool = True) -> None:
+        """Begin the stop: withdraw (unless `withdraw` is False, e.g. for an upgrade re-exec) and set
+        `finished` when done or when `timeout` passed (the lease then expires and the reaper cleans)."""
+        self.inputs.shutting_down = True
+        self.s = replace(self.s, withdraw_on_shutdown=withdraw)
+        self._shutdown_deadline = now + timeout
+        self._dirty = True
+        self._next_converge = 0.0
+
+    def handle(self, event: object, now: float) -> bool:
+        """Feed an event from the loop's queue; False when it is not the registry's."""
+        if isinstance(event, RegistryResult):
+            self._on_result(event, now)
+        elif isinstance(event, GroupSeen):
+            self.set_group(event.group)
+        elif isinstance(event, GroupGone):
+            self.set_group(None)
+        elif isinstance(event, GroupUnavailable):
+            log.warning("cannot read the WorkloadGroup: %s", event.error)
+        else:
+            return False
+        return True
+
+    @property
+    def want(self) -> Want:
+        i = self.inputs
+        return decide_want(i.health, i.maintenance, i.group is not None, i.group_deleted,
+                           self.s.condition_mode, i.shutting_down, self.s.withdraw_on_shutdown)
+
+    # the clock -------------------------------------------------------------------------------------
+    def tick(self, now: float) -> float:
+        """Start what is due; returns the monotonic time by which tick wants to be called again."""
+        if self.finished:
+            return now + 3600.0
+        if self._shutdown_deadline is not None and now >= self._shutdown_deadline:
+            self._finish("shutdown timed out; the entry's lease will expire and the reaper removes it")
+            return now + 3600.0
+        if self._in_flight is not None:
+            return now + self.s.lease_renew
+        if self._dirty and self._next_converge > now and self.state not in (State.RETRYING, State.REFUSED,
+                                                                             State.CONFLICT):
+            self._next_converge = now
+        if now >= self._next_converge:
+            self._start_converge(now)
+            return now + self.s.lease_renew
+        if self._next_renew is not None and now >= self._next_renew and self._lease is not None:
+            self._start_renew()
+            return now + self.s.lease_renew
+        deadlines = [self._next_converge]
+        if self._next_renew is not None and self._lease is not None:
+            deadlines.append(self._next_renew)
+        if self._shutdown_deadline is not None:
+            deadlines.append(self._shutdown_deadline)
+        return min(deadlines)
+
+    def _start_converge(self, now: float) -> None:
+        want = self.want
+        if self.inputs.group is None and want is not Want.HOLD and not self.inputs.group_deleted:
+            want = Want.HOLD
+        group = self.inputs.group
+        if group is None:
+            if self.inputs.shutting_down and self._lease is None and self.state in (State.STARTING,
+                                                                                   State.WITHDRAWN):
+                self._finish("nothing registered")
+                return
+            # Without the group we cannot name the entry; what we own is known from the last lease.
+            if self._lease is None:
+                self._set(State.HELD, f"the WorkloadGroup {self.s.namespace}/{self.s.group} does not exist"
+                          if self.inputs.group_deleted else "waiting for the WorkloadGroup")
+                self._next_converge = now + self.s.resync
+                self._dirty = False
+                return
+        try:
+            desired = self.build(group) if group is not None else self._entry_from_lease()
+        except ValueError as exc:
+            self._set(State.REFUSED, f"cannot build the WorkloadEntry: {exc}")
+            self._next_converge = now + self.s.backoff_max
+            self._dirty = False
+            return
+        spec = Spec(desired, self.s.instance, self.s.lease_duration, self.s.condition_mode,
+                    self.inputs.message)
+        self._dirty = False
+        self._dispatch(want, lambda kube: converge(kube, want, spec))
+
+    def _entry_from_lease(self) -> dict[str, Any]:
+        meta = (self._lease or {}).get("metadata") or {}
+        return {"apiVersion": E.API_VERSION, "kind": "WorkloadEntry",
+                "metadata": {"name": meta["name"], "namespace": meta["namespace"]}, "spec": {}}
+
+    def _start_renew(self) -> None:
+        lease = self._lease
+        assert lease is not None
+        spec = Spec({}, self.s.instance, self.s.lease_duration, self.s.condition_mode)
+        self._dispatch(None, lambda kube: renew(kube, lease, spec))
+
+    def _dispatch(self, want: Want | None, op: Callable[[Kube], Outcome]) -> None:
+        self._seq += 1
+        self._in_flight, self._in_flight_want = self._seq, want
+        self.submit(self._seq, op)
+
+    # results ---------------------------------------------------------------------------------------
+    def _on_result(self, ev: RegistryResult, now: float) -> None:
+        if ev.seq != self._in_flight:
+            return
+        want, self._in_flight, self._in_flight_want = self._in_flight_want, None, None
+        out = ev.outcome
+        if out.error is not None:
+            self._on_error(out.error, now, want)
+            return
+        self._backoff.reset()
+        if want is None:  # a renewal
+            if out.lost_lease:
+                log.warning("the lease of %s changed behind our back; reconciling", self._name())
+                self._lease, self._next_renew, self._next_converge = None, None, now
+            else:
+                self._lease = out.lease
+                self._schedule_renew(now)
+            return
+        if out.conflict_holder is not None:
+            self._conflicts_in_row += 1
+            self.conflict_holder = out.conflict_holder
+            self._lease, self._next_renew = None, None
+            until = out.conflict_until
+            wait = self.s.resync
+            if until is not None:
+                wait = min(wait, max(1.0, (until - _now()).total_seconds() + 1.0))
+            self._next_converge = now + wait
+            self._set(State.CONFLICT, f"entry {self._name()} belongs to instance {out.conflict_holder}, "
+                                      "whose lease is live: not touching it")
+            if self.inputs.shutting_down:
+                self._finish("the entry is another instance's")
+            return
+        self.conflict_holder = None
+        self._converged = want
+        self._next_converge = now + self.s.resync * self.rng.uniform(0.9, 1.0)
+        self._lease = out.lease if out.present else None
+        if out.present:
+            self._schedule_renew(now)
+        else:
+            self._next_renew = None
+        if out.wrote:
+            log.info("registry: %s (%s)", ", ".join(out.wrote), self._name())
+        if not out.present:
+            reason = self._why_withdrawn()
+            self._set(State.WITHDRAWN if want is not Want.HOLD else State.HELD, reason)
+            if self.inputs.shutting_down:
+                self._finish("withdrawn")
+        elif want is Want.HOLD:
+            self._set(State.HELD, "keeping our entry leased until health is known")
+            if self.inputs.shutting_down:
+                self._finish("left registered for the restart")
+        elif want is Want.MARK_UNHEALTHY:
+            self._set(State.UNHEALTHY, "registered with Healthy=False")
+        else:
+            self._set(State.REGISTERED, "registered")
+        if self.want is not want:
+            self._dirty = True
+
+    def _on_error(self, err: ApiError, now: float, want: Want | None) -> None:
+        if isinstance(err, Conflict) and self._conflicts_in_row < 3:
+            # A stale resourceVersion: someone wrote between our read and our write. Read again now.
+            self._conflicts_in_row += 1
+            self._next_converge = now
+            self._lease = None
+            log.info("registry: %s; reading again", err)
+            return
+        self._conflicts_in_row = 0
+        if isinstance(err, Unavailable):
+            delay = self._backoff.next_delay(err.retry_after)
+            self._set(State.RETRYING, f"{err}; retrying in {delay:.1f}s (nothing is deleted meanwhile)")
+        elif isinstance(err, (Unauthorized, Invalid)):
+            delay = max(self._backoff.next_delay(), self.s.backoff_max / 2)
+            self._set(State.REFUSED, str(err))
+        else:
+            delay = self._backoff.next_delay()
+            self._set(State.RETRYING, str(err))
+        self._next_converge = now + delay
+        # A renewal that failed is retried as a full convergence, which renews too.
+        self._next_renew = None
+
+    def _schedule_renew(self, now: float) -> None:
+        self._conflicts_in_row = 0
+        self._next_renew = now + self.s.lease_renew * self.rng.uniform(0.8, 1.0)
+
+    def _why_withdrawn(self) -> str:
+        i = self.inputs
+        if i.shutting_down:
+            return "withdrawn for shutdown"
+        if i.maintenance:
+            return "withdrawn: maintenance (mesh-agent register ends it)"
+        if i.group_deleted:
+            return f"withdrawn: the WorkloadGroup {self.s.namespace}/{self.s.group} was deleted"
+        if i.health is Health.UNHEALTHY:
+            return f"withdrawn: the app is unhealthy{': ' + i.message if i.message else ''}"
+        return "not registered"
+
+    def _finish(self, why: str) -> None:
+        self.finished = True
+        self._set(State.STOPPED, why)
+
+    def _set(self, state: State, message: str) -> None:
+        if state is not self.state or message != self.message:
+            level = logging.ERROR if state in (State.CONFLICT, State.REFUSED) else logging.INFO
+            if state is not self.state or level == logging.INFO:
+                log.log(level, "registry %s -> %s: %s", self.state.value, state.value, message)
+            self.history.append((state, message))
+        self.state, self.message = state, message
+
+    def _name(self) -> str:
+        group = self.inputs.group
+        if self._lease is not None:
+            return self._lease["metadata"]["name"]
+        return (group or {}).get("metadata", {}).get("name", self.s.group)
+
+    def status(self) -> RegistrationStatus:
+        name = self._lease["metadata"]["name"] if self._lease else None
+        return RegistrationStatus(self.state, self.want, name, self.s.namespace, self.message,
+                                  self.conflict_holder)
+
+
+def _meta_of(group: dict[str, Any]) -> Any:
+    return (group.get("metadata") or {}).get("uid")
+
+
+# --- the WorkloadGroup watcher --------------------------------------------------------------------
+
+class GroupWatcher:
+    """Reads, then watches one WorkloadGroup in its own thread; posts GroupSeen / GroupGone /
+    GroupUnavailable. Re-reads after every watch ends or fails (with backoff on failures)."""
+
+    def __init__(self, kube: Kube, namespace: str, name: str, post: Post, watch_timeout: int = 300,
+                 backoff: Backoff | None = None) -> None:
+        self.kube, self.namespace, self.name, self.post = kube, namespace, name, post
+        self.watch_timeout = watch_timeout
+        self.backoff = backoff or Backoff(0.5, 30.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="group-watcher", daemon=True)
+
+    def start(self) -> GroupWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                group = self.kube.get(GROUPS, self.namespace, self.name)
+                if group is None:
+                    self.post(GroupGone(self.namespace, self.name))
+                    rv = None
+                else:
+                    self.post(GroupSeen(group))
+                    rv = group["metadata"].get("resourceVersion")
+                self.backoff.reset()
+                for kind, obj in self.kube.watch(GROUPS, self.namespace, self.name, rv, self.watch_timeout):
+                    if self._stop.is_set():
+                        return
+                    if kind in ("ADDED", "MODIFIED"):
+                        self.post(GroupSeen(obj))
+                    elif kind == "DELETED":
+                        self.post(GroupGone(self.namespace, self.name))
+                    elif kind == "ERROR":
+                        break  # e.g. 410 Gone: read again
+            except ApiError as exc:
+                self.post(GroupUnavailable(exc))
+                self._stop.wait(self.backoff.next_delay(getattr(exc, "retry_after", None)))
+
+
+# --- a minimal loop, for the reaper-free standalone use, tests and the benchmark -------------------
+
+class Driver:
+    """Runs a Registrar with its worker the way the daemon does: one queue, one loop thread."""
+
+    def __init__(self, kube: Kube, settings: Settings, build: Callable[[dict[str, Any]], dict[str, Any]],
+                 watch_group: bool = True, watch_timeout: int = 300) -> None:
+        self.events: queue.Queue[object] = queue.Queue()
+        self.worker = RegistryWorker(kube, self.events.put)
+        self.registrar = Registrar(settings, build, self.worker.submit)
+        self.watcher = GroupWatcher(kube, settings.namespace, settings.group, self.events.put,
+                                    watch_timeout) if watch_group else None
+        self.calls: queue.Queue[Callable[[Registrar, float], None]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="registry-loop", daemon=True)
+
+    def start(self) -> Driver:
+        if self.watcher:
+            self.watcher.start()
+        self._thread.start()
+        return self
+
+    def do(self, fn: Callable[[Registrar, float], None]) -> None:
+        """Run fn(registrar, now) on the loop thread (inputs must come from there)."""
+        self.calls.put(fn)
+        self.events.put(_Wake())
+
+    def _loop(self) -> None:
+        deadline = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                ev = self.events.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                ev = None
+            now = time.monotonic()
+            while not self.calls.empty():
+                self.calls.get()(self.registrar, now)
+            if ev is not None and not isinstance(ev, _Wake):
+                self.registrar.handle(ev, now)
+            deadline = self.registrar.tick(time.monotonic())
+
+    def stop(self, withdraw: bool = True, timeout: float = 15.0) -> bool:
+        """Shut down like the daemon; True when the registrar finished within timeout."""
+        self.do(lambda r, now: r.shutdown(now, timeout, withdraw))
+        end = time.monotonic() + timeout + 2
+        while time.monotonic() < end and not self.registrar.finished:
+            time.sleep(0.05)
+        self.kill()
+        return self.registrar.finished
+
+    def kill(self) -> None:
+        """Stop every thread without any API call (as if the VM died)."""
+        self._stop.set()
+        if self.watcher:
+            self.watcher.stop()
+        self.worker.stop(timeout=1.0)
+        self._thread.join(2.0)
+
+
+class _Wake:
+    pass

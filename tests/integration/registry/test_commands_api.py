@@ -1,0 +1,125 @@
+"""The reaper and the manifests, run as the `mesh-agent` command against the emulator."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.registry.kube import Credentials, Kube, Unauthorized
+from agent.registry.manifests import REAPER_RULES
+from agent.registry.registrar import Driver, State
+from tests.integration.registry.conftest import NS, Cluster, role_to_rules, wait_for
+
+REPO = Path(__file__).resolve().parents[3]
+pytestmark = pytest.mark.subprocess
+
+
+def mesh_agent(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, check=False)
+
+
+def test_killed_agent_is_reaped_after_lease_and_grace(cluster: Cluster, drivers: list[Driver]) -> None:
+    cluster.api.add_token("reaper-token-" + "r" * 20, f"system:serviceaccount:{NS}:mesh-agent-reaper",
+                          role_to_rules(REAPER_RULES, NS))
+    kc = cluster.api.write_kubeconfig(cluster.tmp / "reaper.kubeconfig", "reaper-token-" + "r" * 20)
+    live = cluster.agent("inst-live", address="10.0.0.6", lease=3.0)
+    dying = cluster.agent("inst-dying", address="10.0.0.5", lease=3.0)
+    drivers += [live, dying]
+    for d in (live, dying):
+        d.do(lambda r, now: r.set_health(True))
+    wait_for(lambda: cluster.entry("billing-10.0.0.5") and cluster.entry("billing-10.0.0.6"), what="entries")
+    dying.kill()  # no withdraw: as if the VM lost power
+    killed_at = time.monotonic()
+
+    early = mesh_agent("reap", "--namespace", NS, "--grace", "1s", "--kubeconfig", str(kc))
+    assert early.returncode == 0, early.stderr
+    assert "reaped 0" in early.stdout
+    assert cluster.entry("billing-10.0.0.5") is not None
+
+    time.sleep(max(0.0, killed_at + 3.0 + 1.2 - time.monotonic()))
+    dry = mesh_agent("reap", "--namespace", NS, "--grace", "1s", "--dry-run", "--kubeconfig", str(kc))
+    assert dry.returncode == 0, dry.stderr
+    assert "would delete entry billing-10.0.0.5" in dry.stdout
+    assert "10.0.0.6" not in dry.stdout
+    assert cluster.entry("billing-10.0.0.5") is not None
+
+    done = mesh_agent("reap", "--namespace", NS, "--grace", "1s", "--kubeconfig", str(kc))
+    assert done.returncode == 0, done.stderr
+    assert "deleted entry billing-10.0.0.5" in done.stdout
+    assert cluster.entry("billing-10.0.0.5") is None
+    assert cluster.lease("billing-10.0.0.5") is None
+    assert cluster.entry("billing-10.0.0.6") is not None  # the live one stays
+    assert live.registrar.state is State.REGISTERED
+
+
+def test_reaper_names_what_rbac_refused(cluster: Cluster) -> None:
+    cluster.api.add_token("nobody-token-" + "n" * 20, "nobody", [])
+    kc = cluster.api.write_kubeconfig(cluster.tmp / "nobody.kubeconfig", "nobody-token-" + "n" * 20)
+    out = mesh_agent("reap", "--namespace", NS, "--kubeconfig", str(kc))
+    assert out.returncode == 1
+    assert "list workloadentries.networking.istio.io in namespace vm-apps: 403" in out.stderr
+
+
+def test_manifests_applied_then_used_with_exactly_that_rbac(cluster: Cluster, drivers: list[Driver]) -> None:
+    ns, group, sa = "shop", "cart", "cart-vm"
+    cluster.api.create_namespace(ns)
+    out = mesh_agent("manifests", "--group", group, "--namespace", ns, "--service-account", sa,
+                     "--port", "http=8080", "--port", "grpc-admin=9090", "--probe", "http:8080/ready")
+    assert out.returncode == 0, out.stderr
+    docs = list(yaml.safe_load_all(out.stdout))
+    supported, missing = [], []
+    for doc in docs:
+        try:
+            cluster.api._type(doc["kind"])
+            supported.append(doc)
+        except KeyError:
+            missing.append(doc)
+    for doc in supported:
+        cluster.api.create(doc, manager="kubectl")
+    # RBAC objects the emulator does not store are bound through its own policy table instead.
+    roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Role"}
+    for binding in (d for d in docs if d["kind"] == "RoleBinding"):
+        if binding in missing:
+            for subject in binding["subjects"]:
+                user = f"system:serviceaccount:{subject['namespace']}:{subject['name']}"
+                cluster.api.grant(user, role_to_rules(roles[binding["roleRef"]["name"]]["rules"], ns))
+    token = cluster.api.mint_token(ns, sa)
+    kc = cluster.api.write_kubeconfig(cluster.tmp / "cart.kubeconfig", token)
+
+    from agent.registry import entry as E
+    from agent.registry.registrar import Driver as D
+    from agent.registry.registrar import Settings
+
+    kube = Kube.from_credentials(Credentials(kubeconfig=str(kc)), timeout=3.0)
+
+    def build(g: dict) -> dict:
+        return E.build_entry(E.EntryInputs(group=g, address="10.1.0.9", instance="cart-1",
+                                           condition_mode=True))
+    d = D(kube, Settings(ns, group, "cart-1", lease_duration=3, lease_renew=0.5, condition_mode=True), build,
+          watch_timeout=5).start()
+    drivers.append(d)
+    d.do(lambda r, now: r.set_health(True))
+    entry = wait_for(lambda: E.condition_of(cluster.api.get("WorkloadEntry", ns, "cart-10.1.0.9")) == "True"
+                     and cluster.api.get("WorkloadEntry", ns, "cart-10.1.0.9"), what="the entry")
+    assert entry["spec"]["serviceAccount"] == sa
+    assert entry["spec"]["labels"] == {"app": group}
+    se = cluster.api.get("ServiceEntry", ns, group)
+    assert se["spec"]["workloadSelector"]["labels"].items() <= entry["spec"]["labels"].items()
+    assert d.stop()
+    assert cluster.api.get("WorkloadEntry", ns, "cart-10.1.0.9") is None
+    # Nothing beyond what it needs: not the group, not another namespace.
+    with pytest.raises(Unauthorized):
+        kube.delete(("networking.istio.io", "v1", "workloadgroups"), ns, group)
+    with pytest.raises(Unauthorized):
+        kube.list(("networking.istio.io", "v1", "workloadentries"), NS)
+    kube.close()
+    if missing:
+        print("emulator lacks:", sorted({d["kind"] for d in missing}))

@@ -1,0 +1,73 @@
+"""Pure parts of the reaper, the manifests and maintenance."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from agent import maintenance as M
+from agent.paths import Layout
+from agent.registry import entry as E
+from agent.registry import manifests as MF
+from agent.registry.reaper import dead
+
+NOW = dt.datetime(2026, 11, 25, 12, 0, 0, tzinfo=dt.UTC)
+
+
+def ent(name: str, lease: str | None, created: str = "2026-11-25T11:00:00Z") -> dict:
+    ann = {E.LEASE_ANNOTATION: lease} if lease else {}
+    return {"metadata": {"name": name, "annotations": ann, "creationTimestamp": created}}
+
+
+def test_reaper_picks_only_expired_past_grace() -> None:
+    leases = [E.build_lease("old", "ns", "a", 40, NOW - dt.timedelta(seconds=200)),
+              E.build_lease("young", "ns", "b", 40, NOW - dt.timedelta(seconds=60)),
+              E.build_lease("live", "ns", "c", 40, NOW - dt.timedelta(seconds=5)),
+              E.build_lease("orphan", "ns", "d", 40, NOW - dt.timedelta(seconds=500))]
+    entries = [ent("old", "old"), ent("young", "young"), ent("live", "live"),
+               ent("handmade", None), ent("nolease", "nolease"),
+               ent("newnolease", "newnolease", created="2026-11-25T11:59:50Z")]
+    got = {(v.entry, v.lease) for v in dead(entries, leases, NOW, grace=60)}
+    assert got == {("old", "old"), ("nolease", None), (None, "orphan")}
+
+
+def test_manifests_rbac_is_least_privilege() -> None:
+    docs = MF.build_manifests(group="billing", namespace="vm", service_account="billing-vm",
+                              ports=[("http", 8080), ("grpc-api", 9090)],
+                              probe=MF.parse_probe("http:8080/healthz"))
+    kinds = [d["kind"] for d in docs]
+    assert kinds == ["WorkloadGroup", "ServiceAccount", "Role", "RoleBinding", "ServiceEntry",
+                     "ServiceAccount", "Role", "RoleBinding", "CronJob"]
+    role = docs[2]
+    resources = {r for rule in role["rules"] for r in rule["resources"]}
+    assert resources == {"workloadentries", "workloadentries/status", "leases", "workloadgroups"}
+    for rule in role["rules"]:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+        if rule["resources"] == ["workloadgroups"]:
+            assert set(rule["verbs"]) == {"get", "list", "watch"}
+    se = docs[4]["spec"]
+    assert se["workloadSelector"]["labels"] == docs[0]["spec"]["metadata"]["labels"]
+    assert [p["protocol"] for p in se["ports"]] == ["HTTP", "GRPC"]
+    assert docs[0]["spec"]["probe"]["httpGet"] == {"port": 8080, "path": "/healthz"}
+    assert docs[8]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["serviceAccountName"] == \
+        "mesh-agent-reaper-billing"
+
+
+@pytest.mark.parametrize("bad", ["http", "http=0", "=80", "ht_tp=80"])
+def test_bad_port_flags(bad: str) -> None:
+    with pytest.raises(ValueError):
+        MF.parse_port(bad)
+
+
+def test_maintenance_file_round_trip(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    assert not M.maintenance_requested(layout)
+    M.request_maintenance(layout, "kernel upgrade", now=NOW)
+    assert M.maintenance_requested(layout)
+    info = M.maintenance_info(layout)
+    assert info is not None and info["reason"] == "kernel upgrade" and info["since"] == "2026-11-25T12:00:00Z"
+    assert M.end_maintenance(layout)
+    assert not M.maintenance_requested(layout)
+    assert not M.end_maintenance(layout)

@@ -1,0 +1,189 @@
+"""The registration state machine, driven by hand: inputs in, submitted operations and states out."""
+
+from __future__ import annotations
+
+import random
+
+from agent.registry import entry as E
+from agent.registry.kube import Conflict, Unauthorized, Unavailable
+from agent.registry.registrar import (
+    GroupGone,
+    GroupSeen,
+    Health,
+    Outcome,
+    Registrar,
+    RegistryResult,
+    Settings,
+    State,
+    Want,
+    decide_want,
+)
+
+GROUP = {"metadata": {"name": "g", "namespace": "ns", "uid": "u"},
+         "spec": {"template": {"ports": {"http": 80}}}}
+LEASE = E.build_lease("g-10.0.0.1", "ns", "me", 40, E.parse_time("2026-01-01T00:00:00Z"))  # type: ignore[arg-type]
+
+
+class Rec:
+    def __init__(self) -> None:
+        self.ops: list[int] = []
+
+    def __call__(self, seq: int, op: object) -> None:
+        self.ops.append(seq)
+
+
+def make(**kw: object) -> tuple[Registrar, Rec]:
+    rec = Rec()
+    s = Settings(namespace="ns", group="g", instance="me", **kw)  # type: ignore[arg-type]
+
+    def build(group: dict) -> dict:
+        return E.build_entry(E.EntryInputs(group=group, address="10.0.0.1", instance="me"))
+    return Registrar(s, build, rec, random.Random(1)), rec
+
+
+def result(r: Registrar, now: float, **kw: object) -> None:
+    r.handle(RegistryResult(r._in_flight, Outcome(**kw)), now)  # type: ignore[arg-type]
+
+
+def test_decide_want_table() -> None:
+    H, U, N = Health.HEALTHY, Health.UNHEALTHY, Health.UNKNOWN
+    assert decide_want(H, False, True, False, False, False) is Want.REGISTER
+    assert decide_want(U, False, True, False, False, False) is Want.WITHDRAW
+    assert decide_want(U, False, True, False, True, False) is Want.MARK_UNHEALTHY
+    assert decide_want(N, False, True, False, False, False) is Want.HOLD
+    assert decide_want(H, False, False, False, False, False) is Want.HOLD
+    assert decide_want(H, True, True, False, False, False) is Want.WITHDRAW
+    assert decide_want(H, False, True, True, False, False) is Want.WITHDRAW
+    assert decide_want(H, False, True, False, False, True) is Want.WITHDRAW
+    assert decide_want(H, False, True, False, False, True, withdraw_on_shutdown=False) is Want.HOLD
+
+
+def test_register_renew_and_resync() -> None:
+    r, rec = make()
+    r.handle(GroupSeen(GROUP), 0)
+    r.set_health(True)
+    r.tick(0)
+    assert r._in_flight_want is Want.REGISTER
+    assert r.tick(0.1) > 0.1 and len(rec.ops) == 1  # nothing more while one is in flight
+    result(r, 1, present=True, lease=LEASE, wrote=("lease", "entry"))
+    assert r.state is State.REGISTERED
+    nxt = r.tick(1)
+    assert 1 + 8 <= nxt <= 1 + 10  # the renewal, jittered
+    r.tick(nxt)
+    assert r._in_flight_want is None  # a renewal, not a convergence
+    result(r, nxt, present=True, lease=LEASE)
+    r._next_renew = 1e9
+    r.tick(400)  # the resync
+    assert r._in_flight_want is Want.REGISTER
+
+
+def test_outage_never_deletes_and_backs_off() -> None:
+    r, rec = make()
+    r.handle(GroupSeen(GROUP), 0)
+    r.set_health(True)
+    r.tick(0)
+    result(r, 0, error=Unavailable("patch", "x", 503, "down", retry_after=4.0))
+    assert r.state is State.RETRYING
+    assert r._next_converge >= 4.0
+    r.tick(1)
+    assert len(rec.ops) == 1
+    r.tick(r._next_converge)
+    assert r._in_flight_want is Want.REGISTER  # retried as a registration: nothing is deleted
+
+
+def test_unhealthy_withdraws_or_marks() -> None:
+    r, _ = make()
+    r.handle(GroupSeen(GROUP), 0)
+    r.set_health(False)
+    r.tick(0)
+    assert r._in_flight_want is Want.WITHDRAW
+    r2, _ = make(condition_mode=True)
+    r2.handle(GroupSeen(GROUP), 0)
+    r2.set_health(False)
+    r2.tick(0)
+    assert r2._in_flight_want is Want.MARK_UNHEALTHY
+
+
+def test_unknown_health_holds() -> None:
+    r, _ = make()
+    r.handle(GroupSeen(GROUP), 0)
+    r.tick(0)
+    assert r._in_flight_want is Want.HOLD
+    result(r, 0, present=True, lease=LEASE)
+    assert r.state is State.HELD
+
+
+def test_conflict_hands_off_until_the_other_lease_expires() -> None:
+    r, rec = make()
+    r.handle(GroupSeen(GROUP), 0)
+    r.set_health(True)
+    r.tick(0)
+    result(r, 0, present=False, conflict_holder="other")
+    assert r.state is State.CONFLICT and r.conflict_holder == "other"
+    r.tick(1)
+    assert len(rec.ops) == 1
+
+
+def test_stale_resource_version_reads_again_at_once() -> None:
+    r, rec = make()
+    r.handle(GroupSeen(GROUP), 0)
+    r.set_health(True)
+    r.tick(0)
+    result(r, 0, error=Conflict("patch", "x", 409, "stale"))
+    r.tick(0)
+    assert len(rec.ops) == 2
+
+
+def test_refused_is_reported_with_verb_and_resource() -> None:
+    r, _ = make()
+    r.handle(GroupSeen(GROUP), 0)
+    r.set_health(True)
+    r.tick(0)
+    result(r, 0, error=Unauthorized("patch", 'workloadentries.networking.istio.io "g-10.0.0.1"', 403, "no"))
+    assert r.state is State.REFUSED
+    assert "patch workloadentries" in r.message
+
+
+def test_group_deleted_withdraws_and_says_why() -> None:
+    r, _ = make()
+    r.handle(GroupSeen(GROUP), 0)
+    r.set_health(True)
+    r.tick(0)
+    result(r, 0, present=True, lease=LEASE)
+    r.handle(GroupGone("ns", "g"), 1)
+    r.tick(1)
+    assert r._in_flight_want is Want.WITHDRAW
+    result(r, 1, present=False)
+    assert r.state is State.WITHDRAWN and "deleted" in r.message
+
+
+def test_shutdown_finishes_after_withdraw_or_timeout() -> None:
+    r, _ = make()
+    r.handle(GroupSeen(GROUP), 0)
+    r.set_health(True)
+    r.tick(0)
+    result(r, 0, present=True, lease=LEASE)
+    r.shutdown(1, timeout=5)
+    r.tick(1)
+    assert r._in_flight_want is Want.WITHDRAW
+    result(r, 2, present=False)
+    assert r.finished
+    r2, _ = make()
+    r2.handle(GroupSeen(GROUP), 0)
+    r2.set_health(True)
+    r2.tick(0)
+    r2.shutdown(0, timeout=5)
+    r2.tick(6)  # the registration is still in flight and the API never answers
+    assert r2.finished and r2.state is State.STOPPED
+
+
+def test_bad_entry_inputs_are_refused_not_crashing() -> None:
+    rec = Rec()
+
+    def build(group: dict) -> dict:
+        raise E.EntryError("bad network name")
+    r = Registrar(Settings("ns", "g", "me"), build, rec)
+    r.handle(GroupSeen(GROUP), 0)
+    r.set_health(True)
+    r.tick(0)
+    assert r.state is State.REFUSED and not rec.ops
