@@ -204,6 +204,7 @@ class ClusterSource:
         self.core = CoreCalls(kube)
         self.s = settings
         self.clock = clock
+        self._static_cluster_id: str | None = None
 
     def _read(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -270,12 +271,32 @@ class ClusterSource:
             if readable:
                 warnings.append(f"ConfigMap {name} not found in namespace {s.istio_namespace}")
         if s.static_dir:
-            return None, "static", self._static_files()
+            static = self._static_files()
+            return self._mesh_from_static(static["mesh.yaml"]), "static", static
         if s.read_istio_config:
             raise SourceError(f"cannot read the mesh config (ConfigMap {name} in namespace "
                               f"{s.istio_namespace}) and bundle.kubernetes.static_dir is not set",
                               retryable=False)
         return None, "none", {}
+
+    def _mesh_from_static(self, mesh_yaml: bytes) -> str:
+        """A mesh config equivalent to the one an istioctl-made mesh.yaml came from, so cluster.env
+        gets the same values (the trust domain and cluster are only in its proxyMetadata)."""
+        import yaml
+
+        try:
+            doc = yaml.safe_load(mesh_yaml) or {}
+        except yaml.YAMLError as exc:
+            raise SourceError(f"{self.s.static_dir}/mesh.yaml is not valid YAML: {exc}", retryable=False) from None
+        default = doc.get("defaultConfig") if isinstance(doc, dict) else None
+        if not isinstance(default, dict):
+            raise SourceError(f"{self.s.static_dir}/mesh.yaml has no defaultConfig map", retryable=False)
+        metadata = default.get("proxyMetadata") or {}
+        mesh: dict[str, Any] = {"defaultConfig": default}
+        if isinstance(metadata, dict):
+            mesh["trustDomain"] = metadata.get("TRUST_DOMAIN") or ""
+            self._static_cluster_id = metadata.get("ISTIO_META_CLUSTER_ID") or None
+        return yaml.safe_dump(mesh)
 
     def _static_files(self) -> dict[str, bytes]:
         d = Path(self.s.static_dir or "")
@@ -294,7 +315,7 @@ class ClusterSource:
     def _cluster_id(self, warnings: list[str], istio_readable: bool) -> str:
         s = self.s
         if not istio_readable:
-            return DEFAULT_CLUSTER_ID
+            return self._static_cluster_id or DEFAULT_CLUSTER_ID
         name = INJECTOR_CONFIGMAP + (f"-{s.revision}" if G.is_revisioned(s.revision) else "")
         readable, cm = self._optional(lambda: self.core.get_configmap(s.istio_namespace, name), warnings,
                                       f"ConfigMap {name} in namespace {s.istio_namespace}")
