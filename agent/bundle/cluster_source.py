@@ -555,3 +555,63 @@ class ClusterRefresher:
         self._watch_loop(f"WorkloadGroup {s.namespace}/{s.group}",
                          lambda rv: self.source.kube.watch(GROUPS, s.namespace, s.group, rv, self.watch_timeout),
                          lambda: self._status.group_version, "group changed")
+
+
+# --- for the daemon: metrics and doctor -----------------------------------------------------------
+
+def observe(metrics: Any, event: object) -> None:
+    """Record a refresher event in agent.metrics.Metrics."""
+    if isinstance(event, ClusterBundleFetched):
+        metrics.set("expiry", event.token_expiry, "token")
+        metrics.set("bundle_fetched", time.time())
+    elif isinstance(event, ClusterFetchFailed):
+        metrics.inc("errors", "bundle")
+
+
+@dataclass(frozen=True)
+class AccessCheck:
+    what: str        # e.g. 'create serviceaccounts/token "billing-vm" in vm-apps'
+    allowed: bool
+    required: bool   # False: the source does without it (static_dir, warnings)
+    hint: str
+
+
+def access_checks(kube: Kube, s: Settings, service_account: str) -> list[AccessCheck]:
+    """Ask the API server (SelfSubjectAccessReview) whether this credential may do what the source does."""
+    from kubernetes import client
+
+    api = client.AuthorizationV1Api(kube.api_client)
+    rev = f"-{s.revision}" if G.is_revisioned(s.revision) else ""
+    gw_name, _, gw_ns = s.gateway_service.partition(".")
+    wanted = [
+        ("get", "networking.istio.io", "workloadgroups", "", s.namespace, s.group, True),
+        ("create", "", "serviceaccounts", "token", s.namespace, service_account, True),
+        ("get", "", "configmaps", "", s.namespace, G.ROOT_CERT_CONFIGMAP, True),
+        ("watch", "", "configmaps", "", s.namespace, G.ROOT_CERT_CONFIGMAP, False),
+    ]
+    if s.read_istio_config:
+        wanted += [
+            ("get", "", "configmaps", "", s.istio_namespace, f"istio{rev}", not s.static_dir),
+            ("get", "", "configmaps", "", s.istio_namespace, f"{INJECTOR_CONFIGMAP}{rev}", False),
+            ("get", "", "services", "", gw_ns or s.istio_namespace, gw_name, False),
+        ]
+    out = []
+    for verb, group, resource, sub, ns, name, required in wanted:
+        attrs = {"verb": verb, "group": group, "resource": resource, "namespace": ns, "name": name}
+        if sub:
+            attrs["subresource"] = sub
+        body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                "spec": {"resourceAttributes": attrs}}
+        what = f'{verb} {resource}{"/" + sub if sub else ""} "{name}" in {ns}'
+        try:
+            resp = api.create_self_subject_access_review(body, _preload_content=False,
+                                                         _request_timeout=(5.0, kube.timeout))
+            allowed = bool((json.loads(resp.data).get("status") or {}).get("allowed"))
+        except Exception as exc:  # reported as a failed check, with the reason
+            err = map_error(exc, "create", "selfsubjectaccessreviews")
+            out.append(AccessCheck(what, False, required, f"cannot ask the API server: {err}"))
+            continue
+        hint = "" if allowed else "add the rule `mesh-agent manifests` prints" + \
+            ("" if required else " (optional: the source does without it)")
+        out.append(AccessCheck(what, allowed, required, hint))
+    return out

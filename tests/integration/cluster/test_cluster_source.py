@@ -123,12 +123,12 @@ def test_istio_read_rules_are_optional(world: World) -> None:
 
 
 def test_own_token_is_renewed_with_the_manifests_rules(world: World) -> None:
-    before = read_claims(world.token_file.read_text())
+    old_token = world.token_file.read_text()
+    before = read_claims(old_token)
     kube = world.kube()
     new = renew_own_token(kube.api_client, str(world.token_file))
     assert stat.S_IMODE(world.token_file.stat().st_mode) == 0o600
-    after = claims(world.token_file.read_text())
-    assert after["jti"] != claims(world.api.mint_token(NS, SA))["jti"]
+    assert claims(world.token_file.read_text())["jti"] != claims(old_token)["jti"]
     assert (new.namespace, new.service_account) == (before.namespace, before.service_account)
     assert new.expiry >= before.expiry
     # The registry's client reads the new token on its next request, and it works.
@@ -138,3 +138,32 @@ def test_own_token_is_renewed_with_the_manifests_rules(world: World) -> None:
                      if r.resources != ("serviceaccounts/token",)])
     with pytest.raises(Unauthorized, match="serviceaccounts/token"):
         renew_own_token(kube.api_client, str(world.token_file))
+
+
+def test_access_checks_name_what_is_missing(world: World) -> None:
+    from agent.bundle.cluster_source import access_checks
+
+    world.set_rules(manifest_rules(read_istio=True)[NS] + manifest_rules(read_istio=True)["istio-system"])
+    checks = access_checks(world.kube(), world.settings(), SA)
+    assert len(checks) == 7 and all(c.allowed for c in checks), checks
+    world.set_rules([r for r in manifest_rules(read_istio=False)[NS] if r.resources != ("serviceaccounts/token",)])
+    checks = {c.what: c for c in access_checks(world.kube(), world.settings(), SA)}
+    token = checks[f'create serviceaccounts/token "{SA}" in {NS}']
+    assert not token.allowed and token.required and "manifests" in token.hint
+    assert not checks['get services "istio-eastwestgateway" in istio-system'].required
+
+
+def test_own_token_renewer_thread_renews_before_expiry(world: World) -> None:
+    from agent.registry.credentials import OwnTokenRenewed, OwnTokenRenewer
+
+    kube = world.kube()
+    before = read_claims(world.token_file.read_text())
+    # A clock 70% into the token's life: the thread renews at once.
+    r = OwnTokenRenewer(kube.api_client, str(world.token_file), world.events.put,
+                        clock=lambda: before.issued + 0.7 * before.lifetime + 1).start()
+    try:
+        ev = world.next_event(OwnTokenRenewed, timeout=10)
+    finally:
+        r.stop()
+    assert ev.expiry >= before.expiry
+    assert read_claims(world.token_file.read_text()).expiry == ev.expiry
