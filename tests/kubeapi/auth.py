@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import threading
 import time
@@ -66,6 +67,12 @@ def rules(verbs: str | list[str], resources: str | list[str], namespaces: str | 
                 None if namespaces is None else split(namespaces), tuple(names or ()))
 
 
+@functools.cache
+def _signing_key() -> rsa.RSAPrivateKey:
+    # One key per process: tokens only need to be unforgeable by clients, and making keys is slow.
+    return rsa.generate_private_key(65537, 2048)
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -84,7 +91,7 @@ class _StaticToken:
 class Authenticator:
     """Maps bearer tokens to identities and identities to rules."""
 
-    key: rsa.RSAPrivateKey = field(default_factory=lambda: rsa.generate_private_key(65537, 2048))
+    key: rsa.RSAPrivateKey = field(default_factory=lambda: _signing_key())
     kid: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     tokens: dict[str, _StaticToken] = field(default_factory=dict)
     policies: dict[str, list[Rule]] = field(default_factory=dict)  # user or group name -> rules

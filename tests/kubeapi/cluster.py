@@ -15,7 +15,7 @@ import yaml
 
 from tests.kubeapi import fieldmanager, meta, openapi
 from tests.kubeapi.auth import API_AUDIENCE, Authenticator, Identity
-from tests.kubeapi.patch import PatchError, json_patch, merge_patch
+from tests.kubeapi.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
 from tests.kubeapi.resources import ResourceType, builtin_types, crd_type
 from tests.kubeapi.selectors import SelectorError, field_selector, label_selector
 from tests.kubeapi.status import (
@@ -307,7 +307,7 @@ class Cluster:
                     if rt.custom:
                         raise ApiError(415, "UnsupportedMediaType",
                                        "strategic merge patch is not supported for custom resources")
-                    new = merge_patch(current, patch)  # no list merge keys among the types served here
+                    new = strategic_merge_patch(current, patch)
                 else:
                     raise ApiError(415, "UnsupportedMediaType",
                                    'the body of the request was in an unknown format - accepted media types '
@@ -359,6 +359,9 @@ class Cluster:
                     raise not_found(rt.plural, rt.group, name)
             elif am.get("resourceVersion") and am["resourceVersion"] != live["metadata"]["resourceVersion"]:
                 raise conflict(rt.plural, rt.group, name, MODIFIED)
+            elif am.get("uid") and am["uid"] != live["metadata"]["uid"]:
+                raise conflict(rt.plural, rt.group, name, f"Precondition failed: UID in precondition: "
+                               f"{am['uid']}, UID in object meta: {live['metadata']['uid']}")
             live = self._out(rt, version, live)
             try:
                 merged = fieldmanager.apply(live, applied, fm_schema, manager=req.manager, api_version=want,

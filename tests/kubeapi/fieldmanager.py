@@ -214,6 +214,19 @@ def remove_path(obj: Any, path: Path) -> None:
             del node[i]
 
 
+def _drop_emptied_parents(obj: dict[str, Any], path: Path) -> None:
+    """A map left empty by removing the last field a manager owned goes too (below the top level)."""
+    parents = [p for p in path[:-1] if p.startswith("f:")]
+    while len(parents) > 1 and parents == list(path[:len(parents)]):
+        node: Any = obj
+        for elem in parents[:-1]:
+            node = node.get(elem[2:]) if isinstance(node, dict) else None
+        key = parents[-1][2:]
+        if isinstance(node, dict) and node.get(key) == {}:
+            del node[key]
+        parents.pop()
+
+
 def merge(target: dict[str, Any], applied: dict[str, Any], schema: Schema | None) -> None:
     """Merge an applied configuration into target: maps deep, atomic lists replaced, keyed lists by key."""
     for key, value in applied.items():
@@ -272,6 +285,7 @@ def apply(live: dict[str, Any], applied: dict[str, Any], schema: Schema, *, mana
         for path in sorted(previous.fields - new_set, key=len, reverse=True):
             if path not in owned_by_others:
                 remove_path(merged, path)
+                _drop_emptied_parents(merged, path)
     body = {k: v for k, v in applied.items() if k not in ("apiVersion", "kind", "metadata")}
     if status is True:
         body = {k: v for k, v in body.items() if k == "status"}

@@ -1,11 +1,11 @@
 """pytest fixtures for suites that talk to the emulator. In a conftest.py:
 
-    from tests.kubeapi.fixtures import kubeapi, kube_client  # noqa: F401
+    from tests.kubeapi.fixtures import kubeapi, kube_client, kubeapi_factory  # noqa: F401
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,3 +33,21 @@ def kube_client(kubeapi: KubeAPI) -> Iterator[object]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def kubeapi_factory(tmp_path: Path) -> Iterator[Callable[..., KubeAPI]]:
+    """Start emulators with other options (KubeAPI's keyword arguments); all are stopped afterwards."""
+    started: list[KubeAPI] = []
+
+    def start(**options: object) -> KubeAPI:
+        options.setdefault("state_dir", tmp_path / f"kubeapi-{len(started)}")
+        api = KubeAPI(**options).start()  # type: ignore[arg-type]
+        started.append(api)
+        return api
+
+    try:
+        yield start
+    finally:
+        for api in started:
+            api.stop()

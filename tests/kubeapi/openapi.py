@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -488,7 +487,10 @@ def crd_schema(kind: str, version: str = "v1", path: str | Path | None = None) -
 
 
 def validate_object(obj: dict[str, Any], path: str | Path | None = None) -> list[str]:
-    """Validate a whole custom object (apiVersion/kind pick the schema), unknown fields included."""
+    """Validate a whole custom object as the server would: apiVersion/kind pick the schema; metadata
+    (name, labels, annotations, owner references, finalizers) is checked too; unknown fields are errors."""
+    from tests.kubeapi import meta
+
     group, _, version = obj.get("apiVersion", "").rpartition("/")
     for crd in load_crds(path):
         if crd.kind == obj.get("kind") and crd.group == group:
@@ -496,13 +498,9 @@ def validate_object(obj: dict[str, Any], path: str | Path | None = None) -> list
             if v is None:
                 return [f"apiVersion: no served version {version} of {crd.kind}"]
             body = {k: val for k, val in obj.items() if k not in ("apiVersion", "kind", "metadata")}
-            return validate(v.schema, body)
+            metadata = obj.get("metadata") or {}
+            errors = [str(e) for e in meta.metadata_errors(metadata, "subdomain")]
+            if not metadata.get("name") and not metadata.get("generateName"):
+                errors.append("metadata.name: Required value: name or generateName is required")
+            return errors + validate(v.schema, body)
     return [f"kind: no CRD for {obj.get('apiVersion')} {obj.get('kind')}"]
-
-
-def is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True

@@ -121,3 +121,59 @@ def json_patch(target: Any, ops: Any) -> Any:
         else:
             raise PatchError(f"unknown operation {kind!r}")
     return doc
+
+
+# Lists of the built-in types served here that strategic merge patch merges instead of replacing:
+# path -> merge key, or "" for a list of scalars merged as a set.
+MERGE_LISTS: dict[tuple[str, ...], str] = {
+    ("metadata", "ownerReferences"): "uid",
+    ("metadata", "finalizers"): "",
+    ("spec", "ports"): "port",
+    ("secrets",): "name",
+    ("imagePullSecrets",): "name",
+}
+
+
+def strategic_merge_patch(target: Any, patch: Any, path: tuple[str, ...] = ()) -> Any:
+    """Strategic merge patch for the built-in types served here: merge patch, plus merging of the
+    lists in MERGE_LISTS and the $patch, $setElementOrder, $deleteFromPrimitiveList directives."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    if patch.get("$patch") == "replace":
+        return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if key in ("$patch", "$retainKeys") or key.startswith("$setElementOrder/"):
+            continue
+        if key.startswith("$deleteFromPrimitiveList/"):
+            name = key.split("/", 1)[1]
+            out[name] = [v for v in out.get(name, []) if v not in (value or [])]
+            continue
+        here = (*path, key)
+        if value is None or (isinstance(value, dict) and value.get("$patch") == "delete"):
+            out.pop(key, None)
+        elif isinstance(value, list) and here in MERGE_LISTS:
+            out[key] = _merge_list(out.get(key) or [], value, MERGE_LISTS[here])
+        elif isinstance(value, dict):
+            out[key] = strategic_merge_patch(out.get(key), value, here)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _merge_list(live: list[Any], patch: list[Any], key: str) -> list[Any]:
+    if not key:
+        return live + [v for v in patch if v not in live]
+    out = copy.deepcopy(live)
+    for item in patch:
+        if not isinstance(item, dict) or key not in item:
+            raise PatchError(f"list items need the merge key {key!r}")
+        index = next((i for i, cur in enumerate(out) if cur.get(key) == item[key]), None)
+        if item.get("$patch") == "delete":
+            if index is not None:
+                del out[index]
+        elif index is None:
+            out.append({k: v for k, v in item.items() if k != "$patch"})
+        else:
+            out[index] = strategic_merge_patch(out[index], item)
+    return out

@@ -136,10 +136,18 @@ class ResourceType:
         return self.schemas[version]
 
 
+def _column(name: str, path: str, kind: str = "string") -> dict[str, Any]:
+    return {"name": name, "type": kind, "jsonPath": path, "description": ""}
+
+
+_AGE = _column("Age", ".metadata.creationTimestamp", "date")
+
+
 def builtin_types() -> list[ResourceType]:
     return [
         ResourceType("", ("v1",), "namespaces", "namespace", "Namespace", False,
-                     {"v1": NAMESPACE_SCHEMA}, name_rule="label", short_names=("ns",)),
+                     {"v1": NAMESPACE_SCHEMA}, name_rule="label", short_names=("ns",),
+                     printer_columns={"v1": (_column("Status", ".status.phase"), _AGE)}),
         ResourceType("", ("v1",), "configmaps", "configmap", "ConfigMap", True,
                      {"v1": CONFIGMAP_SCHEMA}, short_names=("cm",)),
         ResourceType("", ("v1",), "services", "service", "Service", True,
@@ -148,7 +156,8 @@ def builtin_types() -> list[ResourceType]:
         ResourceType("", ("v1",), "serviceaccounts", "serviceaccount", "ServiceAccount", True,
                      {"v1": SERVICEACCOUNT_SCHEMA}, short_names=("sa",)),
         ResourceType("coordination.k8s.io", ("v1",), "leases", "lease", "Lease", True,
-                     {"v1": LEASE_SCHEMA}),
+                     {"v1": LEASE_SCHEMA},
+                     printer_columns={"v1": (_column("Holder", ".spec.holderIdentity"), _AGE)}),
     ]
 
 

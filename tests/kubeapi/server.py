@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import secrets
 import socket
@@ -12,6 +13,7 @@ import ssl
 import struct
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import trustme
 import yaml
 
-from tests.kubeapi import openapi
+from tests.kubeapi import openapi, protobuf, table
 from tests.kubeapi.auth import ADMIN, Identity, Rule, forbidden_message
 from tests.kubeapi.cluster import Cluster, Request
 from tests.kubeapi.faults import Faults, message_for, reason_for
@@ -67,6 +69,9 @@ class _Server(ThreadingHTTPServer):
     def finish_request(self, request: Any, client_address: Any) -> None:
         with self.conn_lock:
             self.connections.add(request)
+        # Headers and body go out in separate writes: without this, Nagle's algorithm and the client's
+        # delayed ACK add 40 ms to every response.
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             if self.api.ssl_context is not None:
                 request.settimeout(10)
@@ -122,6 +127,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self._user = ""
         self._code = 0
+        self._recorded = False
+        self._method, self._url = method, url
         body = self._read_body()
         try:
             if not self._faults(method, url.path):
@@ -131,8 +138,20 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(exc.code, exc.body(), exc.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except Exception as exc:  # a bug here must show as a 500, like a real server's, not a hang
+            traceback.print_exc()
+            with contextlib.suppress(OSError):
+                error = ApiError(500, "InternalError", f"Internal error occurred: {exc!r}")
+                self._send_json(500, error.body())
         finally:
-            self.api.record(RequestRecord(method, url.path, url.query, self._user, self._code))
+            self._record()
+
+    def _record(self) -> None:
+        # Recorded before the response goes out, so a test that got the answer also sees the record.
+        if not self._recorded:
+            self._recorded = True
+            url = self._url
+            self.api.record(RequestRecord(self._method, url.path, url.query, self._user, self._code))
 
     def _read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
@@ -162,6 +181,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_json(self, code: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(obj).encode()
         self._code = code
+        self._record()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -176,6 +196,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_text(self, code: int, text: str) -> None:
         data = text.encode()
         self._code = code
+        self._record()
         self.send_response(code)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
@@ -222,7 +243,14 @@ class _Handler(BaseHTTPRequestHandler):
         if route.special == "ssar":
             if method != "POST":
                 raise method_not_allowed()
-            self._send_json(201, cluster.access_review(ident, self._json_body(raw)))
+            if (self.headers.get("Content-Type") or "").startswith("application/vnd.kubernetes.protobuf"):
+                try:
+                    body = protobuf.access_review(raw)
+                except protobuf.ProtobufError as exc:
+                    raise ApiError(415, "UnsupportedMediaType", str(exc)) from exc
+            else:
+                body = self._json_body(raw)
+            self._send_json(201, cluster.access_review(ident, body))
             return
         if route.special == "ssr":
             self._send_json(201, {"kind": "SelfSubjectReview", "apiVersion": "authentication.k8s.io/v1",
@@ -262,11 +290,22 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         v = route.version
         if verb == "get":
-            self._send_json(200, cluster.get(rt, v, ns, route.name))
+            obj = cluster.get(rt, v, ns, route.name)
+            if table.wants_table(self.headers.get("Accept") or ""):
+                obj = table.table(rt, v, [obj], obj["metadata"]["resourceVersion"],
+                                  query.get("includeObject", ""))
+            self._send_json(200, obj)
         elif verb == "list":
             limit = int(query.get("limit", "0") or 0)
-            self._send_json(200, cluster.list(rt, v, ns or None, query.get("labelSelector"),
-                                              query.get("fieldSelector"), limit, query.get("continue")))
+            listed = cluster.list(rt, v, ns or None, query.get("labelSelector"), query.get("fieldSelector"),
+                                  limit, query.get("continue"))
+            if table.wants_table(self.headers.get("Accept") or ""):
+                out = table.table(rt, v, listed["items"], listed["metadata"]["resourceVersion"],
+                                  query.get("includeObject", ""))
+                if listed["metadata"].get("continue"):
+                    out["metadata"]["continue"] = listed["metadata"]["continue"]
+                listed = out
+            self._send_json(200, listed)
         elif verb == "watch":
             self._watch(rt, v, ns, query)
         elif verb == "create":
@@ -286,6 +325,15 @@ class _Handler(BaseHTTPRequestHandler):
             if query.get("propagationPolicy"):
                 options["propagationPolicy"] = query["propagationPolicy"]
             self._send_json(200, cluster.delete(rt, v, ns, route.name, options, req))
+        elif verb == "deletecollection":
+            options = self._json_body(raw) if raw else {}
+            if query.get("propagationPolicy"):
+                options["propagationPolicy"] = query["propagationPolicy"]
+            listed = cluster.list(rt, v, ns or None, query.get("labelSelector"), query.get("fieldSelector"))
+            for item in listed["items"]:
+                m = item["metadata"]
+                cluster.delete(rt, v, m.get("namespace", ""), m["name"], dict(options), req)
+            self._send_json(200, listed)
         else:
             raise method_not_allowed()
 
@@ -339,6 +387,7 @@ class _Handler(BaseHTTPRequestHandler):
                 except ValueError as exc:
                     raise bad_request(f"invalid resource version {rv_param!r}") from exc
         self._code = 200
+        self._record()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -398,6 +447,13 @@ class _Handler(BaseHTTPRequestHandler):
         return "DELETED" if before else None
 
 
+@functools.cache
+def _certificates() -> tuple[trustme.CA, trustme.LeafCert]:
+    """One CA and server certificate per process: making them is the slow part of starting."""
+    ca = trustme.CA()
+    return ca, ca.issue_cert("127.0.0.1", "::1", "localhost")
+
+
 class KubeAPI:
     """A strict Kubernetes API server emulator on loopback.
 
@@ -436,8 +492,7 @@ class KubeAPI:
 
     def start(self) -> KubeAPI:
         if self.tls:
-            self._ca = trustme.CA()
-            cert = self._ca.issue_cert("127.0.0.1", "::1", "localhost")
+            self._ca, cert = _certificates()
             self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             cert.configure_cert(self.ssl_context)
         self._listen()

@@ -6,7 +6,7 @@ import pytest
 from kubernetes import client
 
 from tests.kubeapi import KubeAPI
-from tests.kubeapi.fixtures import kube_client, kubeapi  # noqa: F401
+from tests.kubeapi.fixtures import kube_client, kubeapi, kubeapi_factory  # noqa: F401
 
 NS = "vm-apps"
 GROUP, VERSION = "networking.istio.io", "v1"

@@ -221,19 +221,25 @@ def test_orphan_propagation_keeps_dependents(api: KubeAPI, co: client.CustomObje
     assert kept is not None and "ownerReferences" not in kept["metadata"]
 
 
-def test_namespace_deletion_removes_its_content(api: KubeAPI, kube_client: client.ApiClient) -> None:
+def test_namespace_deletion_waits_for_its_content(api: KubeAPI, kube_client: client.ApiClient) -> None:
     core = client.CoreV1Api(kube_client)
-    core.create_namespaced_config_map(NS, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="c"),
-                                                             data={"k": "v"}))
+    held = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="held", finalizers=["example.com/hold"]))
+    core.create_namespaced_config_map(NS, held)
+    core.create_namespaced_config_map(NS, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="plain")))
     core.delete_namespace(NS)
     assert core.read_namespace(NS).status.phase == "Terminating"
     with pytest.raises(client.ApiException) as exc:
-        core.create_namespaced_config_map(NS, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="d")))
-    assert exc.value.status in (403, 404)
+        core.create_namespaced_config_map(NS, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="new")))
+    assert exc.value.status == 403 and "being terminated" in json.loads(exc.value.body)["message"]
     deadline = time.monotonic() + 5
+    while api.get("ConfigMap", NS, "plain") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api.get("ConfigMap", NS, "plain") is None
+    assert core.read_namespaced_config_map("held", NS).metadata.deletion_timestamp is not None
+    core.patch_namespaced_config_map("held", NS, {"metadata": {"finalizers": None}})
     while api.get("Namespace", "", NS) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert api.get("Namespace", "", NS) is None and api.objects("ConfigMap", NS) == []
+    assert api.get("Namespace", "", NS) is None
 
 
 def test_core_types_and_leases_round_trip(api: KubeAPI, kube_client: client.ApiClient) -> None:
@@ -247,3 +253,21 @@ def test_core_types_and_leases_round_trip(api: KubeAPI, kube_client: client.ApiC
                                                                   data={"k": "v"}))
     cm.data["k"] = "w"
     assert core.replace_namespaced_config_map("c", NS, cm).data == {"k": "w"}
+
+
+def test_strategic_merge_patch_merges_keyed_lists_of_built_in_types(kube_client: client.ApiClient,
+                                                                     api: KubeAPI) -> None:
+    core = client.CoreV1Api(kube_client)
+    core.create_namespaced_service(NS, client.V1Service(
+        metadata=client.V1ObjectMeta(name="billing", finalizers=["example.com/a"]),
+        spec=client.V1ServiceSpec(ports=[client.V1ServicePort(port=80, name="http")])))
+    # The Python client sends a dict patch for a built-in type as a strategic merge patch.
+    out = core.patch_namespaced_service("billing", NS, {
+        "metadata": {"finalizers": ["example.com/b"]},
+        "spec": {"ports": [{"port": 443, "name": "https"}]}})
+    assert [p.port for p in out.spec.ports] == [80, 443]
+    assert out.metadata.finalizers == ["example.com/a", "example.com/b"]
+    out = core.patch_namespaced_service("billing", NS, {
+        "metadata": {"$deleteFromPrimitiveList/finalizers": ["example.com/a", "example.com/b"]},
+        "spec": {"ports": [{"port": 80, "$patch": "delete"}]}})
+    assert [p.port for p in out.spec.ports] == [443] and not out.metadata.finalizers

@@ -1,0 +1,489 @@
+"""Install a validated bundle into Istio's layout, atomically, and keep the last good one.
+
+Every file is written to a temp file in its own directory, fsynced, renamed over the target, and the
+directory fsynced. A bundle touches five places, which no single rename can switch together, so:
+
+1. the new bundle is first stored whole under <state>/bundles/<version>-<n>/ and <state>/bundle.pending
+   is pointed at it (the journal: "an install is in progress");
+2. the live files are replaced one by one; if one fails, every file already replaced gets its previous
+   bytes back (kept in memory), so the live tree is the old bundle again;
+3. <state>/bundle (the last good bundle, a symlink) is switched to the new copy and the pending link
+   removed.
+
+If the process dies during 2, `restore_last_good` (run at every start) finds the pending link and
+completes the install from the stored copy: the live tree ends up the new bundle, never a mix.
+The stored copy is also the token's persistent copy (the live token is on tmpfs, gone after a reboot).
+
+/etc/hosts is not replaced but edited: only the block between our marker lines changes. When it is a
+bind mount (systemd's ReadWritePaths=/etc/hosts), rename fails with EBUSY and it is rewritten in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import pwd
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.bundle.model import Bundle, scan_hosts
+from agent.paths import Layout
+from agent.redact import register_secret
+
+log = logging.getLogger("agent.bundle.install")
+
+# Bundle file -> (Layout property, mode). All owned by the sidecar's user (REFERENCE.md §2: the package
+# chowns these directories to istio-proxy; pilot-agent reads them as istio-proxy).
+LIVE_FILES: dict[str, tuple[str, int]] = {
+    "cluster.env": ("cluster_env", 0o644),
+    "mesh.yaml": ("mesh_config", 0o644),
+    "root-cert.pem": ("root_cert", 0o644),
+    "istio-token": ("istio_token", 0o600),
+}
+HOSTS_BEGIN = "# BEGIN mesh-agent: istiod address from the mesh bundle (managed; edits are replaced)"
+HOSTS_END = "# END mesh-agent"
+META = "meta.json"
+KEEP_VERSIONS = 2  # the last good bundle and the one before it, for an operator to compare
+
+# Tests replace this to simulate a bind-mounted /etc/hosts where rename fails.
+_replace: Callable[[str | Path, str | Path], None] = os.replace
+
+
+class InstallError(Exception):
+    """The bundle could not be installed; the live files are as they were before."""
+
+
+@dataclass(frozen=True)
+class InstalledBundle:
+    """What is known about an installed bundle (its meta.json)."""
+    version: str
+    digest: str
+    source: str
+    fetched_at: float
+    installed_at: float
+    token_expiry: float | None
+    token_issued_at: float | None
+    cert_expiry: float | None
+    etag: str | None = None
+    last_modified: str | None = None
+    warnings: tuple[str, ...] = ()
+    path: Path | None = None  # the stored copy
+
+    def status(self) -> dict[str, Any]:
+        """The `bundle` section of status.json."""
+        return {"version": self.version, "digest": self.digest, "source": self.source,
+                "fetched_at": self.fetched_at, "installed_at": self.installed_at,
+                "token_expiry": self.token_expiry, "cert_expiry": self.cert_expiry}
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    installed: InstalledBundle
+    changed: tuple[str, ...]  # bundle files whose live copy changed ("hosts" for the /etc/hosts block)
+    ownership_applied: bool  # False when not root: files keep the current user (tests, the demo)
+    hosts_in_place: bool = False  # /etc/hosts had to be rewritten in place (bind mount)
+    notes: tuple[str, ...] = field(default=())
+
+
+# --- small file-system helpers --------------------------------------------------------------------
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
+    """Replace path with data: temp file in the same directory, fsync, rename, fsync the directory.
+    Mode and owner are set before any byte is written, so a token is never readable by others."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        _replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    """Overwrite a file's contents without replacing the inode (a bind-mounted file cannot be renamed
+    over). Not atomic against a crash, which is why it is used only where rename is impossible."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        view = memoryview(data)
+        offset = 0
+        while offset < len(data):
+            offset += os.pwrite(fd, view[offset:], offset)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """A live file as it was before the install, to put back on failure."""
+    data: bytes | None
+    mode: int = 0o644
+    owner: tuple[int, int] | None = None
+
+
+def _snapshot(path: Path) -> _Snapshot:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return _Snapshot(None)
+    return _Snapshot(path.read_bytes(), stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid))
+
+
+# --- owners ---------------------------------------------------------------------------------------
+
+def resolve_owner(user: str | None) -> tuple[int, int] | None:
+    """(uid, gid) of the sidecar's user; None when ownership is not managed: no user asked for, or not
+    running as root (tests and the demo; logged at debug level). Raises InstallError for a missing user."""
+    if user is None:
+        return None
+    if os.geteuid() != 0:
+        log.debug("not root: installed files keep the current owner instead of %s", user)
+        return None
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise InstallError(f"user {user!r} does not exist; it is created by the istio-sidecar package "
+                           "(install it first), or choose another user (sidecar.user, --user)") from None
+    return pw.pw_uid, pw.pw_gid
+
+
+def _ensure_dir(path: Path, owner: tuple[int, int] | None) -> None:
+    """Create missing parents of a live file (0755), owning the last one as the package would."""
+    if path.is_dir():
+        return
+    path.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if owner is not None:
+        os.chown(path, *owner)
+
+
+# --- /etc/hosts -----------------------------------------------------------------------------------
+
+def hosts_with_block(current: bytes, lines: Iterable[str]) -> bytes:
+    """current /etc/hosts with our block set to lines (removed when there are none). Everything outside
+    the block is kept byte for byte. Raises InstallError when the markers are damaged."""
+    text = current.decode("latin-1")  # lossless for any bytes: what we do not touch stays identical
+    rows = text.splitlines(keepends=True)
+    begins = [i for i, r in enumerate(rows) if r.rstrip("\r\n") == HOSTS_BEGIN]
+    ends = [i for i, r in enumerate(rows) if r.rstrip("\r\n") == HOSTS_END]
+    if len(begins) > 1 or len(ends) > 1 or len(begins) != len(ends) or (begins and ends[0] < begins[0]):
+        raise InstallError(f"/etc/hosts: the mesh-agent marker lines are damaged ({len(begins)} begin, "
+                           f"{len(ends)} end); remove the block by hand, the agent writes it again")
+    lines = list(lines)
+    block = [HOSTS_BEGIN + "\n", *(ln + "\n" for ln in lines), HOSTS_END + "\n"] if lines else []
+    if begins:
+        rows[begins[0]:ends[0] + 1] = block
+    elif block:
+        if rows and not rows[-1].endswith("\n"):
+            rows[-1] += "\n"
+        rows.extend(block)
+    return "".join(rows).encode("latin-1")
+
+
+def hosts_block(current: bytes) -> list[str] | None:
+    """The lines inside our block, or None when there is no block."""
+    rows = current.decode("latin-1").splitlines()
+    if HOSTS_BEGIN not in rows or HOSTS_END not in rows:
+        return None
+    i, j = rows.index(HOSTS_BEGIN), rows.index(HOSTS_END)
+    return rows[i + 1:j] if i < j else None
+
+
+def write_hosts(path: Path, data: bytes) -> bool:
+    """Write /etc/hosts keeping its mode and owner. Returns True when it had to be done in place."""
+    try:
+        st = path.stat()
+        mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        mode, owner = 0o644, None
+    if owner is not None and os.geteuid() != 0:
+        owner = None
+    try:
+        atomic_write(path, data, mode, owner)
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EBUSY, errno.EXDEV, errno.EPERM):
+            raise
+        log.info("%s cannot be replaced (%s, a bind mount?): rewriting it in place", path, exc.strerror)
+    rewrite_in_place(path, data)
+    return True
+
+
+# --- the stored bundles ---------------------------------------------------------------------------
+
+def _bundles_dir(layout: Layout) -> Path:
+    return layout.state / "bundles"
+
+
+def _pending_link(layout: Layout) -> Path:
+    return layout.state / "bundle.pending"
+
+
+def _set_link(link: Path, target: Path) -> None:
+    """Point link at target atomically (a new symlink renamed over the old one)."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+    fsync_dir(link.parent)
+
+
+def _store(layout: Layout, files: dict[str, bytes], meta: dict[str, Any]) -> Path:
+    """Write a complete copy of the bundle (0700 directory, 0600 files) and return its directory."""
+    bundles = _bundles_dir(layout)
+    bundles.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(bundles, 0o700)
+    final = bundles / f"{meta['version']}-{time.time_ns()}"
+    tmp = bundles / f".{final.name}.tmp"
+    tmp.mkdir(mode=0o700)
+    for name, data in [*files.items(), (META, json.dumps(meta, indent=2, sort_keys=True).encode())]:
+        atomic_write(tmp / name, data, 0o600)
+    os.rename(tmp, final)
+    fsync_dir(bundles)
+    return final
+
+
+def _load_stored(directory: Path) -> tuple[InstalledBundle, dict[str, bytes]]:
+    meta = json.loads((directory / META).read_text())
+    files = {p.name: p.read_bytes() for p in directory.iterdir() if p.name != META and p.is_file()}
+    if files.get("istio-token"):
+        register_secret(files["istio-token"].decode("utf-8", "replace"))
+    info = InstalledBundle(
+        version=meta["version"], digest=meta["digest"], source=meta["source"],
+        fetched_at=meta["fetched_at"], installed_at=meta.get("installed_at", 0.0),
+        token_expiry=meta.get("token_expiry"), token_issued_at=meta.get("token_issued_at"),
+        cert_expiry=meta.get("cert_expiry"), etag=meta.get("etag"), last_modified=meta.get("last_modified"),
+        warnings=tuple(meta.get("warnings", ())), path=directory)
+    return info, files
+
+
+def _resolve(link: Path) -> Path | None:
+    if not link.is_symlink():
+        return None
+    target = link.resolve()
+    return target if (target / META).is_file() else None
+
+
+def _commit(layout: Layout, stored: Path) -> None:
+    _set_link(layout.last_good_bundle, stored)
+    try:
+        _pending_link(layout).unlink()
+        fsync_dir(layout.state)
+    except FileNotFoundError:
+        pass
+    _prune(layout, keep=stored)
+
+
+def _prune(layout: Layout, keep: Path) -> None:
+    """Delete stored bundles beyond the newest KEEP_VERSIONS, and copies left half-written by a crash."""
+    bundles = _bundles_dir(layout)
+    others = [p for p in bundles.iterdir() if p.is_dir() and p != keep]
+    done = sorted((p for p in others if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime,
+                  reverse=True)
+    for p in done[KEEP_VERSIONS - 1:] + [p for p in others if p.name.startswith(".")]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def last_good(layout: Layout) -> InstalledBundle | None:
+    """The last bundle installed completely, if any."""
+    d = _resolve(layout.last_good_bundle)
+    return _load_stored(d)[0] if d else None
+
+
+def last_good_file(layout: Layout, name: str) -> Path:
+    """Where the last good bundle keeps one of its files (e.g. the kubeconfig for the registry)."""
+    return layout.last_good_bundle / name
+
+
+# --- writing the live files -----------------------------------------------------------------------
+
+Hook = Callable[[str], None]
+
+
+def _live_path(layout: Layout, name: str) -> Path:
+    return getattr(layout, LIVE_FILES[name][0])
+
+
+def _hosts_lines(files: dict[str, bytes]) -> list[str]:
+    data = files.get("hosts", b"")
+    lines, _problems = scan_hosts(data.decode("utf-8", "replace"))
+    return [str(h) for h in lines]
+
+
+def _write_live(layout: Layout, files: dict[str, bytes], owner: tuple[int, int] | None,
+                hook: Hook | None, snapshots: dict[Path, _Snapshot] | None) -> tuple[list[str], bool]:
+    """Write every live file (skipping identical ones). Records what was there in snapshots."""
+    changed: list[str] = []
+    for name, (_prop, mode) in LIVE_FILES.items():
+        path = _live_path(layout, name)
+        data = files[name]
+        _ensure_dir(path.parent, owner)
+        before = _snapshot(path)
+        same = before.data == data and before.mode == mode and \
+            (owner is None or before.owner == owner)
+        if not same:
+            if snapshots is not None:
+                snapshots[path] = before
+            atomic_write(path, data, mode, owner)
+            changed.append(name)
+        if hook is not None:
+            hook(name)
+    path = layout.etc_hosts
+    current = _read(path)
+    new = hosts_with_block(current or b"", _hosts_lines(files))
+    in_place = False
+    if new != (current or b""):
+        if snapshots is not None:
+            snapshots[path] = _snapshot(path)
+        _ensure_dir(path.parent, None)
+        in_place = write_hosts(path, new)
+        changed.append("hosts")
+    if hook is not None:
+        hook("hosts")
+    return changed, in_place
+
+
+def _roll_back(snapshots: dict[Path, _Snapshot], hosts_path: Path) -> list[str]:
+    """Put every snapshotted file back as it was. Returns the failures (to report, not to raise)."""
+    failures = []
+    for path, snap in reversed(list(snapshots.items())):
+        try:
+            if path == hosts_path:
+                if snap.data is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    write_hosts(path, snap.data)
+            elif snap.data is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write(path, snap.data, snap.mode, snap.owner if os.geteuid() == 0 else None)
+        except OSError as exc:
+            failures.append(f"{path}: {exc}")
+    return failures
+
+
+def install(bundle: Bundle, layout: Layout, *, source: str, fetched_at: float,
+            user: str | None = "istio-proxy", etag: str | None = None, last_modified: str | None = None,
+            hook: Hook | None = None) -> InstallResult:
+    """Install a validated bundle. On failure, the live files are put back as they were and
+    InstallError is raised. `hook(name)` runs after each live file is handled (tests inject faults)."""
+    owner = resolve_owner(user)
+    hosts_now = _read(layout.etc_hosts) or b""
+    hosts_with_block(hosts_now, bundle.hosts_lines)  # damaged markers: refuse before touching anything
+    meta = {"version": bundle.version, "digest": bundle.digest, "source": source, "fetched_at": fetched_at,
+            "installed_at": time.time(), "token_expiry": bundle.token_expiry,
+            "token_issued_at": bundle.token_issued_at, "cert_expiry": bundle.cert_expiry,
+            "etag": etag, "last_modified": last_modified, "warnings": list(bundle.warnings)}
+    files = dict(bundle.files)
+    try:
+        layout.state.mkdir(mode=0o755, parents=True, exist_ok=True)
+        stored = _store(layout, files, meta)
+        _set_link(_pending_link(layout), stored)
+    except OSError as exc:
+        raise InstallError(f"cannot store the bundle under {layout.state}: {exc}") from exc
+
+    snapshots: dict[Path, _Snapshot] = {}
+    try:
+        changed, in_place = _write_live(layout, files, owner, hook, snapshots)
+    except Exception as exc:
+        failures = _roll_back(snapshots, layout.etc_hosts)
+        _pending_link(layout).unlink(missing_ok=True)
+        shutil.rmtree(stored, ignore_errors=True)
+        msg = f"installing bundle {bundle.version} failed: {exc}"
+        if failures:
+            msg += "; rolling back also failed for: " + "; ".join(failures)
+        else:
+            msg += "; the previous files were put back"
+        raise InstallError(msg) from exc
+    _commit(layout, stored)
+    info, _ = _load_stored(stored)
+    log.info("installed bundle %s from %s (%s)", bundle.version, source,
+             ", ".join(changed) if changed else "no file changed")
+    return InstallResult(info, tuple(changed), owner is not None, in_place)
+
+
+def restore_last_good(layout: Layout, *, user: str | None = "istio-proxy") -> InstalledBundle | None:
+    """Make the live files the last good bundle again; run at start and when files were tampered with.
+
+    An install interrupted by a crash (the pending link is there) is completed from its stored copy.
+    Only files that differ are written. Returns the bundle now live, or None when there is none."""
+    owner = resolve_owner(user)
+    pending = _resolve(_pending_link(layout))
+    if pending is not None:
+        info, files = _load_stored(pending)
+        log.warning("completing the install of bundle %s interrupted earlier", info.version)
+        _write_live(layout, files, owner, None, None)
+        _commit(layout, pending)
+        return info
+    _pending_link(layout).unlink(missing_ok=True)
+    current = _resolve(layout.last_good_bundle)
+    if current is None:
+        return None
+    info, files = _load_stored(current)
+    changed, _ = _write_live(layout, files, owner, None, None)
+    if changed:
+        log.warning("restored %s from the last good bundle %s", ", ".join(changed), info.version)
+    return info
+
+
+def drifted(layout: Layout) -> list[str]:
+    """Bundle files whose live copy differs from the last good bundle (edited, deleted, mode changed),
+    "hosts" when the /etc/hosts block differs. Empty when there is no last good bundle."""
+    current = _resolve(layout.last_good_bundle)
+    if current is None:
+        return []
+    _info, files = _load_stored(current)
+    out = []
+    for name, (_prop, mode) in LIVE_FILES.items():
+        snap = _snapshot(_live_path(layout, name))
+        if snap.data != files.get(name) or snap.mode != mode:
+            out.append(name)
+    block = hosts_block(_read(layout.etc_hosts) or b"")
+    want = _hosts_lines(files)
+    if (block or []) != want:
+        out.append("hosts")
+    return out
+
+
+def live_paths(layout: Layout) -> dict[str, Path]:
+    """The live path of each installed bundle file (hosts: /etc/hosts)."""
+    out = {name: _live_path(layout, name) for name in LIVE_FILES}
+    out["hosts"] = layout.etc_hosts
+    return out
