@@ -16,6 +16,8 @@ import yaml
 pytest.importorskip("tests.kubeapi.server", reason="the Kubernetes API emulator is not in this tree")
 
 from agent.bundle.cluster_source import ClusterRefresher, ClusterSource, Settings
+from agent.config import BundleConfig, KubernetesSourceConfig
+from agent.paths import Layout
 from agent.registry.kube import Credentials, Kube
 from agent.registry.manifests import build_manifests
 from agent.retry import Backoff
@@ -69,6 +71,12 @@ class World:
     events: queue.Queue = field(default_factory=queue.Queue)
     kubes: list[Kube] = field(default_factory=list)
     refreshers: list[ClusterRefresher] = field(default_factory=list)
+
+    def layout(self) -> Layout:
+        return Layout(root=self.tmp / "vm")
+
+    def bundle_config(self) -> BundleConfig:
+        return BundleConfig(source="kubernetes", kubernetes=KubernetesSourceConfig(namespace=NS, group=GROUP))
 
     def creds(self) -> Credentials:
         return Credentials(server=self.api.url, ca_file=str(self.api.ca_path), token_file=str(self.token_file))

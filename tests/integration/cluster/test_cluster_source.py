@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.bundle.cluster_source import ClusterBundleFetched, ClusterFetchFailed, SourceError
+from agent.bundle.cluster_source import ClusterBundleFetched, ClusterFetchFailed, SourceError, install_files
 from agent.registry.credentials import read_claims, renew_own_token
 from agent.registry.kube import GROUPS, Unauthorized
 from tests.integration.cluster.conftest import (
@@ -76,11 +76,18 @@ def test_rotated_root_cert_is_picked_up_by_the_watch(world: World) -> None:
     assert ev.reason == "root cert changed"
     assert ev.files["root-cert.pem"].decode() == new_pem
     assert r.status()["error"] is None
+    # Installed through the same path as any bundle: the sidecar's root certificate is the new one.
+    layout = world.layout()
+    install_files(first.files, world.bundle_config(), layout, user=None)
+    install_files(ev.files, world.bundle_config(), layout, user=None)
+    assert layout.root_cert.read_text() == new_pem
 
 
 def test_outage_keeps_last_good_reports_and_recovers(world: World, short_istio_tokens: int) -> None:
     r = world.refresher(world.source(), watch=False)
     good = world.next_event(ClusterBundleFetched)
+    layout = world.layout()
+    install_files(good.files, world.bundle_config(), layout, user=None)
     world.api.outage(4.0)
     failed = world.next_event(ClusterFetchFailed, timeout=10)
     assert "unreachable" in failed.error or "Unavailable" in failed.error or failed.error
@@ -88,8 +95,11 @@ def test_outage_keeps_last_good_reports_and_recovers(world: World, short_istio_t
     status = r.status()
     assert status["error"] and status["failures"] >= 1
     assert status["token_expiry"] == good.token_expiry and status["fetched_at"] is not None
+    assert layout.istio_token.read_bytes() == good.files["istio-token"], "the last good bundle stays"
     back = world.next_event(ClusterBundleFetched, timeout=15)
     assert back.token_expiry > good.token_expiry
+    install_files(back.files, world.bundle_config(), layout, user=None)
+    assert layout.istio_token.read_bytes() == back.files["istio-token"]
     assert wait_for(lambda: r.status()["error"] is None and r.status()["failures"] == 0, 5)
 
 
