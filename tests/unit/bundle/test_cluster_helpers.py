@@ -62,3 +62,22 @@ def test_observe_records_expiry_and_failures() -> None:
     text = m.render().decode()
     assert 'mesh_agent_expiry_timestamp_seconds{what="token"} 12345.0' in text
     assert 'mesh_agent_errors_total{where="bundle"} 1.0' in text
+
+
+def test_settings_from_the_configuration() -> None:
+    from agent import config
+    from agent.bundle.cluster_source import settings_from_config
+
+    cfg = config.parse("bundle:\n  source: kubernetes\n  kubernetes:\n    namespace: vm-apps\n    group: billing\n"
+                       "    revision: canary\n    token_lifetime: 2h\n    read_istio_config: false\n"
+                       "    static_dir: /etc/mesh-agent/static\n")
+    s = settings_from_config(cfg.bundle, svc_ip="10.0.0.5")
+    assert (s.namespace, s.group, s.revision, s.token_lifetime) == ("vm-apps", "billing", "canary", 7200)
+    assert not s.read_istio_config and s.static_dir == "/etc/mesh-agent/static" and s.svc_ip == "10.0.0.5"
+
+
+def test_kubernetes_source_needs_the_group() -> None:
+    from agent import config
+
+    with pytest.raises(config.ConfigError, match=r"kubernetes\.namespace"):
+        config.parse("bundle:\n  source: kubernetes\n")
