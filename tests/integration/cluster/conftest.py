@@ -99,7 +99,7 @@ class World:
 
     def refresher(self, source: ClusterSource, **kw: Any) -> ClusterRefresher:
         kw.setdefault("backoff", Backoff(initial=0.2, max=1.0))
-        kw.setdefault("watch_timeout", 5)
+        kw.setdefault("watch_timeout", 2)
         r = ClusterRefresher(source, self.events.put, **kw).start()
         self.refreshers.append(r)
         return r
