@@ -82,7 +82,7 @@ class World:
         return Credentials(server=self.api.url, ca_file=str(self.api.ca_path), token_file=str(self.token_file))
 
     def kube(self) -> Kube:
-        k = Kube.from_credentials(self.creds(), timeout=2.0)
+        k = Kube.from_credentials(self.creds(), timeout=5.0)
         self.kubes.append(k)
         return k
 
@@ -104,7 +104,7 @@ class World:
         self.refreshers.append(r)
         return r
 
-    def next_event(self, kind: type, timeout: float = 15.0) -> Any:
+    def next_event(self, kind: type, timeout: float = 30.0) -> Any:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:
@@ -181,8 +181,8 @@ def world(kubeapi: KubeAPI, tmp_path: Path) -> Iterator[World]:  # noqa: F811
 
 @pytest.fixture
 def short_istio_tokens(world: World, monkeypatch: pytest.MonkeyPatch) -> int:
-    """istio-ca tokens live 3 s (the API refuses less than 10 minutes; time is what a test lacks)."""
-    lifetime = 3
+    """istio-ca tokens live 5 s (the API refuses less than 10 minutes; time is what a test lacks)."""
+    lifetime = 5
     auth = world.api.cluster.auth
     real = auth.mint
 

@@ -15,6 +15,7 @@ import pytest
 from agent.bundle.cluster_source import ClusterBundleFetched, ClusterFetchFailed, SourceError, install_files
 from agent.registry.credentials import read_claims, renew_own_token
 from agent.registry.kube import GROUPS, Unauthorized
+from agent.retry import Backoff
 from tests.integration.cluster.conftest import (
     AGENT_USER,
     CASE,
@@ -51,8 +52,8 @@ def test_bundle_equals_istioctl_output(world: World) -> None:
 def test_tokens_are_refreshed_before_they_expire(world: World, short_istio_tokens: int) -> None:
     world.refresher(world.source(), refresh_fraction=0.7, watch=False)
     seen: list[tuple[float, dict[str, Any]]] = []
-    for _ in range(4):  # four lifetimes of a 3 s token
-        ev = world.next_event(ClusterBundleFetched, timeout=10)
+    for _ in range(4):  # the first token and three renewals of a 5 s token
+        ev = world.next_event(ClusterBundleFetched)
         seen.append((time.time(), claims(ev.files["istio-token"].decode())))
         assert ev.refresh_in < short_istio_tokens
     for (_, before), (received, after) in itertools.pairwise(seen):
@@ -72,7 +73,7 @@ def test_rotated_root_cert_is_picked_up_by_the_watch(world: World) -> None:
     time.sleep(0.5)  # let the watch start from what the first build read
     new_pem = root_cert("second")
     world.set_root_cert(new_pem)
-    ev = world.next_event(ClusterBundleFetched, timeout=10)
+    ev = world.next_event(ClusterBundleFetched)
     assert ev.reason == "root cert changed"
     assert ev.files["root-cert.pem"].decode() == new_pem
     assert r.status()["error"] is None
@@ -89,14 +90,14 @@ def test_outage_keeps_last_good_reports_and_recovers(world: World, short_istio_t
     layout = world.layout()
     install_files(good.files, world.bundle_config(), layout, user=None)
     world.api.outage(4.0)
-    failed = world.next_event(ClusterFetchFailed, timeout=10)
+    failed = world.next_event(ClusterFetchFailed)
     assert "unreachable" in failed.error or "Unavailable" in failed.error or failed.error
     assert failed.token_expiry == good.token_expiry
     status = r.status()
     assert status["error"] and status["failures"] >= 1
     assert status["token_expiry"] == good.token_expiry and status["fetched_at"] is not None
     assert layout.istio_token.read_bytes() == good.files["istio-token"], "the last good bundle stays"
-    back = world.next_event(ClusterBundleFetched, timeout=15)
+    back = world.next_event(ClusterBundleFetched)
     assert back.token_expiry > good.token_expiry
     install_files(back.files, world.bundle_config(), layout, user=None)
     assert layout.istio_token.read_bytes() == back.files["istio-token"]
@@ -169,10 +170,10 @@ def test_own_token_renewer_thread_renews_before_expiry(world: World) -> None:
     kube = world.kube()
     before = read_claims(world.token_file.read_text())
     # A clock 70% into the token's life: the thread renews at once.
-    r = OwnTokenRenewer(kube.api_client, str(world.token_file), world.events.put,
+    r = OwnTokenRenewer(kube.api_client, str(world.token_file), world.events.put, backoff=Backoff(0.2, 1.0),
                         clock=lambda: before.issued + 0.7 * before.lifetime + 1).start()
     try:
-        ev = world.next_event(OwnTokenRenewed, timeout=10)
+        ev = world.next_event(OwnTokenRenewed)
     finally:
         r.stop()
     assert ev.expiry >= before.expiry
