@@ -480,8 +480,9 @@ class ClusterRefresher:
             return self._failed(f"{type(exc).__name__}: {exc}", True, None, now, reason)
         self.backoff.reset()
         done = self.clock()
-        refresh_at = got.token_issued + self.fraction * got.lifetime
-        refresh_in = max(1.0, refresh_at - done)
+        # Counted from now, not from the token's iat: a VM clock that differs from the API server's
+        # must not make the agent rebuild in a loop (or too late).
+        refresh_in = max(1.0, self.fraction * got.lifetime - (done - now))
         with self._lock:
             self._status = _Status(token_expiry=got.token_expiry, token_issued=got.token_issued,
                                    last_success=done, last_attempt=now, error=None, failures=0,

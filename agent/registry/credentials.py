@@ -183,19 +183,22 @@ class OwnTokenRenewer:
             return None
 
     def _loop(self) -> None:
+        # The first wait comes from the token's claims and this VM's clock; after a renewal, from the
+        # new token's lifetime alone, so a skewed clock cannot make it renew in a loop.
+        claims = self._current()
+        wait = max(0.0, renew_at(claims, self.fraction) - self.clock()) if claims else 0.0
         while not self._stop.is_set():
-            claims = self._current()
-            wait = max(0.0, renew_at(claims, self.fraction) - self.clock()) if claims else 0.0
             if wait and self._stop.wait(wait):
                 return
+            claims = self._current()
             try:
                 new = renew_own_token(self.api_client, self.token_file)
             except Exception as exc:  # reported and retried; the current token stays in use
                 delay = self.backoff.next_delay(getattr(exc, "retry_after", None))
                 log.warning("renewing the agent's own token failed (retry in %.1fs): %s", delay, exc)
                 self.post(OwnTokenRenewFailed(str(exc), delay, claims.expiry if claims else None))
-                if self._stop.wait(delay):
-                    return
+                wait = delay
                 continue
             self.backoff.reset()
             self.post(OwnTokenRenewed(new.expiry))
+            wait = max(1.0, self.fraction * new.lifetime)

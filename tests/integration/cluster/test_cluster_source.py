@@ -178,3 +178,11 @@ def test_own_token_renewer_thread_renews_before_expiry(world: World) -> None:
         r.stop()
     assert ev.expiry >= before.expiry
     assert read_claims(world.token_file.read_text()).expiry == ev.expiry
+
+
+def test_a_skewed_vm_clock_does_not_change_the_schedule(world: World, short_istio_tokens: int) -> None:
+    # The VM's clock is two hours ahead of the API server's: the next build is still due at 70% of the
+    # token's lifetime from now, not at once (which would rebuild in a loop).
+    world.refresher(world.source(), watch=False, clock=lambda: time.time() + 7200)
+    ev = world.next_event(ClusterBundleFetched)
+    assert 0.5 * short_istio_tokens < ev.refresh_in <= 0.7 * short_istio_tokens
