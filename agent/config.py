@@ -30,10 +30,19 @@ def _d(text: str) -> Duration:
 @dataclass(frozen=True)
 class KubernetesSourceConfig:
     """How to build the bundle from the cluster (bundle.source: kubernetes)."""
+    namespace: str | None = field(None, help="the WorkloadGroup's namespace (required with source kubernetes)")
+    group: str | None = field(None, help="the WorkloadGroup's name (required with source kubernetes)")
     istio_namespace: str = field("istio-system", help="namespace istiod runs in")
     revision: str = field("", help="istio revision; empty for the default revision")
     gateway_address: str | None = field(None, help="address for the istiod hosts line; "
                                         "default: the east-west gateway Service's address")
+    gateway_service: str = field("istio-eastwestgateway", help="the gateway Service, NAME or "
+                                 "NAME.NAMESPACE (default namespace: istio_namespace)")
+    cluster_id: str | None = field(None, help="ISTIO_META_CLUSTER_ID; default: from the "
+                                   "istio-sidecar-injector ConfigMap, else Kubernetes")
+    read_istio_config: bool = field(True, help="read the istio[-<rev>] ConfigMap, the injector "
+                                    "ConfigMap and the gateway Service in istio_namespace")
+    dns_capture: bool = field(True, help="ISTIO_META_DNS_CAPTURE, as istioctl --capture-dns")
     token_lifetime: Duration = field(_d("1h"), min=600.0, max=86400.0 * 2,
                                      help="lifetime of each minted istio token")
     static_dir: str | None = field(None, help="directory with mesh.yaml/hosts made by the admin, "
@@ -72,6 +81,9 @@ class BundleConfig:
             out.append(("source", "http:// is refused; use https:// or set bundle.allow_insecure: true"))
         if not c.source.strip():
             out.append(("source", "must not be empty"))
+        if c.source == "kubernetes" and not (c.kubernetes.namespace and c.kubernetes.group):
+            out.append(("kubernetes.group", "source kubernetes needs kubernetes.namespace and "
+                        "kubernetes.group (the WorkloadGroup)"))
         return out
 
 

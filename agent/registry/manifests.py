@@ -38,6 +38,28 @@ REAPER_RULES: list[dict[str, Any]] = [
 ]
 
 
+def bundle_rules(service_account: str) -> list[dict[str, Any]]:
+    """What bundle source `kubernetes` and the agent's own token renewal need in the group's namespace:
+    istio tokens (and its own) for this one service account, and the mesh's root certificate."""
+    return [
+        {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"],
+         "resourceNames": [service_account]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "watch"],
+         "resourceNames": ["istio-ca-root-cert"]},
+    ]
+
+
+def istio_read_rules(revision: str = "", gateway: str = "istio-eastwestgateway") -> list[dict[str, Any]]:
+    """Optional (--read-istio-config): read the mesh config, the cluster name and the gateway's address
+    in the istio namespace. Without it, bundle.kubernetes.static_dir supplies mesh.yaml and hosts."""
+    suffix = f"-{revision}" if revision and revision != "default" else ""
+    return [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"],
+         "resourceNames": [f"istio{suffix}", f"istio-sidecar-injector{suffix}"]},
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get"], "resourceNames": [gateway]},
+    ]
+
+
 def _protocol(port_name: str) -> str:
     prefix = port_name.split("-", 1)[0].lower()
     return {"http": "HTTP", "http2": "HTTP2", "https": "HTTPS", "grpc": "GRPC", "tls": "TLS",
@@ -69,7 +91,8 @@ def build_manifests(*, group: str, namespace: str, service_account: str, ports: 
                     labels: dict[str, str] | None = None, network: str | None = None,
                     host: str | None = None, probe: dict[str, Any] | None = None,
                     reaper_image: str = "mesh-agent:latest", reaper_schedule: str = "* * * * *",
-                    reaper_grace: str = "60s") -> list[dict[str, Any]]:
+                    reaper_grace: str = "60s", read_istio_config: str | None = None,
+                    revision: str = "") -> list[dict[str, Any]]:
     for what, value in (("group", group), ("namespace", namespace), ("service account", service_account)):
         if not _NAME.match(value) or len(value) > 63:
             raise ValueError(f'{what} "{value}" is not a valid Kubernetes name')
@@ -89,14 +112,25 @@ def build_manifests(*, group: str, namespace: str, service_account: str, ports: 
     def meta(name: str) -> dict[str, Any]:
         return {"name": name, "namespace": namespace, "labels": dict(common)}
 
+    istio_read: list[dict[str, Any]] = []
+    if read_istio_config:
+        reader = f"mesh-agent-{namespace}-{group}"
+        istio_meta = {"name": reader, "namespace": read_istio_config, "labels": dict(common)}
+        istio_read = [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": istio_meta,
+             "rules": istio_read_rules(revision)},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": dict(istio_meta),
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": reader},
+             "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}]}]
     return [
         {"apiVersion": API_VERSION, "kind": "WorkloadGroup", "metadata": meta(group), "spec": wg_spec},
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(service_account)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta(agent_role),
-         "rules": AGENT_RULES},
+         "rules": AGENT_RULES + bundle_rules(service_account)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta(agent_role),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": agent_role},
          "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}]},
+        *istio_read,
         {"apiVersion": API_VERSION, "kind": "ServiceEntry", "metadata": meta(group),
          "spec": {"hosts": [host or f"{group}.{namespace}.svc.cluster.local"],
                   "location": "MESH_INTERNAL", "resolution": "STATIC",
@@ -141,6 +175,10 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--reaper-image", default="mesh-agent:latest", help="image with mesh-agent")
     parser.add_argument("--reaper-schedule", default="* * * * *")
     parser.add_argument("--reaper-grace", default="60s")
+    parser.add_argument("--read-istio-config", metavar="ISTIO_NAMESPACE",
+                        help="also let the agents read the mesh config, injector ConfigMap and gateway "
+                        "Service in this namespace (bundle source kubernetes without static_dir)")
+    parser.add_argument("--revision", default="", help="istio revision whose ConfigMaps they may read")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -157,7 +195,8 @@ def main(args: argparse.Namespace) -> int:
                                network=args.network, host=args.host,
                                probe=parse_probe(args.probe) if args.probe else None,
                                reaper_image=args.reaper_image, reaper_schedule=args.reaper_schedule,
-                               reaper_grace=args.reaper_grace)
+                               reaper_grace=args.reaper_grace,
+                               read_istio_config=args.read_istio_config, revision=args.revision)
     except ValueError as exc:
         print(f"mesh-agent manifests: {exc}", file=sys.stderr)
         return 2

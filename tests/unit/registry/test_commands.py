@@ -42,7 +42,8 @@ def test_manifests_rbac_is_least_privilege() -> None:
                      "ServiceAccount", "Role", "RoleBinding", "CronJob"]
     role = docs[2]
     resources = {r for rule in role["rules"] for r in rule["resources"]}
-    assert resources == {"workloadentries", "workloadentries/status", "leases", "workloadgroups"}
+    assert resources == {"workloadentries", "workloadentries/status", "leases", "workloadgroups",
+                         "serviceaccounts/token", "configmaps"}
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
         if rule["resources"] == ["workloadgroups"]:
