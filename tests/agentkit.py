@@ -136,8 +136,8 @@ class Rig:
         return self
 
     def bundle_files(self, now: float | None = None) -> dict[str, bytes]:
-        env = bundlekit.CLUSTER_ENV_V4.replace("ISTIO_SVC_IP=10.0.0.5", f"ISTIO_SVC_IP={ADDRESS}") \
-            .replace("ISTIO_INBOUND_PORTS=8080", f"ISTIO_INBOUND_PORTS={self.app_port}")
+        env = bundlekit.CLUSTER_ENV_V4.replace("ISTIO_SVC_IP='10.0.0.5'", f"ISTIO_SVC_IP='{ADDRESS}'") \
+            .replace("ISTIO_INBOUND_PORTS='8080'", f"ISTIO_INBOUND_PORTS='{self.app_port}'")
         # istiod "is" on loopback, so that nothing (doctor's reachability check) dials elsewhere.
         env = env.replace("istiod.istio-system.svc:15012", f"istiod.istio-system.svc:{self.istiod_port}")
         mesh = bundlekit.MESH_YAML.replace("istiod.istio-system.svc:15012",

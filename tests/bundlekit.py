@@ -20,33 +20,33 @@ from agent.config import BundleConfig
 
 NS, SA = "vm-apps", "billing-vm"
 
-# cluster.env exactly as istioctl writes it: lines sorted, values quoted only when needed
-# (shellescape.Quote), a quote inside a value written '"'"'. APP_NOTE stands for any proxyMetadata key.
+# cluster.env exactly as istioctl writes it: lines sorted, every value single-quoted (istioctl's safe set is
+# tiny), a quote inside a value written '"'"'. APP_NOTE stands for any proxyMetadata key.
 CLUSTER_ENV_V4 = """\
 APP_NOTE='it'"'"'s $(not run) `nor this`'
-CANONICAL_REVISION=latest
-CANONICAL_SERVICE=billing
-CA_ADDR=istiod.istio-system.svc:15012
-ISTIO_INBOUND_PORTS=8080
-ISTIO_LOCAL_EXCLUDE_PORTS=22,15090,15021,15020
+CANONICAL_REVISION='latest'
+CANONICAL_SERVICE='billing'
+CA_ADDR='istiod.istio-system.svc:15012'
+ISTIO_INBOUND_PORTS='8080'
+ISTIO_LOCAL_EXCLUDE_PORTS='22,15090,15021,15020'
 ISTIO_METAJSON_LABELS='{"app":"billing","service.istio.io/canonical-name":"billing","service.istio.io/canonical-revision":"latest","version":"v1"}'
-ISTIO_META_CLUSTER_ID=cluster1
-ISTIO_META_DNS_CAPTURE=true
-ISTIO_META_MESH_ID=mesh1
+ISTIO_META_CLUSTER_ID='cluster1'
+ISTIO_META_DNS_CAPTURE='true'
+ISTIO_META_MESH_ID='mesh1'
 ISTIO_META_NETWORK=''
 ISTIO_META_POD_PORTS='[{"name":"http","containerPort":8080}]'
-ISTIO_META_WORKLOAD_NAME=billing
-ISTIO_NAMESPACE=vm-apps
-ISTIO_SERVICE=billing.vm-apps
+ISTIO_META_WORKLOAD_NAME='billing'
+ISTIO_NAMESPACE='vm-apps'
+ISTIO_SERVICE='billing.vm-apps'
 ISTIO_SERVICE_CIDR='*'
-ISTIO_SVC_IP=10.0.0.5
-POD_NAMESPACE=vm-apps
-SERVICE_ACCOUNT=billing-vm
-TRUST_DOMAIN=cluster.local
+ISTIO_SVC_IP='10.0.0.5'
+POD_NAMESPACE='vm-apps'
+SERVICE_ACCOUNT='billing-vm'
+TRUST_DOMAIN='cluster.local'
 """
 
-CLUSTER_ENV_V6 = (CLUSTER_ENV_V4.replace("ISTIO_SVC_IP=10.0.0.5", "ISTIO_SVC_IP=fd00:10:0:1::5")
-                  .replace("ISTIO_META_NETWORK=''", "ISTIO_META_NETWORK=vm-net6"))
+CLUSTER_ENV_V6 = (CLUSTER_ENV_V4.replace("ISTIO_SVC_IP='10.0.0.5'", "ISTIO_SVC_IP='fd00:10:0:1::5'")
+                  .replace("ISTIO_META_NETWORK=''", "ISTIO_META_NETWORK='vm-net6'"))
 
 MESH_YAML = """\
 defaultConfig:

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from agent.bundle import goyaml
+from agent.bundle.model import format_cluster_env  # one writer of istioctl's cluster.env format
 
 PROXY_CONFIG_ANNOTATION = "proxy.istio.io/config"
 CANONICAL_NAME = "service.istio.io/canonical-name"
@@ -99,26 +100,6 @@ def istiod_address(namespace: str, revision: str) -> str:
 def istio_configmap(revision: str) -> str:
     """The ConfigMap holding the mesh config for this revision."""
     return f"istio-{revision}" if is_revisioned(revision) else "istio"
-
-
-# istioctl's quoting (Go, ported from a Python shellescape): its "safe" set is written in a raw string
-# as `\\w`, so it means a backslash and the letter w, not word characters. Nearly every value ends up
-# single-quoted; only values made of these characters alone stay bare.
-_ISTIOCTL_SAFE = frozenset("\\w@%+=:,./-")
-
-
-def quote(value: str) -> str:
-    if not value:
-        return "''"
-    if all(ch in _ISTIOCTL_SAFE for ch in value):
-        return value
-    return "'" + value.replace("'", "'\"'\"'") + "'"
-
-
-def format_cluster_env(env: Mapping[str, str]) -> str:
-    """cluster.env's bytes: `KEY=value` lines sorted as strings, then a newline."""
-    lines = sorted(f"{k}={quote(v)}" for k, v in env.items())
-    return "\n".join(lines) + "\n"
 
 
 def canonical_service(labels: Mapping[str, str], workload: str) -> tuple[str, str]:

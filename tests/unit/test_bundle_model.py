@@ -44,12 +44,14 @@ def test_unknown_keys_are_kept_in_file_order() -> None:
 def test_format_quotes_like_istioctl() -> None:
     assert format_cluster_env({}) == "\n"
     assert format_cluster_env({"A": ""}) == "A=''\n"
-    assert format_cluster_env({"A": "a.b:1,2/x@y%z+w=v-u_t"}) == "A=a.b:1,2/x@y%z+w=v-u_t\n"
+    assert format_cluster_env({"A": "w"}) == "A=w\n"  # istioctl's safe set: \\, w and @%+=:,./-
+    assert format_cluster_env({"A": "@%+=:,./-w"}) == "A=@%+=:,./-w\n"
+    assert format_cluster_env({"A": "istiod.istio-system.svc:15012"}) == "A='istiod.istio-system.svc:15012'\n"
     assert format_cluster_env({"A": "it's"}) == "A='it'\"'\"'s'\n"
     assert format_cluster_env({"A": "x y"}) == "A='x y'\n"
     # whole lines are sorted, so KEY= sorts before KEY_SUFFIX= ('=' < '_') and J before _
     assert format_cluster_env({"ISTIO_META_X": "1", "ISTIO_METAJSON": "2", "ISTIO_META": "3"}) == \
-        "ISTIO_META=3\nISTIO_METAJSON=2\nISTIO_META_X=1\n"
+        "ISTIO_META='3'\nISTIO_METAJSON='2'\nISTIO_META_X='1'\n"
 
 
 def test_comments_blank_lines_double_quotes_and_no_final_newline() -> None:
@@ -163,8 +165,8 @@ def test_every_problem_is_listed_at_once() -> None:
 
 
 def test_autoregister_key_is_dropped_with_a_warning_keeping_other_bytes() -> None:
-    env = kit.CLUSTER_ENV_V4.replace("ISTIO_INBOUND_PORTS=8080\n",
-                                     "ISTIO_INBOUND_PORTS=8080\nISTIO_META_AUTO_REGISTER_GROUP=billing\n")
+    env = kit.CLUSTER_ENV_V4.replace("ISTIO_INBOUND_PORTS='8080'\n",
+                                     "ISTIO_INBOUND_PORTS='8080'\nISTIO_META_AUTO_REGISTER_GROUP='billing'\n")
     b = parse_bundle(kit.files(NOW, replace={"cluster.env": env.encode()}), NOW, kit.config())
     assert b.files["cluster.env"] == kit.CLUSTER_ENV_V4.encode()
     assert "ISTIO_META_AUTO_REGISTER_GROUP" not in b.env_map
