@@ -273,6 +273,9 @@ class Agent:
                               f"(retry in {event.retry_in:.0f}s): {event.error}")
         else:
             log.debug("unhandled event %r", event)
+            return
+        cluster_source.observe(self.metrics, event)
+        self.status.bundle.update({k: v for k, v in self.fetcher.status().items() if v is not None})
 
     def tick(self, now: float) -> None:
         if self.sidecar is not None:
@@ -324,10 +327,8 @@ class Agent:
     def make_cluster_fetcher(self) -> Any:
         from agent.bundle import cluster_source
 
-        kube = self.api()
         settings = cluster_source.settings_from_config(self.cfg.bundle, svc_ip=self.cfg.registry.address.value)
-        source = cluster_source.ClusterSource(kube, settings)
-        return cluster_source.ClusterRefresher(source, self.events.put,
+        return cluster_source.ClusterRefresher(cluster_source.ClusterSource(self.api(), settings), self.events.put,
                                                refresh_fraction=self.cfg.bundle.refresh_fraction)
 
     def parse_stored(self) -> bundle_model.Bundle:

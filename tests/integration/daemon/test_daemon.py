@@ -286,3 +286,35 @@ def test_doctor_names_what_is_wrong(r: Rig) -> None:
     assert bad.returncode == 1
     assert "FAIL RBAC: denied in vm-apps: get workloadentries, create workloadentries" in bad.stdout
     assert r.stop_agent() == 0
+
+
+def test_bundle_built_from_the_cluster(r: Rig) -> None:
+    """`bundle.source: kubernetes`: the agent mints its istio token and reads the root cert itself."""
+    from tests import bundlekit
+
+    root_pem = bundlekit.make_cert(time.time()).decode()
+    r.api.create({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "billing-vm", "namespace": NS}})
+    r.api.create({"apiVersion": "v1", "kind": "ConfigMap",
+                  "metadata": {"name": "istio-ca-root-cert", "namespace": NS}, "data": {"root-cert.pem": root_pem}})
+    r.api.create_namespace("istio-system")
+    r.api.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "istio", "namespace": "istio-system"},
+                  "data": {"mesh": "trustDomain: cluster.local\ndefaultConfig:\n  discoveryAddress: "
+                                   f"istiod.istio-system.svc:{r.istiod_port}\n"}})
+    r.overrides = {"bundle": {"kubernetes": {"namespace": NS, "group": "billing", "gateway_address": "127.0.0.1"}},
+                   "registry": {"address": {"value": "127.0.0.1"}}}
+    r.write_config("kubernetes")
+    r.start_agent()
+    try:
+        wait_for(r.entry, 60, "registration")
+    except AssertionError:
+        print(r.log_text()[-5000:])
+        raise
+    assert (r.root / "etc/certs/root-cert.pem").read_text() == root_pem
+    token = (r.root / "var/run/secrets/tokens/istio-token").read_text()
+    assert token.count(".") == 2  # a JWT minted by the API server's TokenRequest
+    env = (r.root / "var/lib/istio/envoy/cluster.env").read_text()
+    assert "ISTIO_META_WORKLOAD_NAME='billing'" in env and "POD_NAMESPACE='vm-apps'" in env
+    assert (r.root / "etc/hosts").read_text().count("127.0.0.1 istiod.istio-system.svc") == 1
+    status = json.loads(r.status_file.read_text())
+    assert status["bundle"]["source"] == "kubernetes" and status["bundle"]["token_expiry"] > time.time()
+    assert r.stop_agent() == 0
