@@ -1,10 +1,17 @@
-"""`mesh-agent config check [FILE]`: validate agent.yaml without starting anything."""
+"""`mesh-agent config check [FILE]`: validate agent.yaml without starting anything.
+
+`mesh-agent config is-configured [FILE]` is the unit's ExecCondition: it tells a configured file
+from the shipped example (comments only), so the service is skipped, not failed, until set up.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
+
+import yaml
 
 from agent import config
 
@@ -17,10 +24,37 @@ def add_arguments(p: argparse.ArgumentParser, _verb: str) -> None:
     check.add_argument("file", nargs="?", help=f"default: --config, ${config.ENV_VAR}, {config.DEFAULT_PATH}")
     check.add_argument("--config", help=argparse.SUPPRESS)
     check.add_argument("--show", action="store_true", help="print the effective configuration as JSON")
+    configured = sub.add_parser(
+        "is-configured", help="exit 0 if the file has been configured, 1 if not",
+        description="Exit 0 when the file exists and holds settings, 1 when it is missing, empty or "
+                    "only comments (the shipped example). A file with settings counts as configured "
+                    "even when they are wrong, so `run` can report them (exit 78).")
+    configured.add_argument("file", nargs="?", help="default: as for check")
+    configured.add_argument("--config", help=argparse.SUPPRESS)
+
+
+def is_configured(text: str) -> bool:
+    """True unless the YAML document is empty or only comments. Broken YAML counts as configured."""
+    try:
+        return yaml.safe_load(text) is not None
+    except yaml.YAMLError:
+        return True
 
 
 def main(args: argparse.Namespace) -> int:
     path = config.config_path(args.file or args.config)
+    if args.action == "is-configured":
+        try:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            print(f"{path}: missing: not configured")
+            return 1
+        except OSError:
+            return 0  # unreadable: let `run` say why, with its exit code
+        if is_configured(text):
+            return 0
+        print(f"{path}: no settings (only comments): not configured")
+        return 1
     try:
         cfg = config.load(path)
     except config.ConfigError as exc:
