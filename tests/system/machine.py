@@ -179,12 +179,19 @@ class Machine:
         raise MachineError(f"{self.suite}: {unit} {prop}={value!r}, wanted one of {sorted(states)} "
                            f"after {timeout:g}s\n{self.journal(unit, lines=40)}")
 
-    def journal(self, unit: str | None = None, lines: int | None = None, since: str | None = None) -> str:
+    def journal(self, unit: str | None = None, lines: int | None = None,
+                after: str | None = None) -> str:
+        """Journal text (of one unit), optionally only the last `lines` or entries after a cursor."""
         argv = ["journalctl", "--no-pager", "-o", "short-monotonic"]
         argv += ["-u", unit] if unit else []
         argv += ["-n", str(lines)] if lines else []
-        argv += ["--cursor-file", since] if since else []
+        argv += [f"--after-cursor={after}"] if after else []
         return self.run(argv, check=False, timeout=30).stdout
+
+    def journal_cursor(self) -> str:
+        """The journal's current position, for journal(after=...) later."""
+        out = self.run(["journalctl", "-n", "0", "--show-cursor", "--no-pager"], timeout=30).stdout
+        return out.rsplit("-- cursor: ", 1)[-1].strip()
 
     # --- packages ----------------------------------------------------------------------------
 

@@ -152,7 +152,7 @@ def test_purge_leaves_nothing_behind(machine: Machine, deb: Path, boot: BootFact
         m.install_deb(deb)
         with stand_in(m):  # the unit's own start creates the sidecar's and the agent's directories
             m.systemctl("start", UNIT)
-        m.run("mkdir -p /var/lib/mesh-agent/bundle && touch /run/mesh-agent/status.json")
+        m.run("mkdir -p /var/lib/mesh-agent/bundle /run/mesh-agent && touch /run/mesh-agent/status.json")
         m.purge("mesh-agent")
         assert m.run(["dpkg-query", "-W", "-f=${db:Status-Status}", "mesh-agent"],
                      check=False).stdout in ("", "not-installed")
