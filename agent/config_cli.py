@@ -1,10 +1,18 @@
-"""`mesh-agent config check [FILE]`: validate agent.yaml without starting anything."""
+"""`mesh-agent config check [FILE]`: validate agent.yaml without starting anything.
+
+`mesh-agent config is-configured [FILE]` is the unit's ExecCondition: it tells a configured file from
+one that is missing, holds only comments, or says `configured: false` (the shipped example), so the
+service is skipped, not failed, until an admin or image builder has set it up.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
+
+import yaml
 
 from agent import config
 
@@ -18,18 +26,30 @@ def add_arguments(p: argparse.ArgumentParser, _verb: str) -> None:
     check.add_argument("--config", help=argparse.SUPPRESS)
     check.add_argument("--show", action="store_true", help="print the effective configuration as JSON")
     configured = sub.add_parser(
-        "configured", help="exit 1 when the file says `configured: false` (the unit's start condition)",
-        description="Used by the unit's ExecCondition: exit 0 when the file sets configured: true or "
-                    "leaves it out, 1 when it says false. A file that fails to load also exits 0, so "
-                    "that `mesh-agent run` reports its errors and fails with status 78.")
-    configured.add_argument("file", nargs="?")
+        "is-configured", help="exit 0 if the file has been configured, 1 if not (the unit's start condition)",
+        description="Exit 1 when the file is missing, empty, only comments, or says `configured: false` "
+                    "(the shipped example); 0 otherwise. A file with settings counts as configured even "
+                    "when they are wrong, so that `mesh-agent run` reports them and exits 78.")
+    configured.add_argument("file", nargs="?", help="default: as for check")
     configured.add_argument("--config", help=argparse.SUPPRESS)
+
+
+def is_configured(text: str) -> bool:
+    """False for an empty or comments-only document and for `configured: false`; broken YAML and
+    wrong settings count as configured (`run` then names the problem)."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return True
+    if doc is None:
+        return False
+    return not (isinstance(doc, dict) and doc.get("configured") is False)
 
 
 def main(args: argparse.Namespace) -> int:
     path = config.config_path(args.file or args.config)
-    if args.action == "configured":
-        return _configured(path)
+    if args.action == "is-configured":
+        return _is_configured(path)
     try:
         cfg = config.load(path)
     except config.ConfigError as exc:
@@ -44,12 +64,15 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configured(path: str) -> int:
+def _is_configured(path: str) -> int:
     try:
-        cfg = config.load(path)
-    except config.ConfigError:
-        return 0  # not ours to judge: `run` names the errors and exits 78
-    if not cfg.configured:
-        print(f"{path}: configured: false; mesh-agent waits until it is set to true", file=sys.stderr)
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        print(f"{path}: missing: not configured")
         return 1
-    return 0
+    except OSError:
+        return 0  # unreadable: let `run` say why, with its exit code
+    if is_configured(text):
+        return 0
+    print(f"{path}: not configured yet (no settings, or `configured: false`); mesh-agent waits")
+    return 1

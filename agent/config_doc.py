@@ -24,7 +24,7 @@ at start and on reload (a bad file on reload keeps the running configuration). T
 restart the agent on status 78.
 
 `configured: false` (as in the example the package ships) keeps the service from starting: the unit's
-`ExecCondition` runs `mesh-agent config configured`. Set it to `true` once the file is filled in.
+`ExecCondition` runs `mesh-agent config is-configured`. Set it to `true` once the file is filled in.
 
 A probe override (`app.probe`) uses the names of Istio's WorkloadGroup probe in snake_case
 (`httpGet` -> `http_get`, `periodSeconds` -> `period`, ...).

@@ -237,8 +237,8 @@ def test_empty_sections_mean_defaults() -> None:
 def test_shipped_example_is_valid_and_not_yet_configured(capsys: pytest.CaptureFixture[str]) -> None:
     example = str(REPO / "packaging" / "agent.yaml.example")
     assert cli_main(["config", "check", example]) == 0
-    assert cli_main(["config", "configured", example]) == 1
-    assert "configured: false" in capsys.readouterr().err
+    assert cli_main(["config", "is-configured", example]) == 1
+    assert "not configured yet" in capsys.readouterr().out
 
 
 def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,8 +16,8 @@ from agent.bundle.generate import (
     format_cluster_env,
     generate,
     hosts_file,
-    quote,
 )
+from agent.bundle.model import quote_value as quote
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "istioctl"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())

@@ -1,0 +1,150 @@
+"""`mesh-agent deprovision`: clear this instance's state before an image is captured.
+
+What goes: the last good bundle, the installed istio token and the workload certificate and key
+issued to this instance, the managed block in /etc/hosts, the status and pid files, and a pending
+maintenance request. What stays: the configuration (so clones start with it) and the mesh-wide
+files (root certificate, mesh config, cluster.env), which the next agent re-installs anyway.
+With --machine-id, /etc/machine-id is emptied too, so systemd gives each clone its own id at first
+boot (the agent names its instance after it).
+
+Run it with the service stopped: a running agent would put everything back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import proc
+from agent.paths import Layout
+
+# The managed block in /etc/hosts. Anything that writes the block uses exactly these lines.
+BEGIN_MARKER = "# BEGIN mesh-agent managed block"
+END_MARKER = "# END mesh-agent managed block"
+EX_FAILED = 1
+UNIT = "mesh-agent.service"
+
+
+class HostsError(ValueError):
+    """The hosts file's managed block is malformed; the file is left as it is."""
+
+
+def strip_managed_block(text: str) -> tuple[str, bool]:
+    """`text` without the managed block (markers included); True if there was one.
+
+    Raises HostsError for a BEGIN without END (or the reverse, or a nested BEGIN): removing up to
+    the end of the file could delete the admin's own lines.
+    """
+    out: list[str] = []
+    inside = False
+    found = False
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+        marker = line.strip()
+        if marker == BEGIN_MARKER:
+            if inside:
+                raise HostsError(f"line {number}: {BEGIN_MARKER!r} inside the managed block")
+            inside = found = True
+        elif marker == END_MARKER:
+            if not inside:
+                raise HostsError(f"line {number}: {END_MARKER!r} without {BEGIN_MARKER!r}")
+            inside = False
+        elif not inside:
+            out.append(line)
+    if inside:
+        raise HostsError(f"{BEGIN_MARKER!r} without {END_MARKER!r}")
+    return "".join(out), found
+
+
+@dataclass(frozen=True)
+class Step:
+    path: Path
+    what: str
+
+
+def instance_files(layout: Layout) -> list[Step]:
+    """The per-instance files and directories deprovision removes (the hosts block aside)."""
+    return [
+        Step(layout.last_good_bundle, "last good bundle"),
+        Step(layout.istio_token, "istio token"),
+        Step(layout.certs_dir / "key.pem", "workload key"),
+        Step(layout.certs_dir / "cert-chain.pem", "workload certificate"),
+        Step(layout.status_file, "status"),
+        Step(layout.sidecar_pidfile, "sidecar pid file"),
+        Step(layout.control_file, "maintenance request"),
+    ]
+
+
+def deprovision(layout: Layout, *, machine_id: bool = False) -> list[str]:
+    """Remove this instance's state under `layout`; one line per thing removed.
+
+    Raises HostsError (before anything is removed) when /etc/hosts has a malformed block.
+    """
+    hosts = layout.etc_hosts
+    hosts_text = hosts.read_text(encoding="utf-8") if hosts.exists() else None
+    stripped, has_block = strip_managed_block(hosts_text) if hosts_text is not None else ("", False)
+
+    done: list[str] = []
+    for step in instance_files(layout):
+        if step.path.is_dir() and not step.path.is_symlink():
+            shutil.rmtree(step.path)
+        elif os.path.lexists(step.path):
+            step.path.unlink()
+        else:
+            continue
+        done.append(f"removed {step.what}: {step.path}")
+    if has_block:
+        _rewrite_in_place(hosts, stripped)
+        done.append(f"removed the managed block from {hosts}")
+    if machine_id and layout.machine_id.exists() and layout.machine_id.stat().st_size:
+        _rewrite_in_place(layout.machine_id, "")
+        done.append(f"emptied {layout.machine_id} (a new id is made at first boot)")
+    return done
+
+
+def _rewrite_in_place(path: Path, text: str) -> None:
+    """Rewrite keeping the inode: /etc/hosts may be a bind mount (rename over it fails: EBUSY),
+    and its owner and mode stay as they are."""
+    with open(path, "r+", encoding="utf-8") as f:
+        f.write(text)
+        f.truncate()
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _agent_running() -> bool:
+    if shutil.which("systemctl") is None:
+        return False
+    return proc.run(["systemctl", "is-active", "--quiet", UNIT], timeout=10).ok
+
+
+def add_arguments(p: argparse.ArgumentParser, _verb: str) -> None:
+    p.add_argument("--machine-id", action="store_true",
+                   help="also empty /etc/machine-id, so each clone gets its own at first boot")
+    p.add_argument("--root", default="/", help="act on a tree under this directory (an image being "
+                   "built, or tests); default: /")
+    p.add_argument("--force", action="store_true", help="run even though the service is active")
+
+
+def main(args: argparse.Namespace) -> int:
+    layout = Layout(root=Path(args.root))
+    if args.root == "/" and not args.force and _agent_running():
+        print(f"mesh-agent deprovision: {UNIT} is running and would restore what this removes; "
+              f"run `systemctl stop {UNIT}` first", file=sys.stderr)
+        return EX_FAILED
+    try:
+        done = deprovision(layout, machine_id=args.machine_id)
+    except HostsError as exc:
+        print(f"mesh-agent deprovision: {layout.etc_hosts}: {exc}; nothing was removed. Fix the "
+              f"file by hand and run again.", file=sys.stderr)
+        return EX_FAILED
+    except OSError as exc:
+        print(f"mesh-agent deprovision: {exc}", file=sys.stderr)
+        return EX_FAILED
+    for line in done:
+        print(line)
+    print("nothing to remove" if not done else "the configuration is kept")
+    return 0
