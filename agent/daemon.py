@@ -199,9 +199,19 @@ class Agent:
         self.ping_watchdog()
 
     def stop(self) -> None:
-        """The draining stop: withdraw, wait for the mesh to notice, drain, stop, release the lease."""
+        """The draining stop: withdraw, wait for the mesh to notice, drain, stop, release the lease.
+
+        When systemd is restarting the unit (a package upgrade), the agent is back in seconds: the
+        entry and its lease stay, so the VM never leaves the mesh, and the proxy is left running for
+        the next agent to adopt where it survives us (pilot-agent does; a plain Envoy exits with us)."""
         s = self.cfg.shutdown
         deadline = time.monotonic() + s.timeout
+        restarting = self.phase.phase is not Phase.FAILED and systemd.pending_job() == "restart"
+        if restarting:
+            log.info("systemd is restarting mesh-agent: the entry stays registered")
+            systemd.stopping("restarting: staying in the mesh")
+            self.stop_threads()
+            return
         systemd.stopping("withdrawing from the mesh")
         self.publish()
         if self.registrar is not None:
@@ -215,13 +225,16 @@ class Agent:
             systemd.extend_timeout(max(remaining, 1.0) + 5)
             self.sidecar.stop(drain=self.signals.terminate < 2)
             self.sidecar_changed()
+        self.stop_threads()
+        self.publish()
+
+    def stop_threads(self) -> None:
         for part in (self.monitor, self.fetcher, self.tamper_watch, self.group_watch):
             if part is not None:
                 with contextlib.suppress(Exception):
                     part.stop()
         if self.worker is not None:
             self.worker.stop(timeout=2.0)
-        self.publish()
 
     # --- events ----------------------------------------------------------------------------------
 
@@ -603,7 +616,8 @@ class Agent:
         if self.ready_sent:
             return
         r, a = self.status.registration, self.status.app
-        known_sick = a.get("healthy") is False and self.cfg.status.ready_when_unhealthy
+        known_sick = a.get("healthy") is False and a.get("cause") != "sidecar-not-ready" \
+            and self.cfg.status.ready_when_unhealthy
         maintenance = self.status.maintenance
         if r.get("registered") or known_sick or maintenance or (not self.cfg.registry.enabled and self.sidecar
                                                                 and self.sidecar.ready):

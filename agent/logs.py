@@ -42,7 +42,7 @@ def make_handler(target: str = "auto") -> logging.Handler:
             handler = None
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s",
                                                "%Y-%m-%dT%H:%M:%S"))
     handler.addFilter(RedactingFilter())
     return handler

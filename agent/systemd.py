@@ -69,3 +69,35 @@ def watchdog_interval() -> float | None:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def own_unit() -> str | None:
+    """The service unit this process runs in (from its cgroup), or None outside systemd."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            path = f.read().strip().rsplit(":", 1)[-1]
+    except OSError:
+        return None
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name if name.endswith(".service") else None
+
+
+def pending_job(unit: str | None = None) -> str | None:
+    """The type of the job systemd runs on our unit right now ("stop", "restart", ...), or None.
+
+    Asked while stopping: a `restart` (e.g. the package's postinst after an upgrade) means the
+    agent comes straight back, so it leaves the VM registered; a `stop` withdraws it."""
+    from agent import proc
+
+    unit = unit or own_unit()
+    if unit is None or not under_systemd():
+        return None
+    try:
+        result = proc.run(["systemctl", "list-jobs", "--no-legend", "--plain", "--no-pager", unit], timeout=5)
+    except OSError:
+        return None
+    for line in result.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[1] == unit:
+            return fields[2]
+    return None

@@ -264,7 +264,9 @@ def write_hosts(path: Path, data: bytes) -> bool:
         atomic_write(path, data, mode, owner)
         return False
     except OSError as exc:
-        if exc.errno not in (errno.EBUSY, errno.EXDEV, errno.EPERM):
+        # EBUSY/EXDEV: a bind mount (systemd's ReadWritePaths=/etc/hosts); EROFS/EACCES: its directory
+        # is read-only to us (ProtectSystem=strict) while the file itself is writable.
+        if exc.errno not in (errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EROFS, errno.EACCES):
             raise
         log.info("%s cannot be replaced (%s, a bind mount?): rewriting it in place", path, exc.strerror)
     rewrite_in_place(path, data)

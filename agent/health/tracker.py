@@ -168,7 +168,10 @@ class Tracker:
         if not self._app_ok:
             return Health.UNHEALTHY, self._app_cause, self._app_reason
         if not self._sidecar_ready:
-            return Health.UNHEALTHY, Cause.SIDECAR_NOT_READY, "sidecar not ready"
+            # At start the proxy is simply not up yet: no verdict, so that the first Healthy is not
+            # a return from Unhealthy (which damping would hold back for min_dwell).
+            state = Health.UNKNOWN if self.state is Health.UNKNOWN else Health.UNHEALTHY
+            return state, Cause.SIDECAR_NOT_READY, "sidecar not ready"
         return Health.HEALTHY, self._app_cause, self._app_reason
 
     def next_deadline(self) -> float | None:

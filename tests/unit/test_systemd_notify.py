@@ -88,3 +88,25 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     assert systemd.watchdog_interval() is None
     monkeypatch.delenv("WATCHDOG_USEC")
     assert systemd.watchdog_interval() is None
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize(("listing", "job"), [
+    ("41 mesh-agent.service restart running\n", "restart"),
+    ("41 mesh-agent.service stop running\n", "stop"),
+    ("41 other.service restart running\n", None),
+    ("", None),
+])
+def test_pending_job_reads_systemctl_list_jobs(listing: str, job: str | None, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "systemctl"
+    fake.write_text(f"#!/bin/sh\n[ \"$1\" = list-jobs ] && printf '{listing}'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("NOTIFY_SOCKET", "@unused")
+    assert systemd.pending_job("mesh-agent.service") == job
+
+
+def test_no_pending_job_outside_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert systemd.pending_job("mesh-agent.service") is None
