@@ -168,6 +168,9 @@ class Cluster:
             m.pop("namespace", None)
         if m.get("resourceVersion"):
             raise bad_request("resourceVersion should not be set on objects to be created")
+        for system_field in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
+                             "generation", "selfLink", "managedFields"):
+            m.pop(system_field, None)  # the server sets these, whatever a client sends
         if not m.get("name"):
             if m.get("generateName"):
                 m["name"] = m["generateName"] + uuid.uuid4().hex[:5]
@@ -317,8 +320,6 @@ class Cluster:
                 raise ApiError(422, "Invalid", str(exc)) from exc
             if not isinstance(new, dict):
                 raise bad_request("patch did not produce an object")
-            if new.get("metadata", {}).get("resourceVersion") == old["metadata"]["resourceVersion"]:
-                pass
             return self._commit(rt, version, old, new, req, subresource, operation="Update")
 
     def apply(self, rt: ResourceType, version: str, ns: str, name: str, raw: bytes, req: Request,
@@ -478,15 +479,15 @@ class Cluster:
                 raise conflict(rt.plural, rt.group, name, "Precondition failed: ResourceVersion in "
                                f"precondition: {pre['resourceVersion']}, ResourceVersion in object meta: "
                                f"{om['resourceVersion']}")
+            if rt.plural == "namespaces" and name in SYSTEM_NAMESPACES:
+                raise ApiError(403, "Forbidden",
+                               f'namespaces "{name}" is forbidden: this namespace may not be deleted',
+                               {"name": name, "kind": "namespaces"})
             if req.dry_run:
                 return self._out(rt, version, old)
             if policy == "Orphan":
                 self._orphan(om["uid"], om.get("namespace", ""))
             if rt.plural == "namespaces":
-                if name in SYSTEM_NAMESPACES:
-                    raise ApiError(403, "Forbidden",
-                                   f'namespaces "{name}" is forbidden: this namespace may not be deleted',
-                                   {"name": name, "kind": "namespaces"})
                 if not om.get("deletionTimestamp"):
                     om["deletionTimestamp"] = now_rfc3339()
                     old["status"] = {"phase": "Terminating"}
@@ -511,6 +512,11 @@ class Cluster:
                 obj["metadata"]["ownerReferences"] = [r for r in refs if r.get("uid") != uid]
                 if not obj["metadata"]["ownerReferences"]:
                     del obj["metadata"]["ownerReferences"]
+                rt = self.types[key]
+                schema = self._fm_schema(rt, rt.storage_version)
+                entries = fieldmanager.read_entries(obj)
+                present = fieldmanager.flatten(obj, schema)
+                fieldmanager.write_entries(obj, fieldmanager.prune_entries(entries, present))
                 self.store.put(key, obj, "MODIFIED")
 
     # --- garbage collection --------------------------------------------------------------------------
