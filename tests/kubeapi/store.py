@@ -25,16 +25,28 @@ class Event:
 
 
 class Store:
-    """Everything under one lock; `changed` is notified on every write (watchers wait on it)."""
+    """Everything under one lock. Watchers wait on `changed_for(type)`, notified on every write of
+    that type (so a write wakes only the watchers that may care), and on compaction."""
 
     def __init__(self, history: int = 1000) -> None:
         self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)
+        self._changed: dict[TypeKey, threading.Condition] = {}
         self.rv = 0
         self.objects: dict[TypeKey, dict[ObjKey, dict[str, Any]]] = {}
         self.events: deque[Event] = deque(maxlen=history)
         # The oldest resourceVersion a watch may start from; older ones get 410 Gone.
         self.window_start = 0
+
+    def changed_for(self, key: TypeKey) -> threading.Condition:
+        with self.lock:
+            if key not in self._changed:
+                self._changed[key] = threading.Condition(self.lock)
+            return self._changed[key]
+
+    def wake_all(self) -> None:
+        with self.lock:
+            for cond in self._changed.values():
+                cond.notify_all()
 
     def next_rv(self) -> int:
         self.rv += 1
@@ -79,14 +91,15 @@ class Store:
         if len(self.events) == self.events.maxlen:
             self.window_start = self.events[0].rv
         self.events.append(event)
-        self.changed.notify_all()
+        if event.key in self._changed:
+            self._changed[event.key].notify_all()
 
     def compact(self) -> None:
         """Forget all history, as etcd compaction does: watches from older versions get 410."""
         with self.lock:
             self.events.clear()
             self.window_start = self.rv
-            self.changed.notify_all()
+            self.wake_all()
 
     def since(self, rv: int) -> list[Event]:
         # Newest events are at the right: walk back only as far as needed (many watchers call this
