@@ -91,17 +91,18 @@ class Cluster:
         obj["kind"] = rt.kind
         return obj
 
-    def _ns_check(self, rt: ResourceType, ns: str, creating: bool) -> None:
+    def _ns_check(self, rt: ResourceType, ns: str, name: str = "") -> None:
+        """The namespace must exist and, for new content, not be terminating."""
         if not rt.namespaced:
             return
         nsobj = self.store.get(("", "namespaces"), "", ns)
         if nsobj is None:
             raise not_found("namespaces", "", ns)
-        if creating and nsobj["metadata"].get("deletionTimestamp"):
-            raise ApiError(403, "Forbidden", f"{rt.plural} \"\" is forbidden: unable to create new content "
-                                             "in "
+        if nsobj["metadata"].get("deletionTimestamp"):
+            what = f"{rt.plural}.{rt.group}" if rt.group else rt.plural
+            raise ApiError(403, "Forbidden", f'{what} "{name}" is forbidden: unable to create new content in '
                                              f"namespace {ns} because it is being terminated",
-                           {"name": "", "group": rt.group, "kind": rt.plural,
+                           {"name": name, "group": rt.group, "kind": rt.plural,
                             "causes": [Cause("", f"namespace {ns} is being terminated",
                                              "NamespaceTerminating").as_dict()]})
 
@@ -178,7 +179,7 @@ class Cluster:
                 raise unprocessable(rt.kind, rt.group, "", [required("metadata.name",
                                                                      "name or generateName is required")])
         with self.store.lock:
-            self._ns_check(rt, ns, creating=True)
+            self._ns_check(rt, ns, m["name"])
             if self.store.get((rt.group, rt.plural), ns if rt.namespaced else "", m["name"]):
                 raise already_exists(rt.plural, rt.group, m["name"])
             body["apiVersion"], body["kind"] = rt.api_version(version), rt.kind
@@ -353,7 +354,7 @@ class Cluster:
             live = self.store.get(key, ns if rt.namespaced else "", name)
             creating = live is None
             if creating:
-                self._ns_check(rt, ns, creating=True)
+                self._ns_check(rt, ns, name)
                 live = {"apiVersion": want, "kind": rt.kind,
                         "metadata": {"name": name, **({"namespace": ns} if rt.namespaced else {})}}
                 if subresource:
