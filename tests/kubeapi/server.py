@@ -419,15 +419,15 @@ class _Handler(BaseHTTPRequestHandler):
             next_bookmark = time.monotonic() + self.api.bookmark_interval
             while not self.server.closing.is_set() and time.monotonic() < deadline:
                 with changed:
-                    if store.too_old(last):
+                    if store.too_old(last, key):
                         send("ERROR", gone(f"too old resource version: {last} ({store.rv})").body())
                         break
-                    events = store.since(last)
+                    events = store.since(last, key)
                     if not events:
                         now = time.monotonic()
                         wake = min(deadline, next_bookmark if bookmarks else deadline, now + 1.0)
                         changed.wait(timeout=max(0.0, wake - now))
-                        events = store.since(last)
+                        events = store.since(last, key)
                     current = store.rv
                 for e in events:
                     last = e.rv
@@ -441,7 +441,7 @@ class _Handler(BaseHTTPRequestHandler):
                             data = encode(etype, shape(cluster._out(rt, version, e.obj)))
                             e.encoded[cache_key] = data
                         write(data)
-                last = max(last, current) if not store.too_old(last) else last
+                last = max(last, current) if not store.too_old(last, key) else last
                 if bookmarks and time.monotonic() >= next_bookmark:
                     send("BOOKMARK", {"kind": rt.kind, "apiVersion": rt.api_version(version),
                                       "metadata": {"resourceVersion": str(last)}})
