@@ -296,6 +296,16 @@ class Cluster:
             return self.apply(rt, version, ns, name, raw, req, subresource, force)
         if force:
             raise bad_request("force is only allowed for apply requests")
+        known = ("application/merge-patch+json", "application/json-patch+json",
+                 "application/strategic-merge-patch+json")
+        if ctype not in known:
+            raise ApiError(415, "UnsupportedMediaType",
+                           "the body of the request was in an unknown format - accepted media types include: "
+                           "application/json-patch+json, application/merge-patch+json, "
+                           "application/apply-patch+yaml")
+        if ctype == "application/strategic-merge-patch+json" and rt.custom:
+            raise ApiError(415, "UnsupportedMediaType",
+                           "strategic merge patch is not supported for custom resources")
         try:
             patch = json.loads(raw or b"null")
         except ValueError as exc:
@@ -308,16 +318,8 @@ class Cluster:
                     new = merge_patch(current, patch)
                 elif ctype == "application/json-patch+json":
                     new = json_patch(current, patch)
-                elif ctype == "application/strategic-merge-patch+json":
-                    if rt.custom:
-                        raise ApiError(415, "UnsupportedMediaType",
-                                       "strategic merge patch is not supported for custom resources")
-                    new = strategic_merge_patch(current, patch)
                 else:
-                    raise ApiError(415, "UnsupportedMediaType",
-                                   'the body of the request was in an unknown format - accepted media types '
-                                   'include: application/json-patch+json, application/merge-patch+json, '
-                                   'application/apply-patch+yaml')
+                    new = strategic_merge_patch(current, patch)
             except PatchError as exc:
                 raise ApiError(422, "Invalid", str(exc)) from exc
             if not isinstance(new, dict):
