@@ -470,10 +470,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @functools.cache
-def _certificates() -> tuple[trustme.CA, trustme.LeafCert]:
-    """One CA and server certificate per process: making them is the slow part of starting."""
-    ca = trustme.CA()
-    return ca, ca.issue_cert("127.0.0.1", "::1", "localhost")
+def _ca() -> trustme.CA:
+    """One CA per process (and one server certificate per listening address): making them is the slow
+    part of starting."""
+    return trustme.CA()
+
+
+@functools.cache
+def _certificates(host: str) -> tuple[trustme.CA, trustme.LeafCert]:
+    names = ["127.0.0.1", "::1", "localhost"]
+    return _ca(), _ca().issue_cert(*names, *([host] if host not in names else []))
 
 
 class KubeAPI:
@@ -514,7 +520,7 @@ class KubeAPI:
 
     def start(self) -> KubeAPI:
         if self.tls:
-            self._ca, cert = _certificates()
+            self._ca, cert = _certificates(self.host)
             self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             cert.configure_cert(self.ssl_context)
         self._listen()

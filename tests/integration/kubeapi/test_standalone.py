@@ -74,3 +74,11 @@ def test_lease_through_server_side_apply(tmp_path: Path) -> None:
         assert renewed.spec.renew_time.second == 10
         assert api.get("Lease", "default", "vm")["metadata"]["managedFields"][0]["manager"] == "mesh-agent"
         kc.close()
+
+
+def test_certificate_names_the_listening_address(kubeapi_factory: Callable[..., KubeAPI]) -> None:
+    api = kubeapi_factory(host="127.0.0.2")
+    kc = config.new_client_from_config(str(api.kubeconfig))
+    assert kc.configuration.host.startswith("https://127.0.0.2:")
+    assert client.VersionApi(kc).get_code().major == "1"  # the TLS check passed for that address
+    kc.close()
