@@ -20,11 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http", action="store_true", help="plain HTTP instead of HTTPS")
     parser.add_argument("--crds", help="CRD file (default: the Istio CRDs beside the repository)")
     parser.add_argument("--namespace", action="append", default=[], help="create this namespace (repeatable)")
+    parser.add_argument("--persist", action="store_true",
+                        help="keep the CA, keys, admin token and objects in --state-dir across restarts")
     args = parser.parse_args(argv)
-    api = KubeAPI(host=args.host, port=args.port, tls=not args.http, state_dir=args.state_dir, crds=args.crds)
+    api = KubeAPI(host=args.host, port=args.port, tls=not args.http, state_dir=args.state_dir, crds=args.crds,
+                  persist=args.persist)
     api.start()
     for ns in args.namespace:
-        api.create_namespace(ns)
+        if api.get("Namespace", "", ns) is None:
+            api.create_namespace(ns)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

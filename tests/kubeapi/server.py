@@ -11,6 +11,7 @@ import secrets
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import time
 import traceback
@@ -24,6 +25,7 @@ import trustme
 import yaml
 
 from tests.kubeapi import openapi, protobuf, table
+from tests.kubeapi import persist as persistence
 from tests.kubeapi.auth import ADMIN, Identity, Rule, forbidden_message
 from tests.kubeapi.cluster import Cluster, Request
 from tests.kubeapi.faults import Faults, message_for, reason_for
@@ -495,7 +497,7 @@ class KubeAPI:
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, tls: bool = True,
                  state_dir: str | Path | None = None, crds: str | Path | None = None,
                  load_crds: bool = True, bookmark_interval: float = 1.0, history: int = 1000,
-                 gc_delay: float = 0.05) -> None:
+                 gc_delay: float = 0.05, persist: bool = False) -> None:
         self.host, self.port, self.tls = host, port, tls
         self.cluster = Cluster(openapi.load_crds(crds) if load_crds else (), history)
         self.faults = Faults()
@@ -507,7 +509,8 @@ class KubeAPI:
         self.requests: list[RequestRecord] = []
         self.stopping = threading.Event()
         self.ssl_context: ssl.SSLContext | None = None
-        self._ca: trustme.CA | None = None
+        self._ca_pem = b""
+        self.persist = persist
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._gc_thread: threading.Thread | None = None
@@ -519,24 +522,40 @@ class KubeAPI:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> KubeAPI:
-        if self.tls:
-            self._ca, cert = _certificates(self.host)
+        if self.state_dir is None:
+            self.state_dir = Path(tempfile.mkdtemp(prefix="kubeapi-"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.persist:
+            self._restore()
+        elif self.tls:
+            ca, cert = _certificates(self.host)
+            self._ca_pem = ca.cert_pem.bytes()
             self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             cert.configure_cert(self.ssl_context)
         self._listen()
         self.port = self._server.server_address[1] if self._server else self.port
         self._gc_thread = threading.Thread(target=self._gc_loop, name="kubeapi-gc", daemon=True)
         self._gc_thread.start()
-        if self.state_dir is None:
-            import tempfile
-
-            self.state_dir = Path(tempfile.mkdtemp(prefix="kubeapi-"))
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self._ca is not None:
+        if self._ca_pem:
             self.ca_path = self.state_dir / "ca.crt"
-            self.ca_path.write_bytes(self._ca.cert_pem.bytes())
+            self.ca_path.write_bytes(self._ca_pem)
         self.kubeconfig = self.write_kubeconfig(self.state_dir / "kubeconfig", self.admin_token)
         return self
+
+    def _restore(self) -> None:
+        """--persist: the CA, signing key, admin token and objects of the last run, if any."""
+        assert self.state_dir is not None
+        if self.tls:
+            ca, ca_key = persistence.load_or_make_ca(self.state_dir)
+            cert_path, key_path = persistence.issue_server_cert(self.state_dir, ca, ca_key, self.host)
+            self._ca_pem = (self.state_dir / "ca.crt").read_bytes()
+            self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.ssl_context.load_cert_chain(cert_path, key_path)
+        self.cluster.auth.key = persistence.load_or_make_signing_key(self.state_dir)
+        self.cluster.auth.revoke(self.admin_token)
+        self.admin_token = persistence.load_or_make_token(self.state_dir)
+        self.cluster.auth.add_token(self.admin_token, Identity("admin", ("system:masters",)), ADMIN)
+        persistence.load_objects(self.cluster.store, self.state_dir)
 
     def _listen(self) -> None:
         self._server = _Server((self.host, self.port), self)
@@ -555,6 +574,8 @@ class KubeAPI:
     def stop(self) -> None:
         self.stopping.set()
         self.cluster.store.wake_all()  # watchers see `stopping` now
+        if self.persist and self.state_dir is not None:
+            persistence.save_objects(self.cluster.store, self.state_dir)
         if self._restart_timer:
             self._restart_timer.cancel()
         self._unlisten()
@@ -599,12 +620,12 @@ class KubeAPI:
 
     @property
     def ca_pem(self) -> bytes:
-        return self._ca.cert_pem.bytes() if self._ca else b""
+        return self._ca_pem
 
     def write_kubeconfig(self, path: str | Path, token: str, user: str = "user",
                          namespace: str = "default") -> Path:
         cluster: dict[str, Any] = {"server": self.url}
-        if self._ca is not None:
+        if self._ca_pem:
             cluster["certificate-authority-data"] = base64.b64encode(self.ca_pem).decode()
         config = {
             "apiVersion": "v1", "kind": "Config", "preferences": {},
