@@ -12,19 +12,23 @@ from tests.kubeapi.server import KubeAPI
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.kubeapi", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on: loopback, or an address inside a network namespace "
+                             "the demo made (the certificate names it too)")
     parser.add_argument("--port", type=int, default=6443, help="0 picks a free port")
     parser.add_argument("--state-dir", required=True, help="where kubeconfig and ca.crt are written")
     parser.add_argument("--http", action="store_true", help="plain HTTP instead of HTTPS")
     parser.add_argument("--crds", help="CRD file (default: the Istio CRDs beside the repository)")
     parser.add_argument("--namespace", action="append", default=[], help="create this namespace (repeatable)")
+    parser.add_argument("--persist", action="store_true",
+                        help="keep the CA, keys, admin token and objects in --state-dir across restarts")
     args = parser.parse_args(argv)
-    if not (args.host.startswith("127.") or args.host in ("::1", "localhost")):
-        parser.error("--host must be a loopback address")
-    api = KubeAPI(host=args.host, port=args.port, tls=not args.http, state_dir=args.state_dir, crds=args.crds)
+    api = KubeAPI(host=args.host, port=args.port, tls=not args.http, state_dir=args.state_dir, crds=args.crds,
+                  persist=args.persist)
     api.start()
     for ns in args.namespace:
-        api.create_namespace(ns)
+        if api.get("Namespace", "", ns) is None:
+            api.create_namespace(ns)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

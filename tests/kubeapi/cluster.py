@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from tests.kubeapi import fieldmanager, meta, openapi
-from tests.kubeapi.auth import API_AUDIENCE, Authenticator, Identity
+from tests.kubeapi.auth import API_AUDIENCE, Authenticator, Identity, Rule
 from tests.kubeapi.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
 from tests.kubeapi.resources import ResourceType, builtin_types, crd_type
 from tests.kubeapi.selectors import SelectorError, field_selector, label_selector
@@ -58,6 +58,7 @@ class Cluster:
         self.types: dict[tuple[str, str], ResourceType] = {}
         for rt in [*builtin_types(), *(crd_type(c) for c in crds)]:
             self.types[(rt.group, rt.plural)] = rt
+        self.auth.extra_rules = self.rbac_rules
         self.warnings = threading.local()
         self.gc_wakeup = threading.Event()
         for ns in SYSTEM_NAMESPACES:
@@ -91,17 +92,18 @@ class Cluster:
         obj["kind"] = rt.kind
         return obj
 
-    def _ns_check(self, rt: ResourceType, ns: str, creating: bool) -> None:
+    def _ns_check(self, rt: ResourceType, ns: str, name: str = "") -> None:
+        """The namespace must exist and, for new content, not be terminating."""
         if not rt.namespaced:
             return
         nsobj = self.store.get(("", "namespaces"), "", ns)
         if nsobj is None:
             raise not_found("namespaces", "", ns)
-        if creating and nsobj["metadata"].get("deletionTimestamp"):
-            raise ApiError(403, "Forbidden", f"{rt.plural} \"\" is forbidden: unable to create new content "
-                                             "in "
+        if nsobj["metadata"].get("deletionTimestamp"):
+            what = f"{rt.plural}.{rt.group}" if rt.group else rt.plural
+            raise ApiError(403, "Forbidden", f'{what} "{name}" is forbidden: unable to create new content in '
                                              f"namespace {ns} because it is being terminated",
-                           {"name": "", "group": rt.group, "kind": rt.plural,
+                           {"name": name, "group": rt.group, "kind": rt.plural,
                             "causes": [Cause("", f"namespace {ns} is being terminated",
                                              "NamespaceTerminating").as_dict()]})
 
@@ -168,6 +170,9 @@ class Cluster:
             m.pop("namespace", None)
         if m.get("resourceVersion"):
             raise bad_request("resourceVersion should not be set on objects to be created")
+        for system_field in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
+                             "generation", "selfLink", "managedFields"):
+            m.pop(system_field, None)  # the server sets these, whatever a client sends
         if not m.get("name"):
             if m.get("generateName"):
                 m["name"] = m["generateName"] + uuid.uuid4().hex[:5]
@@ -175,7 +180,7 @@ class Cluster:
                 raise unprocessable(rt.kind, rt.group, "", [required("metadata.name",
                                                                      "name or generateName is required")])
         with self.store.lock:
-            self._ns_check(rt, ns, creating=True)
+            self._ns_check(rt, ns, m["name"])
             if self.store.get((rt.group, rt.plural), ns if rt.namespaced else "", m["name"]):
                 raise already_exists(rt.plural, rt.group, m["name"])
             body["apiVersion"], body["kind"] = rt.api_version(version), rt.kind
@@ -291,6 +296,16 @@ class Cluster:
             return self.apply(rt, version, ns, name, raw, req, subresource, force)
         if force:
             raise bad_request("force is only allowed for apply requests")
+        known = ("application/merge-patch+json", "application/json-patch+json",
+                 "application/strategic-merge-patch+json")
+        if ctype not in known:
+            raise ApiError(415, "UnsupportedMediaType",
+                           "the body of the request was in an unknown format - accepted media types include: "
+                           "application/json-patch+json, application/merge-patch+json, "
+                           "application/apply-patch+yaml")
+        if ctype == "application/strategic-merge-patch+json" and rt.custom:
+            raise ApiError(415, "UnsupportedMediaType",
+                           "strategic merge patch is not supported for custom resources")
         try:
             patch = json.loads(raw or b"null")
         except ValueError as exc:
@@ -303,22 +318,12 @@ class Cluster:
                     new = merge_patch(current, patch)
                 elif ctype == "application/json-patch+json":
                     new = json_patch(current, patch)
-                elif ctype == "application/strategic-merge-patch+json":
-                    if rt.custom:
-                        raise ApiError(415, "UnsupportedMediaType",
-                                       "strategic merge patch is not supported for custom resources")
-                    new = strategic_merge_patch(current, patch)
                 else:
-                    raise ApiError(415, "UnsupportedMediaType",
-                                   'the body of the request was in an unknown format - accepted media types '
-                                   'include: application/json-patch+json, application/merge-patch+json, '
-                                   'application/apply-patch+yaml')
+                    new = strategic_merge_patch(current, patch)
             except PatchError as exc:
                 raise ApiError(422, "Invalid", str(exc)) from exc
             if not isinstance(new, dict):
                 raise bad_request("patch did not produce an object")
-            if new.get("metadata", {}).get("resourceVersion") == old["metadata"]["resourceVersion"]:
-                pass
             return self._commit(rt, version, old, new, req, subresource, operation="Update")
 
     def apply(self, rt: ResourceType, version: str, ns: str, name: str, raw: bytes, req: Request,
@@ -352,7 +357,7 @@ class Cluster:
             live = self.store.get(key, ns if rt.namespaced else "", name)
             creating = live is None
             if creating:
-                self._ns_check(rt, ns, creating=True)
+                self._ns_check(rt, ns, name)
                 live = {"apiVersion": want, "kind": rt.kind,
                         "metadata": {"name": name, **({"namespace": ns} if rt.namespaced else {})}}
                 if subresource:
@@ -401,6 +406,8 @@ class Cluster:
         if nm.get("resourceVersion") and nm["resourceVersion"] != old["metadata"]["resourceVersion"]:
             raise conflict(rt.plural, rt.group, name, MODIFIED)
         errors: list[FieldError] = meta.immutable_errors(old["metadata"], nm)
+        if "roleRef" in old and new.get("roleRef") != old["roleRef"]:
+            errors.append(invalid("roleRef", new.get("roleRef"), "cannot change roleRef"))
         if errors:
             raise unprocessable(rt.kind, rt.group, name, errors)
         if subresource == "status":
@@ -478,15 +485,15 @@ class Cluster:
                 raise conflict(rt.plural, rt.group, name, "Precondition failed: ResourceVersion in "
                                f"precondition: {pre['resourceVersion']}, ResourceVersion in object meta: "
                                f"{om['resourceVersion']}")
+            if rt.plural == "namespaces" and name in SYSTEM_NAMESPACES:
+                raise ApiError(403, "Forbidden",
+                               f'namespaces "{name}" is forbidden: this namespace may not be deleted',
+                               {"name": name, "kind": "namespaces"})
             if req.dry_run:
                 return self._out(rt, version, old)
             if policy == "Orphan":
                 self._orphan(om["uid"], om.get("namespace", ""))
             if rt.plural == "namespaces":
-                if name in SYSTEM_NAMESPACES:
-                    raise ApiError(403, "Forbidden",
-                                   f'namespaces "{name}" is forbidden: this namespace may not be deleted',
-                                   {"name": name, "kind": "namespaces"})
                 if not om.get("deletionTimestamp"):
                     om["deletionTimestamp"] = now_rfc3339()
                     old["status"] = {"phase": "Terminating"}
@@ -511,6 +518,11 @@ class Cluster:
                 obj["metadata"]["ownerReferences"] = [r for r in refs if r.get("uid") != uid]
                 if not obj["metadata"]["ownerReferences"]:
                     del obj["metadata"]["ownerReferences"]
+                rt = self.types[key]
+                schema = self._fm_schema(rt, rt.storage_version)
+                entries = fieldmanager.read_entries(obj)
+                present = fieldmanager.flatten(obj, schema)
+                fieldmanager.write_entries(obj, fieldmanager.prune_entries(entries, present))
                 self.store.put(key, obj, "MODIFIED")
 
     # --- garbage collection --------------------------------------------------------------------------
@@ -544,6 +556,41 @@ class Cluster:
                     self.store.remove(("", "namespaces"), "", name)
                     deleted += 1
         return deleted
+
+    # --- RBAC ------------------------------------------------------------------------------------------
+
+    def rbac_rules(self, ident: Identity) -> list[Rule]:
+        """The rules stored RoleBindings and ClusterRoleBindings give an identity."""
+        def bound(binding: dict[str, Any]) -> bool:
+            for subject in binding.get("subjects") or []:
+                kind, name = subject.get("kind"), subject.get("name")
+                if kind == "User" and name == ident.user:
+                    return True
+                if kind == "Group" and name in ident.all_groups:
+                    return True
+                sa_ns = subject.get("namespace") or binding["metadata"].get("namespace")
+                if kind == "ServiceAccount" and ident.user == f"system:serviceaccount:{sa_ns}:{name}":
+                    return True
+            return False
+
+        def role_rules(kind: str, name: str, ns: str) -> list[dict[str, Any]]:
+            role = (self.store.get(("rbac.authorization.k8s.io", "roles"), ns, name) if kind == "Role"
+                    else self.store.get(("rbac.authorization.k8s.io", "clusterroles"), "", name))
+            return (role or {}).get("rules") or []
+
+        out: list[Rule] = []
+        for key, scoped in ((("rbac.authorization.k8s.io", "rolebindings"), True),
+                            (("rbac.authorization.k8s.io", "clusterrolebindings"), False)):
+            for binding in self.store.items(key):
+                if not bound(binding):
+                    continue
+                ns = binding["metadata"].get("namespace", "")
+                ref = binding.get("roleRef") or {}
+                for r in role_rules(ref.get("kind", ""), ref.get("name", ""), ns):
+                    out.append(Rule(tuple(r.get("verbs") or ()), tuple(r.get("apiGroups") or ()),
+                                    tuple(r.get("resources") or ()), (ns,) if scoped else None,
+                                    tuple(r.get("resourceNames") or ())))
+        return out
 
     # --- tokens and reviews ---------------------------------------------------------------------------
 

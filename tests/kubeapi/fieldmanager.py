@@ -262,7 +262,7 @@ def _merge_list(live: list[Any], applied: list[Any], schema: Schema) -> list[Any
 # --- the two operations ---------------------------------------------------------------------------
 
 
-def _prune_entries(entries: list[Entry], present: dict[Path, Any]) -> list[Entry]:
+def prune_entries(entries: list[Entry], present: dict[Path, Any]) -> list[Entry]:
     for e in entries:
         e.fields = {p for p in e.fields if p in present}
     return [e for e in entries if e.fields]
@@ -309,7 +309,7 @@ def apply(live: dict[str, Any], applied: dict[str, Any], schema: Schema, *, mana
         # Forcing takes the conflicting fields; fields with equal values stay shared.
         other.fields -= {c.path for c in conflicts if c.manager == other.manager}
     mine.fields = new_set
-    entries = _prune_entries([*others, mine], flatten(merged, schema))
+    entries = prune_entries([*others, mine], flatten(merged, schema))
     order = [e for e in read_entries(live) if any(e.same_owner(x) for x in entries)]
     write_entries(merged, _ordered(entries, order))
     return merged
@@ -333,7 +333,7 @@ def record_update(old: dict[str, Any] | None, new: dict[str, Any], schema: Schem
     else:
         mine.fields = {p for p in changed if p in new_flat}
         entries.append(mine)
-    write_entries(new, _prune_entries(entries, flatten(new, schema)))
+    write_entries(new, prune_entries(entries, flatten(new, schema)))
 
 
 def _ordered(entries: list[Entry], previous_order: list[Entry]) -> list[Entry]:

@@ -11,6 +11,7 @@ import secrets
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import time
 import traceback
@@ -24,6 +25,7 @@ import trustme
 import yaml
 
 from tests.kubeapi import openapi, protobuf, table
+from tests.kubeapi import persist as persistence
 from tests.kubeapi.auth import ADMIN, Identity, Rule, forbidden_message
 from tests.kubeapi.cluster import Cluster, Request
 from tests.kubeapi.faults import Faults, message_for, reason_for
@@ -63,6 +65,7 @@ class _Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         self.api = api
         self.connections: set[socket.socket] = set()
+        self.closing = threading.Event()  # set when this listener goes away (stop or outage)
         self.conn_lock = threading.Lock()
         super().__init__(addr, _Handler)
 
@@ -88,6 +91,8 @@ class _Server(ThreadingHTTPServer):
                 self.connections.discard(request)
 
     def drop_connections(self) -> None:
+        self.closing.set()
+        self.api.cluster.store.wake_all()  # open watches end now, not at their timeout
         with self.conn_lock:
             conns = list(self.connections)
         for conn in conns:
@@ -371,6 +376,7 @@ class _Handler(BaseHTTPRequestHandler):
         timeout = float(query.get("timeoutSeconds") or 1800)
         deadline = time.monotonic() + timeout
         key = (rt.group, rt.plural)
+        changed = store.changed_for(key)
         rv_param = query.get("resourceVersion", "")
         initial: list[dict[str, Any]] = []
         with store.lock:
@@ -413,17 +419,17 @@ class _Handler(BaseHTTPRequestHandler):
             for obj in initial:
                 send("ADDED", shape(cluster._out(rt, version, obj)))
             next_bookmark = time.monotonic() + self.api.bookmark_interval
-            while not self.api.stopping.is_set() and time.monotonic() < deadline:
-                with store.changed:
-                    if store.too_old(last):
+            while not self.server.closing.is_set() and time.monotonic() < deadline:
+                with changed:
+                    if store.too_old(last, key):
                         send("ERROR", gone(f"too old resource version: {last} ({store.rv})").body())
                         break
-                    events = store.since(last)
+                    events = store.since(last, key)
                     if not events:
                         now = time.monotonic()
                         wake = min(deadline, next_bookmark if bookmarks else deadline, now + 1.0)
-                        store.changed.wait(timeout=max(0.0, wake - now))
-                        events = store.since(last)
+                        changed.wait(timeout=max(0.0, wake - now))
+                        events = store.since(last, key)
                     current = store.rv
                 for e in events:
                     last = e.rv
@@ -437,13 +443,14 @@ class _Handler(BaseHTTPRequestHandler):
                             data = encode(etype, shape(cluster._out(rt, version, e.obj)))
                             e.encoded[cache_key] = data
                         write(data)
-                last = max(last, current) if not store.too_old(last) else last
+                last = max(last, current) if not store.too_old(last, key) else last
                 if bookmarks and time.monotonic() >= next_bookmark:
                     send("BOOKMARK", {"kind": rt.kind, "apiVersion": rt.api_version(version),
                                       "metadata": {"resourceVersion": str(last)}})
                     next_bookmark = time.monotonic() + self.api.bookmark_interval
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
+            if not self.server.closing.is_set():  # a server going away drops streams, it does not end them
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
         except OSError:
             pass
 
@@ -465,10 +472,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @functools.cache
-def _certificates() -> tuple[trustme.CA, trustme.LeafCert]:
-    """One CA and server certificate per process: making them is the slow part of starting."""
-    ca = trustme.CA()
-    return ca, ca.issue_cert("127.0.0.1", "::1", "localhost")
+def _ca() -> trustme.CA:
+    """One CA per process (and one server certificate per listening address): making them is the slow
+    part of starting."""
+    return trustme.CA()
+
+
+@functools.cache
+def _certificates(host: str) -> tuple[trustme.CA, trustme.LeafCert]:
+    names = ["127.0.0.1", "::1", "localhost"]
+    return _ca(), _ca().issue_cert(*names, *([host] if host not in names else []))
 
 
 class KubeAPI:
@@ -484,7 +497,7 @@ class KubeAPI:
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, tls: bool = True,
                  state_dir: str | Path | None = None, crds: str | Path | None = None,
                  load_crds: bool = True, bookmark_interval: float = 1.0, history: int = 1000,
-                 gc_delay: float = 0.05) -> None:
+                 gc_delay: float = 0.05, persist: bool = False) -> None:
         self.host, self.port, self.tls = host, port, tls
         self.cluster = Cluster(openapi.load_crds(crds) if load_crds else (), history)
         self.faults = Faults()
@@ -496,7 +509,8 @@ class KubeAPI:
         self.requests: list[RequestRecord] = []
         self.stopping = threading.Event()
         self.ssl_context: ssl.SSLContext | None = None
-        self._ca: trustme.CA | None = None
+        self._ca_pem = b""
+        self.persist = persist
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._gc_thread: threading.Thread | None = None
@@ -508,24 +522,40 @@ class KubeAPI:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> KubeAPI:
-        if self.tls:
-            self._ca, cert = _certificates()
+        if self.state_dir is None:
+            self.state_dir = Path(tempfile.mkdtemp(prefix="kubeapi-"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.persist:
+            self._restore()
+        elif self.tls:
+            ca, cert = _certificates(self.host)
+            self._ca_pem = ca.cert_pem.bytes()
             self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             cert.configure_cert(self.ssl_context)
         self._listen()
         self.port = self._server.server_address[1] if self._server else self.port
         self._gc_thread = threading.Thread(target=self._gc_loop, name="kubeapi-gc", daemon=True)
         self._gc_thread.start()
-        if self.state_dir is None:
-            import tempfile
-
-            self.state_dir = Path(tempfile.mkdtemp(prefix="kubeapi-"))
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self._ca is not None:
+        if self._ca_pem:
             self.ca_path = self.state_dir / "ca.crt"
-            self.ca_path.write_bytes(self._ca.cert_pem.bytes())
+            self.ca_path.write_bytes(self._ca_pem)
         self.kubeconfig = self.write_kubeconfig(self.state_dir / "kubeconfig", self.admin_token)
         return self
+
+    def _restore(self) -> None:
+        """--persist: the CA, signing key, admin token and objects of the last run, if any."""
+        assert self.state_dir is not None
+        if self.tls:
+            ca, ca_key = persistence.load_or_make_ca(self.state_dir)
+            cert_path, key_path = persistence.issue_server_cert(self.state_dir, ca, ca_key, self.host)
+            self._ca_pem = (self.state_dir / "ca.crt").read_bytes()
+            self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.ssl_context.load_cert_chain(cert_path, key_path)
+        self.cluster.auth.key = persistence.load_or_make_signing_key(self.state_dir)
+        self.cluster.auth.revoke(self.admin_token)
+        self.admin_token = persistence.load_or_make_token(self.state_dir)
+        self.cluster.auth.add_token(self.admin_token, Identity("admin", ("system:masters",)), ADMIN)
+        persistence.load_objects(self.cluster.store, self.state_dir)
 
     def _listen(self) -> None:
         self._server = _Server((self.host, self.port), self)
@@ -543,8 +573,9 @@ class KubeAPI:
 
     def stop(self) -> None:
         self.stopping.set()
-        with self.cluster.store.changed:
-            self.cluster.store.changed.notify_all()  # watchers see `stopping` now
+        self.cluster.store.wake_all()  # watchers see `stopping` now
+        if self.persist and self.state_dir is not None:
+            persistence.save_objects(self.cluster.store, self.state_dir)
         if self._restart_timer:
             self._restart_timer.cancel()
         self._unlisten()
@@ -589,12 +620,12 @@ class KubeAPI:
 
     @property
     def ca_pem(self) -> bytes:
-        return self._ca.cert_pem.bytes() if self._ca else b""
+        return self._ca_pem
 
     def write_kubeconfig(self, path: str | Path, token: str, user: str = "user",
                          namespace: str = "default") -> Path:
         cluster: dict[str, Any] = {"server": self.url}
-        if self._ca is not None:
+        if self._ca_pem:
             cluster["certificate-authority-data"] = base64.b64encode(self.ca_pem).decode()
         config = {
             "apiVersion": "v1", "kind": "Config", "preferences": {},

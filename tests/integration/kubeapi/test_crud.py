@@ -219,6 +219,7 @@ def test_orphan_propagation_keeps_dependents(api: KubeAPI, co: client.CustomObje
     time.sleep(0.3)
     kept = api.get("WorkloadEntry", NS, "billing-10-0-0-1")
     assert kept is not None and "ownerReferences" not in kept["metadata"]
+    assert "ownerReferences" not in json.dumps(kept["metadata"]["managedFields"])
 
 
 def test_namespace_deletion_waits_for_its_content(api: KubeAPI, kube_client: client.ApiClient) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from tests.kubeapi import KubeAPI
+from tests.kubeapi import KubeAPI, Rule
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -74,3 +74,39 @@ def test_lease_through_server_side_apply(tmp_path: Path) -> None:
         assert renewed.spec.renew_time.second == 10
         assert api.get("Lease", "default", "vm")["metadata"]["managedFields"][0]["manager"] == "mesh-agent"
         kc.close()
+
+
+def test_certificate_names_the_listening_address(kubeapi_factory: Callable[..., KubeAPI]) -> None:
+    api = kubeapi_factory(host="127.0.0.2")
+    kc = config.new_client_from_config(str(api.kubeconfig))
+    assert kc.configuration.host.startswith("https://127.0.0.2:")
+    assert client.VersionApi(kc).get_code().major == "1"  # the TLS check passed for that address
+    kc.close()
+
+
+VM = "system:serviceaccount:vm-apps:vm"
+LIST_CONFIGMAPS = [Rule(("list",), ("",), ("configmaps",), ("vm-apps",))]
+
+
+def test_persist_keeps_ca_tokens_and_objects_across_restarts(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = KubeAPI(state_dir=state, persist=True).start()
+    first.create_namespace("vm-apps")
+    first.create({"apiVersion": "v1", "kind": "ServiceAccount",
+                  "metadata": {"name": "vm", "namespace": "vm-apps"}})
+    first.grant(VM, LIST_CONFIGMAPS)
+    token = first.mint_token("vm-apps", "vm")
+    kubeconfig = (state / "kubeconfig").read_text()
+    port = first.port
+    first.stop()
+
+    second = KubeAPI(state_dir=state, persist=True, port=port).start()
+    try:
+        assert (state / "kubeconfig").read_text() == kubeconfig  # same CA, same admin token, same port
+        assert second.get("ServiceAccount", "vm-apps", "vm") is not None
+        second.grant(VM, LIST_CONFIGMAPS)  # policies given in code are not saved; RBAC objects are
+        kc = config.new_client_from_config(str(second.write_kubeconfig(tmp_path / "vm", token)))
+        assert client.CoreV1Api(kc).list_namespaced_config_map("vm-apps").items == []
+        kc.close()
+    finally:
+        second.stop()
