@@ -129,6 +129,7 @@ class Monitor:
                                 failure_threshold=self._cfg.failure_threshold,
                                 damping=damping(flap or FlapConfig()), now=now, sidecar_ready=sidecar_ready)
         self._schedule = Schedule(now, self._cfg.initial_delay, self._cfg.period)
+        self._generation = 0
         self._last: probes.ProbeResult | None = None
         self._last_at: float | None = None
         self._portwatch = PortWatch(_watched_ports(ports, probe), self._on_port_event,
@@ -184,6 +185,7 @@ class Monitor:
             first = self._schedule.first
             self._schedule = Schedule(first, 0.0, self._cfg.period)
             self._schedule.now_if_allowed(self._clock())
+            self._generation += 1  # a probe of the old setup still running will be ignored
             self._cond.notify_all()
         self._portwatch.set_ports(_watched_ports(ports, probe))
 
@@ -242,13 +244,15 @@ class Monitor:
                     self._cond.wait(max(0.0, wake - now))
                     continue
                 self._schedule.started(now)
-                probe, timeout, started = self._probe, self._cfg.timeout, now
+                probe, timeout, started, generation = self._probe, self._cfg.timeout, now, self._generation
             try:
                 result = probe.check(timeout)
             except Exception as exc:  # a bug in a probe must not stop the watching
                 log.exception("probe %s raised", probe.description)
                 result = probes.ProbeResult(False, f"probe error: {exc}", 0.0)
             with self._cond:
+                if generation != self._generation:
+                    continue
                 now = self._clock()
                 self._last, self._last_at = result, now
                 self._emit(self._tracker.probe_result(result.ok, result.reason, started=started, now=now))

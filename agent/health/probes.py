@@ -16,6 +16,7 @@ failures: a refused connection, a timeout or a bad status is a failed result wit
 from __future__ import annotations
 
 import http.client
+import io
 import ipaddress
 import socket
 import ssl
@@ -82,6 +83,41 @@ def _why(exc: BaseException) -> str:
 
 # --- the four kinds ---------------------------------------------------------------------------------
 
+class _DeadlineReader(io.RawIOBase):
+    """Reads a socket with one deadline for the whole response, as kubelet's client timeout is:
+    a server that trickles its answer cannot stretch a probe beyond its timeout."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buf)
+
+
+class _DeadlineSocket:
+    """The parts of a socket http.client uses, with reads bounded by a deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._deadline = sock, deadline
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.settimeout(max(0.001, self._deadline - time.monotonic()))
+        self._sock.sendall(data)
+
+    def close(self) -> None:
+        pass  # http.client closes before the body is read; HttpProbe.check closes the socket itself
+
+
 class HttpProbe:
     def __init__(self, host: str, port: int, path: str = "/", scheme: str = "HTTP",
                  headers: Sequence[tuple[str, str]] = ()) -> None:
@@ -93,6 +129,7 @@ class HttpProbe:
     def check(self, timeout: float) -> ProbeResult:
         start = time.monotonic()
         conn: http.client.HTTPConnection
+        raw: socket.socket | None = None
         if self.scheme == "HTTPS":
             ctx = ssl.create_default_context()
             ctx.check_hostname = False
@@ -101,6 +138,9 @@ class HttpProbe:
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
+            conn.connect()  # the TCP connect and the TLS handshake, each bounded by the timeout
+            raw = conn.sock
+            conn.sock = _DeadlineSocket(raw, start + timeout)  # type: ignore[arg-type]
             conn.putrequest("GET", self.path, skip_accept_encoding=True,
                             skip_host=any(n.lower() == "host" for n, _ in self.headers))
             names = {n.lower() for n, _ in self.headers}
@@ -118,6 +158,8 @@ class HttpProbe:
             return ProbeResult(False, _why(exc), time.monotonic() - start)
         finally:
             conn.close()
+            if raw is not None:
+                raw.close()
         ok = 200 <= status < 400
         return ProbeResult(ok, f"HTTP {status}", time.monotonic() - start)
 

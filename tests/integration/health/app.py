@@ -1,12 +1,14 @@
 """A small app for the health tests, run as its own process.
 
-    python app.py http|https|tcp|hang|grpc [--port N] [--status-file F] [--cert F --key F] [--child]
+    python app.py http|https|tcp|hang|trickle|grpc [--port N] [--status-file F] [--cert F --key F]
+                  [--child]
 
 Prints its port on the first line of stdout once it listens. The HTTP status it answers is read from
---status-file on each request ("200", "500", "302", "alternate"; default 200); `hang` accepts and
-never answers; `grpc` serves grpc.health.v1 with SERVING unless the status file says NOT_SERVING.
-With --child it starts a child that inherits the listening socket (like a pre-forked worker) and
-prints the child's pid on the second line.
+--status-file on each request ("200", "500", "302", "alternate", "hang"; default 200). `hang`
+accepts and never answers; `trickle` answers one byte at a time, too slowly; `grpc` serves
+grpc.health.v1 with SERVING unless the status file says NOT_SERVING. With --child it starts a
+child that inherits the listening socket (like a pre-forked worker) and prints the child's pid on
+the second line.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def status_from(path: str | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["http", "https", "tcp", "hang", "grpc"])
+    ap.add_argument("mode", choices=["http", "https", "tcp", "hang", "trickle", "grpc"])
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--status-file")
     ap.add_argument("--cert")
@@ -64,6 +66,10 @@ def main() -> None:
         while True:
             conn, _ = sock.accept()
             held.append(conn)  # never answered, never closed
+    if args.mode == "trickle":
+        while True:
+            conn, _ = sock.accept()
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
     if args.mode == "tcp":
         while True:
             conn, _ = sock.accept()
@@ -100,6 +106,20 @@ def main() -> None:
         ctx.load_cert_chain(args.cert, args.key)
         server.socket = ctx.wrap_socket(sock, server_side=True)
     server.serve_forever()
+
+
+def trickle(conn: socket.socket) -> None:
+    """Answer, but one byte of a header every 0.2 s: never done within a probe's timeout."""
+    try:
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(300):
+            time.sleep(0.2)
+            conn.sendall(b"a")
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 def serve_grpc(args: argparse.Namespace) -> None:

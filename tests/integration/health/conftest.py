@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import signal
 import subprocess
@@ -55,11 +57,8 @@ class Apps:
     def stop_all(self) -> None:
         for app in self.started:
             if app.child_pid:
-                try:
-                    import os
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(app.child_pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             if app.proc.poll() is None:
                 app.proc.kill()
             app.proc.wait(5)
