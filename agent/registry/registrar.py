@@ -564,8 +564,10 @@ def _meta_of(group: dict[str, Any]) -> Any:
 # --- the WorkloadGroup watcher --------------------------------------------------------------------
 
 class GroupWatcher:
-    """Reads, then watches one WorkloadGroup in its own thread; posts GroupSeen / GroupGone /
-    GroupUnavailable. Re-reads after every watch ends or fails (with backoff on failures)."""
+    """Lists (by name), then watches one WorkloadGroup in its own thread; posts GroupSeen / GroupGone /
+    GroupUnavailable. Lists again after every watch ends or fails (with backoff on failures).
+    The watch starts from the list's resourceVersion, never the object's own: that one may be older
+    than the server's watch history on a busy cluster."""
 
     def __init__(self, kube: Kube, namespace: str, name: str, post: Post, watch_timeout: int = 300,
                  backoff: Backoff | None = None) -> None:
@@ -585,15 +587,16 @@ class GroupWatcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                group = self.kube.get(GROUPS, self.namespace, self.name)
+                group, rv = self.kube.get_for_watch(GROUPS, self.namespace, self.name)
                 if group is None:
                     self.post(GroupGone(self.namespace, self.name))
-                    rv = None
                 else:
+                    if group.get("kind") is None:  # list items carry no kind
+                        group = {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup", **group}
                     self.post(GroupSeen(group))
-                    rv = group["metadata"].get("resourceVersion")
-                self.backoff.reset()
-                for kind, obj in self.kube.watch(GROUPS, self.namespace, self.name, rv, self.watch_timeout):
+                expired = False
+                for kind, obj in self.kube.watch(GROUPS, self.namespace, self.name, rv or None,
+                                                 self.watch_timeout):
                     if self._stop.is_set():
                         return
                     if kind in ("ADDED", "MODIFIED"):
@@ -601,7 +604,12 @@ class GroupWatcher:
                     elif kind == "DELETED":
                         self.post(GroupGone(self.namespace, self.name))
                     elif kind == "ERROR":
-                        break  # e.g. 410 Gone: read again
+                        expired = True  # e.g. 410 Gone: read again, after a pause
+                        break
+                if expired:
+                    self._stop.wait(self.backoff.next_delay())
+                else:
+                    self.backoff.reset()
             except ApiError as exc:
                 self.post(GroupUnavailable(exc))
                 self._stop.wait(self.backoff.next_delay(getattr(exc, "retry_after", None)))

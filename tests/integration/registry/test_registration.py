@@ -220,3 +220,21 @@ def test_group_deleted_withdraws(cluster: Cluster, drivers: list[Driver]) -> Non
     assert "was deleted" in d.registrar.message
     time.sleep(0.5)
     assert cluster.entry() is None  # and not recreated
+
+
+def test_group_watch_survives_compacted_history(cluster: Cluster, drivers: list[Driver]) -> None:
+    """The group's own resourceVersion is older than the watch history: watching from it would get
+    410 Gone at once, over and over. The watcher starts from the list's resourceVersion instead."""
+    for i in range(5):
+        cluster.api.create({"apiVersion": "v1", "kind": "ConfigMap",
+                            "metadata": {"name": f"noise-{i}", "namespace": NS}, "data": {}})
+    cluster.api.compact()
+    d = cluster.agent(watch_timeout=30)
+    drivers.append(d)
+    healthy(d)
+    wait_for(cluster.entry, what="the entry")
+    cluster.admin.apply(GROUPS, group_obj({"app": GROUP, "tier": "gold"}), field_manager="test")
+    wait_for(lambda: cluster.entry()["metadata"]["labels"].get("tier") == "gold", what="the new label")
+    watches = [r for r in list(cluster.api.requests)
+               if "watch=" in r.query and "/workloadgroups" in r.path and r.user.endswith("billing-vm")]
+    assert len(watches) == 1
