@@ -1,0 +1,114 @@
+"""Bearer tokens, RBAC-like policies (401/403), SelfSubjectAccessReview, TokenRequest."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import pytest
+from kubernetes import client, config
+
+from tests.integration.kubeapi.conftest import GROUP, NS, VERSION, entry
+from tests.kubeapi import KubeAPI, rules
+
+WE = (GROUP, VERSION, NS, "workloadentries")
+
+
+def client_for(api: KubeAPI, token: str, tmp_path: Path) -> client.ApiClient:
+    path = api.write_kubeconfig(tmp_path / f"kc-{abs(hash(token))}", token)
+    return config.new_client_from_config(str(path))
+
+
+def test_unknown_token_is_401(api: KubeAPI, tmp_path: Path) -> None:
+    co = client.CustomObjectsApi(client_for(api, "nobody-knows-this", tmp_path))
+    with pytest.raises(client.ApiException) as exc:
+        co.list_namespaced_custom_object(*WE)
+    assert exc.value.status == 401 and json.loads(exc.value.body)["reason"] == "Unauthorized"
+
+
+def test_expired_token_is_401(api: KubeAPI, tmp_path: Path) -> None:
+    api.add_token("old", "alice", [rules("*", "*")], expires_at=time.time() - 1)
+    with pytest.raises(client.ApiException) as exc:
+        client.CustomObjectsApi(client_for(api, "old", tmp_path)).list_namespaced_custom_object(*WE)
+    assert exc.value.status == 401
+
+
+def test_policy_limits_verbs_resources_and_namespaces(api: KubeAPI, tmp_path: Path) -> None:
+    api.create_namespace("elsewhere")
+    api.add_token("t", "agent", [rules("get,list,watch,create,patch", "workloadentries", NS)])
+    co = client.CustomObjectsApi(client_for(api, "t", tmp_path))
+    co.create_namespaced_custom_object(*WE, entry())
+    with pytest.raises(client.ApiException) as exc:
+        co.delete_namespaced_custom_object(*WE, "billing-10-0-0-1")
+    status = json.loads(exc.value.body)
+    assert exc.value.status == 403 and status["reason"] == "Forbidden"
+    assert status["message"] == ('workloadentries.networking.istio.io "billing-10-0-0-1" is forbidden: User '
+                                 '"agent" cannot delete resource "workloadentries" in API group '
+                                 '"networking.istio.io" in the namespace "vm-apps"')
+    with pytest.raises(client.ApiException) as exc:
+        co.list_namespaced_custom_object(GROUP, VERSION, "elsewhere", "workloadentries")
+    assert exc.value.status == 403
+    with pytest.raises(client.ApiException) as exc:
+        co.list_cluster_custom_object(GROUP, VERSION, "workloadentries")
+    assert exc.value.status == 403 and "at the cluster scope" in exc.value.body
+    with pytest.raises(client.ApiException) as exc:
+        co.patch_namespaced_custom_object_status(*WE, "billing-10-0-0-1", {"status": {}})
+    assert exc.value.status == 403
+    assert 'resource "workloadentries/status"' in json.loads(exc.value.body)["message"]
+
+
+def test_self_subject_access_review_answers_from_the_policy(api: KubeAPI, tmp_path: Path) -> None:
+    api.add_token("t", "agent", [rules("patch", "workloadentries", NS)])
+    authz = client.AuthorizationV1Api(client_for(api, "t", tmp_path))
+
+    def can(verb: str, ns: str = NS) -> bool:
+        review = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
+            resource_attributes=client.V1ResourceAttributes(namespace=ns, verb=verb, group=GROUP,
+                                                            resource="workloadentries")))
+        return authz.create_self_subject_access_review(review).status.allowed
+
+    assert can("patch") and not can("delete") and not can("patch", "other")
+
+
+def test_token_request_mints_a_service_account_jwt(api: KubeAPI, kube_client: client.ApiClient) -> None:
+    core = client.CoreV1Api(kube_client)
+    core.create_namespaced_service_account(NS, client.V1ServiceAccount(
+        metadata=client.V1ObjectMeta(name="billing-vm")))
+    req = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
+        audiences=["istio-ca"], expiration_seconds=3600))
+    out = core.create_namespaced_service_account_token("billing-vm", NS, req)
+    payload = out.status.token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["aud"] == ["istio-ca"] and claims["sub"] == f"system:serviceaccount:{NS}:billing-vm"
+    assert claims["exp"] - claims["iat"] == 3600
+    too_short = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[],
+                                                                                  expiration_seconds=60))
+    with pytest.raises(client.ApiException) as exc:
+        core.create_namespaced_service_account_token("billing-vm", NS, too_short)
+    assert exc.value.status == 422
+    with pytest.raises(client.ApiException) as exc:
+        core.create_namespaced_service_account_token("missing", NS, req)
+    assert exc.value.status == 404
+
+
+def test_minted_tokens_authenticate_as_the_service_account(api: KubeAPI, tmp_path: Path) -> None:
+    api.create({"apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": "reaper", "namespace": NS}})
+    api.grant(f"system:serviceaccount:{NS}:reaper", [rules("list", "workloadentries", NS)])
+    token = api.mint_token(NS, "reaper")
+    co = client.CustomObjectsApi(client_for(api, token, tmp_path))
+    assert co.list_namespaced_custom_object(*WE)["items"] == []
+    with pytest.raises(client.ApiException) as exc:
+        co.create_namespaced_custom_object(*WE, entry())
+    assert exc.value.status == 403
+    assert f'User "system:serviceaccount:{NS}:reaper"' in json.loads(exc.value.body)["message"]
+    istio_token = api.mint_token(NS, "reaper", audiences=["istio-ca"])
+    with pytest.raises(client.ApiException) as exc:
+        client.CustomObjectsApi(client_for(api, istio_token, tmp_path)).list_namespaced_custom_object(*WE)
+    assert exc.value.status == 401  # a token for istiod is not a token for the API server
+    api.delete("ServiceAccount", NS, "reaper")
+    with pytest.raises(client.ApiException) as exc:
+        co.list_namespaced_custom_object(*WE)
+    assert exc.value.status == 401

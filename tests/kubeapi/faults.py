@@ -1,0 +1,81 @@
+"""Faults a test injects: added latency, error statuses (429 with Retry-After, 5xx), connection resets.
+Outages (the port stops answering for N seconds) are handled by the server itself."""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+
+
+@dataclass
+class Fault:
+    kind: str  # "latency" | "status" | "reset"
+    method: str | None = None  # GET, PATCH, ...; None matches any
+    path: str | None = None  # a regular expression searched in the request path
+    times: int | None = None  # how many requests it hits; None until cleared
+    delay: float = 0.0
+    code: int = 0
+    retry_after: int | None = None
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.method and self.method.upper() != method:
+            return False
+        return not self.path or re.search(self.path, path) is not None
+
+
+_REASONS = {429: "TooManyRequests", 500: "InternalError", 502: "InternalError", 503: "ServiceUnavailable",
+            504: "Timeout"}
+_MESSAGES = {429: "Too many requests, please try again later.",
+             500: "Internal error occurred: injected fault",
+             503: "The server is currently unable to handle the request", 504: "The request timed out"}
+
+
+def reason_for(code: int) -> str:
+    return _REASONS.get(code, "InternalError")
+
+
+def message_for(code: int) -> str:
+    return _MESSAGES.get(code, f"injected fault {code}")
+
+
+class Faults:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+
+    def add(self, fault: Fault) -> Fault:
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def latency(self, seconds: float, *, method: str | None = None, path: str | None = None,
+                times: int | None = None) -> Fault:
+        return self.add(Fault("latency", method, path, times, delay=seconds))
+
+    def status(self, code: int, *, retry_after: int | None = None, method: str | None = None,
+               path: str | None = None, times: int | None = 1) -> Fault:
+        return self.add(Fault("status", method, path, times, code=code, retry_after=retry_after))
+
+    def reset(self, *, method: str | None = None, path: str | None = None, times: int | None = 1) -> Fault:
+        return self.add(Fault("reset", method, path, times))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def take(self, method: str, path: str) -> list[Fault]:
+        """The faults that hit this request (each one used up by one hit)."""
+        hit: list[Fault] = []
+        with self._lock:
+            for fault in list(self._faults):
+                if not fault.matches(method, path):
+                    continue
+                fault.hits += 1
+                hit.append(fault)
+                if fault.times is not None:
+                    fault.times -= 1
+                    if fault.times <= 0:
+                        self._faults.remove(fault)
+        return hit

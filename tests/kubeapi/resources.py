@@ -1,0 +1,207 @@
+"""The resource types the emulator serves: built-in ones described here, Istio ones from the CRDs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.kubeapi.openapi import CRD, Schema
+
+_STR = {"type": "string"}
+_INT32 = {"type": "integer", "format": "int32"}
+_STRMAP = {"type": "object", "additionalProperties": {"type": "string"}}
+
+# ConfigMap keys: what the server's IsConfigMapKey allows.
+_CONFIGMAP_KEY = r"^[-._a-zA-Z0-9]{1,253}$"
+
+CONFIGMAP_SCHEMA: Schema = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "object", "additionalProperties": _STR,
+                 "propertyNames": {"pattern": _CONFIGMAP_KEY}},
+        "binaryData": {"type": "object", "additionalProperties": {"type": "string", "format": "byte"},
+                       "propertyNames": {"pattern": _CONFIGMAP_KEY}},
+        "immutable": {"type": "boolean"},
+    },
+}
+
+SERVICE_PORT: Schema = {
+    "type": "object",
+    "required": ["port"],
+    "properties": {
+        "name": _STR,
+        "protocol": {"type": "string", "enum": ["TCP", "UDP", "SCTP"]},
+        "appProtocol": _STR,
+        "port": {**_INT32, "minimum": 1, "maximum": 65535},
+        "targetPort": {"x-kubernetes-int-or-string": True},
+        "nodePort": _INT32,
+    },
+}
+
+SERVICE_SCHEMA: Schema = {
+    "type": "object",
+    "properties": {
+        "spec": {
+            "type": "object",
+            "properties": {
+                "ports": {"type": "array", "items": SERVICE_PORT, "x-kubernetes-list-type": "map",
+                          "x-kubernetes-list-map-keys": ["port", "protocol"]},
+                "selector": _STRMAP,
+                "clusterIP": _STR,
+                "clusterIPs": {"type": "array", "items": _STR},
+                "type": {"type": "string", "enum": ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]},
+                "externalName": _STR,
+                "sessionAffinity": {"type": "string", "enum": ["ClientIP", "None"]},
+                "ipFamilies": {"type": "array", "items": {"type": "string", "enum": ["IPv4", "IPv6"]}},
+                "ipFamilyPolicy": {"type": "string", "enum": ["SingleStack", "PreferDualStack",
+                                                              "RequireDualStack"]},
+                "publishNotReadyAddresses": {"type": "boolean"},
+                "internalTrafficPolicy": {"type": "string", "enum": ["Cluster", "Local"]},
+            },
+        },
+        "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    },
+}
+
+SERVICEACCOUNT_SCHEMA: Schema = {
+    "type": "object",
+    "properties": {
+        "secrets": {"type": "array",
+                    "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+        "imagePullSecrets": {"type": "array", "items": {"type": "object", "properties": {"name": _STR}}},
+        "automountServiceAccountToken": {"type": "boolean"},
+    },
+}
+
+# Lease times are metav1.MicroTime: exactly six fractional digits on the wire.
+LEASE_SCHEMA: Schema = {
+    "type": "object",
+    "properties": {
+        "spec": {
+            "type": "object",
+            "properties": {
+                "holderIdentity": _STR,
+                "leaseDurationSeconds": {**_INT32, "minimum": 1},
+                "acquireTime": {"type": "string", "format": "micro-time"},
+                "renewTime": {"type": "string", "format": "micro-time"},
+                "leaseTransitions": {**_INT32, "minimum": 0},
+                "strategy": _STR,
+                "preferredHolder": _STR,
+            },
+        },
+    },
+}
+
+NAMESPACE_SCHEMA: Schema = {
+    "type": "object",
+    "properties": {
+        "spec": {"type": "object", "properties": {"finalizers": {"type": "array", "items": _STR}}},
+        "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    },
+}
+
+ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+
+
+@dataclass(frozen=True)
+class ResourceType:
+    """One REST resource: where it lives, what it is called, how it is validated."""
+
+    group: str
+    versions: tuple[str, ...]  # served versions, preferred first
+    plural: str
+    singular: str
+    kind: str
+    namespaced: bool
+    schemas: dict[str, Schema]  # per version; the body minus apiVersion/kind/metadata
+    status_subresource: bool = False
+    name_rule: str = "subdomain"
+    custom: bool = False  # custom resources: no strategic merge patch, no unconditional update
+    short_names: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+    printer_columns: dict[str, tuple[dict[str, Any], ...]] = field(default_factory=dict)
+    verbs: tuple[str, ...] = tuple(ALL_VERBS)
+
+    @property
+    def list_kind(self) -> str:
+        return self.kind + "List"
+
+    @property
+    def storage_version(self) -> str:
+        return self.versions[0]
+
+    def api_version(self, version: str) -> str:
+        return f"{self.group}/{version}" if self.group else version
+
+    @property
+    def allow_unconditional_update(self) -> bool:
+        return not self.custom
+
+    def schema(self, version: str) -> Schema:
+        return self.schemas[version]
+
+
+def _column(name: str, path: str, kind: str = "string") -> dict[str, Any]:
+    return {"name": name, "type": kind, "jsonPath": path, "description": ""}
+
+
+_AGE = _column("Age", ".metadata.creationTimestamp", "date")
+
+
+def builtin_types() -> list[ResourceType]:
+    return [
+        ResourceType("", ("v1",), "namespaces", "namespace", "Namespace", False,
+                     {"v1": NAMESPACE_SCHEMA}, name_rule="label", short_names=("ns",),
+                     printer_columns={"v1": (_column("Status", ".status.phase"), _AGE)}),
+        ResourceType("", ("v1",), "configmaps", "configmap", "ConfigMap", True,
+                     {"v1": CONFIGMAP_SCHEMA}, short_names=("cm",)),
+        ResourceType("", ("v1",), "services", "service", "Service", True,
+                     {"v1": SERVICE_SCHEMA}, status_subresource=True, name_rule="dns1035",
+                     short_names=("svc",)),
+        ResourceType("", ("v1",), "serviceaccounts", "serviceaccount", "ServiceAccount", True,
+                     {"v1": SERVICEACCOUNT_SCHEMA}, short_names=("sa",)),
+        ResourceType("coordination.k8s.io", ("v1",), "leases", "lease", "Lease", True,
+                     {"v1": LEASE_SCHEMA},
+                     printer_columns={"v1": (_column("Holder", ".spec.holderIdentity"), _AGE)}),
+    ]
+
+
+def crd_type(crd: CRD) -> ResourceType:
+    served = [v for v in crd.versions if v.served]
+    # The storage version is preferred, as kubectl and discovery clients expect.
+    served.sort(key=lambda v: (not v.storage, v.name))
+    return ResourceType(
+        group=crd.group, versions=tuple(v.name for v in served), plural=crd.plural, singular=crd.singular,
+        kind=crd.kind, namespaced=crd.namespaced, schemas={v.name: v.schema for v in served},
+        status_subresource=any(v.status_subresource for v in served), custom=True,
+        short_names=crd.short_names, categories=crd.categories,
+        printer_columns={v.name: v.printer_columns for v in served},
+    )
+
+
+# Resources that are not stored objects but answer requests: listed for discovery only.
+VIRTUAL = [
+    ("authorization.k8s.io", "v1", {"name": "selfsubjectaccessreviews",
+                                    "singularName": "selfsubjectaccessreview", "namespaced": False,
+                                    "kind": "SelfSubjectAccessReview", "verbs": ["create"]}),
+    ("authentication.k8s.io", "v1", {"name": "selfsubjectreviews", "singularName": "selfsubjectreview",
+                                     "namespaced": False, "kind": "SelfSubjectReview", "verbs": ["create"]}),
+]
+
+
+def api_resource(rt: ResourceType) -> list[dict[str, Any]]:
+    main: dict[str, Any] = {"name": rt.plural, "singularName": rt.singular, "namespaced": rt.namespaced,
+                            "kind": rt.kind, "verbs": list(rt.verbs)}
+    if rt.short_names:
+        main["shortNames"] = list(rt.short_names)
+    if rt.categories:
+        main["categories"] = list(rt.categories)
+    out = [main]
+    if rt.status_subresource:
+        out.append({"name": f"{rt.plural}/status", "singularName": "", "namespaced": rt.namespaced,
+                    "kind": rt.kind, "verbs": ["get", "patch", "update"]})
+    if rt.plural == "serviceaccounts":
+        out.append({"name": "serviceaccounts/token", "singularName": "", "namespaced": True,
+                    "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest",
+                    "verbs": ["create"]})
+    return out
