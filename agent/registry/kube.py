@@ -327,6 +327,13 @@ class Kube:
         except (ValueError, TypeError, AttributeError) as exc:
             raise Unavailable("patch", _describe(res, ns, name), 0, f"unreadable answer: {exc}") from exc
 
+    def create(self, res: Resource, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create; Conflict (409) when it already exists, which an apply would silently take over."""
+        meta = obj["metadata"]
+        return self._call("create", res, meta["namespace"], meta["name"],
+                          self.custom.create_namespaced_custom_object, *res[:2], meta["namespace"], res[2],
+                          obj, field_manager="mesh-agent")
+
     def delete(self, res: Resource, namespace: str, name: str, uid: str | None = None,
                resource_version: str | None = None) -> bool:
         """Delete; False when it was already gone. With uid/resourceVersion, only that very object

@@ -191,7 +191,9 @@ def converge(kube: Kube, want: Want, spec: Spec, now: Callable[[], dt.datetime] 
     # The lease first: a live lease is what makes the entry ours before we write the entry.
     new_lease = E.build_lease(name, ns, spec.instance, spec.lease_duration, now(), previous=lease,
                               owner=_owner_ref(actual))
-    lease = kube.apply(LEASES, new_lease)
+    # A new lease is created, not applied: if another instance created it meanwhile, that is a 409
+    # (read again) rather than a silent takeover. An existing one carries its resourceVersion.
+    lease = kube.apply(LEASES, new_lease) if lease is not None else kube.create(LEASES, new_lease)
     wrote.append("lease")
     if want is Want.HOLD:
         return Outcome(present=True, healthy=_cond(actual), lease=lease, wrote=tuple(wrote))
