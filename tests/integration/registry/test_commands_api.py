@@ -123,3 +123,19 @@ def test_manifests_applied_then_used_with_exactly_that_rbac(cluster: Cluster, dr
     kube.close()
     if missing:
         print("emulator lacks:", sorted({d["kind"] for d in missing}))
+
+
+def test_deregister_and_register_only_touch_the_maintenance_file(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    out = mesh_agent("deregister", "--root", str(root), "--reason", "disk swap")
+    assert out.returncode == 0, out.stderr
+    control = root / "var/lib/mesh-agent/maintenance"
+    assert "disk swap" in control.read_text()
+    from agent.maintenance import maintenance_requested
+    from agent.paths import Layout
+
+    assert maintenance_requested(Layout(root))
+    out = mesh_agent("register", "--root", str(root))
+    assert out.returncode == 0 and "maintenance ended" in out.stdout
+    assert not control.exists()
+    assert "not in maintenance" in mesh_agent("register", "--root", str(root)).stdout
