@@ -19,6 +19,7 @@ The decisions:
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import enum
 import logging
@@ -138,6 +139,12 @@ class RegistrationStatus:
     namespace: str | None
     message: str
     conflict_holder: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """For status.json."""
+        return {"state": self.state.value, "want": self.want.value, "entry": self.entry,
+                "namespace": self.namespace, "message": self.message,
+                "conflict_holder": self.conflict_holder}
 
 
 # --- operations (run in the worker) ---------------------------------------------------------------
@@ -322,7 +329,7 @@ class Registrar:
         self._conflicts_in_row = 0
         self.finished = False                     # after shutdown(): withdrawn, or gave up
         self._shutdown_deadline: float | None = None
-        self.history: list[tuple[State, str]] = []
+        self.history: collections.deque[tuple[State, str]] = collections.deque(maxlen=50)
         self._entry_name: str | None = None
 
     # inputs ----------------------------------------------------------------------------------------
