@@ -1,11 +1,12 @@
 """How fast the Kubernetes API emulator answers, so fleet benchmarks know it is not their bottleneck.
 
-    python bench/kubeapi_emulator.py [--watchers 200] [--writes 500] [--clients 8]
+    python bench/kubeapi_emulator.py [--watchers 200] [--writes 500] [--clients 8] [--watch workloadgroups]
 
-Starts one HTTPS emulator, opens `watchers` watches on WorkloadEntries (raw HTTP streams, one thread
-each), then `clients` threads do `writes` server-side applies in all through the kubernetes client.
-Prints apply latency (p50/p90/p99), writes per second, and the delay from a write's answer to its
-event on the watches (p50/p99). Traffic stays on loopback.
+Starts one HTTPS emulator, opens `watchers` watches (raw HTTP streams, one thread each) on
+WorkloadEntries, or on another resource with --watch (as a fleet's group watchers do), then `clients`
+threads do `writes` server-side applies of WorkloadEntries in all through the kubernetes client.
+Prints apply latency (p50/p90/p99), writes per second, and (when the watches see the writes) the
+delay from a write's answer to its event (p50/p99). Traffic stays on loopback.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> int:
     parser.add_argument("--watchers", type=int, default=200)
     parser.add_argument("--writes", type=int, default=500)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--watch", default="workloadentries", help="resource the watchers watch")
     args = parser.parse_args()
 
     api = KubeAPI(bookmark_interval=30.0).start()
@@ -51,7 +53,8 @@ def main() -> int:
     ready = threading.Barrier(args.watchers + 1)
 
     def watch(index: int) -> None:
-        req = urllib.request.Request(f"{api.url}{PATH}?watch=1&timeoutSeconds=600",
+        path = PATH.replace("workloadentries", args.watch)
+        req = urllib.request.Request(f"{api.url}{path}?watch=1&timeoutSeconds=600",
                                      headers={"Authorization": f"Bearer {api.admin_token}"})
         with urllib.request.urlopen(req, context=ctx, timeout=600) as stream:
             ready.wait()
@@ -95,7 +98,7 @@ def main() -> int:
     delays = [seen[rv] - t for rv, t in answered.items() if rv in seen]
     api.stop()
     ms = 1000
-    print(f"watchers={args.watchers} clients={args.clients} writes={len(latencies)}")
+    print(f"watchers={args.watchers} on {args.watch}, clients={args.clients} writes={len(latencies)}")
     print(f"apply latency ms: p50={pct(latencies, 50) * ms:.1f} p90={pct(latencies, 90) * ms:.1f} "
           f"p99={pct(latencies, 99) * ms:.1f}; throughput {len(latencies) / elapsed:.0f} writes/s")
     if delays:

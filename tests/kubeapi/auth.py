@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,8 @@ class Authenticator:
     tokens: dict[str, _StaticToken] = field(default_factory=dict)
     policies: dict[str, list[Rule]] = field(default_factory=dict)  # user or group name -> rules
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # More rules for an identity from elsewhere: the stored Roles and RoleBindings.
+    extra_rules: Callable[[Identity], list[Rule]] | None = None
 
     def add_token(self, token: str, identity: Identity | str,
                   policy: tuple[Rule, ...] | list[Rule] | None = None,
@@ -177,7 +180,10 @@ class Authenticator:
         with self.lock:
             subjects = [ident.user, *ident.all_groups]
             candidates = [r for s in subjects for r in self.policies.get(s, [])]
-        return any(r.allows(verb, group, resource, namespace, name) for r in candidates)
+        if any(r.allows(verb, group, resource, namespace, name) for r in candidates):
+            return True
+        extra = self.extra_rules(ident) if self.extra_rules else []
+        return any(r.allows(verb, group, resource, namespace, name) for r in extra)
 
 
 def forbidden_message(ident: Identity, verb: str, group: str, resource: str, namespace: str, name: str,

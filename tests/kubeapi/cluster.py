@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from tests.kubeapi import fieldmanager, meta, openapi
-from tests.kubeapi.auth import API_AUDIENCE, Authenticator, Identity
+from tests.kubeapi.auth import API_AUDIENCE, Authenticator, Identity, Rule
 from tests.kubeapi.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
 from tests.kubeapi.resources import ResourceType, builtin_types, crd_type
 from tests.kubeapi.selectors import SelectorError, field_selector, label_selector
@@ -58,6 +58,7 @@ class Cluster:
         self.types: dict[tuple[str, str], ResourceType] = {}
         for rt in [*builtin_types(), *(crd_type(c) for c in crds)]:
             self.types[(rt.group, rt.plural)] = rt
+        self.auth.extra_rules = self.rbac_rules
         self.warnings = threading.local()
         self.gc_wakeup = threading.Event()
         for ns in SYSTEM_NAMESPACES:
@@ -91,17 +92,18 @@ class Cluster:
         obj["kind"] = rt.kind
         return obj
 
-    def _ns_check(self, rt: ResourceType, ns: str, creating: bool) -> None:
+    def _ns_check(self, rt: ResourceType, ns: str, name: str = "") -> None:
+        """The namespace must exist and, for new content, not be terminating."""
         if not rt.namespaced:
             return
         nsobj = self.store.get(("", "namespaces"), "", ns)
         if nsobj is None:
             raise not_found("namespaces", "", ns)
-        if creating and nsobj["metadata"].get("deletionTimestamp"):
-            raise ApiError(403, "Forbidden", f"{rt.plural} \"\" is forbidden: unable to create new content "
-                                             "in "
+        if nsobj["metadata"].get("deletionTimestamp"):
+            what = f"{rt.plural}.{rt.group}" if rt.group else rt.plural
+            raise ApiError(403, "Forbidden", f'{what} "{name}" is forbidden: unable to create new content in '
                                              f"namespace {ns} because it is being terminated",
-                           {"name": "", "group": rt.group, "kind": rt.plural,
+                           {"name": name, "group": rt.group, "kind": rt.plural,
                             "causes": [Cause("", f"namespace {ns} is being terminated",
                                              "NamespaceTerminating").as_dict()]})
 
@@ -178,7 +180,7 @@ class Cluster:
                 raise unprocessable(rt.kind, rt.group, "", [required("metadata.name",
                                                                      "name or generateName is required")])
         with self.store.lock:
-            self._ns_check(rt, ns, creating=True)
+            self._ns_check(rt, ns, m["name"])
             if self.store.get((rt.group, rt.plural), ns if rt.namespaced else "", m["name"]):
                 raise already_exists(rt.plural, rt.group, m["name"])
             body["apiVersion"], body["kind"] = rt.api_version(version), rt.kind
@@ -353,7 +355,7 @@ class Cluster:
             live = self.store.get(key, ns if rt.namespaced else "", name)
             creating = live is None
             if creating:
-                self._ns_check(rt, ns, creating=True)
+                self._ns_check(rt, ns, name)
                 live = {"apiVersion": want, "kind": rt.kind,
                         "metadata": {"name": name, **({"namespace": ns} if rt.namespaced else {})}}
                 if subresource:
@@ -402,6 +404,8 @@ class Cluster:
         if nm.get("resourceVersion") and nm["resourceVersion"] != old["metadata"]["resourceVersion"]:
             raise conflict(rt.plural, rt.group, name, MODIFIED)
         errors: list[FieldError] = meta.immutable_errors(old["metadata"], nm)
+        if "roleRef" in old and new.get("roleRef") != old["roleRef"]:
+            errors.append(invalid("roleRef", new.get("roleRef"), "cannot change roleRef"))
         if errors:
             raise unprocessable(rt.kind, rt.group, name, errors)
         if subresource == "status":
@@ -550,6 +554,41 @@ class Cluster:
                     self.store.remove(("", "namespaces"), "", name)
                     deleted += 1
         return deleted
+
+    # --- RBAC ------------------------------------------------------------------------------------------
+
+    def rbac_rules(self, ident: Identity) -> list[Rule]:
+        """The rules stored RoleBindings and ClusterRoleBindings give an identity."""
+        def bound(binding: dict[str, Any]) -> bool:
+            for subject in binding.get("subjects") or []:
+                kind, name = subject.get("kind"), subject.get("name")
+                if kind == "User" and name == ident.user:
+                    return True
+                if kind == "Group" and name in ident.all_groups:
+                    return True
+                sa_ns = subject.get("namespace") or binding["metadata"].get("namespace")
+                if kind == "ServiceAccount" and ident.user == f"system:serviceaccount:{sa_ns}:{name}":
+                    return True
+            return False
+
+        def role_rules(kind: str, name: str, ns: str) -> list[dict[str, Any]]:
+            role = (self.store.get(("rbac.authorization.k8s.io", "roles"), ns, name) if kind == "Role"
+                    else self.store.get(("rbac.authorization.k8s.io", "clusterroles"), "", name))
+            return (role or {}).get("rules") or []
+
+        out: list[Rule] = []
+        for key, scoped in ((("rbac.authorization.k8s.io", "rolebindings"), True),
+                            (("rbac.authorization.k8s.io", "clusterrolebindings"), False)):
+            for binding in self.store.items(key):
+                if not bound(binding):
+                    continue
+                ns = binding["metadata"].get("namespace", "")
+                ref = binding.get("roleRef") or {}
+                for r in role_rules(ref.get("kind", ""), ref.get("name", ""), ns):
+                    out.append(Rule(tuple(r.get("verbs") or ()), tuple(r.get("apiGroups") or ()),
+                                    tuple(r.get("resources") or ()), (ns,) if scoped else None,
+                                    tuple(r.get("resourceNames") or ())))
+        return out
 
     # --- tokens and reviews ---------------------------------------------------------------------------
 

@@ -100,6 +100,57 @@ NAMESPACE_SCHEMA: Schema = {
     },
 }
 
+_STRLIST = {"type": "array", "items": _STR}
+POLICY_RULE: Schema = {
+    "type": "object",
+    "required": ["verbs"],
+    "properties": {"verbs": _STRLIST, "apiGroups": _STRLIST, "resources": _STRLIST,
+                   "resourceNames": _STRLIST, "nonResourceURLs": _STRLIST},
+}
+ROLE_SCHEMA: Schema = {"type": "object", "properties": {"rules": {"type": "array", "items": POLICY_RULE}}}
+CLUSTERROLE_SCHEMA: Schema = {"type": "object", "properties": {
+    "rules": {"type": "array", "items": POLICY_RULE},
+    "aggregationRule": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}
+
+
+def _binding_schema(ref_kinds: list[str]) -> Schema:
+    return {
+        "type": "object",
+        "required": ["roleRef"],
+        "properties": {
+            "subjects": {"type": "array", "items": {
+                "type": "object", "required": ["kind", "name"],
+                "properties": {"kind": {"type": "string", "enum": ["User", "Group", "ServiceAccount"]},
+                               "name": {"type": "string", "minLength": 1}, "namespace": _STR,
+                               "apiGroup": _STR}}},
+            "roleRef": {"type": "object", "required": ["apiGroup", "kind", "name"],
+                        "properties": {"apiGroup": {"type": "string", "enum": ["rbac.authorization.k8s.io"]},
+                                       "kind": {"type": "string", "enum": ref_kinds},
+                                       "name": {"type": "string", "minLength": 1}}},
+        },
+    }
+
+
+# Stored only (no controller runs them), so `mesh-agent manifests | kubectl apply -f -` goes through.
+CRONJOB_SCHEMA: Schema = {
+    "type": "object",
+    "properties": {
+        "spec": {"type": "object", "required": ["schedule", "jobTemplate"],
+                 "properties": {"schedule": {"type": "string", "minLength": 1},
+                                "concurrencyPolicy": {"type": "string",
+                                                      "enum": ["Allow", "Forbid", "Replace"]},
+                                "suspend": {"type": "boolean"},
+                                "successfulJobsHistoryLimit": {**_INT32, "minimum": 0},
+                                "failedJobsHistoryLimit": {**_INT32, "minimum": 0},
+                                "startingDeadlineSeconds": {"type": "integer", "minimum": 0},
+                                "timeZone": _STR,
+                                "jobTemplate": {"type": "object",
+                                                "x-kubernetes-preserve-unknown-fields": True}}},
+        "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    },
+}
+
+RBAC = "rbac.authorization.k8s.io"
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
 
@@ -160,6 +211,15 @@ def builtin_types() -> list[ResourceType]:
                      short_names=("svc",)),
         ResourceType("", ("v1",), "serviceaccounts", "serviceaccount", "ServiceAccount", True,
                      {"v1": SERVICEACCOUNT_SCHEMA}, short_names=("sa",)),
+        ResourceType(RBAC, ("v1",), "roles", "role", "Role", True, {"v1": ROLE_SCHEMA}),
+        ResourceType(RBAC, ("v1",), "rolebindings", "rolebinding", "RoleBinding", True,
+                     {"v1": _binding_schema(["Role", "ClusterRole"])}),
+        ResourceType(RBAC, ("v1",), "clusterroles", "clusterrole", "ClusterRole", False,
+                     {"v1": CLUSTERROLE_SCHEMA}),
+        ResourceType(RBAC, ("v1",), "clusterrolebindings", "clusterrolebinding", "ClusterRoleBinding", False,
+                     {"v1": _binding_schema(["ClusterRole"])}),
+        ResourceType("batch", ("v1",), "cronjobs", "cronjob", "CronJob", True, {"v1": CRONJOB_SCHEMA},
+                     status_subresource=True, short_names=("cj",)),
         ResourceType("coordination.k8s.io", ("v1",), "leases", "lease", "Lease", True,
                      {"v1": LEASE_SCHEMA},
                      printer_columns={"v1": (_column("Holder", ".spec.holderIdentity"), _AGE)}),

@@ -63,6 +63,7 @@ class _Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         self.api = api
         self.connections: set[socket.socket] = set()
+        self.closing = threading.Event()  # set when this listener goes away (stop or outage)
         self.conn_lock = threading.Lock()
         super().__init__(addr, _Handler)
 
@@ -88,6 +89,8 @@ class _Server(ThreadingHTTPServer):
                 self.connections.discard(request)
 
     def drop_connections(self) -> None:
+        self.closing.set()
+        self.api.cluster.store.wake_all()  # open watches end now, not at their timeout
         with self.conn_lock:
             conns = list(self.connections)
         for conn in conns:
@@ -371,6 +374,7 @@ class _Handler(BaseHTTPRequestHandler):
         timeout = float(query.get("timeoutSeconds") or 1800)
         deadline = time.monotonic() + timeout
         key = (rt.group, rt.plural)
+        changed = store.changed_for(key)
         rv_param = query.get("resourceVersion", "")
         initial: list[dict[str, Any]] = []
         with store.lock:
@@ -413,17 +417,17 @@ class _Handler(BaseHTTPRequestHandler):
             for obj in initial:
                 send("ADDED", shape(cluster._out(rt, version, obj)))
             next_bookmark = time.monotonic() + self.api.bookmark_interval
-            while not self.api.stopping.is_set() and time.monotonic() < deadline:
-                with store.changed:
-                    if store.too_old(last):
+            while not self.server.closing.is_set() and time.monotonic() < deadline:
+                with changed:
+                    if store.too_old(last, key):
                         send("ERROR", gone(f"too old resource version: {last} ({store.rv})").body())
                         break
-                    events = store.since(last)
+                    events = store.since(last, key)
                     if not events:
                         now = time.monotonic()
                         wake = min(deadline, next_bookmark if bookmarks else deadline, now + 1.0)
-                        store.changed.wait(timeout=max(0.0, wake - now))
-                        events = store.since(last)
+                        changed.wait(timeout=max(0.0, wake - now))
+                        events = store.since(last, key)
                     current = store.rv
                 for e in events:
                     last = e.rv
@@ -437,13 +441,14 @@ class _Handler(BaseHTTPRequestHandler):
                             data = encode(etype, shape(cluster._out(rt, version, e.obj)))
                             e.encoded[cache_key] = data
                         write(data)
-                last = max(last, current) if not store.too_old(last) else last
+                last = max(last, current) if not store.too_old(last, key) else last
                 if bookmarks and time.monotonic() >= next_bookmark:
                     send("BOOKMARK", {"kind": rt.kind, "apiVersion": rt.api_version(version),
                                       "metadata": {"resourceVersion": str(last)}})
                     next_bookmark = time.monotonic() + self.api.bookmark_interval
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
+            if not self.server.closing.is_set():  # a server going away drops streams, it does not end them
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
         except OSError:
             pass
 
@@ -543,8 +548,7 @@ class KubeAPI:
 
     def stop(self) -> None:
         self.stopping.set()
-        with self.cluster.store.changed:
-            self.cluster.store.changed.notify_all()  # watchers see `stopping` now
+        self.cluster.store.wake_all()  # watchers see `stopping` now
         if self._restart_timer:
             self._restart_timer.cancel()
         self._unlisten()

@@ -25,16 +25,32 @@ class Event:
 
 
 class Store:
-    """Everything under one lock; `changed` is notified on every write (watchers wait on it)."""
+    """Everything under one lock. Watchers wait on `changed_for(type)`, notified on every write of
+    that type (so a write wakes only the watchers that may care), and on compaction."""
 
     def __init__(self, history: int = 1000) -> None:
         self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)
+        self._changed: dict[TypeKey, threading.Condition] = {}
         self.rv = 0
         self.objects: dict[TypeKey, dict[ObjKey, dict[str, Any]]] = {}
-        self.events: deque[Event] = deque(maxlen=history)
-        # The oldest resourceVersion a watch may start from; older ones get 410 Gone.
-        self.window_start = 0
+        # History is kept per resource type, as the real server's watch caches are: writes of one
+        # type do not push the watchers of another out of their window.
+        self.history = history
+        self.events: dict[TypeKey, deque[Event]] = {}
+        # Per type, the oldest resourceVersion a watch may start from; older ones get 410 Gone.
+        self.window_start: dict[TypeKey, int] = {}
+        self.compacted_at = 0
+
+    def changed_for(self, key: TypeKey) -> threading.Condition:
+        with self.lock:
+            if key not in self._changed:
+                self._changed[key] = threading.Condition(self.lock)
+            return self._changed[key]
+
+    def wake_all(self) -> None:
+        with self.lock:
+            for cond in self._changed.values():
+                cond.notify_all()
 
     def next_rv(self) -> int:
         self.rv += 1
@@ -76,30 +92,33 @@ class Store:
             return gone
 
     def _record(self, event: Event) -> None:
-        if len(self.events) == self.events.maxlen:
-            self.window_start = self.events[0].rv
-        self.events.append(event)
-        self.changed.notify_all()
+        kept = self.events.setdefault(event.key, deque(maxlen=self.history))
+        if len(kept) == kept.maxlen:
+            self.window_start[event.key] = kept[0].rv
+        kept.append(event)
+        if event.key in self._changed:
+            self._changed[event.key].notify_all()
 
     def compact(self) -> None:
         """Forget all history, as etcd compaction does: watches from older versions get 410."""
         with self.lock:
             self.events.clear()
-            self.window_start = self.rv
-            self.changed.notify_all()
+            self.window_start.clear()
+            self.compacted_at = self.rv
+            self.wake_all()
 
-    def since(self, rv: int) -> list[Event]:
+    def since(self, rv: int, key: TypeKey) -> list[Event]:
         # Newest events are at the right: walk back only as far as needed (many watchers call this
         # on every write, so a full scan of the history would dominate).
         with self.lock:
             out: list[Event] = []
-            for event in reversed(self.events):
+            for event in reversed(self.events.get(key, ())):
                 if event.rv <= rv:
                     break
                 out.append(event)
             out.reverse()
             return out
 
-    def too_old(self, rv: int) -> bool:
+    def too_old(self, rv: int, key: TypeKey) -> bool:
         with self.lock:
-            return rv < self.window_start
+            return rv < max(self.window_start.get(key, 0), self.compacted_at)

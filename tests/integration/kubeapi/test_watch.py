@@ -7,9 +7,10 @@ import ssl
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 
 import pytest
-from kubernetes import client, dynamic, watch
+from kubernetes import client, config, dynamic, watch
 
 from tests.integration.kubeapi.conftest import GROUP, NS, VERSION, entry
 from tests.kubeapi import KubeAPI
@@ -111,3 +112,22 @@ def test_dynamic_client_watch_sees_leases(api: KubeAPI, kube_client: client.ApiC
         break
     else:
         pytest.fail("no event")
+
+
+def test_watch_history_is_kept_per_resource(kubeapi_factory: Callable[..., KubeAPI]) -> None:
+    api = kubeapi_factory(history=5)
+    api.create_namespace(NS)
+    kc = config.new_client_from_config(str(api.kubeconfig))
+    co = client.CustomObjectsApi(kc)
+    start = co.list_namespaced_custom_object(*WE)["metadata"]["resourceVersion"]
+    co.create_namespaced_custom_object(*WE, entry("a"))
+    for i in range(10):  # many writes of another resource
+        api.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"c{i}", "namespace": NS}})
+    assert collect(co, 1, resource_version=start) == [("ADDED", "a")]
+    core = client.CoreV1Api(kc)
+    with pytest.raises(client.ApiException) as exc:
+        for _ in watch.Watch().stream(core.list_namespaced_config_map, NS, resource_version=start,
+                                      timeout_seconds=20):
+            pass
+    assert exc.value.status == 410
+    kc.close()
