@@ -179,7 +179,7 @@ def test_429_storm_is_backed_off(cluster: Cluster, drivers: list[Driver]) -> Non
 
 def test_token_rotation_without_restart(cluster: Cluster, drivers: list[Driver]) -> None:
     from agent.registry.manifests import AGENT_RULES
-    from tests.integration.registry.conftest import role_to_rules
+    from tests.integration.registry.conftest import role_to_rules  # static tokens: rules bound directly
 
     token_file = cluster.tmp / "token"
     token_file.write_text("first-token-" + "a" * 20)
