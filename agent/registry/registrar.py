@@ -393,7 +393,8 @@ class Registrar:
             self._finish("shutdown timed out; the entry's lease will expire and the reaper removes it")
             return now + 3600.0
         if self._in_flight is not None:
-            return now + self.s.lease_renew
+            later = now + self.s.lease_renew
+            return min(later, self._shutdown_deadline) if self._shutdown_deadline is not None else later
         if self._dirty and self._next_converge > now and self.state not in (State.RETRYING, State.REFUSED,
                                                                              State.CONFLICT):
             self._next_converge = now
