@@ -292,10 +292,20 @@ class Kube:
         except NotFound:
             return None
 
-    def list(self, res: Resource, namespace: str, label_selector: str | None = None) -> dict[str, Any]:
+    def list(self, res: Resource, namespace: str, label_selector: str | None = None,
+             field_selector: str | None = None) -> dict[str, Any]:
         kwargs = {"label_selector": label_selector} if label_selector else {}
+        if field_selector:
+            kwargs["field_selector"] = field_selector
         return self._call("list", res, namespace, None, self.custom.list_namespaced_custom_object,
                           *res[:2], namespace, res[2], **kwargs)
+
+    def get_for_watch(self, res: Resource, namespace: str, name: str) -> tuple[dict[str, Any] | None, str]:
+        """The object (or None) and the list's resourceVersion to watch from. An object's own
+        resourceVersion can be older than the server's watch history (410 Gone at once)."""
+        out = self.list(res, namespace, field_selector=f"metadata.name={name}")
+        items = out.get("items") or []
+        return (items[0] if items else None), (out.get("metadata") or {}).get("resourceVersion", "")
 
     def apply(self, res: Resource, obj: dict[str, Any], force: bool = True,
               subresource: str | None = None, field_manager: str = "mesh-agent") -> dict[str, Any]:
@@ -316,6 +326,13 @@ class Kube:
             return json.loads(raw.data)
         except (ValueError, TypeError, AttributeError) as exc:
             raise Unavailable("patch", _describe(res, ns, name), 0, f"unreadable answer: {exc}") from exc
+
+    def create(self, res: Resource, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create; Conflict (409) when it already exists, which an apply would silently take over."""
+        meta = obj["metadata"]
+        return self._call("create", res, meta["namespace"], meta["name"],
+                          self.custom.create_namespaced_custom_object, *res[:2], meta["namespace"], res[2],
+                          obj, field_manager="mesh-agent")
 
     def delete(self, res: Resource, namespace: str, name: str, uid: str | None = None,
                resource_version: str | None = None) -> bool:
@@ -353,6 +370,12 @@ class Kube:
         except ApiError:
             raise
         except Exception as exc:
+            from kubernetes.client.exceptions import ApiException
+
+            if isinstance(exc, ApiException) and exc.status == 410:
+                # The new client turns a 410 event into an exception; the old one yields it.
+                yield "ERROR", {"code": 410, "reason": "Expired"}
+                return
             raise map_error(exc, "watch", _describe(res, namespace, name)) from exc
         finally:
             w.stop()

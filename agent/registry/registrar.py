@@ -19,6 +19,7 @@ The decisions:
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import enum
 import logging
@@ -139,6 +140,12 @@ class RegistrationStatus:
     message: str
     conflict_holder: str | None = None
 
+    def as_dict(self) -> dict[str, Any]:
+        """For status.json."""
+        return {"state": self.state.value, "want": self.want.value, "entry": self.entry,
+                "namespace": self.namespace, "message": self.message,
+                "conflict_holder": self.conflict_holder}
+
 
 # --- operations (run in the worker) ---------------------------------------------------------------
 
@@ -191,7 +198,9 @@ def converge(kube: Kube, want: Want, spec: Spec, now: Callable[[], dt.datetime] 
     # The lease first: a live lease is what makes the entry ours before we write the entry.
     new_lease = E.build_lease(name, ns, spec.instance, spec.lease_duration, now(), previous=lease,
                               owner=_owner_ref(actual))
-    lease = kube.apply(LEASES, new_lease)
+    # A new lease is created, not applied: if another instance created it meanwhile, that is a 409
+    # (read again) rather than a silent takeover. An existing one carries its resourceVersion.
+    lease = kube.apply(LEASES, new_lease) if lease is not None else kube.create(LEASES, new_lease)
     wrote.append("lease")
     if want is Want.HOLD:
         return Outcome(present=True, healthy=_cond(actual), lease=lease, wrote=tuple(wrote))
@@ -320,7 +329,7 @@ class Registrar:
         self._conflicts_in_row = 0
         self.finished = False                     # after shutdown(): withdrawn, or gave up
         self._shutdown_deadline: float | None = None
-        self.history: list[tuple[State, str]] = []
+        self.history: collections.deque[tuple[State, str]] = collections.deque(maxlen=50)
         self._entry_name: str | None = None
 
     # inputs ----------------------------------------------------------------------------------------
@@ -384,7 +393,8 @@ class Registrar:
             self._finish("shutdown timed out; the entry's lease will expire and the reaper removes it")
             return now + 3600.0
         if self._in_flight is not None:
-            return now + self.s.lease_renew
+            later = now + self.s.lease_renew
+            return min(later, self._shutdown_deadline) if self._shutdown_deadline is not None else later
         if self._dirty and self._next_converge > now and self.state not in (State.RETRYING, State.REFUSED,
                                                                              State.CONFLICT):
             self._next_converge = now
@@ -564,8 +574,10 @@ def _meta_of(group: dict[str, Any]) -> Any:
 # --- the WorkloadGroup watcher --------------------------------------------------------------------
 
 class GroupWatcher:
-    """Reads, then watches one WorkloadGroup in its own thread; posts GroupSeen / GroupGone /
-    GroupUnavailable. Re-reads after every watch ends or fails (with backoff on failures)."""
+    """Lists (by name), then watches one WorkloadGroup in its own thread; posts GroupSeen / GroupGone /
+    GroupUnavailable. Lists again after every watch ends or fails (with backoff on failures).
+    The watch starts from the list's resourceVersion, never the object's own: that one may be older
+    than the server's watch history on a busy cluster."""
 
     def __init__(self, kube: Kube, namespace: str, name: str, post: Post, watch_timeout: int = 300,
                  backoff: Backoff | None = None) -> None:
@@ -585,15 +597,16 @@ class GroupWatcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                group = self.kube.get(GROUPS, self.namespace, self.name)
+                group, rv = self.kube.get_for_watch(GROUPS, self.namespace, self.name)
                 if group is None:
                     self.post(GroupGone(self.namespace, self.name))
-                    rv = None
                 else:
+                    if group.get("kind") is None:  # list items carry no kind
+                        group = {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup", **group}
                     self.post(GroupSeen(group))
-                    rv = group["metadata"].get("resourceVersion")
-                self.backoff.reset()
-                for kind, obj in self.kube.watch(GROUPS, self.namespace, self.name, rv, self.watch_timeout):
+                expired = False
+                for kind, obj in self.kube.watch(GROUPS, self.namespace, self.name, rv or None,
+                                                 self.watch_timeout):
                     if self._stop.is_set():
                         return
                     if kind in ("ADDED", "MODIFIED"):
@@ -601,7 +614,12 @@ class GroupWatcher:
                     elif kind == "DELETED":
                         self.post(GroupGone(self.namespace, self.name))
                     elif kind == "ERROR":
-                        break  # e.g. 410 Gone: read again
+                        expired = True  # e.g. 410 Gone: read again, after a pause
+                        break
+                if expired:
+                    self._stop.wait(self.backoff.next_delay())
+                else:
+                    self.backoff.reset()
             except ApiError as exc:
                 self.post(GroupUnavailable(exc))
                 self._stop.wait(self.backoff.next_delay(getattr(exc, "retry_after", None)))

@@ -88,7 +88,10 @@ class RegistryService:
 
     @classmethod
     def start(cls, plan: Plan, post: Callable[[object], None]) -> RegistryService:
-        kube = Kube.from_credentials(plan.credentials, plan.timeout)
+        try:
+            kube = Kube.from_credentials(plan.credentials, plan.timeout)
+        except Exception as exc:  # the client's loaders raise their own types; all mean the same here
+            raise PlanError(f"registry: cannot use the API credentials: {exc}") from exc
         worker = RegistryWorker(kube, post)
         registrar = Registrar(plan.settings, plan.build, worker.submit)
         watcher = GroupWatcher(kube, plan.settings.namespace, plan.settings.group, post).start()

@@ -12,7 +12,7 @@ import pytest
 
 from agent.registry import entry as E
 from agent.registry.kube import Credentials, Kube
-from agent.registry.manifests import AGENT_RULES
+from agent.registry.manifests import build_manifests
 from agent.registry.registrar import Driver, Settings
 
 pytest.importorskip("tests.kubeapi.server", reason="the Kubernetes API emulator is not in this tree")
@@ -55,6 +55,7 @@ class Cluster:
     api: KubeAPI
     tmp: Path
     agent_kubeconfig: Path
+    reaper_kubeconfig: Path
     admin: Kube
 
     def agent(self, instance: str = "inst-a", *, condition_mode: bool = False, lease: float = 3.0,
@@ -80,13 +81,18 @@ class Cluster:
 
 @pytest.fixture
 def cluster(kubeapi: KubeAPI, tmp_path: Path) -> Iterator[Cluster]:  # noqa: F811
+    """The namespace set up with exactly what `mesh-agent manifests` prints (its RBAC authorizes the
+    agents' and the reaper's service-account tokens)."""
     kubeapi.create_namespace(NS)
-    kubeapi.create(group_obj())
-    token = "agent-token-" + "x" * 20
-    kubeapi.add_token(token, f"system:serviceaccount:{NS}:billing-vm", role_to_rules(AGENT_RULES, NS))
-    kc = kubeapi.write_kubeconfig(tmp_path / "agent.kubeconfig", token, user="agent")
+    docs = build_manifests(group=GROUP, namespace=NS, service_account="billing-vm", ports=[("http", 8080)])
+    for doc in docs:
+        kubeapi.create(doc, manager="kubectl")
+    kc = kubeapi.write_kubeconfig(tmp_path / "agent.kubeconfig", kubeapi.mint_token(NS, "billing-vm"),
+                                  user="agent")
+    rkc = kubeapi.write_kubeconfig(tmp_path / "reaper.kubeconfig",
+                                   kubeapi.mint_token(NS, f"mesh-agent-reaper-{GROUP}"), user="reaper")
     admin = Kube.from_credentials(Credentials(kubeconfig=str(kubeapi.kubeconfig)), timeout=5.0)
-    yield Cluster(kubeapi, tmp_path, kc, admin)
+    yield Cluster(kubeapi, tmp_path, kc, rkc, admin)
     admin.close()
 
 

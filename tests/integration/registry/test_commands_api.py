@@ -12,9 +12,8 @@ import pytest
 import yaml
 
 from agent.registry.kube import Credentials, Kube, Unauthorized
-from agent.registry.manifests import REAPER_RULES
 from agent.registry.registrar import Driver, State
-from tests.integration.registry.conftest import NS, Cluster, role_to_rules, wait_for
+from tests.integration.registry.conftest import NS, Cluster, wait_for
 
 REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.subprocess
@@ -27,9 +26,7 @@ def mesh_agent(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[s
 
 
 def test_killed_agent_is_reaped_after_lease_and_grace(cluster: Cluster, drivers: list[Driver]) -> None:
-    cluster.api.add_token("reaper-token-" + "r" * 20, f"system:serviceaccount:{NS}:mesh-agent-reaper",
-                          role_to_rules(REAPER_RULES, NS))
-    kc = cluster.api.write_kubeconfig(cluster.tmp / "reaper.kubeconfig", "reaper-token-" + "r" * 20)
+    kc = cluster.reaper_kubeconfig  # the reaper's ServiceAccount, bound by the manifests' Role
     live = cluster.agent("inst-live", address="10.0.0.6", lease=3.0)
     dying = cluster.agent("inst-dying", address="10.0.0.5", lease=3.0)
     drivers += [live, dying]
@@ -75,22 +72,9 @@ def test_manifests_applied_then_used_with_exactly_that_rbac(cluster: Cluster, dr
                      "--port", "http=8080", "--port", "grpc-admin=9090", "--probe", "http:8080/ready")
     assert out.returncode == 0, out.stderr
     docs = list(yaml.safe_load_all(out.stdout))
-    supported, missing = [], []
-    for doc in docs:
-        try:
-            cluster.api._type(doc["kind"])
-            supported.append(doc)
-        except KeyError:
-            missing.append(doc)
-    for doc in supported:
+    for doc in docs:  # every object, the RBAC and the CronJob included, as `kubectl apply` would
         cluster.api.create(doc, manager="kubectl")
-    # RBAC objects the emulator does not store are bound through its own policy table instead.
-    roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Role"}
-    for binding in (d for d in docs if d["kind"] == "RoleBinding"):
-        if binding in missing:
-            for subject in binding["subjects"]:
-                user = f"system:serviceaccount:{subject['namespace']}:{subject['name']}"
-                cluster.api.grant(user, role_to_rules(roles[binding["roleRef"]["name"]]["rules"], ns))
+    assert cluster.api.get("CronJob", ns, f"mesh-agent-reaper-{group}") is not None
     token = cluster.api.mint_token(ns, sa)
     kc = cluster.api.write_kubeconfig(cluster.tmp / "cart.kubeconfig", token)
 
@@ -121,5 +105,19 @@ def test_manifests_applied_then_used_with_exactly_that_rbac(cluster: Cluster, dr
     with pytest.raises(Unauthorized):
         kube.list(("networking.istio.io", "v1", "workloadentries"), NS)
     kube.close()
-    if missing:
-        print("emulator lacks:", sorted({d["kind"] for d in missing}))
+
+
+def test_deregister_and_register_only_touch_the_maintenance_file(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    out = mesh_agent("deregister", "--root", str(root), "--reason", "disk swap")
+    assert out.returncode == 0, out.stderr
+    control = root / "var/lib/mesh-agent/maintenance"
+    assert "disk swap" in control.read_text()
+    from agent.maintenance import maintenance_requested
+    from agent.paths import Layout
+
+    assert maintenance_requested(Layout(root))
+    out = mesh_agent("register", "--root", str(root))
+    assert out.returncode == 0 and "maintenance ended" in out.stdout
+    assert not control.exists()
+    assert "not in maintenance" in mesh_agent("register", "--root", str(root)).stdout

@@ -36,8 +36,13 @@ out["same"] = again["metadata"]["resourceVersion"] == out["created_rv"]
 st = kube.apply(ENTRIES, E.status_patch(obj, E.healthy_condition(True, dt.datetime.now(dt.UTC))),
                 subresource="status")
 out["condition"] = E.condition_of(st)
-lease = kube.apply(LEASES, E.build_lease(obj["metadata"]["name"], ns, "old-client", 40,
-                                         dt.datetime.now(dt.UTC)))
+lease = kube.create(LEASES, E.build_lease(obj["metadata"]["name"], ns, "old-client", 40,
+                                          dt.datetime.now(dt.UTC)))
+try:
+    kube.create(LEASES, E.build_lease(obj["metadata"]["name"], ns, "other", 40, dt.datetime.now(dt.UTC)))
+    out["second_create"] = "accepted"
+except Conflict:
+    out["second_create"] = "409"
 out["lease_holder"] = lease["spec"]["holderIdentity"]
 try:
     stale = {**lease, "metadata": {**lease["metadata"], "resourceVersion": "1"}}
@@ -75,5 +80,6 @@ def test_old_debian_client_applies_deletes_and_watches(cluster: Cluster) -> None
     assert out["condition"] == "True"
     assert out["lease_holder"] == "old-client"
     assert out["stale"] == "409"
+    assert out["second_create"] == "409"
     assert out["deleted"] and out["gone"]
     assert cluster.api.get("WorkloadEntry", NS, ENTRY) is None

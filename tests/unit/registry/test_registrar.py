@@ -190,7 +190,7 @@ def test_bad_entry_inputs_are_refused_not_crashing() -> None:
 
 
 def test_without_the_group_it_holds_and_can_still_withdraw() -> None:
-    r, _rec = make()
+    r, _ = make()
     r.set_health(True)
     r.tick(0)  # the group could not be read yet
     assert r._in_flight_want is Want.HOLD
