@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import queue
 import signal
@@ -38,8 +37,8 @@ from agent.health.tracker import Health
 from agent.maintenance import maintenance_requested
 from agent.metrics import Metrics
 from agent.paths import Layout
-from agent.registry import entry as reg_entry
 from agent.registry import registrar as reg
+from agent.registry import service as registry_service
 from agent.registry.address import AddressError, detect_address
 from agent.registry.kube import Credentials, Kube
 from agent.sidecar import package as sidecar_package
@@ -49,12 +48,16 @@ from agent.state import Phase, PhaseMachine, Status, StatusWriter, summarize
 
 log = logging.getLogger("agent.daemon")
 
-EX_FAILURE = 1
 MAX_WAIT = 1.0  # the loop wakes at least this often (maintenance file, timers); costs ~nothing
 
 
 class FatalError(Exception):
-    """Something the agent cannot fix by itself: exit non-zero so systemd restarts it."""
+    """Something the agent cannot fix by itself: exit non-zero (1: systemd restarts it; 78: a
+    configuration problem, which a restart cannot fix)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -125,10 +128,9 @@ class Agent:
         self.address: str | None = None
         self.sidecar: sidecar_process.Supervisor | None = None
         self.monitor: Monitor | None = None
-        self.kube: Kube | None = None
-        self.worker: reg.RegistryWorker | None = None
-        self.registrar: reg.Registrar | None = None
-        self.group_watch: reg.GroupWatcher | None = None
+        self.kube: Kube | None = None  # for the `kubernetes` bundle source
+        self.registry: registry_service.RegistryService | None = None
+        self.registrar: reg.Registrar | None = None  # self.registry.registrar, the part the loop drives
         self.last_write: dict[str, Any] = {}
         self.lease_info: dict[str, Any] = {}
 
@@ -155,7 +157,7 @@ class Agent:
             self.record_error("agent", str(exc))
             self.enter(Phase.FAILED)
             self.stop()
-            return EX_FAILURE
+            return exc.exit_code
         self.enter(Phase.STOPPING)
         self.stop()
         self.enter(Phase.STOPPED)
@@ -229,12 +231,10 @@ class Agent:
         self.publish()
 
     def stop_threads(self) -> None:
-        for part in (self.monitor, self.fetcher, self.tamper_watch, self.group_watch):
+        for part in (self.monitor, self.fetcher, self.tamper_watch, self.registry):
             if part is not None:
                 with contextlib.suppress(Exception):
                     part.stop()
-        if self.worker is not None:
-            self.worker.stop(timeout=2.0)
 
     # --- events ----------------------------------------------------------------------------------
 
@@ -527,7 +527,7 @@ class Agent:
         if shipped.exists():
             return Credentials(kubeconfig=str(shipped))
         raise FatalError("no Kubernetes credentials: set registry.kubeconfig (or registry.server with "
-                         "registry.token_file), or ship a kubeconfig in the bundle")
+                         "registry.token_file), or ship a kubeconfig in the bundle", config.EX_CONFIG)
 
     def api(self) -> Kube:
         if self.kube is None:
@@ -538,43 +538,28 @@ class Agent:
         return self.kube
 
     def start_registrar(self, bundle: bundle_model.Bundle) -> None:
-        r = self.cfg.registry
-        env = bundle.env_map
-        namespace = r.namespace or env.get("POD_NAMESPACE") or env.get("ISTIO_NAMESPACE")
-        group = r.group or env.get("ISTIO_META_WORKLOAD_NAME") or (env.get("ISTIO_SERVICE") or "").split(".")[0]
-        if not namespace or not group:
-            raise FatalError("registry: cannot tell the WorkloadGroup: set registry.namespace and registry.group")
         if self.address is None:
-            raise FatalError("registry: no address for this VM: set registry.address")
+            raise FatalError("registry: no address for this VM: set registry.address", config.EX_CONFIG)
         try:
             machine_id = self.layout.machine_id.read_text()
-            instance = reg_entry.instance_id(machine_id)
-        except (OSError, reg_entry.EntryError) as exc:
-            raise FatalError(f"registry: {self.layout.machine_id}: {exc}") from exc
-        labels = _json_labels(env.get("ISTIO_METAJSON_LABELS"))
-        network = r.network if r.network is not None else (env.get("ISTIO_META_NETWORK") or None)
-        address = self.address
-
-        def build(wg: dict[str, Any]) -> dict[str, Any]:
-            return reg_entry.build_entry(reg_entry.EntryInputs(
-                group=wg, address=address, instance=instance, namespace=namespace, network=network,
-                locality=r.locality, weight=r.weight, workload_labels=labels, extra_labels=dict(r.labels),
-                condition_mode=r.on_unhealthy == "condition"))
-
-        settings = reg.Settings(namespace=namespace, group=group, instance=instance,
-                                lease_duration=r.lease.duration, lease_renew=r.lease.renew, resync=r.resync,
-                                condition_mode=r.on_unhealthy == "condition",
-                                backoff_initial=r.backoff.initial, backoff_max=r.backoff.max)
-        kube = self.api()
-        self.worker = reg.RegistryWorker(kube, self.events.put)
-        self.registrar = reg.Registrar(settings, build, self.worker.submit)
+        except OSError as exc:
+            raise FatalError(f"registry: {self.layout.machine_id}: {exc.strerror}") from exc
+        shipped = bundle_install.last_good_file(self.layout, "kubeconfig")
+        try:
+            plan = registry_service.make_plan(self.cfg.registry, bundle.env_map, machine_id=machine_id,
+                                              address=self.address,
+                                              bundle_kubeconfig=str(shipped) if shipped.exists() else None)
+            self.registry = registry_service.RegistryService.start(plan, self.events.put)
+        except registry_service.PlanError as exc:
+            raise FatalError(str(exc), config.EX_CONFIG) from exc
+        self.registrar = self.registry.registrar
         if bundle.workload_group:
             self.registrar.set_group(dict(bundle.workload_group))
-        self.group_watch = reg.GroupWatcher(kube, namespace, group, self.events.put).start()
         if self.monitor is not None:
             state = self.monitor.snapshot().state
             self.registrar.set_health({Health.HEALTHY: True, Health.UNHEALTHY: False}.get(state))
-        log.info("registering as %s in %s/%s (instance %s)", address, namespace, group, instance)
+        s = plan.settings
+        log.info("registering as %s in %s/%s (instance %s)", self.address, s.namespace, s.group, s.instance)
 
     def registry_result(self, outcome: reg.Outcome) -> None:
         """Remember the last write and the lease, for status and metrics."""
@@ -662,11 +647,9 @@ class Agent:
 
     def restart_registrar(self, bundle: bundle_model.Bundle) -> None:
         """New registry settings: a new registrar takes over; the old one does not withdraw."""
-        if self.group_watch is not None:
-            self.group_watch.stop()
-        if self.worker is not None:
-            self.worker.stop(timeout=2.0)
-        self.registrar = self.worker = self.group_watch = None
+        if self.registry is not None:
+            self.registry.stop()
+        self.registry = self.registrar = None
         self.start_registrar(bundle)
 
     # --- reporting -------------------------------------------------------------------------------
@@ -704,16 +687,6 @@ class Agent:
         except OSError as exc:
             log.warning("metrics off: cannot listen on %s:%d: %s", self.cfg.metrics.address,
                         self.cfg.metrics.port, exc.strerror)
-
-
-def _json_labels(text: str | None) -> dict[str, str]:
-    if not text:
-        return {}
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return {}
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
 def _as_mapping(pkg: Any) -> dict[str, object]:
