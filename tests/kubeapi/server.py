@@ -315,7 +315,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._json_body(raw)
             self._send_json(200, cluster.update(rt, v, ns, route.name, body, req, route.subresource))
         elif verb == "patch":
-            force = query.get("force") in ("true", "1")
+            force = _flag(query.get("force"))
             existed = cluster.store.get((rt.group, rt.plural), ns if rt.namespaced else "",
                                         route.name) is not None
             out = cluster.patch(rt, v, ns, route.name, self.headers.get("Content-Type") or "", raw, req,
@@ -344,7 +344,7 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET":
             if route.name:
                 return "get"
-            return "watch" if query.get("watch") in ("true", "1") else "list"
+            return "watch" if _flag(query.get("watch")) else "list"
         if route.name and route.subresource == "" and method == "POST":
             raise method_not_allowed()
         verbs = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
@@ -372,7 +372,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _watch(self, rt: ResourceType, version: str, ns: str, query: dict[str, str]) -> None:
         cluster, store = self.api.cluster, self.api.cluster.store
         match = cluster.selector(rt, query.get("labelSelector"), query.get("fieldSelector"))
-        bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
+        bookmarks = _flag(query.get("allowWatchBookmarks"))
         timeout = float(query.get("timeoutSeconds") or 1800)
         deadline = time.monotonic() + timeout
         key = (rt.group, rt.plural)
@@ -479,6 +479,12 @@ def _ca() -> trustme.CA:
 
 
 @functools.cache
+def _flag(value: str | None) -> bool:
+    """A boolean query parameter as the API server parses it (strconv.ParseBool): Python clients
+    before 24 send `True`."""
+    return (value or "").lower() in ("1", "t", "true")
+
+
 def _certificates(host: str) -> tuple[trustme.CA, trustme.LeafCert]:
     names = ["127.0.0.1", "::1", "localhost"]
     return _ca(), _ca().issue_cert(*names, *([host] if host not in names else []))

@@ -93,3 +93,12 @@ def test_rules_scope() -> None:
     assert not rule.allows("get", "networking.istio.io", "workloadentries", "", "x")
     assert not rule.allows("delete", "networking.istio.io", "workloadentries", "vm", "x")
     assert not rule.allows("get", "networking.istio.io", "workloadentries/status", "vm", "x")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("True", True), ("1", True), ("t", True),
+                                                 ("false", False), ("False", False), (None, False), ("", False)])
+def test_boolean_query_parameters_parse_like_the_api_server(value: str | None, expected: bool) -> None:
+    """Python clients before 24 send force=True and watch=True; a real server takes both."""
+    from tests.kubeapi.server import _flag
+
+    assert _flag(value) is expected
