@@ -38,7 +38,8 @@ def main() -> int:
     p.add_argument("--idle", type=float, default=60.0)
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mesh-agent-bench-"))
-    with rig(tmp, logging={"level": "info"}) as r:
+    # Damping off: the benchmark kills the app on purpose, many times in a row.
+    with rig(tmp, logging={"level": "info"}, app={"flap": {"max_transitions": 1000, "window": "1s"}}) as r:
         r.prepare()
         r.start_app()
         t0 = time.monotonic()

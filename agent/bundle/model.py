@@ -26,15 +26,9 @@ import yaml
 
 from agent.config import (
     BundleConfig,
-    ExecProbe,
-    GrpcProbe,
-    HttpGetProbe,
-    HttpHeader,
     PackageConfig,
     ProbeConfig,
-    TcpSocketProbe,
 )
-from agent.schema import Duration
 
 REQUIRED_FILES = ("cluster.env", "mesh.yaml", "root-cert.pem", "istio-token")
 # istioctl always writes `hosts`, but it is empty when no gateway address was found; accept it missing.
@@ -286,86 +280,16 @@ def _int_in(v: Any, lo: int, hi: int) -> bool:
 # --- mesh.yaml and the readiness probe ------------------------------------------------------------
 
 def probe_from_istio(p: Any, where: str, problems: list[str]) -> ProbeConfig | None:
-    """Istio's ReadinessProbe (camelCase, as in mesh.yaml and the WorkloadGroup) as our ProbeConfig.
-    Zero or missing numbers take the API's documented defaults (proto3 omits zeros)."""
-    if not isinstance(p, dict):
-        problems.append(f"{where}: expected a mapping")
+    """Istio's ReadinessProbe (camelCase, as in mesh.yaml and the WorkloadGroup) as our ProbeConfig,
+    through the health package's converter (the one place that knows the API's defaults)."""
+    from agent.health.probes import ProbeSpecError
+    from agent.health.probes import probe_from_istio as convert
+
+    try:
+        return convert(p, where)
+    except ProbeSpecError as exc:
+        problems.append(str(exc))
         return None
-    before = len(problems)
-    known = {"httpGet", "tcpSocket", "exec", "grpc", "initialDelaySeconds", "timeoutSeconds",
-             "periodSeconds", "successThreshold", "failureThreshold"}
-    for k in p:
-        if k not in known:
-            problems.append(f"{where}.{k}: unknown field")
-    kinds = [k for k in ("httpGet", "tcpSocket", "exec", "grpc") if p.get(k) is not None]
-    if len(kinds) != 1:
-        problems.append(f"{where}: needs exactly one of httpGet, tcpSocket, exec, grpc"
-                        + (f" (got {', '.join(kinds)})" if kinds else ""))
-        return None
-    kind, spec = kinds[0], p[kinds[0]]
-    w = f"{where}.{kind}"
-    if not isinstance(spec, dict):
-        problems.append(f"{w}: expected a mapping")
-        return None
-
-    def port() -> int:
-        v = spec.get("port")
-        if not _int_in(v, 1, 65535):
-            problems.append(f"{w}.port: expected a port 1..65535, got {v!r}")
-            return 1
-        return int(v)
-
-    def opt_str(key: str) -> str | None:
-        v = spec.get(key)
-        if v is not None and not isinstance(v, str):
-            problems.append(f"{w}.{key}: expected a string, got {v!r}")
-            return None
-        return v
-
-    http = tcp = ex = grpc = None
-    if kind == "httpGet":
-        scheme = spec.get("scheme") or "HTTP"
-        if scheme not in ("HTTP", "HTTPS"):
-            problems.append(f"{w}.scheme: expected HTTP or HTTPS, got {scheme!r}")
-            scheme = "HTTP"
-        headers = []
-        for i, h in enumerate(spec.get("httpHeaders") or []):
-            if not isinstance(h, dict) or not isinstance(h.get("name"), str) or \
-                    not isinstance(h.get("value", ""), str):
-                problems.append(f"{w}.httpHeaders[{i}]: expected {{name, value}} strings")
-                continue
-            headers.append(HttpHeader(h["name"], h.get("value", "")))
-        path = opt_str("path") or "/"
-        http = HttpGetProbe(port=port(), path=path, host=opt_str("host") or None, scheme=scheme,
-                            http_headers=tuple(headers))
-    elif kind == "tcpSocket":
-        tcp = TcpSocketProbe(port=port(), host=opt_str("host") or None)
-    elif kind == "exec":
-        cmd = spec.get("command")
-        if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd):
-            problems.append(f"{w}.command: expected a non-empty list of strings")
-            cmd = ["true"]
-        ex = ExecProbe(command=tuple(cmd))
-    else:
-        grpc = GrpcProbe(port=port(), service=opt_str("service") or "")
-
-    def num(key: str, default: int, lo: int, hi: int) -> int:
-        v = p.get(key)
-        if v is None or v == 0:
-            return default
-        if not _int_in(v, lo, hi):
-            problems.append(f"{where}.{key}: expected an integer {lo}..{hi}, got {v!r}")
-            return default
-        return int(v)
-
-    probe = ProbeConfig(
-        http_get=http, tcp_socket=tcp, exec=ex, grpc=grpc,
-        initial_delay=Duration(num("initialDelaySeconds", 0, 0, 3600)),
-        timeout=Duration(num("timeoutSeconds", 1, 1, 600)),
-        period=Duration(num("periodSeconds", 10, 1, 3600)),
-        success_threshold=num("successThreshold", 1, 1, 100),
-        failure_threshold=num("failureThreshold", 3, 1, 100))
-    return probe if len(problems) == before else None
 
 
 def check_mesh_config(doc: Any, problems: list[str],

@@ -143,7 +143,7 @@ CASES: list[Case] = [
     ("probe-two-kinds", lambda: ("dir", probe_mesh("    tcpSocket: {port: 1}\n    httpGet: {port: 2}\n")),
      "needs exactly one of httpGet, tcpSocket, exec, grpc (got httpGet, tcpSocket)"),
     ("probe-bad-port", lambda: ("dir", probe_mesh("    tcpSocket: {port: 70000}\n")),
-     "tcpSocket.port: expected a port 1..65535, got 70000"),
+     "tcpSocket.port: must be 1..65535, got 70000"),
     ("checksum-mismatch", lambda: ("dir", sums_for(kit.files(NOW), tamper="mesh.yaml")),
      "mesh.yaml: checksum mismatch"),
     ("checksum-unlisted", lambda: ("dir", sums_for(kit.files(NOW), skip="hosts")),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,21 +24,12 @@ from agent.retry import Backoff
 from tests.kubeapi.auth import Rule
 from tests.kubeapi.fixtures import kubeapi  # noqa: F401
 from tests.kubeapi.server import KubeAPI
+from tests.waiting import wait_for  # noqa: F401 (used here and by the tests importing it)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "unit" / "fixtures" / "istioctl"
 CASE = "labels-annotation-tcp-network"   # the group, mesh config and expected files used here
 NS, GROUP, SA, ISTIO_NS = "vm-apps", "billing", "billing-vm", "istio-system"
 AGENT_USER = f"system:serviceaccount:{NS}:{SA}"
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def manifest_rules(read_istio: bool = True) -> dict[str, list[Rule]]:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,21 +19,12 @@ pytest.importorskip("tests.kubeapi.server", reason="the Kubernetes API emulator 
 from tests.kubeapi.auth import Rule
 from tests.kubeapi.fixtures import kubeapi  # noqa: F401
 from tests.kubeapi.server import KubeAPI
+from tests.waiting import wait_for  # noqa: F401 (used here and by the tests importing it)
 
 NS = "vm-apps"
 GROUP = "billing"
 ADDRESS = "10.0.0.5"   # only data in the entry: no traffic goes there
 ENTRY = f"{GROUP}-{ADDRESS}"
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def role_to_rules(role_rules: list[dict[str, Any]], namespace: str) -> list[Rule]:
