@@ -24,7 +24,7 @@ from tests.agentkit import rig, wait_for
 
 STEPS = [("config loaded", r"mesh-agent .* starting"), ("sidecar started", r"sidecar: envoy"),
          ("sidecar ready", r"sidecar ready"), ("app healthy", r"app healthy"),
-         ("entry applied", r"registry starting -> registered|-> registered")]
+         ("entry applied", r"-> registered|status: registered")]
 
 
 def pct(values: list[float], q: float) -> float:
