@@ -126,6 +126,7 @@ class Agent:
         self.fetcher: Any = None  # bundle_update.Refresher, or the cluster source's refresher
         self.tamper_watch: bundle_watch.InstalledFilesWatcher | None = None
         self.address: str | None = None
+        self.package_checked = False
         self.sidecar: sidecar_process.Supervisor | None = None
         self.monitor: Monitor | None = None
         self.kube: Kube | None = None  # for the `kubernetes` bundle source
@@ -168,7 +169,11 @@ class Agent:
 
     def start(self) -> None:
         """Restore the last good bundle (the VM stays in the mesh across restarts), then fetch."""
-        restored = bundle_install.restore_last_good(self.layout, user=self.file_owner)
+        try:
+            restored = bundle_install.restore_last_good(self.layout, user=self.file_owner)
+        except bundle_install.InstallError as exc:
+            self.bundle_error(f"cannot restore the last good bundle: {exc}")
+            restored = None
         if restored is not None:
             log.info("last good bundle %s from %s", restored.version, restored.source)
             self.use_bundle(self.parse_stored())
@@ -252,7 +257,11 @@ class Agent:
             self.last_fetch_attempt = time.time()
             self.bundle_error(f"fetch failed (retry in {event.retry_in:.0f}s): {event.error}")
         elif isinstance(event, bundle_watch.BundleFilesChanged):
-            restored = bundle_watch.restore_tampered(self.layout, user=self.file_owner)
+            try:
+                restored = bundle_watch.restore_tampered(self.layout, user=self.file_owner)
+            except bundle_install.InstallError as exc:
+                self.bundle_error(f"cannot restore the installed bundle: {exc}")
+                restored = []
             if restored:
                 self.record_error("bundle", f"restored {', '.join(restored)}: edited outside the agent")
             if self.tamper_watch is not None:
@@ -364,6 +373,9 @@ class Agent:
                 return
             for w in bundle.warnings:
                 log.warning("bundle %s: %s", bundle.version, w)
+            if self.sidecar is None:
+                # The sidecar package creates the user (istio-proxy) that owns the bundle's files.
+                self.ensure_sidecar_package(bundle)
             result = bundle_install.install(
                 bundle, self.layout, source=source, fetched_at=wall, user=self.file_owner,
                 etag=validators.etag if validators else None,
@@ -420,7 +432,10 @@ class Agent:
 
     # --- sidecar ---------------------------------------------------------------------------------
 
-    def start_sidecar(self, bundle: bundle_model.Bundle) -> None:
+    def ensure_sidecar_package(self, bundle: bundle_model.Bundle) -> None:
+        """Install the istio-sidecar package named by the config or the bundle (once per start)."""
+        if self.package_checked:
+            return
         source = sidecar_package.choose_source(self.cfg.sidecar.package,
                                                _as_mapping(bundle.sidecar) if bundle.sidecar else None)
         if source is not None:
@@ -428,6 +443,10 @@ class Agent:
                 sidecar_package.Installer(self.layout).ensure(source)
             except sidecar_package.PackageError as exc:
                 raise FatalError(f"sidecar package: {exc}") from exc
+        self.package_checked = True
+
+    def start_sidecar(self, bundle: bundle_model.Bundle) -> None:
+        self.ensure_sidecar_package(bundle)
         try:
             spec = read_spec(self.cfg.sidecar, self.layout, cluster_env=bundle.env_map,
                              hostname=socket.gethostname().split(".")[0], address=self.address)
