@@ -62,6 +62,8 @@ def test_shipped_example_is_not_configured() -> None:
     ("bundle:\n  source: /srv/b.tar.gz\n", True),
     ("no_such_key: 1\n", True),  # wrong, but configured: `run` reports it (exit 78)
     ("bundle: [unclosed\n", True),  # broken YAML too
+    ("configured: false\nbundle: {source: /srv/b}\n", False),
+    ("configured: true\nbundle: {source: /srv/b}\n", True),
 ])
 def test_is_configured(text: str, configured: bool) -> None:
     assert is_configured(text) is configured
