@@ -14,6 +14,7 @@ Needs root, util-linux (unshare, nsenter) and overlayfs.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shlex
 import shutil
@@ -28,6 +29,7 @@ from pathlib import Path
 from tests.system import rootfs
 
 BOOT_SCRIPT = Path(__file__).with_name("boot.sh")
+_serial = itertools.count(1)
 
 
 class MachineError(AssertionError):
@@ -60,14 +62,16 @@ class Machine:
     def boot(cls, suite: str, workdir: Path, timeout: float = 90.0) -> Iterator[Machine]:
         """Boot `suite` (e.g. "bookworm"), wait for `systemctl is-system-running`, power off after."""
         lower = rootfs.ensure(suite)
-        dirs = {name: workdir / name for name in ("upper", "work", "root")}
+        dirs = {name: workdir / name for name in ("upper", "work", "root", "debs", "debs-work")}
         for d in dirs.values():
             d.mkdir(parents=True, exist_ok=True)
+        cgroup = f"mesh-agent-test-{os.getpid()}-{next(_serial)}"
         console = open(workdir / "console.log", "wb")  # noqa: SIM115 - closed after power-off
         process = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount", "--uts", "--propagation", "private",
              "sh", str(BOOT_SCRIPT), str(lower), str(dirs["upper"]), str(dirs["work"]),
-             str(dirs["root"]), str(rootfs.apt_archive(suite))],
+             str(dirs["root"]), str(rootfs.apt_archive(suite)), str(dirs["debs"]), str(dirs["debs-work"]),
+             cgroup],
             stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
         machine = None
         try:
@@ -81,6 +85,8 @@ class Machine:
             else:
                 _stop(process)
             console.close()
+            _remove_cgroup(cgroup)
+            rootfs.keep_downloads(suite, dirs["debs"])
 
     def wait_booted(self, timeout: float) -> str:
         """Wait until systemd finished booting; "running" or "degraded" (some unit failed) are fine."""
@@ -228,6 +234,19 @@ def _child_of(process: subprocess.Popen[bytes], timeout: float) -> int:
             break
         time.sleep(0.05)
     raise MachineError(f"unshare did not start its child (exit {process.poll()})")
+
+
+def _remove_cgroup(name: str) -> None:
+    """Remove a powered-off machine's cgroups (deepest first; a busy one is left, harmlessly)."""
+    for hierarchy in (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")):
+        top = hierarchy / name
+        if not top.is_dir():
+            continue
+        for path in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            with suppress(OSError):
+                path.rmdir()
+        with suppress(OSError):
+            top.rmdir()
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -38,6 +38,18 @@ def apt_archive(suite: str) -> Path:
     return path
 
 
+def keep_downloads(suite: str, directory: Path) -> None:
+    """Add the .debs a machine downloaded to the shared cache (each file appears whole or not)."""
+    shared = apt_archive(suite)
+    for deb in directory.glob("*.deb"):
+        target = shared / deb.name
+        if target.exists() or not deb.is_file():
+            continue
+        tmp = shared / f".{deb.name}.{os.getpid()}"
+        shutil.copyfile(deb, tmp)
+        os.replace(tmp, target)
+
+
 def ensure(suite: str, log: object = sys.stderr) -> Path:
     """The cached root file system of `suite`, built first if missing. Needs root and debootstrap."""
     CACHE.mkdir(parents=True, exist_ok=True)

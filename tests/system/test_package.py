@@ -117,6 +117,23 @@ def test_bad_config_fails_with_78_and_does_not_loop(machine: Machine) -> None:
         machine.write(CONFIG, original)
 
 
+def test_deprovision_clears_instance_state_and_keeps_config(machine: Machine) -> None:
+    hosts = machine.read("/etc/hosts") if machine.exists("/etc/hosts") else "127.0.0.1 localhost\n"
+    config = machine.read(CONFIG)
+    machine.write("/etc/hosts", hosts + "# BEGIN mesh-agent managed block\n10.9.9.9 istiod.istio-system.svc\n"
+                  "# END mesh-agent managed block\n")
+    machine.run("mkdir -p /var/lib/mesh-agent/bundle && echo token > /var/lib/mesh-agent/bundle/istio-token")
+    out = machine.run(["mesh-agent", "deprovision"]).stdout
+    assert "managed block" in out
+    assert machine.read("/etc/hosts") == hosts
+    assert not machine.exists("/var/lib/mesh-agent/bundle")
+    assert machine.read(CONFIG) == config
+    with stand_in(machine):  # refuses while the service runs: the agent would restore it all
+        machine.systemctl("start", UNIT)
+        refused = machine.run(["mesh-agent", "deprovision"], check=False)
+        assert refused.returncode == 1 and "systemctl stop" in refused.stderr
+
+
 def test_security_exposure(machine: Machine) -> None:
     out = machine.run(["systemd-analyze", "security", "--no-pager", UNIT]).stdout
     print(out)
