@@ -39,7 +39,12 @@ def main() -> int:
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mesh-agent-bench-"))
     # Damping off: the benchmark kills the app on purpose, many times in a row.
-    with rig(tmp, logging={"level": "info"}, app={"flap": {"max_transitions": 1000, "window": "1s"}}) as r:
+    # Production timings (probe every 10 s, lease 40 s renewed every 10 s), so the idle numbers are the
+    # defaults'; the app's death is seen through its process, not the probe.
+    app = {"flap": {"max_transitions": 1000, "window": "1s"},
+           "probe": {"period": "10s", "timeout": "1s", "failure_threshold": 3}}
+    with rig(tmp, logging={"level": "info"}, app=app, registry={"lease": {"duration": "40s", "renew": "10s"}},
+             metrics={"enabled": True}) as r:
         r.prepare()
         r.start_app()
         t0 = time.monotonic()
