@@ -393,6 +393,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
+        # The stream ends by closing the connection: say so, or a client pools the socket and its next
+        # request (a POST, which urllib3 does not retry) dies with "Remote end closed connection".
+        self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
 

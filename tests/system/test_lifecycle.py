@@ -62,6 +62,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, deb: Path) -> Iterator[World
 
 def _configure(w: World, tmp: Path) -> None:
     m, api = w.m, w.api
+    m.write("/etc/hosts", "127.0.0.1 localhost\n")  # a minimal debootstrap has none; every real VM has
     api.create_namespace(agentkit.NS)
     api.create(agentkit.group_object(port=w.app_port))
     m.copy_in(agentkit.envoy_binary(), ENVOY, mode=0o755)
