@@ -48,7 +48,7 @@ from agent.state import Phase, PhaseMachine, Status, StatusWriter, summarize
 
 log = logging.getLogger("agent.daemon")
 
-MAX_WAIT = 1.0  # the loop wakes at least this often (maintenance file, timers); costs ~nothing
+MAX_WAIT = 5.0  # the loop wakes at least this often (maintenance file, timers)
 
 
 class FatalError(Exception):
