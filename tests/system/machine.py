@@ -23,9 +23,9 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 
+from agent.proc import Result  # a command's outcome, the same shape inside the machine as outside
 from tests.system import rootfs
 
 BOOT_SCRIPT = Path(__file__).with_name("boot.sh")
@@ -34,18 +34,6 @@ _serial = itertools.count(1)
 
 class MachineError(AssertionError):
     """A command inside the machine failed, or a state was not reached in time."""
-
-
-@dataclass(frozen=True)
-class Result:
-    argv: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
 
 
 class Machine:

@@ -4,16 +4,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.debianclient import SYSTEM_PYTHON, has_debian_client
 from tests.integration.cluster.conftest import CASE, FIXTURES, World
 
 REPO = Path(__file__).resolve().parents[3]
-SYSTEM_PYTHON = "/usr/bin/python3"
 
 CHILD = r"""
 import json, sys
@@ -34,16 +33,8 @@ print(json.dumps(out))
 """
 
 
-def _has_debian_client() -> bool:
-    if not os.path.exists(SYSTEM_PYTHON):
-        return False
-    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import kubernetes, yaml; print(kubernetes.__version__)"],
-                           capture_output=True, text=True, check=False, env={"PATH": "/usr/bin:/bin"})
-    return probe.returncode == 0 and probe.stdout.startswith(("22.", "23.", "24.", "25.", "26."))
-
-
 @pytest.mark.subprocess
-@pytest.mark.skipif(not _has_debian_client(), reason="Debian's python3-kubernetes (22.x-26.x) is not installed")
+@pytest.mark.skipif(not has_debian_client(), reason="Debian's python3-kubernetes (22.x-26.x) is not installed")
 def test_old_debian_client_builds_the_bundle_and_renews(world: World) -> None:
     from tests.kubeapi.auth import Rule
 

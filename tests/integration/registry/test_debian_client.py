@@ -7,16 +7,15 @@ The old client has no `_content_type` and answers differently; this runs kube.Ku
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.debianclient import SYSTEM_PYTHON, has_debian_client
 from tests.integration.registry.conftest import ENTRY, NS, Cluster
 
 REPO = Path(__file__).resolve().parents[3]
-SYSTEM_PYTHON = "/usr/bin/python3"
 
 CHILD = r"""
 import datetime as dt, json, sys
@@ -59,16 +58,8 @@ print(json.dumps(out))
 """
 
 
-def _has_debian_client() -> bool:
-    if not os.path.exists(SYSTEM_PYTHON):
-        return False
-    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import kubernetes, yaml; print(kubernetes.__version__)"],
-                           capture_output=True, text=True, check=False, env={"PATH": "/usr/bin:/bin"})
-    return probe.returncode == 0 and probe.stdout.startswith(("22.", "23.", "24.", "25.", "26."))
-
-
 @pytest.mark.subprocess
-@pytest.mark.skipif(not _has_debian_client(),
+@pytest.mark.skipif(not has_debian_client(),
                     reason="Debian's python3-kubernetes (22.x-26.x) is not installed")
 def test_old_debian_client_applies_deletes_and_watches(cluster: Cluster) -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
