@@ -470,7 +470,8 @@ class Agent:
         self.metrics.set("sidecar_ready", 1 if sup.ready else 0)
         if self.monitor is not None:
             self.monitor.set_sidecar_ready(sup.ready)
-        if sup.state is sidecar_process.State.FATAL and self.phase.phase is not Phase.STOPPING:
+        if sup.state is sidecar_process.State.FATAL and self.phase.phase in (Phase.STARTING, Phase.RUNNING,
+                                                                             Phase.RELOADING):
             raise FatalError(f"sidecar failed: {sup.reason}")
 
     # --- app health ------------------------------------------------------------------------------

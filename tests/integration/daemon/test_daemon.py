@@ -318,3 +318,16 @@ def test_bundle_built_from_the_cluster(r: Rig) -> None:
     status = json.loads(r.status_file.read_text())
     assert status["bundle"]["source"] == "kubernetes" and status["bundle"]["token_expiry"] > time.time()
     assert r.stop_agent() == 0
+
+
+def test_a_crash_looping_sidecar_makes_the_agent_exit_non_zero(r: Rig) -> None:
+    """FATAL is for systemd to see: the agent gives up with status 1 (Restart=on-failure applies)."""
+    r.overrides = {"sidecar": {"envoy_binary": "/bin/false", "crash_loop": {"max_exits": 3, "window": "60s"}}}
+    r.write_config()
+    r.start_agent()
+    assert r.agent is not None
+    assert r.agent.wait(60) == 1
+    log = r.log_text()
+    assert "crash loop" in log and "giving up: sidecar failed" in log
+    assert r.entry() is None
+    r.agent = None
