@@ -40,7 +40,7 @@ from agent.paths import Layout
 from agent.registry import registrar as reg
 from agent.registry import service as registry_service
 from agent.registry.address import AddressError, detect_address
-from agent.registry.kube import Credentials, Kube
+from agent.registry.kube import Kube
 from agent.sidecar import package as sidecar_package
 from agent.sidecar import process as sidecar_process
 from agent.sidecar.profiles import ProfileError, describe, read_spec
@@ -132,6 +132,7 @@ class Agent:
         self.kube: Kube | None = None  # for the `kubernetes` bundle source
         self.registry: registry_service.RegistryService | None = None
         self.registrar: reg.Registrar | None = None  # self.registry.registrar, the part the loop drives
+        self.registry_due = 0.0  # when the registrar wants its next tick (monotonic)
         self.last_write: dict[str, Any] = {}
         self.lease_info: dict[str, Any] = {}
 
@@ -303,20 +304,20 @@ class Agent:
         if self.sidecar is not None:
             self.sidecar.tick(now)
             self.sidecar_changed()
-        if self.registrar is not None:
-            self.registrar.set_maintenance(maintenance_requested(self.layout))
-            self.registrar.tick(now)
-            self.registration_changed()
         self.status.maintenance = maintenance_requested(self.layout)
+        if self.registrar is not None:
+            self.registrar.set_maintenance(self.status.maintenance)
+            self.registry_due = self.registrar.tick(now)
+            self.registration_changed()
 
     def next_deadline(self, now: float) -> float:
         deadlines = [now + MAX_WAIT]
         if self.watchdog_every:
             deadlines.append(self.last_watchdog + self.watchdog_every)
-        if self.sidecar is not None:
-            d = self.sidecar.machine.deadline
-            if d is not None:
-                deadlines.append(d)
+        if self.sidecar is not None and self.sidecar.machine.deadline is not None:
+            deadlines.append(self.sidecar.machine.deadline)
+        if self.registrar is not None:
+            deadlines.append(self.registry_due)  # retries, lease renewal, resync
         return min(deadlines)
 
     def pump_until(self, done: Any, deadline: float) -> None:
@@ -462,7 +463,7 @@ class Agent:
         if sup is None:
             return
         before = self.status.sidecar.get("restarts", 0)
-        self.status.sidecar = {"state": sup.state.value if hasattr(sup.state, "value") else str(sup.state),
+        self.status.sidecar = {"state": sup.state.value,
                                "pid": sup.pid, "restarts": sup.restarts, "ready": sup.ready,
                                "reason": sup.reason}
         if sup.restarts > before:
@@ -538,21 +539,17 @@ class Agent:
             self.record_error("registry", str(exc))
             return None
 
-    def credentials(self) -> Credentials:
-        r = self.cfg.registry
-        if r.kubeconfig or r.server:
-            return Credentials(kubeconfig=r.kubeconfig, server=r.server, ca_file=r.ca_file,
-                               token_file=r.token_file)
+    def shipped_kubeconfig(self) -> str | None:
         shipped = bundle_install.last_good_file(self.layout, "kubeconfig")
-        if shipped.exists():
-            return Credentials(kubeconfig=str(shipped))
-        raise FatalError("no Kubernetes credentials: set registry.kubeconfig (or registry.server with "
-                         "registry.token_file), or ship a kubeconfig in the bundle", config.EX_CONFIG)
+        return str(shipped) if shipped.exists() else None
 
     def api(self) -> Kube:
         if self.kube is None:
             try:
-                self.kube = Kube.from_credentials(self.credentials(), timeout=self.cfg.registry.timeout)
+                creds = registry_service.credentials(self.cfg.registry, self.shipped_kubeconfig())
+                self.kube = Kube.from_credentials(creds, timeout=self.cfg.registry.timeout)
+            except registry_service.PlanError as exc:
+                raise FatalError(str(exc), config.EX_CONFIG) from exc
             except (ValueError, OSError) as exc:
                 raise FatalError(f"Kubernetes credentials: {exc}") from exc
         return self.kube
@@ -564,11 +561,9 @@ class Agent:
             machine_id = self.layout.machine_id.read_text()
         except OSError as exc:
             raise FatalError(f"registry: {self.layout.machine_id}: {exc.strerror}") from exc
-        shipped = bundle_install.last_good_file(self.layout, "kubeconfig")
         try:
             plan = registry_service.make_plan(self.cfg.registry, bundle.env_map, machine_id=machine_id,
-                                              address=self.address,
-                                              bundle_kubeconfig=str(shipped) if shipped.exists() else None)
+                                              address=self.address, bundle_kubeconfig=self.shipped_kubeconfig())
             self.registry = registry_service.RegistryService.start(plan, self.events.put)
         except registry_service.PlanError as exc:
             raise FatalError(str(exc), config.EX_CONFIG) from exc

@@ -169,20 +169,18 @@ def check_api(ctx: Context, timeout: float) -> list[Check]:
         return [Check("API", SKIP, "no valid configuration")]
     if not ctx.cfg.registry.enabled and ctx.cfg.bundle.source != "kubernetes":
         return [Check("API", SKIP, "registry.enabled is false")]
-    from agent.registry.kube import Credentials, Kube
+    from agent.bundle.install import last_good_file
+    from agent.registry.kube import Kube
+    from agent.registry.service import PlanError, credentials
 
     r = ctx.cfg.registry
-    kubeconfig = r.kubeconfig
-    if not kubeconfig and not r.server and ctx.layout is not None:
-        from agent.bundle.install import last_good_file
-
-        shipped = last_good_file(ctx.layout, "kubeconfig")
-        kubeconfig = str(shipped) if shipped.exists() else None
-    if not kubeconfig and not r.server:
-        return [Check("API", FAIL, "no credentials", "set registry.kubeconfig, or ship a kubeconfig in the bundle")]
+    shipped = last_good_file(ctx.layout, "kubeconfig") if ctx.layout is not None else None
     try:
-        ctx.kube = Kube.from_credentials(Credentials(kubeconfig=kubeconfig, server=r.server, ca_file=r.ca_file,
-                                                     token_file=r.token_file), timeout=timeout)
+        creds = credentials(r, str(shipped) if shipped is not None and shipped.exists() else None)
+    except PlanError as exc:
+        return [Check("API", FAIL, str(exc), "set registry.kubeconfig, or ship a kubeconfig in the bundle")]
+    try:
+        ctx.kube = Kube.from_credentials(creds, timeout=timeout)
         from kubernetes import client
 
         started = time.time()

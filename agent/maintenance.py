@@ -15,10 +15,10 @@ import getpass
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from agent.fsutil import atomic_write
 from agent.paths import Layout
 
 
@@ -51,17 +51,7 @@ def request_maintenance(layout: Layout, reason: str = "", now: dt.datetime | Non
     except (KeyError, OSError):
         by = str(os.getuid())
     data = json.dumps({"since": when, "reason": reason, "by": by}) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".maintenance.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data.encode(), 0o644)
 
 
 def end_maintenance(layout: Layout) -> bool:

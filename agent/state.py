@@ -10,11 +10,12 @@ from __future__ import annotations
 import enum
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from agent.fsutil import atomic_write
 
 
 class Phase(enum.Enum):
@@ -97,20 +98,6 @@ def summarize(phase: Phase, sidecar: dict[str, Any], app: dict[str, Any], regist
     return f"registering {entry}"
 
 
-def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
-    """Readers (`mesh-agent status`) see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class StatusWriter:
     """Writes status.json when the content changed (not on every loop pass)."""
 
@@ -125,7 +112,8 @@ class StatusWriter:
             return False
         self._last = body
         status.updated_at = time.time()
-        write_atomically(self.path, status.as_json())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, status.as_json().encode(), 0o644)
         return True
 
     def remove(self) -> None:

@@ -30,7 +30,6 @@ import os
 import pwd
 import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.bundle.model import Bundle, scan_hosts
+from agent.fsutil import atomic_write, fsync_dir
 from agent.paths import Layout
 from agent.redact import register_secret
 
@@ -57,7 +57,6 @@ META = "meta.json"
 KEEP_VERSIONS = 2  # the last good bundle and the one before it, for an operator to compare
 
 # Tests replace this to simulate a bind-mounted /etc/hosts where rename fails.
-_replace: Callable[[str | Path, str | Path], None] = os.replace
 
 
 class InstallError(Exception):
@@ -97,38 +96,6 @@ class InstallResult:
 
 
 # --- small file-system helpers --------------------------------------------------------------------
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
-    """Replace path with data: temp file in the same directory, fsync, rename, fsync the directory.
-    Mode and owner are set before any byte is written, so a token is never readable by others."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        if owner is not None:
-            os.fchown(fd, *owner)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        _replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
 
 def rewrite_in_place(path: Path, data: bytes) -> None:
     """Overwrite a file's contents without replacing the inode (a bind-mounted file cannot be renamed

@@ -16,16 +16,16 @@ service account (bound tokens die with it) or the rule ends that. See docs/bundl
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from agent.fsutil import atomic_write
 from agent.redact import register_secret
 
 log = logging.getLogger(__name__)
@@ -72,27 +72,10 @@ def renew_at(claims: TokenClaims, fraction: float = 0.7) -> float:
 
 
 def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Readers see the old file or the new one; file and directory are synced."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Readers see the old token or the new one (agent.fsutil), in a directory made if missing."""
+    target = Path(path).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, data, mode)
 
 
 def renew_own_token(api_client: Any, token_file: str, *, lifetime: int | None = None,

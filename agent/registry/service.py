@@ -33,6 +33,18 @@ class Plan:
     build: Callable[[dict[str, Any]], dict[str, Any]]
 
 
+def credentials(reg: Any, bundle_kubeconfig: str | None) -> Credentials:
+    """Where the API and its credential come from: agent.yaml's registry settings, else the bundle's
+    kubeconfig. Raises PlanError when there is neither."""
+    if reg.kubeconfig or reg.server:
+        return Credentials(kubeconfig=reg.kubeconfig, server=reg.server, ca_file=reg.ca_file,
+                           token_file=reg.token_file)
+    if bundle_kubeconfig:
+        return Credentials(kubeconfig=bundle_kubeconfig, token_file=reg.token_file)
+    raise PlanError("registry.kubeconfig: no API credentials (set registry.kubeconfig or "
+                    "registry.server + token_file, or ship a kubeconfig in the bundle)")
+
+
 def make_plan(reg: Any, cluster_env: Mapping[str, str], *, machine_id: str, address: str,
               bundle_kubeconfig: str | None = None) -> Plan:
     """Pure: `reg` is config.RegistryConfig; `address` from address.detect_address()."""
@@ -43,14 +55,7 @@ def make_plan(reg: Any, cluster_env: Mapping[str, str], *, machine_id: str, addr
         (cluster_env.get("ISTIO_SERVICE") or "").split(".")[0] or None
     if not group:
         raise PlanError("registry.group: not set, and cluster.env has no ISTIO_META_WORKLOAD_NAME")
-    if reg.kubeconfig or reg.server:
-        creds = Credentials(kubeconfig=reg.kubeconfig, server=reg.server, ca_file=reg.ca_file,
-                            token_file=reg.token_file)
-    elif bundle_kubeconfig:
-        creds = Credentials(kubeconfig=bundle_kubeconfig, token_file=reg.token_file)
-    else:
-        raise PlanError("registry.kubeconfig: no API credentials (set registry.kubeconfig or "
-                        "registry.server + token_file, or ship a kubeconfig in the bundle)")
+    creds = credentials(reg, bundle_kubeconfig)
     labels_text = cluster_env.get("ISTIO_METAJSON_LABELS") or "{}"
     try:
         workload_labels = json.loads(labels_text)

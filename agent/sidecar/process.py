@@ -58,6 +58,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from agent import proc
+from agent.fsutil import atomic_write
 from agent.paths import Layout
 from agent.retry import Backoff
 from agent.sidecar.profiles import MARKER_ENV, LaunchSpec, Policy, describe
@@ -256,10 +257,8 @@ class PidRecord:
 
 def write_pidfile(path: Path, record: PidRecord) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"pid": record.pid, "create_time": record.create_time,
-                               "argv": list(record.argv), "profile": record.profile}) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps({"pid": record.pid, "create_time": record.create_time,
+                                    "argv": list(record.argv), "profile": record.profile}) + "\n").encode(), 0o644)
 
 
 def read_pidfile(path: Path) -> PidRecord | None:

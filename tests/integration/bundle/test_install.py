@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import fsutil
 from agent.bundle import install as inst
 from agent.bundle.install import InstallError, drifted, install, last_good, restore_last_good
 from agent.bundle.model import parse_bundle
@@ -102,7 +103,7 @@ def test_hosts_on_a_bind_mount_is_rewritten_in_place(tmp_path: Path, monkeypatch
             raise OSError(errno.EBUSY, "Device or resource busy")
         real(src, dst)
 
-    monkeypatch.setattr(inst, "_replace", replace)
+    monkeypatch.setattr(fsutil, "_replace", replace)
     bundle, _ = load(tmp_path, "vm", kit.files(NOW))
     result = do_install(layout, bundle)
     assert result.hosts_in_place
