@@ -129,6 +129,8 @@ class Agent:
         self.package_checked = False
         self.sidecar: sidecar_process.Supervisor | None = None
         self.monitor: Monitor | None = None
+        self.monitor_inputs: tuple[config.ProbeConfig | None, tuple[int, ...]] | None = None
+        self.group: dict[str, Any] | None = None  # the WorkloadGroup as the API last showed it
         self.kube: Kube | None = None  # for the `kubernetes` bundle source
         self.registry: registry_service.RegistryService | None = None
         self.registrar: reg.Registrar | None = None  # self.registry.registrar, the part the loop drives
@@ -427,7 +429,7 @@ class Agent:
         if self.sidecar is None:
             self.start_sidecar(bundle)
         if self.monitor is None:
-            self.start_monitor(bundle)
+            self.start_monitor()
         if self.registrar is None and self.cfg.registry.enabled:
             self.start_registrar(bundle)
 
@@ -477,16 +479,33 @@ class Agent:
 
     # --- app health ------------------------------------------------------------------------------
 
-    def start_monitor(self, bundle: bundle_model.Bundle) -> None:
-        group = bundle.workload_group or {}
-        template_ports = ((group.get("spec") or {}).get("template") or {}).get("ports")
-        ports = probes.app_ports(self.cfg.app.ports, template_ports, bundle.env_map.get("ISTIO_INBOUND_PORTS"))
-        probe = self.group_probe(group) or bundle.probe
+    def start_monitor(self) -> None:
+        probe, ports = self.health_inputs()
         self.monitor = Monitor.from_config(self.cfg.app, bundle_probe=probe, ports=ports,
                                            instance_address=self.address, post=self.events.put,
                                            sidecar_ready=bool(self.sidecar and self.sidecar.ready))
+        self.monitor_inputs = (probe, ports)
         self.monitor.start()
         self.health_snapshot()
+
+    def health_inputs(self) -> tuple[config.ProbeConfig | None, tuple[int, ...]]:
+        """The app's probe and ports: agent.yaml's, else the WorkloadGroup's (as the API last showed it,
+        else the bundle's copy), else mesh.yaml's readinessProbe and cluster.env's ISTIO_INBOUND_PORTS."""
+        bundle = self.bundle
+        group = self.group or (dict(bundle.workload_group) if bundle and bundle.workload_group else {})
+        template_ports = ((group.get("spec") or {}).get("template") or {}).get("ports")
+        inbound = bundle.env_map.get("ISTIO_INBOUND_PORTS") if bundle else None
+        ports = probes.app_ports(self.cfg.app.ports, template_ports, inbound)
+        probe = self.cfg.app.probe or self.group_probe(group) or (bundle.probe if bundle else None)
+        return probe, ports
+
+    def reconfigure_monitor(self) -> None:
+        """A new probe or ports (reload, a changed group) take effect; unchanged ones leave it be."""
+        inputs = self.health_inputs()
+        if self.monitor is None or inputs == self.monitor_inputs:
+            return
+        self.monitor_inputs = inputs
+        self.monitor.reconfigure(inputs[0], ports=inputs[1], flap=self.cfg.app.flap, probe_host=self.probe_host())
 
     def group_probe(self, group: dict[str, Any]) -> config.ProbeConfig | None:
         spec = group.get("spec") or {}
@@ -515,13 +534,8 @@ class Agent:
 
     def group_seen(self, group: dict[str, Any]) -> None:
         """A changed WorkloadGroup may carry a new probe; the registrar re-applies the entry itself."""
-        probe = self.group_probe(group)
-        if probe is not None and self.monitor is not None and self.bundle is not None:
-            template_ports = ((group.get("spec") or {}).get("template") or {}).get("ports")
-            ports = probes.app_ports(self.cfg.app.ports, template_ports,
-                                     self.bundle.env_map.get("ISTIO_INBOUND_PORTS"))
-            self.monitor.reconfigure(self.cfg.app.probe or probe, ports=ports, flap=self.cfg.app.flap,
-                                     probe_host=self.probe_host())
+        self.group = group
+        self.reconfigure_monitor()
 
     def probe_host(self) -> str:
         from agent.health.monitor import probe_host
@@ -642,10 +656,9 @@ class Agent:
             if new.registry != old.registry and self.registrar is not None and self.bundle is not None:
                 log.info("registry settings changed: re-applying the entry")
                 self.restart_registrar(self.bundle)
-            if new.app != old.app and self.monitor is not None and self.bundle is not None:
-                self.monitor.reconfigure(new.app.probe or self.bundle.probe, ports=probes.app_ports(
-                    new.app.ports, None, self.bundle.env_map.get("ISTIO_INBOUND_PORTS")),
-                    flap=new.app.flap, probe_host=self.probe_host())
+            if new.app != old.app:
+                self.monitor_inputs = None  # the flap settings or probe host may have changed too
+                self.reconfigure_monitor()
             if new.sidecar != old.sidecar:
                 log.warning("sidecar settings changed: they take effect at the next restart of mesh-agent")
             if new.bundle != old.bundle and self.fetcher is not None:

@@ -8,6 +8,7 @@ envoy profile, unprivileged ports, and every path under the rig's root.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -212,10 +213,8 @@ class Rig:
             self.agent.wait(5)
         self.kill_app()
         pidfile = self.root / "run/mesh-agent/sidecar.pid"
-        with contextlib.suppress(Exception):
-            pid = int(pidfile.read_text().split()[0]) if pidfile.read_text().strip()[0].isdigit() else \
-                int(yaml.safe_load(pidfile.read_text())["pid"])
-            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError, KeyError):  # no proxy left, or it is gone already
+            os.killpg(int(json.loads(pidfile.read_text())["pid"]), signal.SIGKILL)
 
     # --- looking -----------------------------------------------------------------------------------
 
