@@ -457,17 +457,12 @@ def parse_crd(doc: dict[str, Any]) -> CRD:
 
 
 def default_crds_path() -> Path:
-    """The Istio CRDs: $MESH_AGENT_CRDS, else ../shared/istio/crds.yaml beside the repository."""
+    """The Istio CRDs: $MESH_AGENT_CRDS, else the structural schemas kept beside this module."""
     import os
 
     if os.environ.get("MESH_AGENT_CRDS"):
         return Path(os.environ["MESH_AGENT_CRDS"])
-    repo = Path(__file__).resolve().parents[2]
-    for base in (repo.parent, repo.parent.parent):
-        candidate = base / "shared" / "istio" / "crds.yaml"
-        if candidate.exists():
-            return candidate
-    return repo.parent / "shared" / "istio" / "crds.yaml"
+    return Path(__file__).resolve().parent / "istio-crds.yaml"
 
 
 @lru_cache(maxsize=8)
@@ -480,8 +475,8 @@ def _load(path: str) -> tuple[CRD, ...]:
 def load_crds(path: str | Path | None = None) -> tuple[CRD, ...]:
     where = Path(path) if path else default_crds_path()
     if not where.exists():
-        raise FileNotFoundError(f"no CRD file at {where}: set MESH_AGENT_CRDS (or pass crds=) to the Istio "
-                                "CRDs (shared/istio/crds.yaml)")
+        raise FileNotFoundError(f"no CRD file at {where}: set MESH_AGENT_CRDS (or pass crds=) to a file of "
+                                "Istio CRDs")
     return _load(str(where))
 
 
