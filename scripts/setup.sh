@@ -4,6 +4,7 @@
 # Usage: scripts/setup.sh [--system-test]   (the flag adds what the booted-systemd tests need)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/apt-lock.sh
 
 packages=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev iproute2 ca-certificates)
 # kubectl may come from another package (a cloud SDK ships one); Debian's is kubernetes-client.
@@ -18,12 +19,13 @@ for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
-    sudo=""
-    [[ $(id -u) == 0 ]] || sudo="sudo"
+    sudo=(env)
+    [[ $(id -u) == 0 ]] || sudo=(sudo)
     echo "setup: installing Debian packages: ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive $sudo dpkg --configure -a || true
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # An interrupted dpkg run (a VM rebooted mid-upgrade) must be finished first; failing that, apt says why.
+    with_apt_lock "${sudo[@]}" DEBIAN_FRONTEND=noninteractive dpkg --configure -a || true
+    with_apt_lock "${sudo[@]}" apt-get update -qq
+    with_apt_lock "${sudo[@]}" DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 # Debian's own Python, the one the .deb runs on.
