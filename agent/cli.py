@@ -27,13 +27,17 @@ class Verb:
 VERBS = [
     Verb("run", "agent.daemon", "run the agent in the foreground (what the systemd unit starts)",
          "Fetch and install the mesh bundle, run the sidecar, watch the app and keep the VM's "
-         "WorkloadEntry registered while the app is healthy. Runs until SIGTERM; SIGHUP reloads."),
+         "WorkloadEntry registered while the app is healthy. Runs until SIGTERM; SIGHUP reloads. "
+         "Exit 0 after a clean stop, 78 for a bad configuration (systemd does not restart it), "
+         "anything else for a failure systemd restarts."),
     Verb("status", "agent.status", "show what the running agent is doing",
          "Print the running agent's state: bundle, token and certificate expiry, sidecar, app health, "
-         "registration and recent errors. Works without root."),
+         "registration and recent errors. Works without root. Exit 3 when the agent is not running "
+         "(like `systemctl status`)."),
     Verb("doctor", "agent.doctor", "check everything the agent needs and say what is wrong",
          "One line per check (config, bundle, istiod and API reachability, RBAC, WorkloadGroup, clock, "
-         "ports, iptables, istio.service), each pass, warn or fail with a hint."),
+         "ports, iptables, istio.service): pass, warn or fail with a hint, or skip saying why. "
+         "Works without a configuration. Exit 1 when a check fails."),
     Verb("bundle", "agent.bundle.commands", "fetch, verify, show or install a mesh bundle",
          "Work with the mesh bundle that `istioctl x workload entry configure` writes."),
     Verb("manifests", "agent.registry.manifests", "print the Kubernetes objects a fleet of agents needs",
@@ -45,12 +49,16 @@ VERBS = [
     Verb("register", "agent.maintenance", "end maintenance: the agent registers the VM again",
          "End the maintenance started by `mesh-agent deregister`."),
     Verb("reap", "agent.registry.reaper", "delete WorkloadEntries of VMs that died (run in the cluster)",
-         "Delete WorkloadEntries, and their Leases, whose lease expired more than the grace ago."),
+         "Delete WorkloadEntries, and their Leases, whose lease expired more than the grace ago. "
+         "Exit 78 when the API credentials cannot be used, 1 when the API fails."),
     Verb("deprovision", "agent.deprovision", "clear this instance's state before capturing an image",
          "Remove the last bundle, the token copy, the managed /etc/hosts block and the status, keeping "
-         "the configuration, so each clone of the image registers as a new instance."),
+         "the configuration, so each clone of the image registers as a new instance. Refuses while "
+         "the service is running, unless --force."),
     Verb("config", "agent.config_cli", "check the configuration file",
-         "`mesh-agent config check [FILE]` validates agent.yaml without starting anything."),
+         "`mesh-agent config check [FILE]` validates agent.yaml without starting anything (exit 78 "
+         "with one line per problem); `mesh-agent config is-configured [FILE]` is the unit's start "
+         "condition (exit 1 while not configured)."),
     Verb("version", "agent.cli", "print the version", "Print mesh-agent's version."),
 ]
 
@@ -61,7 +69,8 @@ def build_parser(chosen: str | None = None) -> tuple[argparse.ArgumentParser, ob
         prog="mesh-agent",
         description="Brings this VM into an Istio service mesh and keeps it there.",
         epilog="Configuration: /etc/mesh-agent/agent.yaml (or --config, or $MESH_AGENT_CONFIG). "
-               "See mesh-agent(8).")
+               "Exit status: 0 success, 1 failure, 2 usage error, 3 `status`: not running, "
+               "78 bad configuration. See mesh-agent(8).")
     parser.add_argument("--version", action="version", version=f"mesh-agent {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     module = None

@@ -1,4 +1,4 @@
-"""`mesh-agent doctor`: one line per thing the agent needs, pass / warn / fail, with a hint.
+"""`mesh-agent doctor`: one line per thing the agent needs, pass / warn / fail with a hint, or skip with why.
 
 Each check is a small function returning Check lines; `run_checks` stops nothing on a failure (an admin
 wants the whole picture), except that checks needing the API are skipped when it cannot be reached.
@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from agent import config, proc
@@ -24,6 +25,8 @@ from agent.paths import Layout
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 SOON = 600.0  # a token or certificate closer than this to expiry is a warning
 SKEW = 5.0    # clock skew against the API server tolerated before warning
+EXAMPLE = "/usr/share/doc/mesh-agent/examples/agent.yaml.example"
+SYSTEMD_RUNNING = "/run/systemd/system"  # exists only while systemd is PID 1 (sd_booted(3))
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,9 @@ def check_config(ctx: Context, _t: float) -> list[Check]:
     except config.ConfigError as exc:
         first = str(exc.errors[0])
         more = f" (and {len(exc.errors) - 1} more)" if len(exc.errors) > 1 else ""
-        return [Check("config", FAIL, first + more, f"mesh-agent config check {ctx.path}")]
+        hint = (f"write it (the package ships a commented example as {EXAMPLE}), or give --config"
+                if not Path(ctx.path).exists() else f"mesh-agent config check {ctx.path}")
+        return [Check("config", FAIL, first + more, hint)]
     ctx.layout = Layout.from_config(ctx.cfg)
     if not ctx.cfg.configured:
         return [Check("config", WARN, f"{ctx.path} says configured: false",
@@ -107,7 +112,8 @@ def check_bundle(ctx: Context, _t: float) -> list[Check]:
     loaded = install.load_last_good(ctx.layout)
     if loaded is None:
         return [Check("bundle", FAIL, f"no bundle installed yet (source: {ctx.cfg.bundle.source})",
-                      "is the agent running? `mesh-agent bundle fetch` shows whether the source answers")]
+                      f"is the agent running? `mesh-agent bundle fetch --config {ctx.path}` shows whether "
+                      "the source answers")]
     info, files = loaded
     try:
         ctx.bundle = model.parse_bundle(files, info.fetched_at, ctx.cfg.bundle)
@@ -166,9 +172,11 @@ def check_istiod(ctx: Context, timeout: float) -> list[Check]:
 
 def check_api(ctx: Context, timeout: float) -> list[Check]:
     if ctx.cfg is None:
-        return [Check("API", SKIP, "no valid configuration")]
+        return [Check("API", SKIP, "no valid configuration"),
+                Check("clock", SKIP, "no API server configured to compare with")]
     if not ctx.cfg.registry.enabled and ctx.cfg.bundle.source != "kubernetes":
-        return [Check("API", SKIP, "registry.enabled is false")]
+        return [Check("API", SKIP, "registry.enabled is false"),
+                Check("clock", SKIP, "no API server configured to compare with (registry.enabled is false)")]
     from agent.bundle.install import last_good_file
     from agent.registry.kube import Kube
     from agent.registry.service import PlanError, credentials
@@ -178,7 +186,8 @@ def check_api(ctx: Context, timeout: float) -> list[Check]:
     try:
         creds = credentials(r, str(shipped) if shipped is not None and shipped.exists() else None)
     except PlanError as exc:
-        return [Check("API", FAIL, str(exc), "set registry.kubeconfig, or ship a kubeconfig in the bundle")]
+        return [Check("API", FAIL, str(exc), "set registry.kubeconfig, or ship a kubeconfig in the bundle"),
+                Check("clock", SKIP, "no API server to compare with")]
     try:
         ctx.kube = Kube.from_credentials(creds, timeout=timeout)
         from kubernetes import client
@@ -191,7 +200,8 @@ def check_api(ctx: Context, timeout: float) -> list[Check]:
     except Exception as exc:
         ctx.kube = None
         return [Check("API", FAIL, f"{_server(ctx)}: {_short(exc)}",
-                      "check the server address, its CA and the network path to it")]
+                      "check the server address, its CA and the network path to it"),
+                Check("clock", SKIP, "the API server did not answer, so there is nothing to compare with")]
     out = [Check("API", PASS, f"{_server(ctx)} answers (Kubernetes "
                  f"{json.loads(resp.data).get('gitVersion', '?')})")]
     date = resp.headers.get("Date")
@@ -201,6 +211,8 @@ def check_api(ctx: Context, timeout: float) -> list[Check]:
         level = PASS if abs(skew) < SKEW else WARN
         out.append(Check("clock", level, f"{skew:+.1f}s against the API server",
                          "" if level == PASS else "run timesyncd or chrony: token and lease times depend on it"))
+    else:
+        out.append(Check("clock", SKIP, "the API server's answer had no Date header to compare with"))
     env = ctx.bundle.env_map if ctx.bundle is not None else {}
     ctx.namespace = r.namespace or env.get("POD_NAMESPACE")
     ctx.group = r.group or env.get("ISTIO_META_WORKLOAD_NAME")
@@ -293,23 +305,52 @@ def check_ports(ctx: Context, _t: float) -> list[Check]:
 
 
 def check_iptables(ctx: Context, _t: float) -> list[Check]:
-    if ctx.cfg is None or ctx.cfg.sidecar.profile != "istio":
-        return [Check("iptables", SKIP, "not the istio profile")]
+    # Without a configuration the sidecar settings are the defaults: the istio profile, iptables managed.
+    sidecar = ctx.cfg.sidecar if ctx.cfg is not None else config.SidecarConfig()
+    why = "" if ctx.cfg is not None else " (no configuration: the default istio profile)"
+    if sidecar.profile != "istio":
+        return [Check("iptables", SKIP, f"the {sidecar.profile} profile does not redirect traffic")]
+    if not sidecar.manage_iptables:
+        return [Check("iptables", SKIP, "sidecar.manage_iptables is false")]
+    if ctx.bundle is not None and ctx.bundle.env_map.get("ISTIO_CUSTOM_IP_TABLES") == "true":
+        return [Check("iptables", SKIP, "the bundle says ISTIO_CUSTOM_IP_TABLES=true")]
     found = shutil.which("iptables") or shutil.which("iptables-legacy")
     if found is None:
-        return [Check("iptables", FAIL, "iptables is not installed", "apt install iptables")]
-    return [Check("iptables", PASS, found)]
+        return [Check("iptables", FAIL, f"iptables is not installed{why}", "apt install iptables")]
+    return [Check("iptables", PASS, f"{found}{why}")]
 
 
 def check_istio_service(ctx: Context, _t: float) -> list[Check]:
-    if shutil.which("systemctl") is None or (ctx.layout is not None and str(ctx.layout.root) != "/"):
-        return [Check("istio.service", SKIP, "no systemd here")]
-    result = proc.run(["systemctl", "is-active", "istio.service"], timeout=10)
-    state = result.stdout.strip() or "unknown"
-    if state == "active":
-        return [Check("istio.service", FAIL, "is running alongside mesh-agent: two proxies fight over ports",
-                      "systemctl disable --now istio.service")]
-    return [Check("istio.service", PASS, f"not running ({state})")]
+    """istio-sidecar.deb's own unit must not run the proxy too; say only what systemd actually reports."""
+    if ctx.layout is not None and str(ctx.layout.root) != "/":
+        return [Check("istio.service", SKIP, f"the configuration's root is {ctx.layout.root}, not this host")]
+    if not Path(SYSTEMD_RUNNING).is_dir():
+        return [Check("istio.service", SKIP, f"cannot tell: systemd is not running here (no {SYSTEMD_RUNNING})")]
+    if shutil.which("systemctl") is None:
+        return [Check("istio.service", SKIP, "cannot tell: systemctl is not installed")]
+    result = proc.run(["systemctl", "show", "--property=LoadState,ActiveState,UnitFileState",
+                       "istio.service"], timeout=10)
+    if not result.ok:
+        said = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[0]
+        return [Check("istio.service", SKIP, f"cannot tell: systemctl show failed: {said}")]
+    return [istio_service_state(dict(line.partition("=")[::2] for line in result.stdout.splitlines()))]
+
+
+def istio_service_state(props: dict[str, str]) -> Check:
+    """The check's verdict from `systemctl show`'s LoadState, ActiveState and UnitFileState."""
+    load, active = props.get("LoadState", ""), props.get("ActiveState", "")
+    enabled = props.get("UnitFileState", "")
+    if not load or not active:
+        return Check("istio.service", SKIP, "cannot tell: systemctl did not report its state")
+    if load == "not-found":
+        return Check("istio.service", PASS, "not installed")
+    if active in ("active", "activating", "reloading", "deactivating"):
+        return Check("istio.service", FAIL, f"is {active} alongside mesh-agent: two proxies fight over ports",
+                     "systemctl disable --now istio.service")
+    if enabled in ("enabled", "enabled-runtime", "linked", "linked-runtime", "alias"):
+        return Check("istio.service", WARN, f"{active} but {enabled}: it starts at the next boot and fights "
+                     "mesh-agent over the proxy's ports", "systemctl disable istio.service")
+    return Check("istio.service", PASS, f"installed but {active}, {enabled or 'not enabled'}")
 
 
 # --- small helpers --------------------------------------------------------------------------------

@@ -64,9 +64,11 @@ def end_maintenance(layout: Layout) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument("--config", help="agent.yaml (default: /etc/mesh-agent/agent.yaml), for its "
-                        "root and state_dir")
-    parser.add_argument("--root", help="path prefix of the VM's files (tests and demos)")
+    parser.add_argument("--config", help="agent.yaml, for its root and state_dir (default: "
+                        "$MESH_AGENT_CONFIG or /etc/mesh-agent/agent.yaml; when it is missing or invalid, "
+                        "the built-in defaults)")
+    parser.add_argument("--root", help="path prefix of the VM's files, instead of the config's root "
+                        "(tests and demos)")
     if verb == "deregister":
         parser.add_argument("--reason", default="", help="recorded in the maintenance file and status")
 

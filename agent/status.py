@@ -18,7 +18,8 @@ EX_NOT_RUNNING = 3  # like `systemctl status` for an inactive unit
 
 def add_arguments(p: argparse.ArgumentParser, _verb: str) -> None:
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    p.add_argument("--config", help="agent.yaml (to find run_dir and root)")
+    p.add_argument("--config", help="agent.yaml, to find run_dir and root (default: $MESH_AGENT_CONFIG or "
+                   f"{config.DEFAULT_PATH}; when it cannot be read, the built-in defaults)")
     p.add_argument("--status-file", help="read this status file instead")
 
 

@@ -33,12 +33,12 @@ EX_USAGE = 2
 def add_arguments(p: argparse.ArgumentParser, _verb: str) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    def common(sp: argparse.ArgumentParser, source_required: bool = False) -> None:
-        sp.add_argument("source", nargs=None if source_required else "?", metavar="SOURCE",
-                        help="https:// URL, file:// URL or path of a .tar.gz, or a directory "
-                             "(default: bundle.source from --config)")
-        sp.add_argument("--config", help="agent.yaml whose bundle section (CA, token, timeouts, "
-                                          "limits) is used")
+    def common(sp: argparse.ArgumentParser, kinds: str = "https:// URL, file:// URL or path of a .tar.gz, "
+               "or a directory") -> None:
+        sp.add_argument("source", nargs="?", metavar="SOURCE",
+                        help=f"{kinds} (default: bundle.source of the --config file)")
+        sp.add_argument("--config", help="agent.yaml whose bundle section (source, CA, token, timeouts, "
+                                          "limits) is used; read only when given")
 
     f = sub.add_parser("fetch", help="fetch and validate a bundle, optionally save it",
                        description="Fetch a bundle from its source, validate it and print what it holds.")
@@ -48,21 +48,24 @@ def add_arguments(p: argparse.ArgumentParser, _verb: str) -> None:
 
     v = sub.add_parser("verify", help="validate a local bundle (directory or .tar.gz), offline",
                        description="Check a bundle without installing it and without the network; "
-                                   "print every problem found.")
-    common(v, source_required=True)
+                                   "print every problem found. Exit 1 when it is invalid.")
+    common(v, "path or file:// URL of a .tar.gz, or a directory")
 
     s = sub.add_parser("show", help="print what a bundle holds (the token redacted)",
                        description="Print a bundle's contents: cluster.env, probe, token subject and "
-                                   "expiry, certificate expiry, hosts. Without SOURCE: the installed one.")
+                                   "expiry, certificate expiry, hosts. With neither SOURCE nor --config: "
+                                   "the bundle installed under --root.")
     common(s)
-    s.add_argument("--root", help="root prefix of the installed bundle (default: /)")
+    s.add_argument("--root", help="root prefix of the installed bundle shown without SOURCE and --config "
+                                  "(default: /)")
     s.add_argument("--json", action="store_true", help="print JSON")
 
     i = sub.add_parser("install", help="fetch, validate and install a bundle",
                        description="Fetch, validate and install a bundle atomically into Istio's layout; "
                                    "the previous files are kept if anything fails.")
     common(i)
-    i.add_argument("--root", help="install under this root prefix instead of / (tests, demos)")
+    i.add_argument("--root", help="install under this root prefix (tests, demos; default: the --config "
+                                  "file's root, else /)")
     i.add_argument("--user", help="owner of the installed files (default: sidecar.user, istio-proxy); "
                                   "ownership is only changed when running as root")
 
@@ -124,9 +127,9 @@ def _fail(exc: Exception) -> None:
 
 def _verify(cfg: BundleConfig) -> int:
     scheme = urlsplit(cfg.source).scheme
-    if scheme in ("http", "https"):
-        print("mesh-agent bundle verify: works offline on a directory or .tar.gz; "
-              "use `bundle fetch` for a URL", file=sys.stderr)
+    if scheme in ("http", "https") or cfg.source.strip() == "kubernetes":
+        print(f"mesh-agent bundle verify: {cfg.source} is not local: verify works offline on a directory "
+              "or .tar.gz; use `bundle fetch` for a URL", file=sys.stderr)
         return EX_USAGE
     fetched = source.fetch(cfg)
     assert isinstance(fetched, Fetched)

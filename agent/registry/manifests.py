@@ -163,7 +163,7 @@ def build_manifests(*, group: str, namespace: str, service_account: str, ports: 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--group", required=True, help="WorkloadGroup name")
-    parser.add_argument("--namespace", required=True)
+    parser.add_argument("--namespace", required=True, help="namespace of the group and its entries")
     parser.add_argument("--service-account", required=True, help="the agents' ServiceAccount")
     parser.add_argument("--port", action="append", default=[], metavar="NAME=PORT", required=True,
                         help="a port of the app (repeat); the name's prefix gives the protocol")
@@ -172,9 +172,11 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--network", help="the VMs' network, when it differs from the cluster's")
     parser.add_argument("--host", help="ServiceEntry host (default: GROUP.NAMESPACE.svc.cluster.local)")
     parser.add_argument("--probe", help="http:PORT[/PATH] or tcp:PORT readiness probe in the group")
-    parser.add_argument("--reaper-image", default="mesh-agent:latest", help="image with mesh-agent")
-    parser.add_argument("--reaper-schedule", default="* * * * *")
-    parser.add_argument("--reaper-grace", default="60s")
+    parser.add_argument("--reaper-image", default="mesh-agent:latest",
+                        help="image with mesh-agent (default: mesh-agent:latest)")
+    parser.add_argument("--reaper-schedule", default="* * * * *", help="the CronJob's schedule (default: "
+                        "every minute)")
+    parser.add_argument("--reaper-grace", default="60s", help="the reaper's --grace (default 60s)")
     parser.add_argument("--read-istio-config", metavar="ISTIO_NAMESPACE",
                         help="also let the agents read the mesh config, injector ConfigMap and gateway "
                         "Service in this namespace (bundle source kubernetes without static_dir)")

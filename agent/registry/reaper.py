@@ -108,11 +108,11 @@ def reap(kube: Kube, namespace: str, grace: float, dry_run: bool = False,
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument("--namespace", required=True)
+    parser.add_argument("--namespace", required=True, help="namespace of the WorkloadEntries and Leases")
     parser.add_argument("--grace", default="60s", help="how long after the lease expired (default 60s)")
     parser.add_argument("--dry-run", action="store_true", help="print what would be deleted")
     parser.add_argument("--kubeconfig", help="default: the pod's service account, else ~/.kube/config")
-    parser.add_argument("--timeout", default="10s", help="per API request")
+    parser.add_argument("--timeout", default="10s", help="per API request (default 10s)")
 
 
 def main(args: argparse.Namespace) -> int:
