@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from agent.schema import Duration, Loader, SchemaError, SchemaErrors, Size, field
+from agent.schema import MAX_BYTES, Duration, Loader, SchemaError, SchemaErrors, Size, decode, field
 
 DEFAULT_PATH = "/etc/mesh-agent/agent.yaml"
 ENV_VAR = "MESH_AGENT_CONFIG"
@@ -244,18 +243,14 @@ class FlapConfig:
 class AppConfig:
     """The local application whose health decides registration."""
 
-    ports: tuple[int, ...] = field((), help="app ports; default: the group's ports or ISTIO_INBOUND_PORTS")
+    ports: tuple[int, ...] = field((), min=1, max=65535,
+                                   help="app ports; default: the group's ports or ISTIO_INBOUND_PORTS")
     probe: ProbeConfig | None = field(None, help="overrides the WorkloadGroup's probe")
     probe_host: Literal["localhost", "instance"] = field(
         "localhost", help="probe 127.0.0.1, or the instance address as Istio's agent does")
     flap: FlapConfig = field(factory=FlapConfig)
     watch_process: bool = field(True, help="watch the process owning the port; its exit is "
                                 "Unhealthy at once")
-
-    @staticmethod
-    def checks(c: AppConfig) -> list[tuple[str, str]]:
-        bad = [p for p in c.ports if not 1 <= p <= 65535]
-        return [("ports", f"ports must be 1..65535, got {bad[0]}")] if bad else []
 
 
 # --- registry -------------------------------------------------------------------------------------
@@ -404,21 +399,33 @@ def config_path(cli_value: str | None = None) -> str:
 
 
 def parse(text: str, file: str = "agent.yaml") -> Config:
-    """Parse agent.yaml's text; raises ConfigError listing every problem found."""
+    """Parse agent.yaml's text; raises ConfigError listing every problem found, and nothing else."""
     try:
         return Loader(file).load(text, Config)
     except SchemaErrors as exc:
         raise ConfigError(exc.errors) from None
 
 
-def load(path: str) -> Config:
+def parse_bytes(data: bytes, file: str = "agent.yaml") -> Config:
+    """As parse, for the file's bytes: too large or not UTF-8 is a ConfigError too."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = decode(data, file)
+    except SchemaErrors as exc:
+        raise ConfigError(exc.errors) from None
+    return parse(text, file)
+
+
+def read(path: str) -> bytes:
+    """The file's bytes, at most MAX_BYTES + 1 of them (enough to tell that it is too large)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_BYTES + 1)
     except OSError as exc:
-        raise ConfigError([SchemaError(path, 0, "", f"cannot read: {exc.strerror}")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([SchemaError(path, 0, "", "not UTF-8 text")]) from None
-    return parse(text, path)
+        raise ConfigError([SchemaError(path, 0, "", f"cannot read: {exc.strerror or exc}")]) from None
+
+
+def load(path: str) -> Config:
+    return parse_bytes(read(path), path)
 
 
 def to_dict(obj: Any) -> Any:

@@ -3,11 +3,16 @@
 The configuration schema (config.py) is plain dataclasses; this module walks the YAML node tree
 (yaml.compose keeps line numbers, yaml.safe_load does not) against the dataclass annotations and
 collects every error in the file instead of stopping at the first.
+
+Whatever the input, the only exception that leaves `decode`, `compose` and `Loader.load` is
+SchemaErrors: the file's size, its nesting and its aliases are capped before they can cost time,
+memory or the interpreter's stack.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -64,16 +69,39 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
 
 
+# Far above any real agent.yaml (the commented example is under 6 KiB); bounds the memory a wrong file,
+# e.g. a log given by mistake, can cost.
+MAX_BYTES = 1024 * 1024
+# The schema nests 7 levels deep (app.probe.http_get.http_headers[0].name); the cap keeps a hostile
+# file far from Python's recursion limit.
+MAX_DEPTH = 32
+# Keys and values; a file setting every key has about 250. Composing costs some 25 µs per node, so
+# this, not the size, bounds the time (a quarter second) a wrong file can cost.
+MAX_NODES = 10_000
+# Past this many problems the file is not agent.yaml at all; listing more helps no one.
+MAX_ERRORS = 100
+_MAX_SHOWN = 60  # characters of a value quoted in a message
+
+# Characters that would split a message over lines (str.splitlines() breaks at all of these) or
+# garble a terminal; they are shown escaped so that each problem stays one line.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(text: str) -> str:
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 @dataclass(frozen=True)
 class SchemaError:
     file: str
-    line: int  # 1-based; 0 when unknown
+    line: int  # 1-based; 0 when there is no line (the file cannot be read)
     path: str  # dotted key path, "" for the document
     message: str
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        text = f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+        return _escape(text)
 
 
 class SchemaErrors(Exception):
@@ -111,8 +139,105 @@ def _type_name(tp: Any) -> str:
 
 def _shown(node: yaml.Node) -> str:
     if isinstance(node, yaml.ScalarNode):
-        return f'"{node.value}"'
+        value = node.value if len(node.value) <= _MAX_SHOWN else node.value[:_MAX_SHOWN - 3] + "..."
+        return f'"{value}"'
     return "a list" if isinstance(node, yaml.SequenceNode) else "a mapping"
+
+
+def _line_at(text: str, pos: int) -> int:
+    """1-based line of text[pos], counting line breaks as YAML does."""
+    return len(re.findall(r"\r\n|[\r\n\x85\u2028\u2029]", text[:pos])) + 1
+
+
+def decode(data: bytes, file: str) -> str:
+    """The text of a YAML file's bytes; SchemaErrors when it is too large or not UTF-8."""
+    if len(data) > MAX_BYTES:
+        raise SchemaErrors([SchemaError(file, 1, "", f"larger than {MAX_BYTES // 1024 // 1024} MiB: "
+                                                     "not a configuration file")])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = len(re.findall(rb"\r\n|[\r\n]", data[:exc.start])) + 1
+        raise SchemaErrors([SchemaError(file, line, "", f"not UTF-8 text (byte 0x{data[exc.start]:02x} "
+                                                        f"at offset {exc.start})")]) from None
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML that a configuration file may not use."""
+
+
+class _Composer(yaml.SafeLoader):
+    """yaml.compose's loader, with nesting capped and anchors and aliases refused.
+
+    An alias makes the node tree a graph: a few lines can expand to billions of nodes, or to a
+    cycle. A configuration has no need for them."""
+
+    depth = 0
+    nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused(problem="anchors (&name) and aliases (*name) are not supported: "
+                           "write the value out", problem_mark=event.start_mark)
+        if self.depth >= MAX_DEPTH:
+            raise _Refused(problem=f"nested deeper than {MAX_DEPTH} levels", problem_mark=event.start_mark)
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _Refused(problem=f"more than {MAX_NODES} keys and values: not a configuration file",
+                           problem_mark=event.start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self.depth -= 1
+
+
+def compose(text: str, file: str) -> yaml.Node | None:
+    """The node tree of a single YAML document (None when there is none); SchemaErrors naming the
+    line of anything that is not one plain YAML document."""
+
+    def fail(line: int, message: str) -> SchemaErrors:
+        return SchemaErrors([SchemaError(file, max(line, 1), "", message)])
+
+    if len(text) > MAX_BYTES:
+        raise fail(1, f"larger than {MAX_BYTES // 1024 // 1024} MiB: not a configuration file")
+    nul = text.find("\0")
+    if nul >= 0:  # YAML would refuse it too, but this says what it means
+        raise fail(_line_at(text, nul), "NUL byte: not a text file")
+    loader = None
+    try:
+        loader = _Composer(text)  # its reader checks every character at once
+        return loader.get_single_node()  # type: ignore[no-any-return]
+    except _Refused as exc:
+        raise fail(exc.problem_mark.line + 1, str(exc.problem)) from None
+    except yaml.composer.ComposerError as exc:
+        if exc.context == "expected a single document in the stream":
+            mark = exc.problem_mark
+            raise fail(mark.line + 1 if mark else 1, "a second YAML document: the file must hold one") from None
+        raise fail(*_syntax_error(exc)) from None
+    except yaml.reader.ReaderError as exc:
+        raise fail(_line_at(text, exc.position), f"character U+{exc.character:04X} is not allowed "
+                   "in YAML") from None
+    except yaml.YAMLError as exc:
+        raise fail(*_syntax_error(exc)) from None
+    except RecursionError:  # not reached through compose_node's cap; a second fence
+        raise fail(1, "nested too deep") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _syntax_error(exc: yaml.YAMLError) -> tuple[int, str]:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    if "\\t" in problem:
+        problem += " (indent with spaces: YAML does not allow tabs there)"
+    return (mark.line + 1 if mark else 1), f"YAML syntax error: {problem}"
+
+
+class _TooMany(Exception):
+    pass
 
 
 class Loader:
@@ -123,21 +248,24 @@ class Loader:
         self.errors: list[SchemaError] = []
 
     def error(self, node: yaml.Node | None, path: str, message: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else 0
+        mark = node.start_mark if node is not None else None
+        line = mark.line + 1 if mark is not None else 1
+        if len(self.errors) >= MAX_ERRORS:
+            self.errors.sort(key=lambda e: e.line)
+            self.errors.append(SchemaError(self.file, line, "", f"stopped after {MAX_ERRORS} problems"))
+            raise _TooMany
         self.errors.append(SchemaError(self.file, line, path, message))
 
     def load(self, text: str, cls: type) -> Any:
+        node = compose(text, self.file)
+        if node is None or _is_null(node):  # empty, only comments, or `---`: all defaults
+            node = yaml.MappingNode("tag:yaml.org,2002:map", [], yaml.Mark(self.file, 0, 0, 0, None, None))
         try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-            problem = getattr(exc, "problem", None) or str(exc)
-            line = mark.line + 1 if mark else 0
-            self.errors.append(SchemaError(self.file, line, "", f"YAML syntax error: {problem}"))
-            raise SchemaErrors(self.errors) from None
-        if node is None:  # an empty file is all defaults
-            node = yaml.MappingNode("tag:yaml.org,2002:map", [])
-        value = self.convert(node, cls, "")
+            value = self.convert(node, cls, "")
+        except _TooMany:
+            raise SchemaErrors(self.errors) from None  # already sorted, the last line saying so
+        except RecursionError:  # compose() caps nesting far below the limit; a second fence
+            self.errors.append(SchemaError(self.file, 1, "", "nested too deep"))
         if self.errors:
             self.errors.sort(key=lambda e: e.line)
             raise SchemaErrors(self.errors)
@@ -163,6 +291,9 @@ class Loader:
             _, val_tp = get_args(tp)
             out: dict[str, Any] = {}
             for k, v in node.value:
+                if not isinstance(k, yaml.ScalarNode):
+                    self.error(k, path, f"keys must be strings, got {_shown(k)}")
+                    continue
                 key = str(k.value)
                 if key in out:
                     self.error(k, f"{path}.{key}", "duplicate key")
@@ -221,8 +352,12 @@ class Loader:
         values: dict[str, Any] = {}
         key_nodes: dict[str, yaml.Node] = {}
         for knode, vnode in node.value:
+            if not isinstance(knode, yaml.ScalarNode):
+                self.error(knode, path, f"keys must be strings, got {_shown(knode)}")
+                continue
             key = str(knode.value)
-            sub = f"{path}.{key}" if path else key
+            name = key or '""'
+            sub = f"{path}.{name}" if path else name
             if key in key_nodes:
                 self.error(knode, sub, "duplicate key")
                 continue
@@ -264,7 +399,18 @@ class Loader:
         return obj
 
     def bounds(self, node: yaml.Node, path: str, f: dataclasses.Field, value: Any) -> None:
+        """A field's min and max; on a list, they bound each element, and every bad one is named."""
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if lo is None and hi is None:
+            return
+        if isinstance(value, tuple) and isinstance(node, yaml.SequenceNode):
+            for i, (item, item_node) in enumerate(zip(value, node.value, strict=True)):
+                if item is not None:
+                    self.bound(item_node, f"{path}[{i}]", lo, hi, item)
+            return
+        self.bound(node, path, lo, hi, value)
+
+    def bound(self, node: yaml.Node, path: str, lo: Any, hi: Any, value: Any) -> None:
         if lo is not None and value < lo:
             shown = format_duration(lo) if isinstance(value, Duration) else lo
             self.error(node, path, f"must be at least {shown}, got {_shown(node)}")
@@ -282,8 +428,6 @@ def _optional(tp: Any) -> bool:
 
 
 def _close_match(key: str, fields: dict[str, Any]) -> str | None:
-    import difflib
-
     found = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.75)
     return found[0] if found else None
 

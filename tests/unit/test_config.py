@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -10,6 +14,7 @@ import pytest
 from agent import config
 from agent.cli import main as cli_main
 from agent.config import ConfigError
+from agent.schema import MAX_BYTES, MAX_ERRORS
 from tests.conftest import REPO
 
 # (name, yaml text, expected stderr lines). Lines are 1-based in the dedented text.
@@ -131,6 +136,73 @@ BAD = [
         """, ['agent.yaml:2: metrics.port: must be at least 1, got "0"',
               'agent.yaml:3: logging.level: expected one of debug, info, warning, error, got "loud"',
               'agent.yaml:4: sidecar.profil: unknown key (did you mean "profile"?)']),
+    # Every bad element of a list is named, not only the first.
+    ("every-bad-port", """\
+        bundle: {source: /x}
+        app:
+          ports: [70000, 0, 8080, -1]
+        """, ['agent.yaml:3: app.ports[0]: must be at most 65535, got "70000"',
+              'agent.yaml:3: app.ports[1]: must be at least 1, got "0"',
+              'agent.yaml:3: app.ports[3]: must be at least 1, got "-1"']),
+    ("every-bad-port-block-list", """\
+        bundle: {source: /x}
+        app:
+          ports:
+            - 0
+            - http
+            - 65536
+        """, ['agent.yaml:4: app.ports[0]: must be at least 1, got "0"',
+              'agent.yaml:5: app.ports[1]: expected an integer, got "http"',
+              'agent.yaml:6: app.ports[2]: must be at most 65535, got "65536"']),
+    # Files that are not one plain YAML mapping: a clear line, never a traceback.
+    ("empty-file", "", ["agent.yaml:1: bundle: required key is missing"]),
+    ("comments-only", """\
+        # configured: true
+        # bundle: {source: /x}
+        """, ["agent.yaml:1: bundle: required key is missing"]),
+    ("document-marker-only", "---\n", ["agent.yaml:1: bundle: required key is missing"]),
+    ("scalar-at-top", "bundle\n", ['agent.yaml:1: expected a mapping, got "bundle"']),
+    ("list-at-top", """\
+        - bundle: {source: /x}
+        """, ["agent.yaml:1: expected a mapping, got a list"]),
+    ("two-documents", """\
+        bundle: {source: /x}
+        ---
+        bundle: {source: /y}
+        """, ["agent.yaml:2: a second YAML document: the file must hold one"]),
+    ("billion-laughs", """\
+        a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+        b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+        c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+        d: [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+        """, ["agent.yaml:1: anchors (&name) and aliases (*name) are not supported: write the value out"]),
+    ("alias-later", """\
+        bundle: {source: /x}
+        registry: {labels: *l}
+        """, ["agent.yaml:2: anchors (&name) and aliases (*name) are not supported: write the value out"]),
+    ("tab-indent", "bundle:\n\tsource: /x\n",
+     ["agent.yaml:2: YAML syntax error: found character '\\t' that cannot start any token "
+      "(indent with spaces: YAML does not allow tabs there)"]),
+    ("deep-flow-sequences", "[" * 3000, ["agent.yaml:1: nested deeper than 32 levels"]),
+    ("deep-flow-mappings", "{a: " * 5000, ["agent.yaml:1: nested deeper than 32 levels"]),
+    ("deep-block-mappings", "".join(" " * i + "a:\n" for i in range(100)),
+     ["agent.yaml:32: nested deeper than 32 levels"]),
+    ("too-many-values", "bundle: {source: /x}\napp: {ports: [" + "1, " * 20000 + "]}\n",
+     ["agent.yaml:2: more than 10000 keys and values: not a configuration file"]),
+    ("nul-byte", "bundle: {source: /x}\nmetrics: {port: 1\0}\n", ["agent.yaml:2: NUL byte: not a text file"]),
+    ("control-character", "bundle: {source: /x\x07}\n",
+     ["agent.yaml:1: character U+0007 is not allowed in YAML"]),
+    ("key-that-is-a-list", """\
+        bundle: {source: /x}
+        ? [a, b]
+        : 1
+        """, ["agent.yaml:2: keys must be strings, got a list"]),
+    ("newline-in-a-value-stays-on-one-line", """\
+        bundle: {source: /x}
+        metrics: {port: "80\\n81"}
+        """, ['agent.yaml:2: metrics.port: expected an integer, got "80\\n81"']),
+    ("long-value-is-shortened", "bundle: {source: /x}\nmetrics: {port: " + "9" * 5000 + "}\n",
+     ['agent.yaml:2: metrics.port: expected an integer, got "' + "9" * 57 + '..."']),
 ]
 
 
@@ -237,8 +309,131 @@ def test_empty_sections_mean_defaults() -> None:
 def test_shipped_example_is_valid_and_not_yet_configured(capsys: pytest.CaptureFixture[str]) -> None:
     example = str(REPO / "packaging" / "agent.yaml.example")
     assert cli_main(["config", "check", example]) == 0
+    assert capsys.readouterr().out == (f"{example}: ok, but configured: false: the service will not start "
+                                       "until it is true\n")
     assert cli_main(["config", "is-configured", example]) == 1
     assert "not configured yet" in capsys.readouterr().out
+
+
+def test_check_of_a_configured_file_says_only_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("configured: true\nbundle: {source: /x}\n")
+    assert cli_main(["config", "check", str(path)]) == 0
+    assert capsys.readouterr().out == f"{path}: ok\n"
+
+
+def test_check_show_still_warns_about_configured_false(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("configured: false\nbundle: {source: /x}\n")
+    assert cli_main(["config", "check", "--show", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["configured"] is False
+    assert err == f"{path}: ok, but configured: false: the service will not start until it is true\n"
+
+
+# --- files no YAML text can describe ---------------------------------------------------------------
+
+def test_invalid_utf8_names_its_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = b"bundle: {source: /x}\nmetrics: {address: \"\xff\xfe\"}\n"
+    with pytest.raises(ConfigError) as info:
+        config.parse_bytes(data, "agent.yaml")
+    assert [str(e) for e in info.value.errors] == ["agent.yaml:2: not UTF-8 text (byte 0xff at offset 41)"]
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(data)
+    assert cli_main(["config", "check", str(path)]) == 78
+    assert capsys.readouterr().err.splitlines()[0] == f"{path}:2: not UTF-8 text (byte 0xff at offset 41)"
+
+
+def test_a_file_over_the_size_cap_is_refused_unread(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(b"bundle: {source: /x}\n" + b"#" * MAX_BYTES)
+    assert cli_main(["config", "check", str(path)]) == 78
+    assert capsys.readouterr().err.splitlines()[0] == f"{path}:1: larger than 1 MiB: not a configuration file"
+
+
+def test_a_file_of_exactly_the_size_cap_loads(tmp_path: Path) -> None:
+    head = b"bundle: {source: /x}\n"
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(head + b"#" * (MAX_BYTES - len(head) - 1) + b"\n")
+    assert path.stat().st_size == MAX_BYTES
+    assert config.load(str(path)).bundle.source == "/x"
+
+
+def test_problems_are_listed_up_to_the_cap(tmp_path: Path) -> None:
+    text = "bundle: {source: /x}\napp:\n  ports:\n" + "    - 0\n" * (MAX_ERRORS + 50)
+    with pytest.raises(ConfigError) as info:
+        config.parse(text)
+    lines = [str(e) for e in info.value.errors]
+    assert len(lines) == MAX_ERRORS + 1
+    assert lines[0] == 'agent.yaml:4: app.ports[0]: must be at least 1, got "0"'
+    assert lines[-2] == f'agent.yaml:{MAX_ERRORS + 3}: app.ports[{MAX_ERRORS - 1}]: must be at least 1, got "0"'
+    assert lines[-1] == f"agent.yaml:{MAX_ERRORS + 4}: stopped after {MAX_ERRORS} problems"
+
+
+def test_check_of_a_directory_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["config", "check", str(tmp_path)]) == 78
+    assert capsys.readouterr().err.splitlines()[0] == f"{tmp_path}: cannot read: Is a directory"
+
+
+# --- `config is-configured`, the unit's ExecCondition: 0 starts, 1 skips ---------------------------
+
+def test_is_configured_refuses_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["config", "is-configured", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"{tmp_path}: is a directory, not a configuration file\n"
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"", 1),
+    (b"# nothing yet\n", 1),
+    (b"configured: no\nbundle: {source: /x}\n", 1),
+    (b"configured: true\nbundle: {source: /x}\n", 0),
+    # Broken files count as configured, so that `run` names the problem and exits 78.
+    (b"[" * 3000, 0),
+    (b"a: &a [x, x]\nb: [*a, *a]\n", 0),
+    (b"\xff\xfe", 0),
+    (b"#" * (MAX_BYTES + 1), 0),
+], ids=["empty", "comments", "configured-no", "configured", "deep", "aliases", "not-utf8", "too-large"])
+def test_is_configured_exit_codes(content: bytes, expected: int, tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(content)
+    assert cli_main(["config", "is-configured", str(path)]) == expected
+
+
+def test_is_configured_of_a_missing_file_is_1(tmp_path: Path) -> None:
+    assert cli_main(["config", "is-configured", str(tmp_path / "agent.yaml")]) == 1
+
+
+# --- `mesh-agent run` stops at 78 on the same files (systemd does not restart it) ------------------
+
+@pytest.mark.parametrize(("content", "first_line"), [
+    (b"", ":1: bundle: required key is missing"),
+    (b"# only comments\n", ":1: bundle: required key is missing"),
+    (b"- a list\n", ":1: expected a mapping, got a list"),
+    (b"{a: " * 5000, ":1: nested deeper than 32 levels"),
+    (b"a: &a [x, x]\nb: [*a, *a]\n", ":1: anchors (&name) and aliases (*name) are not supported: write the value out"),
+    (b"bundle: {source: /x}\n\xff\n", ":2: not UTF-8 text (byte 0xff at offset 21)"),
+], ids=["empty", "comments", "list", "deep", "aliases", "not-utf8"])
+def test_run_exits_78_on_a_bad_file(content: bytes, first_line: str, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(content)
+    assert cli_main(["run", "--config", str(path)]) == 78
+    assert capsys.readouterr().err.splitlines()[0] == f"{path}{first_line}"
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("argv", [["config", "check"], ["run", "--config"]], ids=["check", "run"])
+def test_empty_file_exits_78_without_a_traceback(argv: list[str], tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", config.ENV_VAR)}
+    done = subprocess.run([sys.executable, "-m", "agent", *argv, str(path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[0] == f"{path}:1: bundle: required key is missing"
 
 
 def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
