@@ -137,10 +137,13 @@ def _type_name(tp: Any) -> str:
     return str(tp)
 
 
+def _short(text: str) -> str:
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
+
+
 def _shown(node: yaml.Node) -> str:
     if isinstance(node, yaml.ScalarNode):
-        value = node.value if len(node.value) <= _MAX_SHOWN else node.value[:_MAX_SHOWN - 3] + "..."
-        return f'"{value}"'
+        return f'"{_short(node.value)}"'
     return "a list" if isinstance(node, yaml.SequenceNode) else "a mapping"
 
 
@@ -296,8 +299,8 @@ class Loader:
                     continue
                 key = str(k.value)
                 if key in out:
-                    self.error(k, f"{path}.{key}", "duplicate key")
-                out[key] = self.convert(v, val_tp, f"{path}.{key}")
+                    self.error(k, f"{path}.{_short(key)}", "duplicate key")
+                out[key] = self.convert(v, val_tp, f"{path}.{_short(key)}")
             return out
         if not isinstance(node, yaml.ScalarNode):
             return self.mismatch(node, tp, path)
@@ -356,7 +359,7 @@ class Loader:
                 self.error(knode, path, f"keys must be strings, got {_shown(knode)}")
                 continue
             key = str(knode.value)
-            name = key or '""'
+            name = _short(key) or '""'
             sub = f"{path}.{name}" if path else name
             if key in key_nodes:
                 self.error(knode, sub, "duplicate key")

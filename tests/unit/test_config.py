@@ -203,6 +203,8 @@ BAD = [
         """, ['agent.yaml:2: metrics.port: expected an integer, got "80\\n81"']),
     ("long-value-is-shortened", "bundle: {source: /x}\nmetrics: {port: " + "9" * 5000 + "}\n",
      ['agent.yaml:2: metrics.port: expected an integer, got "' + "9" * 57 + '..."']),
+    ("long-key-is-shortened", "bundle: {source: /x}\n? " + "k" * 5000 + "\n: 1\n",
+     ["agent.yaml:2: " + "k" * 57 + "...: unknown key"]),
 ]
 
 
