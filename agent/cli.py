@@ -35,7 +35,7 @@ VERBS = [
          "registration and recent errors. Works without root. Exit 3 when the agent is not running "
          "(like `systemctl status`)."),
     Verb("doctor", "agent.doctor", "check everything the agent needs and say what is wrong",
-         "One line per check (config, bundle, istiod and API reachability, RBAC, WorkloadGroup, clock, "
+         "One line per check (config, bundle, sidecar, istiod and API reachability, RBAC, WorkloadGroup, clock, "
          "ports, iptables, istio.service): pass, warn or fail with a hint, or skip saying why. "
          "Works without a configuration. Exit 1 when a check fails."),
     Verb("bundle", "agent.bundle.commands", "fetch, verify, show or install a mesh bundle",

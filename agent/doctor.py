@@ -76,8 +76,8 @@ def main(args: argparse.Namespace) -> int:
 def run_checks(ctx: Context, timeout: float) -> list[Check]:
     out: list[Check] = []
     steps: list[Callable[[Context, float], list[Check]]] = [
-        check_config, check_bundle, check_istiod, check_api, check_rbac, check_group, check_ports,
-        check_iptables, check_istio_service]
+        check_config, check_bundle, check_sidecar, check_istiod, check_api, check_rbac, check_group,
+        check_ports, check_iptables, check_istio_service]
     for step in steps:
         try:
             out.extend(step(ctx, timeout))
@@ -140,6 +140,31 @@ def check_bundle(ctx: Context, _t: float) -> list[Check]:
         else:
             out.append(Check(what, PASS, f"expires in {_span(when - now)}"))
     return out
+
+
+def check_sidecar(ctx: Context, _t: float) -> list[Check]:
+    """The proxy's binary and, for the istio profile, its user: there, or a package named that brings them."""
+    if ctx.cfg is None:
+        return [Check("sidecar", SKIP, "no valid configuration")]
+    from agent.sidecar.package import PackageSource
+
+    sc = ctx.cfg.sidecar
+    binary = sc.command[0] if sc.command else (sc.pilot_agent_binary if sc.profile == "istio" else sc.envoy_binary)
+    found = Path(binary).is_file() if "/" in binary else shutil.which(binary) is not None
+    missing = [] if found else [binary]
+    if sc.profile == "istio" and not _user_exists(sc.user):
+        missing.append(f"user {sc.user}")
+    if not missing:
+        return [Check("sidecar", PASS, f"{binary}" + (f", user {sc.user}" if sc.profile == "istio" else ""))]
+    package = PackageSource.from_config(sc.package) or (
+        PackageSource.from_config(ctx.bundle.sidecar) if ctx.bundle is not None and ctx.bundle.sidecar else None)
+    if package is not None:
+        return [Check("sidecar", PASS, f"{' and '.join(missing)} not there yet: the agent installs "
+                      f"{package.name} {package.version} from {package.url}")]
+    return [Check("sidecar", FAIL, f"{' and '.join(missing)} missing, and no package is named to install",
+                  "install istio-sidecar.deb, or name it in sidecar.package or the bundle's sidecar.yaml "
+                  "(the agent installs it)" if sc.profile == "istio" else
+                  f"install the proxy at {binary} (sidecar.envoy_binary / sidecar.command)")]
 
 
 def check_istiod(ctx: Context, timeout: float) -> list[Check]:
@@ -287,6 +312,8 @@ def check_ports(ctx: Context, _t: float) -> list[Check]:
     """The proxy's ports: free, or held by the sidecar this agent runs."""
     if ctx.cfg is None or ctx.layout is None:
         return [Check("ports", SKIP, "no valid configuration")]
+    if ctx.bundle is None:
+        return [Check("ports", SKIP, "no bundle: the proxy's ports and address come from it")]
     from agent.sidecar import process
     from agent.sidecar.profiles import ProfileError, read_spec
 
@@ -354,6 +381,16 @@ def istio_service_state(props: dict[str, str]) -> Check:
 
 
 # --- small helpers --------------------------------------------------------------------------------
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
 
 def _family(pid: int) -> set[int]:
     import psutil

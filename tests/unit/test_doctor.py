@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from agent import cli, doctor
 
-CHECKS = ["config", "bundle", "istiod", "API", "clock", "RBAC", "WorkloadGroup", "ports", "iptables",
+CHECKS = ["config", "bundle", "sidecar", "istiod", "API", "clock", "RBAC", "WorkloadGroup", "ports", "iptables",
           "istio.service"]
 
 
@@ -29,6 +30,7 @@ def test_no_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], monk
     assert lines["config"] == f"FAIL config: {missing}: cannot read: No such file or directory"
     # The clock is listed, and says why it is not compared.
     assert lines["clock"] == "SKIP clock: no API server configured to compare with"
+    assert lines["sidecar"] == "SKIP sidecar: no valid configuration"
     # No configuration means the default profile, istio, whose traffic capture needs iptables.
     found = shutil.which("iptables") or shutil.which("iptables-legacy")
     assert lines["iptables"] == (f"PASS iptables: {found}" if found else "FAIL iptables: iptables is not installed") \
@@ -54,16 +56,33 @@ def test_no_config_file_json(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_a_config_under_a_temporary_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     conf = tmp_path / "agent.yaml"
     conf.write_text(f"bundle:\n  source: {tmp_path / 'bundle'}\nroot: {tmp_path}\nregistry:\n  enabled: false\n"
-                    "sidecar:\n  manage_iptables: false\n")
+                    f"sidecar:\n  profile: envoy\n  bootstrap: /etc/envoy.yaml\n  envoy_binary: {tmp_path}/envoy\n")
     code, lines = _doctor(capsys, "--config", str(conf))
-    assert code == 1  # no bundle installed under the root
+    assert code == 1  # no bundle installed under the root, no proxy
     assert list(lines) == CHECKS
     assert lines["config"] == f"PASS config: {conf} is valid"
     assert lines["bundle"].startswith("FAIL bundle: no bundle installed yet")
+    assert lines["sidecar"] == f"FAIL sidecar: {tmp_path}/envoy missing, and no package is named to install"
     assert lines["clock"] == "SKIP clock: no API server configured to compare with (registry.enabled is false)"
-    assert lines["iptables"] == "SKIP iptables: sidecar.manage_iptables is false"
+    assert lines["ports"] == "SKIP ports: no bundle: the proxy's ports and address come from it"
+    assert lines["iptables"] == "SKIP iptables: the envoy profile does not redirect traffic"
     # The host's systemd says nothing about a tree under another root.
     assert lines["istio.service"] == f"SKIP istio.service: the configuration's root is {tmp_path}, not this host"
+
+
+def test_sidecar_to_be_installed_from_a_package(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "agent.yaml"
+    conf.write_text(f"bundle:\n  source: /srv/bundle\nroot: {tmp_path}\nsidecar:\n"
+                    f"  pilot_agent_binary: {tmp_path}/pilot-agent\n  user: no-such-user-here\n  package:\n"
+                    "    url: https://pkg.example/istio-sidecar.deb\n    version: 1.24.0\n    sha256: " + "a" * 64
+                    + "\n  manage_iptables: false\n")
+    _, lines = _doctor(capsys, "--config", str(conf))
+    assert lines["sidecar"] == (f"PASS sidecar: {tmp_path}/pilot-agent and user no-such-user-here not there yet: "
+                                "the agent installs istio-sidecar 1.24.0 from https://pkg.example/istio-sidecar.deb")
+    (tmp_path / "pilot-agent").write_text("")
+    conf.write_text(conf.read_text().replace("no-such-user-here", getpass.getuser()))
+    _, lines = _doctor(capsys, "--config", str(conf))
+    assert lines["sidecar"] == f"PASS sidecar: {tmp_path}/pilot-agent, user {getpass.getuser()}"
 
 
 @pytest.mark.parametrize(("props", "line"), [
