@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser, _verb: str) -> None:
     check = sub.add_parser("check", help="validate a configuration file",
                            description="Validate agent.yaml; exit 0 when valid, 78 with one line per "
                                        "problem (file:line: key: message) when not.")
-    check.add_argument("file", nargs="?", help=f"default: --config, ${config.ENV_VAR}, {config.DEFAULT_PATH}")
+    check.add_argument("file", nargs="?", metavar="FILE",
+                       help=f"default: ${config.ENV_VAR}, else {config.DEFAULT_PATH}")
     check.add_argument("--config", help=argparse.SUPPRESS)
     check.add_argument("--show", action="store_true", help="print the effective configuration as JSON")
     configured = sub.add_parser(
@@ -31,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser, _verb: str) -> None:
                     "(the shipped example), and when the path is a directory; 0 otherwise. A file with "
                     "settings counts as configured even when they are wrong, so that `mesh-agent run` "
                     "reports them and exits 78.")
-    configured.add_argument("file", nargs="?", help="default: as for check")
+    configured.add_argument("file", nargs="?", metavar="FILE", help="default: as for check")
     configured.add_argument("--config", help=argparse.SUPPRESS)
 
 

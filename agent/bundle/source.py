@@ -76,8 +76,8 @@ def fetch(cfg: BundleConfig, previous: Validators | None = None, *,
     """Fetch the bundle named by cfg.source. Raises FetchError."""
     source = cfg.source.strip()
     if source == "kubernetes":
-        raise FetchError("bundle.source: kubernetes (building the bundle from the cluster) is not available "
-                         "in this version of mesh-agent; use an https:// URL, an archive or a directory")
+        raise FetchError("bundle.source: kubernetes is built from the cluster by the running agent (`mesh-agent "
+                         "run`), not fetched; here give an https:// URL, an archive or a directory")
     scheme = urlsplit(source).scheme
     if scheme in ("http", "https"):
         return fetch_https(cfg, previous, sleep=sleep, tries=tries)
