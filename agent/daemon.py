@@ -383,6 +383,13 @@ class Agent:
                 bundle, self.layout, source=source, fetched_at=wall, user=self.file_owner,
                 etag=validators.etag if validators else None,
                 last_modified=validators.last_modified if validators else None)
+        except bundle_install.MissingUser as exc:
+            if self.sidecar is None:  # nothing will create the user while we wait: say so and stop
+                raise FatalError(f"bundle from {source} cannot be installed: {exc}; or name the package in "
+                                 "sidecar.package", config.EX_CONFIG) from exc
+            self.bundle_error(f"bundle from {source} refused, keeping the last good one: {exc}")
+            self.schedule_refresh()
+            return
         except (bundle_model.BundleError, bundle_install.InstallError) as exc:
             self.bundle_error(f"bundle from {source} refused, keeping the last good one: {exc}")
             self.schedule_refresh()

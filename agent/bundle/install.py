@@ -137,6 +137,10 @@ def _snapshot(path: Path) -> _Snapshot:
 
 # --- owners ---------------------------------------------------------------------------------------
 
+class MissingUser(InstallError):
+    """The sidecar's user does not exist: only installing the sidecar package (or the config) fixes it."""
+
+
 def resolve_owner(user: str | None) -> tuple[int, int] | None:
     """(uid, gid) of the sidecar's user; None when ownership is not managed: no user asked for, or not
     running as root (tests and the demo; logged at debug level). Raises InstallError for a missing user."""
@@ -148,7 +152,7 @@ def resolve_owner(user: str | None) -> tuple[int, int] | None:
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
-        raise InstallError(f"user {user!r} does not exist; it is created by the istio-sidecar package "
+        raise MissingUser(f"user {user!r} does not exist; it is created by the istio-sidecar package "
                            "(install it first), or choose another user (sidecar.user, --user)") from None
     return pw.pw_uid, pw.pw_gid
 

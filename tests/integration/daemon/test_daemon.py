@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -331,3 +332,15 @@ def test_a_crash_looping_sidecar_makes_the_agent_exit_non_zero(r: Rig) -> None:
     assert "crash loop" in log and "giving up: sidecar failed" in log
     assert r.entry() is None
     r.agent = None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="file owners are managed only as root")
+def test_a_missing_sidecar_user_stops_the_agent_at_78_instead_of_waiting(tmp_path: Path) -> None:
+    # No istio-sidecar package named and its user missing: nothing would fix this while the agent waits,
+    # so `systemctl start` must fail at once with the reason rather than time out.
+    with rig(tmp_path, sidecar={"profile": "istio", "user": "mesh-agent-no-such-user"}) as r:
+        r.prepare()
+        agent = r.start_agent()
+        assert agent.wait(60) == 78
+        assert "user 'mesh-agent-no-such-user' does not exist" in r.log_text()
+        assert "sidecar.package" in r.log_text()
