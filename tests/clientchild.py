@@ -113,6 +113,15 @@ class Child:
         ctx = doctor.Context(path="-", kube=self.kube, namespace=namespace)
         return [[c.result, c.message] for c in doctor.check_rbac(ctx, 5.0)]
 
+    def op_reap(self, namespace: str, grace: float) -> dict[str, Any]:
+        """`mesh-agent reap`'s pass over a namespace."""
+        from agent.registry.reaper import reap
+
+        assert self.kube is not None
+        said: list[str] = []
+        deleted, skipped = reap(self.kube, namespace, grace, say=said.append)
+        return {"deleted": deleted, "skipped": skipped, "said": said}
+
     def op_close(self) -> None:
         if self.kube is not None:
             self.kube.close()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from agent.registry import entry as E
-from agent.registry.kube import GROUPS, Credentials, Kube
+from agent.registry.kube import GROUPS, LEASES, Credentials, Kube
 from tests.clientgen import RemoteError
 from tests.integration.clients.conftest import AGENT_USER, GROUP, NS, SA, Setup
 from tests.kubeapi.auth import Rule
@@ -143,6 +143,18 @@ def test_watch_sees_changes_and_expiry(setup: Setup) -> None:
     assert expired[0][0] == "ERROR" and expired[0][1]["code"] == 410
 
 
+def _rotate_root_cert(setup: Setup, pem: str) -> None:
+    """What istiod does when the mesh's root rotates: a new value in the namespace's ConfigMap."""
+    from kubernetes import client
+
+    admin = Kube.from_credentials(Credentials(kubeconfig=str(setup.api.kubeconfig)), timeout=5.0)
+    try:
+        client.CoreV1Api(admin.api_client).patch_namespaced_config_map(
+            "istio-ca-root-cert", NS, {"data": {"root-cert.pem": pem}})
+    finally:
+        admin.close()
+
+
 def _claims(token: str) -> dict[str, Any]:
     payload = token.split(".")[1]
     return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
@@ -168,9 +180,10 @@ def test_token_request_and_access_reviews(setup: Setup) -> None:
     assert "root-cert.pem" in cm["data"]
     # The emulator authorises a one-name watch only without resourceNames (see tests/integration/cluster).
     setup.api.grant(AGENT_USER, [Rule(("watch", "list"), ("",), ("configmaps",), (NS,))])
+    _rotate_root_cert(setup, "-----BEGIN CERTIFICATE-----\nrotated\n-----END CERTIFICATE-----\n")
     events = agent.call("core", method="watch_configmap",
                         args=[NS, "istio-ca-root-cert", cm["metadata"]["resourceVersion"], 1])
-    assert events == []
+    assert [(t, "rotated" in o["data"]["root-cert.pem"]) for t, o in events] == [("MODIFIED", True)]
 
     checks = dict(agent.call("access_checks", settings={"namespace": NS, "group": GROUP,
                                                         "read_istio_config": False}, service_account=SA))
@@ -185,3 +198,28 @@ def test_token_request_and_access_reviews(setup: Setup) -> None:
     with pytest.raises(RemoteError) as exc:
         agent.call("core", method="create_token", args=[NS, "someone-else", 600, None])
     assert (exc.value.type, exc.value.status) == ("Unauthorized", 403)
+
+
+def test_reaper_deletes_what_an_expired_lease_left(setup: Setup) -> None:
+    """`mesh-agent reap` with the reaper's own service account (its Role from `manifests`)."""
+    agent = opened(setup)
+    agent.call("converge", want="REGISTER", instance="vm-1", **WHO)
+    agent.call("converge", want="REGISTER", instance="vm-2", namespace=NS, group=GROUP, address="10.0.0.8")
+    # vm-1 died an hour ago: its lease was last renewed then.
+    admin = Kube.from_credentials(Credentials(kubeconfig=str(setup.api.kubeconfig)), timeout=5.0)
+    try:
+        admin.apply(LEASES, {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                             "metadata": {"name": ENTRY, "namespace": NS},
+                             "spec": {"renewTime": (_now() - dt.timedelta(hours=1)).strftime(
+                                 "%Y-%m-%dT%H:%M:%S.%fZ")}}, field_manager="test")
+    finally:
+        admin.close()
+    reaper_kc = setup.api.write_kubeconfig(setup.tmp / "reaper.kubeconfig",
+                                           setup.api.mint_token(NS, f"mesh-agent-reaper-{GROUP}"), user="reaper")
+    reaper = setup.agent()
+    reaper.call("open", creds={"kubeconfig": str(reaper_kc)})
+    out = reaper.call("reap", namespace=NS, grace=5)
+    assert (out["deleted"], out["skipped"]) == (1, 0), out["said"]
+    assert setup.api.get("WorkloadEntry", NS, ENTRY) is None
+    assert setup.api.get("Lease", NS, ENTRY) is None
+    assert setup.api.get("WorkloadEntry", NS, f"{GROUP}-10.0.0.8") is not None
