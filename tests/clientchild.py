@@ -113,6 +113,15 @@ class Child:
         ctx = doctor.Context(path="-", kube=self.kube, namespace=namespace)
         return [[c.result, c.message] for c in doctor.check_rbac(ctx, 5.0)]
 
+    def op_fetch(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The `kubernetes` bundle source's fetch: the bundle's files built from the cluster."""
+        from agent.bundle.cluster_source import ClusterSource, Settings
+
+        assert self.kube is not None
+        got = ClusterSource(self.kube, Settings(**settings)).fetch()
+        return {"files": {k: v.decode() for k, v in got.files.items()}, "token_expiry": got.token_expiry,
+                "root_cert_version": got.root_cert_version}
+
     def op_reap(self, namespace: str, grace: float) -> dict[str, Any]:
         """`mesh-agent reap`'s pass over a namespace."""
         from agent.registry.reaper import reap

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,6 +54,15 @@ GENERATIONS = (
     Generation("k30", str(REPO / ".venv-k30" / "bin" / "python"), "kubernetes 30.1.0 (Debian 13's)", (30,)),
     Generation("newest", sys.executable, "the newest kubernetes client from PyPI"),
 )
+
+
+@pytest.fixture(params=GENERATIONS, ids=[g.id for g in GENERATIONS])
+def gen(request: pytest.FixtureRequest) -> Generation:
+    """Each generation in turn (the test id names it); skipped where it is not installed."""
+    g: Generation = request.param
+    if g.version is None:
+        pytest.skip(g.skip_reason())
+    return g
 
 
 def _env() -> dict[str, str]:

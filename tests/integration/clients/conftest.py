@@ -12,20 +12,12 @@ import pytest
 pytest.importorskip("tests.kubeapi.server", reason="the Kubernetes API emulator is not in this tree")
 
 from agent.registry.manifests import build_manifests
-from tests.clientgen import GENERATIONS, Agent, Generation
+from tests.clientgen import Agent, Generation, gen  # noqa: F401
 from tests.kubeapi.fixtures import kubeapi  # noqa: F401
 from tests.kubeapi.server import KubeAPI
 
 NS, GROUP, SA = "vm-apps", "billing", "billing-vm"
 AGENT_USER = f"system:serviceaccount:{NS}:{SA}"
-
-
-@pytest.fixture(params=GENERATIONS, ids=[g.id for g in GENERATIONS])
-def gen(request: pytest.FixtureRequest) -> Generation:
-    g: Generation = request.param
-    if g.version is None:
-        pytest.skip(g.skip_reason())
-    return g
 
 
 @dataclass
