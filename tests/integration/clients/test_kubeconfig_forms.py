@@ -1,8 +1,9 @@
 """Every kubeconfig form a VM's operator may hand the agent, with every client generation
 (tests/clientgen.py), against the emulator: a static token, a tokenFile (re-read when it rotates), a
 client certificate and key (files and inline data), an exec credential plugin
-(client.authentication.k8s.io/v1 ExecCredential), and a pod's in-cluster service account
-(KUBERNETES_SERVICE_HOST/PORT with token and ca.crt under a directory, as the reaper's CronJob runs).
+(client.authentication.k8s.io/v1 ExecCredential; run again when its credential expires), and a
+pod's in-cluster service account (KUBERNETES_SERVICE_HOST/PORT with token and ca.crt under a
+directory, as the reaper's CronJob runs).
 
 Each test reads the WorkloadGroup through the agent's layer and checks, in the emulator's request
 log, who the server took the caller for."""
@@ -13,6 +14,7 @@ import base64
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +110,32 @@ def test_exec_credential_plugin(setup: Setup) -> None:
         "apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin), "args": [],
         "interactiveMode": "Never"}})})
     assert read_group_as(setup, agent) == "vm-exec"
+
+
+def test_exec_plugin_is_run_again_when_its_credential_expires(setup: Setup) -> None:
+    """A plugin whose ExecCredential carries an expirationTimestamp (short-lived cloud tokens): once it
+    passed, the client runs the plugin again and sends the new token."""
+    setup.api.add_token("exec-one", "vm-exec", READ_GROUP)
+    setup.api.add_token("exec-two", "vm-exec-next", READ_GROUP)
+    current = setup.tmp / "exec-token"
+    current.write_text("exec-one")
+    plugin = setup.tmp / "credential-plugin"
+    plugin.write_text(
+        "#!/bin/sh\n"
+        f"token=$(cat '{current}')\n"
+        "expiry=$(date -u -d '+2 seconds' +%Y-%m-%dT%H:%M:%SZ)\n"
+        'printf \'{"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential", '
+        '"status": {"token": "%s", "expirationTimestamp": "%s"}}\\n\' "$token" "$expiry"\n')
+    plugin.chmod(plugin.stat().st_mode | stat.S_IXUSR)
+    agent = setup.agent()
+    agent.call("open", creds={"kubeconfig": kubeconfig(setup, "exec.kubeconfig", {"exec": {
+        "apiVersion": "client.authentication.k8s.io/v1", "command": str(plugin),
+        "interactiveMode": "Never"}})})
+    assert read_group_as(setup, agent) == "vm-exec"
+    current.write_text("exec-two")
+    setup.api.cluster.auth.revoke("exec-one")
+    time.sleep(3)  # past the first credential's expiry
+    assert read_group_as(setup, agent) == "vm-exec-next"
 
 
 def in_cluster_root(setup: Setup, token: str) -> Path:
