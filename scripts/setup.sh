@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what mesh-agent's demo and tests need on a Debian 12/13 machine:
-# Debian packages (only those missing), then a virtualenv in .venv with the Python packages.
+# Debian packages (only those missing), then a virtualenv in .venv with the Python packages, and
+# .venv-k30 with the kubernetes client Debian 13 ships (30.1.0), one of the client generations the
+# agent is tested with (tests/clientgen.py; Debian 12's comes with --system-test).
 # Usage: scripts/setup.sh [--system-test]   (the flag adds what the booted-systemd tests need)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,4 +44,19 @@ if [[ ! -e $stamp ]]; then
     fi
     rm -f .venv/.installed-*
     touch "$stamp"
+fi
+
+# The kubernetes client generation of Debian 13 (python3-kubernetes 30.1.0), from PyPI, on its own:
+# the agent's code runs under it from the repository (PYTHONPATH), so nothing else is installed.
+K30_VERSION=30.1.0
+if [[ ! -e .venv-k30/.installed-$K30_VERSION ]]; then
+    echo "setup: installing kubernetes==$K30_VERSION into .venv-k30 (log: .venv-k30/pip.log)"
+    rm -rf .venv-k30
+    /usr/bin/python3 -m venv .venv-k30
+    if ! .venv-k30/bin/pip install "kubernetes==$K30_VERSION" >.venv-k30/pip.log 2>&1; then
+        tail -n 30 .venv-k30/pip.log
+        echo "setup: pip failed; see .venv-k30/pip.log" >&2
+        exit 1
+    fi
+    touch ".venv-k30/.installed-$K30_VERSION"
 fi

@@ -6,11 +6,19 @@ WorkloadEntries and WorkloadGroups and for the Leases too: the typed Lease model
 turn renewTime into a datetime and write it back in a format the server refuses (MicroTime needs six
 fractional digits), and dicts behave the same in the old (Debian 12: 22.6) and new (37.x) clients.
 
-Server-side apply: the new client's generated patch calls accept `_content_type` and serialise a dict
-body for `application/apply-patch+yaml`. The old one (22.6) hard-codes merge-patch and has no
-`_content_type`; its default headers override per-call ones, so applies go through a second ApiClient
-on the same configuration whose default Content-Type is the apply type, with the body pre-serialised
-to a string (JSON is YAML), which that client passes through unchanged.
+Server-side apply: the generations of the client send it differently, so how is found out once per
+process by watching this client serialise a probe apply (agent.registry.kube.apply_style): a call
+whose request never leaves the process, its connection pool replaced by a recorder. The regenerated
+client takes `_content_type` per call and serialises a dict body; the older generation hard-codes
+merge-patch in its generated calls and lets the ApiClient's default headers override per-call ones,
+so applies go through a second ApiClient on the same configuration whose default Content-Type is
+the apply type. Its REST layer then either serialises a dict for the apply type (30.x) or passes
+only a pre-serialised string through unchanged (22.6, where JSON is YAML); the probe takes the first
+form whose recorded request carries the apply type and the very object.
+
+Bearer tokens: the generations keep the token under different api_key names (`authorization`,
+`BearerToken`) with or without a separate prefix; the token-file hook finds the names this
+configuration's auth_settings reads and writes the whole header value there (see TokenFile.hook).
 
 Every call has a timeout; the client's own retries are limited to one reconnect (a kept-alive
 connection the server closed): backoff belongs to the registrar (agent.retry), where the whole
@@ -20,6 +28,7 @@ fleet's behaviour is decided.
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import logging
 import os
@@ -170,9 +179,38 @@ class TokenFile:
             return self._token
 
     def hook(self, configuration: Any) -> None:
-        """A Configuration.refresh_api_key_hook: the client calls it before each request."""
-        configuration.api_key["authorization"] = self.current()
-        configuration.api_key_prefix["authorization"] = "Bearer"
+        """A Configuration.refresh_api_key_hook: the client calls it before each request.
+
+        The whole header value goes under every api_key name the configuration reads, with no separate
+        prefix: a kubeconfig loader may have left `Bearer <token>` under one name and a prefix under
+        another, which would otherwise combine into `Bearer Bearer <token>`."""
+        value = f"Bearer {self.current()}"
+        for slot in bearer_slots(type(configuration)):
+            configuration.api_key[slot] = value
+            configuration.api_key_prefix.pop(slot, None)
+
+
+# The names the generated configurations have used for the bearer token's api_key entry.
+_BEARER_NAMES = ("authorization", "BearerToken")
+
+
+@functools.cache
+def bearer_slots(configuration_class: type) -> tuple[str, ...]:
+    """The api_key names this configuration class's auth_settings reads the bearer token from,
+    found by asking it (each name alone) rather than by the client's version."""
+    found = []
+    for name in _BEARER_NAMES:
+        probe = configuration_class()
+        probe.refresh_api_key_hook = None
+        probe.api_key = {name: "probe"}
+        probe.api_key_prefix = {}
+        settings = probe.auth_settings() or {}
+        if any((s or {}).get("value") == "probe" for s in settings.values()):
+            found.append(name)
+    if not found:
+        raise RuntimeError("this kubernetes client reads its bearer token from no api_key name known here "
+                           f"({', '.join(_BEARER_NAMES)})")
+    return tuple(found)
 
 
 def make_configuration(creds: Credentials) -> Any:
@@ -235,11 +273,89 @@ def _describe(res: Resource, namespace: str | None, name: str | None = None) -> 
     return text
 
 
-def _new_client() -> bool:
-    """True for the regenerated client (>= 32), whose calls take `_content_type`."""
-    from kubernetes.client import ApiClient
+# How a server-side apply is sent (see the module docstring), in the order tried.
+PER_CALL = "per-call content type"          # _content_type=..., dict body
+DEFAULT_HEADER = "default header"           # a second ApiClient's default Content-Type, dict body
+DEFAULT_HEADER_TEXT = "default header, text body"  # the same, body pre-serialised to JSON
+APPLY_STYLES = (PER_CALL, DEFAULT_HEADER, DEFAULT_HEADER_TEXT)
 
-    return hasattr(ApiClient, "param_serialize")
+
+class _Sent(Exception):
+    """Raised by the recorder in place of sending: what the REST layer would have put on the wire."""
+
+    def __init__(self, headers: Any, body: Any) -> None:
+        super().__init__("recorded")
+        self.headers, self.body = dict(headers or {}), body
+
+
+class _Recorder:
+    """Stands in for the client's urllib3 pool during the probe: nothing is sent anywhere."""
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        raise _Sent(kwargs.get("headers"), kwargs.get("body"))
+
+    def clear(self) -> None:
+        pass
+
+
+def _apply_api(client_mod: Any, configuration: Any, style: str) -> tuple[Any, Any]:
+    """(CustomObjectsApi, ApiClient) through which `style` applies are sent."""
+    api_client = client_mod.ApiClient(configuration)
+    if style != PER_CALL:
+        api_client.set_default_header("Content-Type", APPLY_PATCH)
+    return client_mod.CustomObjectsApi(api_client), api_client
+
+
+def _apply_args(style: str, obj: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The body and extra keyword arguments of an apply sent in `style`."""
+    if style == PER_CALL:
+        return obj, {"_content_type": APPLY_PATCH}
+    return (json.dumps(obj) if style == DEFAULT_HEADER_TEXT else obj), {}
+
+
+def _sends_apply(api: Any, style: str) -> bool:
+    """Does this style make the client put the apply type and the object itself on the wire?"""
+    probe = {"apiVersion": "example.com/v1", "kind": "Probe", "metadata": {"name": "p", "namespace": "n"},
+             "spec": {"x": 1}}
+    body, extra = _apply_args(style, probe)
+    for fn in (api.patch_namespaced_custom_object, api.patch_namespaced_custom_object_status):
+        try:
+            fn("example.com", "v1", "n", "probes", "p", body, field_manager="probe", force=True,
+               _preload_content=False, **extra)
+        except _Sent as sent:
+            ctype = next((v for k, v in sent.headers.items() if k.lower() == "content-type"), "")
+            data = sent.body.decode() if isinstance(sent.body, bytes) else sent.body
+            try:
+                decoded = json.loads(data) if isinstance(data, str) else None
+            except ValueError:
+                decoded = None
+            if ctype != APPLY_PATCH or decoded != probe:
+                return False
+        except Exception:  # an unknown keyword, a body the REST layer refuses: not this style
+            return False
+        else:
+            return False
+    return True
+
+
+@functools.cache
+def apply_style() -> str:
+    """How this process's kubernetes client must be called to send a server-side apply."""
+    from kubernetes import client
+
+    for style in APPLY_STYLES:
+        cfg = client.Configuration()
+        cfg.host = "http://probe.invalid"
+        api, api_client = _apply_api(client, cfg, style)
+        api_client.rest_client.pool_manager = _Recorder()
+        try:
+            if _sends_apply(api, style):
+                log.debug("server-side apply: %s", style)
+                return style
+        finally:
+            api_client.rest_client.pool_manager = _Recorder()
+    raise RuntimeError("this kubernetes client sends no server-side apply the API server accepts "
+                       f"(tried: {', '.join(APPLY_STYLES)})")
 
 
 class Kube:
@@ -255,20 +371,18 @@ class Kube:
         self.api_client = client.ApiClient(configuration)
         self.custom = client.CustomObjectsApi(self.api_client)
         self.timeout = timeout
-        self._new = _new_client()
-        if self._new:
-            self._apply_custom = self.custom
+        self._apply_style = apply_style()
+        if self._apply_style == PER_CALL:
+            self._apply_custom, self._apply_client = self.custom, None
         else:
-            self._apply_client = client.ApiClient(configuration)
-            self._apply_client.set_default_header("Content-Type", APPLY_PATCH)
-            self._apply_custom = client.CustomObjectsApi(self._apply_client)
+            self._apply_custom, self._apply_client = _apply_api(client, configuration, self._apply_style)
 
     @classmethod
     def from_credentials(cls, creds: Credentials, timeout: float = 10.0) -> Kube:
         return cls(make_configuration(creds), timeout)
 
     def close(self) -> None:
-        for c in (self.api_client, getattr(self, "_apply_client", None)):
+        for c in (self.api_client, self._apply_client):
             try:
                 if c is not None:
                     c.close()
@@ -316,8 +430,7 @@ class Kube:
         api = self._apply_custom
         fn = api.patch_namespaced_custom_object_status if subresource == "status" \
             else api.patch_namespaced_custom_object
-        extra: dict[str, Any] = {"_content_type": APPLY_PATCH} if self._new else {}
-        body = obj if self._new else json.dumps(obj)
+        body, extra = _apply_args(self._apply_style, obj)
         # The raw body: the new client drops a 201 (apply that created the object) as "no content".
         raw = self._call("patch" if subresource is None else f"patch {subresource} of", res, ns, name,
                          fn, *res[:2], ns, res[2], name, body,

@@ -27,6 +27,7 @@ import yaml
 from tests.kubeapi import openapi, protobuf, table
 from tests.kubeapi import persist as persistence
 from tests.kubeapi.auth import ADMIN, Identity, Rule, forbidden_message
+from tests.kubeapi.clientcerts import ClientCert, client_ca, identity_of
 from tests.kubeapi.cluster import Cluster, Request
 from tests.kubeapi.faults import Faults, message_for, reason_for
 from tests.kubeapi.resources import VIRTUAL, ResourceType, api_resource
@@ -359,6 +360,11 @@ class _Handler(BaseHTTPRequestHandler):
         return verbs[method]
 
     def _authenticate(self) -> Identity:
+        # As the API server's union authenticator: a verified client certificate first, then a token.
+        if isinstance(self.connection, ssl.SSLSocket):
+            cert_ident = identity_of(self.connection.getpeercert())
+            if cert_ident is not None:
+                return cert_ident
         header = self.headers.get("Authorization") or ""
         if not header.startswith("Bearer "):
             raise unauthorized()
@@ -488,6 +494,15 @@ def _flag(value: str | None) -> bool:
     return (value or "").lower() in ("1", "t", "true")
 
 
+def _server_context() -> ssl.SSLContext:
+    """TLS for the server: client certificates are asked for, not required (tokens work without), and
+    must be signed by the client CA when given."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.load_verify_locations(cadata=client_ca().cert_pem.decode())
+    return ctx
+
+
 def _certificates(host: str) -> tuple[trustme.CA, trustme.LeafCert]:
     names = ["127.0.0.1", "::1", "localhost"]
     return _ca(), _ca().issue_cert(*names, *([host] if host not in names else []))
@@ -539,7 +554,7 @@ class KubeAPI:
         elif self.tls:
             ca, cert = _certificates(self.host)
             self._ca_pem = ca.cert_pem.bytes()
-            self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.ssl_context = _server_context()
             cert.configure_cert(self.ssl_context)
         self._listen()
         self.port = self._server.server_address[1] if self._server else self.port
@@ -558,7 +573,7 @@ class KubeAPI:
             ca, ca_key = persistence.load_or_make_ca(self.state_dir)
             cert_path, key_path = persistence.issue_server_cert(self.state_dir, ca, ca_key, self.host)
             self._ca_pem = (self.state_dir / "ca.crt").read_bytes()
-            self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.ssl_context = _server_context()
             self.ssl_context.load_cert_chain(cert_path, key_path)
         self.cluster.auth.key = persistence.load_or_make_signing_key(self.state_dir)
         self.cluster.auth.revoke(self.admin_token)
@@ -631,15 +646,17 @@ class KubeAPI:
     def ca_pem(self) -> bytes:
         return self._ca_pem
 
-    def write_kubeconfig(self, path: str | Path, token: str, user: str = "user",
-                         namespace: str = "default") -> Path:
+    def write_kubeconfig(self, path: str | Path, token: str | None = None, user: str = "user",
+                         namespace: str = "default", *, credentials: dict[str, Any] | None = None) -> Path:
+        """A kubeconfig for `token`, or for any other kubeconfig user entry given as `credentials`
+        (e.g. {"tokenFile": ...}, {"client-certificate": ..., "client-key": ...}, {"exec": ...})."""
         cluster: dict[str, Any] = {"server": self.url}
         if self._ca_pem:
             cluster["certificate-authority-data"] = base64.b64encode(self.ca_pem).decode()
         config = {
             "apiVersion": "v1", "kind": "Config", "preferences": {},
             "clusters": [{"name": "emulator", "cluster": cluster}],
-            "users": [{"name": user, "user": {"token": token}}],
+            "users": [{"name": user, "user": credentials if credentials is not None else {"token": token}}],
             "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": user,
                                                          "namespace": namespace}}],
             "current-context": "emulator",
@@ -654,6 +671,14 @@ class KubeAPI:
                   *, expires_at: float | None = None) -> Identity:
         """Accept `token` as `identity` (a user name or Identity), granting it `policy` (Rules)."""
         return self.cluster.auth.add_token(token, identity, policy, expires_at=expires_at)
+
+    def issue_client_cert(self, user: str, groups: tuple[str, ...] | list[str] = (),
+                          policy: list[Rule] | tuple[Rule, ...] | None = None) -> ClientCert:
+        """A client certificate (CN=user, one O per group) that authenticates as `user`, granting it
+        `policy`."""
+        if policy:
+            self.grant(user, policy)
+        return client_ca().issue(user, groups)
 
     def grant(self, subject: str, policy: list[Rule] | tuple[Rule, ...]) -> None:
         """More rules for a user or group, e.g. "system:serviceaccount:vm-apps:billing-vm"."""

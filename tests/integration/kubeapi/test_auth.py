@@ -1,4 +1,4 @@
-"""Bearer tokens, RBAC-like policies (401/403), SelfSubjectAccessReview, TokenRequest."""
+"""Bearer tokens, client certificates, RBAC-like policies (401/403), SelfSubjectAccessReview, TokenRequest."""
 
 from __future__ import annotations
 
@@ -112,3 +112,74 @@ def test_minted_tokens_authenticate_as_the_service_account(api: KubeAPI, tmp_pat
     with pytest.raises(client.ApiException) as exc:
         co.list_namespaced_custom_object(*WE)
     assert exc.value.status == 401
+
+
+def _tls_post(api: KubeAPI, path: str, body: dict, cert: object | None = None, token: str | None = None,
+              tmp_path: Path | None = None) -> tuple[int, dict]:
+    """A bare HTTPS request, optionally with a client certificate (cert: a ClientCert) and a token."""
+    import http.client
+    import ssl
+
+    ctx = ssl.create_default_context(cadata=api.ca_pem.decode())
+    if cert is not None:
+        assert tmp_path is not None
+        (tmp_path / "c.crt").write_bytes(cert.cert_pem)
+        (tmp_path / "c.key").write_bytes(cert.key_pem)
+        ctx.load_cert_chain(tmp_path / "c.crt", tmp_path / "c.key")
+    conn = http.client.HTTPSConnection(api.host, api.port, context=ctx, timeout=10)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        conn.request("POST", path, json.dumps(body), headers)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+
+
+WHOAMI = "/apis/authentication.k8s.io/v1/selfsubjectreviews"
+WHOAMI_BODY = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+
+
+def test_client_certificate_authenticates_its_cn_and_organizations(api: KubeAPI, tmp_path: Path) -> None:
+    cert = api.issue_client_cert("vm-alice", ["team-a", "team-b"])
+    code, review = _tls_post(api, WHOAMI, WHOAMI_BODY, cert=cert, tmp_path=tmp_path)
+    assert code == 201
+    info = review["status"]["userInfo"]
+    assert info["username"] == "vm-alice"
+    assert {"team-a", "team-b", "system:authenticated"} <= set(info["groups"])
+
+
+def test_client_certificate_rules_come_from_its_groups(api: KubeAPI, tmp_path: Path) -> None:
+    api.grant("team-b", [rules("list", "workloadentries", NS)])
+    cert = api.issue_client_cert("vm-bob", ["team-b"])
+    (tmp_path / "b.crt").write_bytes(cert.cert_pem)
+    (tmp_path / "b.key").write_bytes(cert.key_pem)
+    kc = api.write_kubeconfig(tmp_path / "cert.kubeconfig", user="bob", credentials={
+        "client-certificate": str(tmp_path / "b.crt"), "client-key": str(tmp_path / "b.key")})
+    co = client.CustomObjectsApi(config.new_client_from_config(str(kc)))
+    assert co.list_namespaced_custom_object(*WE)["items"] == []
+    with pytest.raises(client.ApiException) as exc:
+        co.create_namespaced_custom_object(*WE, entry())
+    assert exc.value.status == 403 and 'User "vm-bob" cannot create' in json.loads(exc.value.body)["message"]
+
+
+def test_client_certificate_comes_before_a_token(api: KubeAPI, tmp_path: Path) -> None:
+    """As the API server's union authenticator: x509 is asked first."""
+    api.add_token("carol-token", "carol")
+    cert = api.issue_client_cert("vm-dave")
+    code, review = _tls_post(api, WHOAMI, WHOAMI_BODY, cert=cert, token="carol-token", tmp_path=tmp_path)
+    assert code == 201 and review["status"]["userInfo"]["username"] == "vm-dave"
+    code, review = _tls_post(api, WHOAMI, WHOAMI_BODY, token="carol-token")
+    assert code == 201 and review["status"]["userInfo"]["username"] == "carol"
+
+
+def test_a_certificate_from_another_ca_is_refused(api: KubeAPI, tmp_path: Path) -> None:
+    import ssl
+
+    from tests.kubeapi.clientcerts import ClientCA
+
+    stranger = ClientCA().issue("mallory", ["system:masters"])
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _tls_post(api, WHOAMI, WHOAMI_BODY, cert=stranger, tmp_path=tmp_path)
