@@ -613,6 +613,11 @@ class Agent:
             machine_id = self.layout.machine_id.read_text()
         except OSError as exc:
             raise FatalError(f"registry: {self.layout.machine_id}: {exc.strerror}") from exc
+        if self.identity is not None and self.identity.current is not None:
+            from agent.identity.refresh import instance_key
+
+            # The cloud's instance, not the image's machine-id, tells clones apart.
+            machine_id = instance_key(self.identity.current, self.cfg.identity.provider) or machine_id
         try:
             plan = registry_service.make_plan(self.cfg.registry, bundle.env_map, machine_id=machine_id,
                                               address=self.address, bundle_kubeconfig=self.shipped_kubeconfig(),

@@ -95,6 +95,29 @@ def describe(token: Token) -> str:
     return f"{c.get('sub')} from {c.get('iss')}"
 
 
+def instance_key(token: Token, provider: str) -> str | None:
+    """The cloud's name for this very VM, from the token: what tells clones of one image apart even
+    when they share /etc/machine-id. None when the token does not name an instance."""
+    c = token.claims
+    value: Any = None
+    if provider == "gcp":
+        google = c.get("google")
+        gce = google.get("compute_engine") if isinstance(google, dict) else None
+        value = gce.get("instance_id") if isinstance(gce, dict) else None
+    elif provider == "aws":
+        aws = c.get("https://sts.amazonaws.com/")
+        value = aws.get("ec2_source_instance_arn") if isinstance(aws, dict) else None
+    elif provider == "azure":
+        # A system-assigned identity's resource id is the VM's; a user-assigned one is shared.
+        value = c.get("xms_az_rid") or (c.get("xms_mirid") if "/virtualmachines/" in
+                                        str(c.get("xms_mirid", "")).lower() else None)
+    elif provider == "oidc-file":
+        value = c.get("sub")
+    if value is None or isinstance(value, (dict, list)) or not str(value).strip():
+        return None
+    return f"{provider}:{value}"
+
+
 class IdentityRefresher:
     """Fetches the token now and before each one expires; posts IdentityRefreshed / ...Failed."""
 

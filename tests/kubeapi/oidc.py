@@ -12,7 +12,8 @@ the audiences, it has not expired (no leeway) and its nbf is not beyond the cloc
 claimMappings give username, groups and uid (CEL or claim + prefix), and every userValidationRule
 holds (CEL over `user`). Anything else is None, which the server answers 401 Unauthorized.
 
-CEL is evaluated by cel-python (celpy); an expression that fails to evaluate (a missing claim)
+CEL is evaluated by cel-python (celpy), with the string functions split and lowerAscii of the API
+server's extension library added; an expression that fails to evaluate (a missing claim)
 rejects the token, as in the API server.
 """
 
@@ -85,6 +86,20 @@ def verify_signature(alg: str, key: Any, signing_input: bytes, sig: bytes) -> bo
 
 # --- CEL ---------------------------------------------------------------------------------------------
 
+def _extensions() -> dict[str, Any]:
+    """The few functions of the API server's CEL string library (k8s ext strings) that claim
+    mappings use and standard CEL lacks."""
+    from celpy import celtypes
+
+    def split(s: Any, sep: Any) -> Any:
+        return celtypes.ListType([celtypes.StringType(x) for x in str(s).split(str(sep))])
+
+    def lower_ascii(s: Any) -> Any:
+        return celtypes.StringType("".join(c.lower() if c.isascii() else c for c in str(s)))
+
+    return {"split": split, "lowerAscii": lower_ascii}
+
+
 class _Cel:
     """One compiled CEL expression."""
 
@@ -94,7 +109,7 @@ class _Cel:
         self.expression = expression
         env = celpy.Environment()
         try:
-            self.program = env.program(env.compile(expression))
+            self.program = env.program(env.compile(expression), functions=_extensions())
         except Exception as exc:  # celpy raises its own parse errors
             raise ConfigError(f"{where}: Invalid value: {json.dumps(expression)}: compilation failed: {exc}") \
                 from None
