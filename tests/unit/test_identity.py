@@ -106,3 +106,12 @@ def test_identity_errors_name_file_line_and_key(text: str, error: str) -> None:
 def test_server_with_an_identity_needs_no_token_file() -> None:
     cfg = config.parse(BASE + "registry:\n  server: https://k\nidentity:\n  provider: azure\n  audience: a\n")
     assert cfg.registry.token_file is None
+
+
+def test_deprovision_removes_the_kept_identity_token() -> None:
+    from agent.deprovision import instance_files
+    from agent.paths import Layout
+
+    layout = Layout.from_config(config.parse(BASE))
+    kept = token_file(config.parse(BASE + "identity:\n  provider: gcp\n  audience: a\n"))
+    assert kept is not None and any(str(step.path) == kept for step in instance_files(layout))

@@ -5,6 +5,8 @@ identity token as its credential) and registers its WorkloadEntry."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from agent.registry.manifests import (
     identity_bindings,
 )
 from tests import bundlekit
-from tests.agentkit import NS, rig, wait_for
+from tests.agentkit import NS, REPO, agent_env, free_port, rig, wait_for
 from tests.identitykit import FakeGcp, Instance, TestIssuer
 from tests.kubeapi.oidc import install
 
@@ -69,4 +71,25 @@ def test_gcp_vm_builds_its_bundle_and_registers_with_its_identity(tmp_path: Path
         assert entry["spec"]["address"] == "127.0.0.1"
         status = json.loads(r.status_file.read_text())
         assert status["bundle"]["source"] == "kubernetes"
+
+        doctor = [sys.executable, "-m", "agent", "doctor", "--json", "--config", str(r.config_path)]
+        done = subprocess.run(doctor, env=agent_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+        checks = {c["name"]: c for c in json.loads(done.stdout)}
+        assert checks["identity"]["result"] == "pass", checks
+        assert "GCE instance vm-8001 (8001) in mesh-project" in checks["identity"]["message"]
+        assert checks["identity audience"] == {"name": "identity audience", "result": "pass", "message": AUD,
+                                               "hint": ""}
+        assert checks["identity expiry"]["result"] == "pass"
+        assert checks["identity token file"]["result"] == "pass"
+        assert checks["RBAC"]["result"] == "pass", checks["RBAC"]  # asked with the identity token
         assert r.stop_agent() == 0
+
+        # Off GCP: nothing answers at the metadata address.
+        r.overrides["identity"]["endpoint"] = f"http://127.0.0.1:{free_port()}"
+        r.write_config()
+        done = subprocess.run(doctor[:4] + doctor[5:], env=agent_env(), cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 1
+        assert "FAIL identity: gcp: no metadata service answered at http://127.0.0.1:" in done.stdout
+        assert "is this VM on GCP (Compute Engine)?" in done.stdout
+        assert "hint: on GCP, the VM needs a service account attached" in done.stdout
