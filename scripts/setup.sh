@@ -11,7 +11,7 @@ packages=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev iproute
 command -v kubectl >/dev/null || packages+=(kubernetes-client)
 if [[ "${1:-}" == "--system-test" ]]; then
     packages+=(debootstrap dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all
-               python3-setuptools lintian fakeroot systemd util-linux python3-kubernetes)
+               python3-setuptools lintian fakeroot systemd util-linux python3-kubernetes python3-botocore)
 fi
 
 missing=()
