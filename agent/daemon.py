@@ -585,7 +585,6 @@ class Agent:
         is reported, not fatal: the refresher retries, and the API calls fail as unauthorised until then."""
         if self.cfg.identity.provider == "none":
             return
-        from agent.identity.common import IdentityError
         from agent.identity.refresh import IdentityRefresher, make_provider
 
         ic = self.cfg.identity
@@ -593,18 +592,34 @@ class Agent:
                                           fraction=ic.refresh_fraction)
         try:
             self.identity.refresh_once()
-        except (IdentityError, OSError) as exc:
+            self.identity_status()
+        except Exception as exc:  # reported; the refresher retries
             log.error("identity token from %s: %s", ic.provider, exc)
             self.record_error("identity", str(exc))
+            self.identity_status(str(exc))
         self.identity.start()
+
+    def identity_status(self, error: str | None = None) -> None:
+        from agent.identity.refresh import describe
+
+        token = self.identity.current if self.identity is not None else None
+        self.status.identity = {"provider": self.cfg.identity.provider,
+                                "who": describe(token) if token else "",
+                                "expiry": token.expiry if token else None}
+        if error:
+            self.status.identity["error"] = error
 
     def identity_event(self, event: object) -> bool:
         from agent.identity.refresh import IdentityRefreshed, IdentityRefreshFailed
 
         if isinstance(event, IdentityRefreshFailed):
             self.record_error("identity", f"{event.error} (retry in {event.retry_in:.0f}s)")
+            self.identity_status(event.error)
             return True
-        return isinstance(event, IdentityRefreshed)
+        if isinstance(event, IdentityRefreshed):
+            self.identity_status()
+            return True
+        return False
 
     def start_registrar(self, bundle: bundle_model.Bundle) -> None:
         if self.address is None:

@@ -36,6 +36,7 @@ def _botocore() -> Any:
     try:
         import botocore.auth
         import botocore.awsrequest
+        import botocore.exceptions
         import botocore.session
     except ImportError:
         raise IdentityError("identity provider aws needs botocore (Debian: apt install python3-botocore; "
@@ -104,10 +105,13 @@ class AwsProvider:
 
     def fetch(self) -> Token:
         botocore = _botocore()
-        session = botocore.session.Session()
-        region = self._region(session)
-        url = self.endpoint.rstrip("/") + "/" if self.endpoint else f"https://sts.{region}.amazonaws.com/"
-        return with_retries(lambda: self._once(botocore, session, region, url), self.tries)
+        try:
+            session = botocore.session.Session()
+            region = self._region(session)
+            url = self.endpoint.rstrip("/") + "/" if self.endpoint else f"https://sts.{region}.amazonaws.com/"
+            return with_retries(lambda: self._once(botocore, session, region, url), self.tries)
+        except botocore.exceptions.BotoCoreError as exc:  # e.g. the role's credentials could not be read
+            raise IdentityError(f"AWS credentials: {exc}") from None
 
     def _once(self, botocore: Any, session: Any, region: str, url: str) -> Token:
         creds = session.get_credentials()

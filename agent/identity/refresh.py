@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.fsutil import atomic_write
-from agent.identity.common import IdentityError, Provider, Token
+from agent.identity.common import Provider, Token
 from agent.redact import register_secret
 from agent.retry import Backoff
 
@@ -168,7 +168,7 @@ class IdentityRefresher:
             before, failing = self.current, self.backoff.attempts > 0
             try:
                 token = self.refresh_once()
-            except (IdentityError, OSError) as exc:
+            except Exception as exc:  # reported and retried: the thread must outlive any one failure
                 delay = self.backoff.next_delay()
                 expiry = self.current.expiry if self.current else None
                 log.warning("identity token from %s failed (retry in %.1fs): %s", self.provider.name, delay, exc)

@@ -71,6 +71,11 @@ def test_gcp_vm_builds_its_bundle_and_registers_with_its_identity(tmp_path: Path
         assert entry["spec"]["address"] == "127.0.0.1"
         status = json.loads(r.status_file.read_text())
         assert status["bundle"]["source"] == "kubernetes"
+        assert status["identity"]["provider"] == "gcp" and status["identity"]["expiry"] > time.time()
+        shown = subprocess.run([sys.executable, "-m", "agent", "status", "--config", str(r.config_path)],
+                               env=agent_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert "identity:     gcp (GCE instance vm-8001 (8001) in mesh-project), token expiry" in shown.stdout, \
+            shown.stdout + shown.stderr
 
         doctor = [sys.executable, "-m", "agent", "doctor", "--json", "--config", str(r.config_path)]
         done = subprocess.run(doctor, env=agent_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
