@@ -56,13 +56,15 @@ class AzureProvider:
         try:
             doc = json.loads(answer.body)
             jwt = doc["access_token"]
-            expires_on = doc.get("expires_on")
-            expiry = float(expires_on) if expires_on not in (None, "") else None
         except (ValueError, KeyError, TypeError):
             raise IdentityError(f"{self.where}: the answer is not IMDS's token JSON "
                                 "(access_token, expires_on)") from None
         if not isinstance(jwt, str):
             raise IdentityError(f"{self.where}: access_token is not a string")
+        try:
+            expiry: float | None = float(doc.get("expires_on"))
+        except (TypeError, ValueError):
+            expiry = None  # other IMDS versions write a date here; the token's exp says the same
         token = token_from_jwt(jwt, expiry=expiry)
         if expiry is not None and abs(token.expiry - expiry) > 1:
             # The claims are what the API server checks; expires_on only says the same.

@@ -203,3 +203,27 @@ def test_refreshed_token_keeps_the_registration(kubeapi: KubeAPI, issuer: TestIs
         assert vm.refresher.current is not None and vm.refresher.current.jwt != first.jwt
         assert vm.token_file.read_text().strip() in gcp.issued[1:]
         assert vm.driver.registrar.state is State.REGISTERED
+
+
+def test_issuer_key_rotation_keeps_the_vm_and_refuses_the_old_token(
+        kubeapi: KubeAPI, issuer: TestIssuer, vms: list[VM], tmp_path: Path) -> None:  # noqa: F811
+    import requests
+
+    setup_cluster(kubeapi, issuer, "gcp", project=PROJECT)
+    with FakeGcp(issuer, Instance("9001", lifetime=6)) as gcp:
+        vm = start_vm(kubeapi, GcpProvider(AUD, gcp.url, timeout=2), tmp_path)
+        vms.append(vm)
+        wait_for(lambda: entry(kubeapi), 20, "the entry")
+        old = vm.refresher.current
+        assert old is not None
+        issuer.rotate()
+        wait_for(lambda: vm.refresher.current is not None and vm.refresher.current.jwt != old.jwt, 20,
+                 "a token signed with the new key")
+        renewed = kubeapi.get("Lease", NS, f"{GROUP}-10.0.0.5")["spec"]["renewTime"]
+        wait_for(lambda: kubeapi.get("Lease", NS, f"{GROUP}-10.0.0.5")["spec"]["renewTime"] != renewed, 10,
+                 "a lease renewal with the new key's token")
+        stolen = requests.get(f"{kubeapi.url}/apis/networking.istio.io/v1/namespaces/{NS}/workloadgroups/{GROUP}",
+                              headers={"Authorization": f"Bearer {old.jwt}"}, verify=str(kubeapi.ca_path),
+                              timeout=5)
+        assert stolen.status_code == 401
+        assert vm.driver.registrar.state is State.REGISTERED
