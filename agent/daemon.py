@@ -137,6 +137,7 @@ class Agent:
         self.registry_due = 0.0  # when the registrar wants its next tick (monotonic)
         self.last_write: dict[str, Any] = {}
         self.lease_info: dict[str, Any] = {}
+        self.identity: Any = None  # agent.identity.refresh.IdentityRefresher, with an identity provider
 
     @property
     def file_owner(self) -> str | None:
@@ -180,6 +181,7 @@ class Agent:
         if restored is not None:
             log.info("last good bundle %s from %s", restored.version, restored.source)
             self.use_bundle(self.parse_stored())
+        self.start_identity()
         self.fetcher = self.make_fetcher()
         self.fetcher.start()
         if self.cfg.bundle.restore_tampered:
@@ -239,7 +241,7 @@ class Agent:
         self.publish()
 
     def stop_threads(self) -> None:
-        for part in (self.monitor, self.fetcher, self.tamper_watch, self.registry):
+        for part in (self.monitor, self.fetcher, self.tamper_watch, self.registry, self.identity):
             if part is not None:
                 with contextlib.suppress(Exception):
                     part.stop()
@@ -280,6 +282,8 @@ class Agent:
                 self.registry_result(event.outcome)
             if isinstance(event, reg.GroupSeen):
                 self.group_seen(event.group)
+        elif self.identity is not None and self.identity_event(event):
+            pass
         else:
             self.handle_cluster_event(event)
 
@@ -567,13 +571,62 @@ class Agent:
     def api(self) -> Kube:
         if self.kube is None:
             try:
-                creds = registry_service.credentials(self.cfg.registry, self.shipped_kubeconfig())
+                creds = registry_service.credentials(self.cfg.registry, self.shipped_kubeconfig(),
+                                                     self.identity_token())
                 self.kube = Kube.from_credentials(creds, timeout=self.cfg.registry.timeout)
             except registry_service.PlanError as exc:
                 raise FatalError(str(exc), config.EX_CONFIG) from exc
             except (ValueError, OSError) as exc:
                 raise FatalError(f"Kubernetes credentials: {exc}") from exc
         return self.kube
+
+    # --- identity (agent.identity): the cloud's token as the API credential -------------------------
+
+    def identity_token(self) -> str | None:
+        from agent.identity.refresh import token_file
+
+        return token_file(self.cfg)
+
+    def start_identity(self) -> None:
+        """Fetch the first identity token before anything talks to the API, then keep it fresh. A failure
+        is reported, not fatal: the refresher retries, and the API calls fail as unauthorised until then."""
+        if self.cfg.identity.provider == "none":
+            return
+        from agent.identity.refresh import IdentityRefresher, make_provider
+
+        ic = self.cfg.identity
+        self.identity = IdentityRefresher(make_provider(ic), self.identity_token(), self.events.put,
+                                          fraction=ic.refresh_fraction)
+        try:
+            self.identity.refresh_once()
+            self.identity_status()
+        except Exception as exc:  # reported; the refresher retries
+            log.error("identity token from %s: %s", ic.provider, exc)
+            self.record_error("identity", str(exc))
+            self.identity_status(str(exc))
+        self.identity.start()
+
+    def identity_status(self, error: str | None = None) -> None:
+        from agent.identity.refresh import describe
+
+        token = self.identity.current if self.identity is not None else None
+        self.status.identity = {"provider": self.cfg.identity.provider,
+                                "who": describe(token) if token else "",
+                                "expiry": token.expiry if token else None}
+        if error:
+            self.status.identity["error"] = error
+
+    def identity_event(self, event: object) -> bool:
+        from agent.identity.refresh import IdentityRefreshed, IdentityRefreshFailed
+
+        if isinstance(event, IdentityRefreshFailed):
+            self.record_error("identity", f"{event.error} (retry in {event.retry_in:.0f}s)")
+            self.identity_status(event.error)
+            return True
+        if isinstance(event, IdentityRefreshed):
+            self.identity_status()
+            return True
+        return False
 
     def start_registrar(self, bundle: bundle_model.Bundle) -> None:
         if self.address is None:
@@ -582,9 +635,15 @@ class Agent:
             machine_id = self.layout.machine_id.read_text()
         except OSError as exc:
             raise FatalError(f"registry: {self.layout.machine_id}: {exc.strerror}") from exc
+        if self.identity is not None and self.identity.current is not None:
+            from agent.identity.refresh import instance_key
+
+            # The cloud's instance, not the image's machine-id, tells clones apart.
+            machine_id = instance_key(self.identity.current, self.cfg.identity.provider) or machine_id
         try:
             plan = registry_service.make_plan(self.cfg.registry, bundle.env_map, machine_id=machine_id,
-                                              address=self.address, bundle_kubeconfig=self.shipped_kubeconfig())
+                                              address=self.address, bundle_kubeconfig=self.shipped_kubeconfig(),
+                                              identity_token=self.identity_token())
             self.registry = registry_service.RegistryService.start(plan, self.events.put)
         except registry_service.PlanError as exc:
             raise FatalError(str(exc), config.EX_CONFIG) from exc
@@ -666,6 +725,8 @@ class Agent:
             if new.app != old.app:
                 self.monitor_inputs = None  # the flap settings or probe host may have changed too
                 self.reconfigure_monitor()
+            if new.identity != old.identity:
+                log.warning("identity settings changed: they take effect at the next restart of mesh-agent")
             if new.sidecar != old.sidecar:
                 log.warning("sidecar settings changed: they take effect at the next restart of mesh-agent")
             if new.bundle != old.bundle and self.fetcher is not None:

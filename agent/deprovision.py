@@ -1,9 +1,10 @@
 """`mesh-agent deprovision`: clear this instance's state before an image is captured.
 
 What goes: the last good bundle, the installed istio token and the workload certificate and key
-issued to this instance, the managed block in /etc/hosts, the status and pid files, and a pending
-maintenance request. What stays: the configuration (so clones start with it) and the mesh-wide
-files (root certificate, mesh config, cluster.env), which the next agent re-installs anyway.
+issued to this instance, the cloud identity token it kept, the managed block in /etc/hosts, the
+status and pid files, and a pending maintenance request. What stays: the configuration (so clones
+start with it) and the mesh-wide files (root certificate, mesh config, cluster.env), which the next
+agent re-installs anyway.
 With --machine-id, /etc/machine-id is emptied too, so systemd gives each clone its own id at first
 boot (the agent names its instance after it).
 
@@ -74,6 +75,7 @@ def instance_files(layout: Layout) -> list[Step]:
         Step(layout.certs_dir / "cert-chain.pem", "workload certificate"),
         Step(layout.status_file, "status"),
         Step(layout.sidecar_pidfile, "sidecar pid file"),
+        Step(layout.run / "identity-token", "identity token"),
         Step(layout.control_file, "maintenance request"),
     ]
 

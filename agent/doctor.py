@@ -2,7 +2,8 @@
 
 Each check is a small function returning Check lines; `run_checks` stops nothing on a failure (an admin
 wants the whole picture), except that checks needing the API are skipped when it cannot be reached.
-Nothing here writes anything; the only traffic is to istiod's addresses and the API server.
+Nothing here writes anything outside a private temporary directory; the only traffic is to istiod's
+addresses, the API server and, with an identity provider, the cloud's metadata service (or STS).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Context:
     kube: Any = None
     namespace: str | None = None
     group: str | None = None
+    identity_token: str | None = None  # the token file the API checks use, with an identity provider
 
 
 def add_arguments(p: argparse.ArgumentParser, _verb: str) -> None:
@@ -76,8 +78,8 @@ def main(args: argparse.Namespace) -> int:
 def run_checks(ctx: Context, timeout: float) -> list[Check]:
     out: list[Check] = []
     steps: list[Callable[[Context, float], list[Check]]] = [
-        check_config, check_bundle, check_sidecar, check_istiod, check_api, check_rbac, check_group,
-        check_ports, check_iptables, check_istio_service]
+        check_config, check_identity, check_bundle, check_sidecar, check_istiod, check_api, check_rbac,
+        check_group, check_ports, check_iptables, check_istio_service]
     for step in steps:
         try:
             out.extend(step(ctx, timeout))
@@ -102,6 +104,83 @@ def check_config(ctx: Context, _t: float) -> list[Check]:
         return [Check("config", WARN, f"{ctx.path} says configured: false",
                       "the service will not start until it is set to true")]
     return [Check("config", PASS, f"{ctx.path} is valid")]
+
+
+IDENTITY_HINTS = {
+    "gcp": "on GCP, the VM needs a service account attached; elsewhere set identity.provider",
+    "azure": "on Azure, assign the VM a managed identity (identity.azure.client_id for a user-assigned one)",
+    "aws": "on AWS, attach an instance role allowed sts:GetWebIdentityToken, enable outbound identity "
+           "federation for the account, and set identity.aws.region",
+    "oidc-file": "is the system that writes identity.file (e.g. spiffe-helper) running?",
+}
+
+
+def check_identity(ctx: Context, timeout: float) -> list[Check]:
+    """With an identity provider: the metadata service answers, a token comes back, its audience is the
+    configured one, and it is not about to expire; the running agent's own token too."""
+    if ctx.cfg is None or ctx.cfg.identity.provider == "none":
+        return []
+    import dataclasses
+
+    from agent.identity.common import IdentityError, audiences, token_from_jwt
+    from agent.identity.refresh import describe, make_provider, token_file
+
+    ic = dataclasses.replace(ctx.cfg.identity, timeout=min(float(ctx.cfg.identity.timeout), timeout), tries=1)
+    provider = make_provider(ic)
+    try:
+        token = provider.fetch()
+    except IdentityError as exc:
+        return [Check("identity", FAIL, f"{ic.provider}: {exc}", IDENTITY_HINTS[ic.provider])]
+    now = time.time()
+    out = [Check("identity", PASS, f"{ic.provider} token from {provider.where}: {describe(token)}")]
+    left = token.expiry - now
+    if left <= 0:
+        out.append(Check("identity expiry", FAIL, f"the token expired {_span(-left)} ago",
+                         IDENTITY_HINTS[ic.provider]))
+    elif left < min(SOON, token.lifetime / 4):
+        out.append(Check("identity expiry", WARN, f"the token expires in {_span(left)}",
+                         IDENTITY_HINTS[ic.provider]))
+    else:
+        out.append(Check("identity expiry", PASS, f"valid for {_span(left)} (lifetime {_span(token.lifetime)})"))
+    got = audiences(token.claims)
+    if ic.audience and ic.audience not in got:
+        out.append(Check("identity audience", FAIL, f"the token is for {', '.join(got) or 'no audience'}, "
+                         f"not {ic.audience}", "the API server accepts only its jwt issuer.audiences"))
+    else:
+        out.append(Check("identity audience", PASS, ", ".join(got) or "none"))
+    kept = token_file(ctx.cfg)
+    if ic.provider != "oidc-file" and kept:
+        try:
+            with open(kept, encoding="utf-8") as f:
+                running = token_from_jwt(f.read())
+        except (OSError, IdentityError):
+            running = None
+        if running is None:
+            out.append(Check("identity token file", WARN, f"{kept} holds no token", "is the agent running?"))
+        elif running.expiry <= now:
+            out.append(Check("identity token file", FAIL, f"the agent's token in {kept} expired "
+                             f"{_span(now - running.expiry)} ago",
+                             "the agent has stopped refreshing it: see `mesh-agent status` and its log"))
+        else:
+            out.append(Check("identity token file", PASS,
+                             f"the agent's token is valid for {_span(running.expiry - now)}"))
+    ctx.identity_token = _private_token_file(token.jwt)
+    return out
+
+
+def _private_token_file(jwt: str) -> str:
+    """The fresh token where the API checks' client reads it, removed when doctor exits."""
+    import atexit
+    import os
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="mesh-agent-doctor-")
+    path = os.path.join(directory, "token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(jwt)
+    atexit.register(shutil.rmtree, directory, True)
+    return path
 
 
 def check_bundle(ctx: Context, _t: float) -> list[Check]:
@@ -209,7 +288,8 @@ def check_api(ctx: Context, timeout: float) -> list[Check]:
     r = ctx.cfg.registry
     shipped = last_good_file(ctx.layout, "kubeconfig") if ctx.layout is not None else None
     try:
-        creds = credentials(r, str(shipped) if shipped is not None and shipped.exists() else None)
+        creds = credentials(r, str(shipped) if shipped is not None and shipped.exists() else None,
+                            ctx.identity_token)
     except PlanError as exc:
         return [Check("API", FAIL, str(exc), "set registry.kubeconfig, or ship a kubeconfig in the bundle"),
                 Check("clock", SKIP, "no API server to compare with")]

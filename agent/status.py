@@ -130,6 +130,12 @@ def render(d: dict[str, Any], running: bool, now: float) -> str:
             lines.append(f"  lease:        {r['lease']} renewed {_ago(r.get('lease_renewed'), now)}")
         if r.get("conflict"):
             lines.append(f"  CONFLICT:     {r['conflict']}")
+    i = d.get("identity") or {}
+    if i:
+        who = f" ({i['who']})" if i.get("who") else ""
+        lines.append(f"  identity:     {i.get('provider', '?')}{who}, token expiry {_when(i.get('expiry'), now)}")
+        if i.get("error"):
+            lines.append(f"  identity error: {i['error']}")
     if d.get("maintenance"):
         lines.append("  maintenance:  on (`mesh-agent register` ends it)")
     errors = d.get("errors") or []

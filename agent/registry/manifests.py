@@ -8,6 +8,7 @@ RoleBinding. `build_manifests` is pure; `main` only prints.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from typing import Any
@@ -161,6 +162,122 @@ def build_manifests(*, group: str, namespace: str, service_account: str, ports: 
     ]
 
 
+# --- cloud identities (docs/identity.md) ----------------------------------------------------------
+
+IDENTITY_PROVIDERS = ("gcp", "azure", "aws", "oidc")
+GCP_ISSUER = "https://accounts.google.com"
+AWS_CLAIMS = "claims['https://sts.amazonaws.com/']"
+
+
+def identity_group(namespace: str, group: str) -> str:
+    """The Kubernetes group every VM of this WorkloadGroup authenticates into."""
+    return f"mesh-vm:{namespace}:{group}"
+
+
+def _lit(value: str) -> str:
+    """A CEL string literal (a JSON string is one)."""
+    return json.dumps(value)
+
+
+def identity_authenticator(*, provider: str, namespace: str, group: str, audience: str,
+                           issuer: str | None = None, project: str | None = None, tenant: str | None = None,
+                           resource_group: str | None = None, image: str | None = None,
+                           role: str | None = None, tags: dict[str, str] | None = None,
+                           require: dict[str, str] | None = None, username_claim: str = "sub",
+                           issuer_ca: str | None = None) -> dict[str, Any]:
+    """One `jwt` authenticator of the API server's AuthenticationConfiguration: the cloud's issuer and
+    this audience; rules pinning the project (subscription, account) and, where the cloud's token
+    says it, the image or a tag; username mesh-vm:<instance id>; group mesh-vm:<namespace>:<group>."""
+    if not audience:
+        raise ValueError("--audience is needed with --identity (the audience the agents ask for)")
+    rules: list[dict[str, str]] = []
+
+    def rule(expression: str, message: str) -> None:
+        rules.append({"expression": expression, "message": message})
+
+    if provider == "gcp":
+        if not project:
+            raise ValueError("--identity gcp needs --project (the VMs' project id)")
+        url = issuer or GCP_ISSUER
+        gce = "claims.google.compute_engine"
+        rule(f"{gce}.project_id == {_lit(project)}", f"the VM must be in project {project}")
+        if image:
+            rule(f"{_lit(image)} in {gce}.license_id", f"the VM must run the image with licence {image}")
+        username = f"'mesh-vm:' + {gce}.instance_id"
+        uid = f"{gce}.instance_id"
+    elif provider == "azure":
+        if not (tenant and project):
+            raise ValueError("--identity azure needs --tenant and --project (the subscription id)")
+        url = issuer or f"https://sts.windows.net/{tenant}/"
+        rule(f"claims.tid == {_lit(tenant)}", f"the identity must belong to tenant {tenant}")
+        scope = f"/subscriptions/{project.lower()}/"
+        if resource_group:
+            scope += f"resourcegroups/{resource_group.lower()}/"
+        rule(f"claims.xms_mirid.lowerAscii().startsWith({_lit(scope)})", f"the VM must be under {scope}")
+        username = "'mesh-vm:' + claims.oid"
+        uid = "claims.oid"
+    elif provider == "aws":
+        if not (issuer and project):
+            raise ValueError("--identity aws needs --issuer (the account's outbound federation issuer URL) "
+                             "and --project (the account id)")
+        url = issuer
+        rule(f"{AWS_CLAIMS}.aws_account == {_lit(project)}", f"the role must be in account {project}")
+        if role:
+            arn = f"arn:aws:iam::{project}:role/{role}"
+            rule(f"claims.sub == {_lit(arn)}", f"the token must be the role {role}'s")
+        for key, value in sorted((tags or {}).items()):
+            rule(f"{AWS_CLAIMS}.principal_tags[{_lit(key)}] == {_lit(value)}", f"the role must have tag {key}={value}")
+        username = f"'mesh-vm:' + {AWS_CLAIMS}.ec2_source_instance_arn.split('/')[1]"
+        uid = f"{AWS_CLAIMS}.ec2_source_instance_arn"
+    elif provider == "oidc":
+        if not issuer:
+            raise ValueError("--identity oidc needs --issuer")
+        url = issuer
+        for key, value in sorted((require or {}).items()):
+            rule(f"claims.{key} == {_lit(value)}" if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key)
+                 else f"claims[{_lit(key)}] == {_lit(value)}", f"the token's {key} must be {value}")
+        username = f"'mesh-vm:' + claims.{username_claim}" if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", username_claim) \
+            else f"'mesh-vm:' + claims[{_lit(username_claim)}]"
+        uid = None
+    else:
+        raise ValueError(f"--identity must be one of {', '.join(IDENTITY_PROVIDERS)}, got {provider!r}")
+    if not url.startswith("https://"):
+        raise ValueError(f"the issuer URL must be https://, got {url!r}")
+    issuer_doc: dict[str, Any] = {"url": url, "audiences": [audience]}
+    if issuer_ca:
+        issuer_doc["certificateAuthority"] = issuer_ca
+    mappings: dict[str, Any] = {"username": {"expression": username},
+                                "groups": {"expression": f"[{_lit(identity_group(namespace, group))}]"}}
+    if uid:
+        mappings["uid"] = {"expression": uid}
+    return {"issuer": issuer_doc, "claimValidationRules": rules, "claimMappings": mappings}
+
+
+def authentication_configuration(*authenticators: dict[str, Any]) -> dict[str, Any]:
+    """The file the API server reads with --authentication-config. An issuer may appear only once: the
+    VM groups of one cloud project share one authenticator (see docs/identity.md)."""
+    return {"apiVersion": "apiserver.config.k8s.io/v1beta1", "kind": "AuthenticationConfiguration",
+            "jwt": list(authenticators)}
+
+
+def identity_bindings(docs: list[dict[str, Any]], namespace: str, group: str) -> list[dict[str, Any]]:
+    """RoleBindings giving the group's VM identity group exactly what the service account's bindings give
+    (the same Roles: least privilege is the same on both paths)."""
+    out = []
+    subject = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": identity_group(namespace, group)}
+    agent_role = f"mesh-agent-{group}"
+    for doc in docs:
+        if doc["kind"] != "RoleBinding" or doc["roleRef"]["name"].startswith("mesh-agent-reaper-"):
+            continue
+        if doc["roleRef"]["name"] != agent_role and doc["metadata"]["namespace"] == namespace:
+            continue
+        binding = json.loads(json.dumps(doc))
+        binding["metadata"]["name"] = f"{doc['metadata']['name']}-identity"
+        binding["subjects"] = [dict(subject)]
+        out.append(binding)
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--group", required=True, help="WorkloadGroup name")
     parser.add_argument("--namespace", required=True, help="namespace of the group and its entries")
@@ -181,6 +298,25 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                         help="also let the agents read the mesh config, injector ConfigMap and gateway "
                         "Service in this namespace (bundle source kubernetes without static_dir)")
     parser.add_argument("--revision", default="", help="istio revision whose ConfigMaps they may read")
+    ident = parser.add_argument_group("cloud identity (docs/identity.md)")
+    ident.add_argument("--identity", choices=IDENTITY_PROVIDERS,
+                       help="the VMs authenticate with their cloud's identity token: also bind the Roles to "
+                       "group mesh-vm:NAMESPACE:GROUP and write the API server's jwt authenticator")
+    ident.add_argument("--authn-config", metavar="FILE",
+                       help="where to write the AuthenticationConfiguration (with --identity)")
+    ident.add_argument("--audience", help="the audience the agents ask for (identity.audience)")
+    ident.add_argument("--issuer", help="issuer URL (aws: the account's; oidc: yours; gcp, azure: default)")
+    ident.add_argument("--issuer-ca", metavar="FILE", help="CA of a self-managed issuer (PEM)")
+    ident.add_argument("--project", help="GCP project id, Azure subscription id or AWS account id")
+    ident.add_argument("--tenant", help="Azure tenant id")
+    ident.add_argument("--resource-group", help="Azure resource group the VMs must be in")
+    ident.add_argument("--image", help="GCP: licence id the VM's image must carry")
+    ident.add_argument("--role", help="AWS: the instance role's name the token must be for")
+    ident.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                       help="AWS: principal tag the role must have (repeat)")
+    ident.add_argument("--require", action="append", default=[], metavar="CLAIM=VALUE",
+                       help="oidc: a claim the token must carry with this value (repeat)")
+    ident.add_argument("--username-claim", default="sub", help="oidc: the claim naming the instance")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -199,8 +335,49 @@ def main(args: argparse.Namespace) -> int:
                                reaper_image=args.reaper_image, reaper_schedule=args.reaper_schedule,
                                reaper_grace=args.reaper_grace,
                                read_istio_config=args.read_istio_config, revision=args.revision)
+        authn = identity_from_args(args, docs) if getattr(args, "identity", None) else None
     except ValueError as exc:
         print(f"mesh-agent manifests: {exc}", file=sys.stderr)
         return 2
+    if authn is not None:
+        bindings, config = authn
+        docs = docs + bindings
+        try:
+            with open(args.authn_config, "w", encoding="utf-8") as f:
+                yaml.safe_dump(config, f, sort_keys=False)
+        except OSError as exc:
+            print(f"mesh-agent manifests: {args.authn_config}: {exc.strerror}", file=sys.stderr)
+            return 1
     sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False, explicit_start=True))
     return 0
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f'{flag} expects KEY=VALUE, got "{item}"')
+        out[key] = value
+    return out
+
+
+def identity_from_args(args: argparse.Namespace, docs: list[dict[str, Any]]) \
+        -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    if not args.authn_config:
+        raise ValueError("--identity needs --authn-config FILE (where the API server's "
+                         "AuthenticationConfiguration is written)")
+    ca = None
+    if args.issuer_ca:
+        try:
+            with open(args.issuer_ca, encoding="utf-8") as f:
+                ca = f.read()
+        except OSError as exc:
+            raise ValueError(f"--issuer-ca {args.issuer_ca}: {exc.strerror}") from None
+    jwt = identity_authenticator(provider=args.identity, namespace=args.namespace, group=args.group,
+                                 audience=args.audience or "", issuer=args.issuer, project=args.project,
+                                 tenant=args.tenant, resource_group=args.resource_group, image=args.image,
+                                 role=args.role, tags=_pairs(args.tag, "--tag"),
+                                 require=_pairs(args.require, "--require"), username_claim=args.username_claim,
+                                 issuer_ca=ca)
+    return identity_bindings(docs, args.namespace, args.group), authentication_configuration(jwt)

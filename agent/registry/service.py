@@ -33,20 +33,23 @@ class Plan:
     build: Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def credentials(reg: Any, bundle_kubeconfig: str | None) -> Credentials:
+def credentials(reg: Any, bundle_kubeconfig: str | None, identity_token: str | None = None) -> Credentials:
     """Where the API and its credential come from: agent.yaml's registry settings, else the bundle's
-    kubeconfig. Raises PlanError when there is neither."""
+    kubeconfig. `identity_token`: the file the identity refresher keeps the cloud's token in
+    (agent.identity.refresh.token_file), which then is the bearer token. Raises PlanError when there is
+    no API server to talk to."""
+    token_file = identity_token or reg.token_file
     if reg.kubeconfig or reg.server:
         return Credentials(kubeconfig=reg.kubeconfig, server=reg.server, ca_file=reg.ca_file,
-                           token_file=reg.token_file)
+                           token_file=token_file)
     if bundle_kubeconfig:
-        return Credentials(kubeconfig=bundle_kubeconfig, token_file=reg.token_file)
+        return Credentials(kubeconfig=bundle_kubeconfig, token_file=token_file)
     raise PlanError("registry.kubeconfig: no API credentials (set registry.kubeconfig or "
                     "registry.server + token_file, or ship a kubeconfig in the bundle)")
 
 
 def make_plan(reg: Any, cluster_env: Mapping[str, str], *, machine_id: str, address: str,
-              bundle_kubeconfig: str | None = None) -> Plan:
+              bundle_kubeconfig: str | None = None, identity_token: str | None = None) -> Plan:
     """Pure: `reg` is config.RegistryConfig; `address` from address.detect_address()."""
     namespace = reg.namespace or cluster_env.get("POD_NAMESPACE") or cluster_env.get("ISTIO_NAMESPACE")
     if not namespace:
@@ -55,7 +58,7 @@ def make_plan(reg: Any, cluster_env: Mapping[str, str], *, machine_id: str, addr
         (cluster_env.get("ISTIO_SERVICE") or "").split(".")[0] or None
     if not group:
         raise PlanError("registry.group: not set, and cluster.env has no ISTIO_META_WORKLOAD_NAME")
-    creds = credentials(reg, bundle_kubeconfig)
+    creds = credentials(reg, bundle_kubeconfig, identity_token)
     labels_text = cluster_env.get("ISTIO_METAJSON_LABELS") or "{}"
     try:
         workload_labels = json.loads(labels_text)

@@ -99,6 +99,8 @@ class Authenticator:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # More rules for an identity from elsewhere: the stored Roles and RoleBindings.
     extra_rules: Callable[[Identity], list[Rule]] | None = None
+    # JWTs from configured issuers (tests.kubeapi.oidc.OIDCAuthenticators), as --authentication-config.
+    jwt_authenticators: Any = None
 
     def add_token(self, token: str, identity: Identity | str,
                   policy: tuple[Rule, ...] | list[Rule] | None = None,
@@ -160,6 +162,10 @@ class Authenticator:
             if static.expires_at is not None and time.time() >= static.expires_at:
                 return None
             return static.identity
+        if self.jwt_authenticators is not None:
+            ident = self.jwt_authenticators.authenticate(token)
+            if ident is not None:
+                return ident
         claims = self.verify_jwt(token)
         if not claims:
             return None

@@ -1,0 +1,183 @@
+"""What every identity provider shares: the token it returns, JWT claims read without verifying them,
+and HTTP calls to a metadata service with bounded timeouts, clear errors and agent.retry's backoff.
+
+The claims are read only to learn the expiry (to refresh in time) and to show who the VM is; the API
+server verifies the signature, issuer and audience. Reading them is still strict: a token larger than
+MAX_TOKEN, a part that is not base64url, a payload that is not a JSON object, or a time that is not a
+finite number is refused here with a message, instead of failing later in an obscure way.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from agent.retry import Backoff, RetryableError, call_with_retries
+
+MAX_TOKEN = 16 * 1024  # bytes; real identity tokens are 1-3 KiB
+MAX_ANSWER = 64 * 1024  # a metadata answer (JSON or XML around the token)
+_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+T = TypeVar("T")
+
+
+class IdentityError(Exception):
+    """The identity token cannot be had; the message says why and what to check."""
+
+
+@dataclass(frozen=True)
+class Token:
+    """An identity token and its times (wall clock, seconds)."""
+
+    jwt: str
+    expiry: float
+    issued: float
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def lifetime(self) -> float:
+        return max(0.0, self.expiry - self.issued)
+
+    def refresh_in(self, fraction: float) -> float:
+        """Seconds from issue until the token should be replaced (a fraction of its lifetime)."""
+        return fraction * self.lifetime
+
+
+class Provider(Protocol):
+    name: str
+    where: str  # the endpoint or file, for messages and `doctor`
+
+    def fetch(self) -> Token: ...
+
+
+def _unb64(part: str, what: str) -> bytes:
+    if not _B64URL.match(part):
+        raise IdentityError(f"the token's {what} is not base64url")
+    try:
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    except (binascii.Error, ValueError):
+        raise IdentityError(f"the token's {what} is not base64url") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IdentityError(f"the token's {what} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise IdentityError(f"the token's {what} is not a JSON object")
+    return value
+
+
+def _time_claim(claims: Mapping[str, Any], name: str, required: bool) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        if required:
+            raise IdentityError(f"the token has no {name} claim")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value < 2**40:
+        raise IdentityError(f"the token's {name} claim is not a time in seconds: {value!r}")
+    return float(value)
+
+
+def decode(jwt: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(header, claims) of a compact JWS, not verified. Raises IdentityError for anything malformed."""
+    jwt = jwt.strip()
+    if len(jwt) > MAX_TOKEN:
+        raise IdentityError(f"the token is {len(jwt)} bytes, more than the {MAX_TOKEN} accepted")
+    parts = jwt.split(".")
+    if len(parts) != 3 or not all(parts[:2]):
+        raise IdentityError("the token is not a JWT (three dot-separated base64url parts)")
+    header = _json_object(_unb64(parts[0], "header"), "header")
+    claims = _json_object(_unb64(parts[1], "payload"), "payload")
+    _unb64(parts[2], "signature")
+    if str(header.get("alg", "")).lower() == "none" or not parts[2]:
+        raise IdentityError("the token is unsigned (alg none): the API server would refuse it")
+    return header, claims
+
+
+def token_from_jwt(jwt: str, *, expiry: float | None = None, now: float | None = None) -> Token:
+    """A Token from a JWT: exp from the claims (or the provider's answer), iat else now."""
+    jwt = jwt.strip()
+    _, claims = decode(jwt)
+    exp = _time_claim(claims, "exp", required=expiry is None)
+    iat = _time_claim(claims, "iat", required=False)
+    _time_claim(claims, "nbf", required=False)
+    issued = iat if iat is not None else (time.time() if now is None else now)
+    return Token(jwt, float(exp if exp is not None else expiry), issued, claims)  # type: ignore[arg-type]
+
+
+def audiences(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    aud = claims.get("aud")
+    if isinstance(aud, str):
+        return (aud,)
+    return tuple(a for a in aud if isinstance(a, str)) if isinstance(aud, list) else ()
+
+
+# --- HTTP to a metadata service -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+def http(method: str, url: str, *, headers: Mapping[str, str], params: Mapping[str, str] | None = None,
+         data: bytes | None = None, timeout: float, hint: str, session: Any = None) -> Answer:
+    """One request. Unreachable, timeouts, 429 and 5xx raise RetryableError; the rest is returned.
+
+    `hint` ends the message for an unreachable service ("is this VM on GCP?"). Redirects are not
+    followed and no proxy is used: metadata services are link-local and must answer themselves."""
+    import requests
+
+    s = session or requests.Session()
+    s.trust_env = False  # an HTTP(S)_PROXY for the VM's traffic must not see the metadata request
+    try:
+        resp = s.request(method, url, headers=dict(headers), params=params, data=data,
+                         timeout=(min(timeout, 3.0), timeout), allow_redirects=False, stream=True)
+        try:
+            body = resp.raw.read(MAX_ANSWER + 1, decode_content=True)
+        finally:
+            resp.close()
+    except requests.RequestException as exc:
+        raise RetryableError(f"no metadata service answered at {url}: {hint} ({type(exc).__name__})") from None
+    finally:
+        if session is None:
+            s.close()
+    if len(body) > MAX_ANSWER:
+        raise IdentityError(f"{url}: the answer is larger than {MAX_ANSWER} bytes")
+    if resp.status_code == 429 or resp.status_code >= 500:
+        retry_after = resp.headers.get("Retry-After")
+        delay = float(retry_after) if retry_after and retry_after.isdigit() else None
+        raise RetryableError(f"{url}: {resp.status_code} {_snippet(body)}", delay)
+    return Answer(resp.status_code, dict(resp.headers), body)
+
+
+def _snippet(body: bytes, limit: int = 200) -> str:
+    text = body.decode("utf-8", "replace").strip().replace("\n", " ")
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def refused(url: str, answer: Answer, what: str) -> IdentityError:
+    return IdentityError(f"{url}: {what} refused: {answer.status} {_snippet(answer.body)}")
+
+
+def with_retries(op: Callable[[], T], tries: int, *, backoff: Backoff | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """Run op, retrying what may pass on a second try; the last failure becomes an IdentityError."""
+    try:
+        return call_with_retries(op, backoff or Backoff(initial=0.2, max=2.0), max(1, tries), sleep=sleep)
+    except RetryableError as exc:
+        raise IdentityError(str(exc)) from None

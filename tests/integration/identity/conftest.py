@@ -1,0 +1,27 @@
+"""A test OIDC issuer and fake metadata services on loopback (tests.identitykit)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.identitykit import TestIssuer
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[TestIssuer]:
+    with TestIssuer() as iss:
+        yield iss
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore finds the fake instance role's credentials, and nothing from this machine."""
+    pytest.importorskip("botocore", reason="identity provider aws needs botocore")
+    from tests.identitykit import FakeSts
+
+    for k, v in FakeSts.env().items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(k, raising=False)

@@ -1,0 +1,229 @@
+"""End to end: a VM registers its WorkloadEntry with nothing but its cloud's identity token. The emulator
+is set up from `mesh-agent manifests --identity ...` (RBAC applied as admin, the AuthenticationConfiguration
+loaded into its JWT authenticator); the agent's identity refresher keeps the token in the file its
+Kubernetes client reads."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.identity.aws import AwsProvider
+from agent.identity.azure import AzureProvider
+from agent.identity.common import Provider
+from agent.identity.gcp import GcpProvider
+from agent.identity.oidc_file import OidcFileProvider
+from agent.identity.refresh import IdentityRefresher, instance_key
+from agent.registry import entry as E
+from agent.registry.kube import Credentials, Kube
+from agent.registry.manifests import (
+    authentication_configuration,
+    build_manifests,
+    identity_authenticator,
+    identity_bindings,
+)
+from agent.registry.registrar import Driver, Settings, State
+from tests.identitykit import FakeAzure, FakeGcp, FakeSts, Instance, TestIssuer
+from tests.kubeapi.fixtures import kubeapi  # noqa: F401
+from tests.kubeapi.oidc import install
+from tests.kubeapi.server import KubeAPI
+from tests.waiting import wait_for
+
+NS, GROUP, SA = "vm-apps", "billing", "billing-vm"
+AUD = "https://kube.mesh.test"
+PROJECT = "mesh-project"
+
+
+def setup_cluster(api: KubeAPI, issuer: TestIssuer, provider: str, **pins: Any) -> dict[str, Any]:
+    """What an admin does: apply the manifests, give the API server the jwt authenticator."""
+    api.create_namespace(NS)
+    docs = build_manifests(group=GROUP, namespace=NS, service_account=SA, ports=[("http", 8080)])
+    for doc in docs + identity_bindings(docs, NS, GROUP):
+        api.create(doc, manager="kubectl")
+    jwt = identity_authenticator(provider=provider, namespace=NS, group=GROUP, audience=AUD, issuer=issuer.url,
+                                 issuer_ca=issuer.ca_pem, **pins)
+    config = authentication_configuration(jwt)
+    install(api, config)
+    return config
+
+
+@dataclass
+class VM:
+    refresher: IdentityRefresher
+    driver: Driver
+    instance: str
+    token_file: Path
+
+
+def start_vm(api: KubeAPI, provider: Provider, tmp: Path, *, address: str = "10.0.0.5",
+             machine_id: str = "the-golden-image-machine-id") -> VM:
+    """The agent's registry path: identity token -> token file -> client -> registrar."""
+    token_file = tmp / f"identity-token-{time.monotonic_ns()}"
+    refresher = IdentityRefresher(provider, str(token_file), lambda _e: None)
+    token = refresher.refresh_once()
+    instance = E.instance_id(instance_key(token, provider.name) or machine_id)
+    read_from = str(token_file) if provider.name != "oidc-file" else provider.where
+    kube = Kube.from_credentials(Credentials(server=api.url, ca_file=str(api.ca_path), token_file=read_from),
+                                 timeout=3.0)
+    settings = Settings(namespace=NS, group=GROUP, instance=instance, lease_duration=5.0, lease_renew=0.5,
+                        resync=5.0, condition_mode=False, backoff_initial=0.2, backoff_max=1.0)
+
+    def build(group: dict[str, Any]) -> dict[str, Any]:
+        return E.build_entry(E.EntryInputs(group=group, address=address, instance=instance))
+
+    driver = Driver(kube, settings, build, watch_timeout=5).start()
+    driver.do(lambda r, now: r.set_health(True, ""))
+    return VM(refresher.start(), driver, instance, token_file)
+
+
+@pytest.fixture
+def vms() -> Iterator[list[VM]]:
+    started: list[VM] = []
+    yield started
+    for vm in started:
+        vm.driver.kill()
+        vm.refresher.stop()
+
+
+@pytest.fixture
+def issuer() -> Iterator[TestIssuer]:
+    with TestIssuer() as iss:
+        yield iss
+
+
+def entry(api: KubeAPI, address: str = "10.0.0.5") -> dict[str, Any] | None:
+    return api.get("WorkloadEntry", NS, f"{GROUP}-{address}")
+
+
+def writers(api: KubeAPI) -> set[str]:
+    return {r.user for r in list(api.requests) if r.method in ("PATCH", "POST", "PUT", "DELETE")}
+
+
+def test_gcp_vm_registers_with_its_instance_identity(kubeapi: KubeAPI, issuer: TestIssuer,  # noqa: F811
+                                                     vms: list[VM], tmp_path: Path) -> None:
+    setup_cluster(kubeapi, issuer, "gcp", project=PROJECT, image="777")
+    with FakeGcp(issuer, Instance("4001", project=PROJECT, image="777")) as gcp:
+        vm = start_vm(kubeapi, GcpProvider(AUD, gcp.url, timeout=2), tmp_path)
+        vms.append(vm)
+        obj = wait_for(lambda: entry(kubeapi), 20, "the entry")
+    assert obj["metadata"]["annotations"][E.INSTANCE_ANNOTATION] == vm.instance
+    assert kubeapi.get("Lease", NS, f"{GROUP}-10.0.0.5")["spec"]["holderIdentity"] == vm.instance
+    assert writers(kubeapi) >= {"mesh-vm:4001"}
+
+
+def test_azure_vm_registers_with_its_managed_identity(kubeapi: KubeAPI, issuer: TestIssuer,  # noqa: F811
+                                                      vms: list[VM], tmp_path: Path) -> None:
+    inst = Instance("az-1", project="0b1f6471-1bf0-4dda-aec3-cb9272f09590")
+    setup_cluster(kubeapi, issuer, "azure", project=inst.project, tenant=FakeAzure.TENANT,
+                  resource_group=FakeAzure.RESOURCE_GROUP)
+    with FakeAzure(issuer, inst) as az:
+        vms.append(start_vm(kubeapi, AzureProvider(AUD, az.url, timeout=2), tmp_path))
+        wait_for(lambda: entry(kubeapi), 20, "the entry")
+    assert f"mesh-vm:{inst.principal}" in writers(kubeapi)
+
+
+def test_aws_vm_registers_with_its_role_token(kubeapi: KubeAPI, issuer: TestIssuer,  # noqa: F811
+                                              vms: list[VM], tmp_path: Path, aws_env: None) -> None:
+    inst = Instance("i-0123456789abcdef0", project="111122223333", zone="eu-west-1", image="golden-7")
+    setup_cluster(kubeapi, issuer, "aws", project=inst.project, role=FakeSts.role, tags={"mesh-image": "golden-7"})
+    with FakeSts(issuer, inst) as sts:
+        vms.append(start_vm(kubeapi, AwsProvider(AUD, "eu-west-1", sts.url, duration=900, timeout=2), tmp_path))
+        wait_for(lambda: entry(kubeapi), 20, "the entry")
+    assert "mesh-vm:i-0123456789abcdef0" in writers(kubeapi)
+
+
+def test_oidc_file_vm_registers_with_a_jwt_svid(kubeapi: KubeAPI, issuer: TestIssuer,  # noqa: F811
+                                                vms: list[VM], tmp_path: Path) -> None:
+    setup_cluster(kubeapi, issuer, "oidc", require={"tenant": "blue"})
+    svid = tmp_path / "jwt-svid"
+    now = int(time.time())
+    svid.write_text(issuer.sign({"iss": issuer.url, "aud": [AUD], "sub": "spiffe://mesh.test/vm/7", "tenant": "blue",
+                                 "iat": now, "exp": now + 300}, "ES256"))
+    vms.append(start_vm(kubeapi, OidcFileProvider(str(svid)), tmp_path))
+    wait_for(lambda: entry(kubeapi), 20, "the entry")
+    assert "mesh-vm:spiffe://mesh.test/vm/7" in writers(kubeapi)
+
+
+def test_two_clones_of_one_image_are_two_registrations_fenced_from_each_other(
+        kubeapi: KubeAPI, issuer: TestIssuer, vms: list[VM], tmp_path: Path) -> None:  # noqa: F811
+    """Same image, same machine-id (a clone captured without deprovisioning): two cloud instances."""
+    setup_cluster(kubeapi, issuer, "gcp", project=PROJECT)
+    with FakeGcp(issuer, Instance("5001")) as a, FakeGcp(issuer, Instance("5002")) as b:
+        vm_a = start_vm(kubeapi, GcpProvider(AUD, a.url, timeout=2), tmp_path, address="10.0.0.5")
+        vm_b = start_vm(kubeapi, GcpProvider(AUD, b.url, timeout=2), tmp_path, address="10.0.0.6")
+        vms.extend([vm_a, vm_b])
+        ea = wait_for(lambda: entry(kubeapi, "10.0.0.5"), 20, "clone A's entry")
+        eb = wait_for(lambda: entry(kubeapi, "10.0.0.6"), 20, "clone B's entry")
+        assert vm_a.instance != vm_b.instance
+        assert ea["metadata"]["annotations"][E.INSTANCE_ANNOTATION] == vm_a.instance
+        assert eb["metadata"]["annotations"][E.INSTANCE_ANNOTATION] == vm_b.instance
+        assert writers(kubeapi) >= {"mesh-vm:5001", "mesh-vm:5002"}
+        # Clone B, coming up with A's address, must not take A's live entry.
+        intruder = start_vm(kubeapi, GcpProvider(AUD, b.url, timeout=2), tmp_path, address="10.0.0.5")
+        vms.append(intruder)
+        wait_for(lambda: intruder.driver.registrar.state is State.CONFLICT, 20, "CONFLICT")
+        assert intruder.driver.registrar.conflict_holder == vm_a.instance
+        assert entry(kubeapi, "10.0.0.5")["metadata"]["annotations"][E.INSTANCE_ANNOTATION] == vm_a.instance
+
+
+@pytest.mark.parametrize("case", ["other-project", "other-image", "other-audience", "untrusted-issuer"])
+def test_a_vm_the_rules_do_not_admit_cannot_register(kubeapi: KubeAPI, issuer: TestIssuer,  # noqa: F811
+                                                      vms: list[VM], tmp_path: Path, case: str) -> None:
+    setup_cluster(kubeapi, issuer, "gcp", project=PROJECT, image="777")
+    inst = Instance("6001", project="other" if case == "other-project" else PROJECT,
+                    image="888" if case == "other-image" else "777")
+    audience = "https://elsewhere.test" if case == "other-audience" else AUD
+    with TestIssuer() as stranger, FakeGcp(stranger if case == "untrusted-issuer" else issuer, inst) as gcp:
+        vm = start_vm(kubeapi, GcpProvider(audience, gcp.url, timeout=2), tmp_path)
+        vms.append(vm)
+        wait_for(lambda: "401" in vm.driver.registrar.message, 20, "a 401 from the API server")
+    assert entry(kubeapi) is None
+    assert not any(u.startswith("mesh-vm:") for u in writers(kubeapi))
+
+
+def test_refreshed_token_keeps_the_registration(kubeapi: KubeAPI, issuer: TestIssuer,  # noqa: F811
+                                                vms: list[VM], tmp_path: Path) -> None:
+    """Tokens living 6 s, refreshed at 75 %: the lease keeps being renewed well past the first expiry."""
+    setup_cluster(kubeapi, issuer, "gcp", project=PROJECT)
+    with FakeGcp(issuer, Instance("7001", lifetime=6)) as gcp:
+        vm = start_vm(kubeapi, GcpProvider(AUD, gcp.url, timeout=2), tmp_path)
+        vms.append(vm)
+        wait_for(lambda: entry(kubeapi), 20, "the entry")
+        first = vm.refresher.current
+        assert first is not None
+        wait_for(lambda: time.time() > first.expiry + 3, 20, "the first token to be long expired")
+        renewed = kubeapi.get("Lease", NS, f"{GROUP}-10.0.0.5")["spec"]["renewTime"]
+        wait_for(lambda: kubeapi.get("Lease", NS, f"{GROUP}-10.0.0.5")["spec"]["renewTime"] != renewed, 10,
+                 "a lease renewal with a later token")
+        assert vm.refresher.current is not None and vm.refresher.current.jwt != first.jwt
+        assert vm.token_file.read_text().strip() in gcp.issued[1:]
+        assert vm.driver.registrar.state is State.REGISTERED
+
+
+def test_issuer_key_rotation_keeps_the_vm_and_refuses_the_old_token(
+        kubeapi: KubeAPI, issuer: TestIssuer, vms: list[VM], tmp_path: Path) -> None:  # noqa: F811
+    import requests
+
+    setup_cluster(kubeapi, issuer, "gcp", project=PROJECT)
+    with FakeGcp(issuer, Instance("9001", lifetime=6)) as gcp:
+        vm = start_vm(kubeapi, GcpProvider(AUD, gcp.url, timeout=2), tmp_path)
+        vms.append(vm)
+        wait_for(lambda: entry(kubeapi), 20, "the entry")
+        old = vm.refresher.current
+        assert old is not None
+        issuer.rotate()
+        wait_for(lambda: vm.refresher.current is not None and vm.refresher.current.jwt != old.jwt, 20,
+                 "a token signed with the new key")
+        renewed = kubeapi.get("Lease", NS, f"{GROUP}-10.0.0.5")["spec"]["renewTime"]
+        wait_for(lambda: kubeapi.get("Lease", NS, f"{GROUP}-10.0.0.5")["spec"]["renewTime"] != renewed, 10,
+                 "a lease renewal with the new key's token")
+        stolen = requests.get(f"{kubeapi.url}/apis/networking.istio.io/v1/namespaces/{NS}/workloadgroups/{GROUP}",
+                              headers={"Authorization": f"Bearer {old.jwt}"}, verify=str(kubeapi.ca_path),
+                              timeout=5)
+        assert stolen.status_code == 401
+        assert vm.driver.registrar.state is State.REGISTERED
