@@ -70,6 +70,9 @@ class BundleConfig:
     on_autoregister: Literal["drop", "refuse"] = field(
         "drop", help="what to do with ISTIO_META_AUTO_REGISTER_GROUP in cluster.env")
     restore_tampered: bool = field(True, help="restore installed files edited or deleted by hand")
+    allow_exec_probe: bool = field(
+        False, help="run an exec probe that comes from the mesh (bundle, WorkloadGroup), as sidecar.user "
+        "without new privileges; refused by default")
     kubernetes: KubernetesSourceConfig = field(factory=KubernetesSourceConfig)
 
     @staticmethod

@@ -292,9 +292,10 @@ def probe_from_istio(p: Any, where: str, problems: list[str]) -> ProbeConfig | N
         return None
 
 
-def check_mesh_config(doc: Any, problems: list[str],
-                      file: str = "mesh.yaml") -> tuple[dict, ProbeConfig | None]:
-    """The defaultConfig (ProxyConfig) and its readinessProbe, if any."""
+def check_mesh_config(doc: Any, problems: list[str], file: str = "mesh.yaml", *,
+                      allow_exec: bool = False) -> tuple[dict, ProbeConfig | None]:
+    """The defaultConfig (ProxyConfig) and its readinessProbe, if any. An exec probe is refused unless
+    allow_exec (bundle.allow_exec_probe): a bundle must not make this machine run a command."""
     if not isinstance(doc, dict):
         problems.append(f"{file}: expected a mapping with defaultConfig")
         return {}, None
@@ -311,7 +312,18 @@ def check_mesh_config(doc: Any, problems: list[str],
     probe = None
     if pc.get("readinessProbe") is not None:
         probe = probe_from_istio(pc["readinessProbe"], f"{file}: defaultConfig.readinessProbe", problems)
+        probe = _refuse_exec(probe, f"{file}: defaultConfig.readinessProbe", allow_exec, problems)
     return pc, probe
+
+
+def _refuse_exec(probe: ProbeConfig | None, where: str, allow_exec: bool,
+                 problems: list[str]) -> ProbeConfig | None:
+    from agent.health.probes import exec_refusal
+
+    if probe is not None and probe.exec is not None and not allow_exec:
+        problems.append(exec_refusal(where))
+        return None
+    return probe
 
 
 # --- root-cert.pem --------------------------------------------------------------------------------
@@ -466,7 +478,7 @@ _DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0
 
 
 def check_workload_group(doc: Any, env: Mapping[str, str], problems: list[str], warnings: list[str],
-                         file: str = "workloadgroup.yaml") -> dict | None:
+                         file: str = "workloadgroup.yaml", *, allow_exec: bool = False) -> dict | None:
     """A structural check of the WorkloadGroup (the shape the CRD schema requires), and its consistency
     with cluster.env. The API server does the full schema validation when the group is applied."""
     before = len(problems)
@@ -530,7 +542,8 @@ def check_workload_group(doc: Any, env: Mapping[str, str], problems: list[str], 
             problems.append(f"{file}: spec.template.serviceAccount {sa!r} differs from cluster.env "
                             f"SERVICE_ACCOUNT {want_sa!r}")
     if spec.get("probe") is not None:
-        probe_from_istio(spec["probe"], f"{file}: spec.probe", problems)
+        _refuse_exec(probe_from_istio(spec["probe"], f"{file}: spec.probe", problems), f"{file}: spec.probe",
+                     allow_exec, problems)
     if isinstance(ns, str) and env.get("POD_NAMESPACE") not in (None, ns):
         problems.append(f"{file}: metadata.namespace {ns!r} differs from cluster.env POD_NAMESPACE "
                         f"{env.get('POD_NAMESPACE')!r}")
@@ -748,7 +761,7 @@ def parse_bundle(files: Mapping[str, bytes], now: float, cfg: BundleConfig) -> B
         before = len(problems)
         doc = _load_yaml(text, "mesh.yaml", problems)
         if len(problems) == before:
-            proxy_config, probe = check_mesh_config(doc, problems)
+            proxy_config, probe = check_mesh_config(doc, problems, allow_exec=cfg.allow_exec_probe)
 
     cert_expiry = None
     text = _text(files, "root-cert.pem", problems)
@@ -779,7 +792,7 @@ def parse_bundle(files: Mapping[str, bytes], now: float, cfg: BundleConfig) -> B
     sidecar = None
     loaded, d = yaml_extra("workloadgroup.yaml")
     if loaded:
-        wg = check_workload_group(d, env_map, problems, warnings)
+        wg = check_workload_group(d, env_map, problems, warnings, allow_exec=cfg.allow_exec_probe)
     loaded, d = yaml_extra("kubeconfig")
     if loaded:
         kube = check_kubeconfig(d, problems, warnings)
