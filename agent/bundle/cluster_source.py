@@ -20,7 +20,6 @@ sidecar goes on with the last good bundle (istio-agent renews its certificate wi
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import json
 import logging
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import jwtclaims
 from agent.bundle import generate as G
 from agent.redact import register_secret
 from agent.registry.kube import GROUPS, ApiError, Kube, NotFound, Unauthorized, map_error
@@ -100,13 +100,10 @@ class Fetched:
 def token_times(token: str) -> tuple[float | None, float | None]:
     """(iat, exp) claims of a JWT, unverified (only to schedule renewals); None where absent."""
     try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError, TypeError):
+        tok = jwtclaims.read(token)
+    except jwtclaims.TokenError:
         return None, None
-    iat, exp = claims.get("iat"), claims.get("exp")
-    return (float(iat) if isinstance(iat, (int, float)) else None,
-            float(exp) if isinstance(exp, (int, float)) else None)
+    return tok.issued_at, tok.expiry
 
 
 def _parse_time(text: str | None) -> float | None:

@@ -10,12 +10,9 @@ operator fixes a bad bundle in one round.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import hashlib
 import ipaddress
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from agent import jwtclaims
 from agent.config import (
     BundleConfig,
     PackageConfig,
@@ -398,40 +396,19 @@ class TokenInfo:
     audiences: tuple[str, ...]
 
 
-def _b64url(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-
-
 def check_token(text: str, env: Mapping[str, str], now: float, problems: list[str],
                 warnings: list[str], file: str = "istio-token") -> TokenInfo | None:
-    """Decode the JWT's claims and check them against cluster.env. The signature is the API server's to
-    check (istiod sends the token to it in a TokenReview); a forged token gets no certificate."""
-    token = text.strip()
-    parts = token.split(".")
-    if len(parts) != 3 or not all(parts[:2]):
-        problems.append(f"{file}: not a JWT (expected header.payload.signature)")
-        return None
+    """Decode the JWT's claims (agent.jwtclaims) and check them against cluster.env. The signature is the
+    API server's to check (istiod sends the token to it in a TokenReview); a forged token gets no
+    certificate."""
     try:
-        header = json.loads(_b64url(parts[0]))
-        claims = json.loads(_b64url(parts[1]))
-    except (binascii.Error, ValueError):
-        problems.append(f"{file}: the JWT's header or claims do not decode (base64url JSON)")
+        tok = jwtclaims.read(text)
+    except jwtclaims.TokenError as exc:
+        problems.append(f"{file}: {exc}")
         return None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        problems.append(f"{file}: the JWT's header and claims must be JSON objects")
-        return None
+    claims = tok.claims
     before = len(problems)
-
-    def epoch(key: str) -> float | None:
-        v = claims.get(key)
-        if v is None:
-            return None
-        if not isinstance(v, int | float) or isinstance(v, bool):
-            problems.append(f"{file}: claim {key} must be a number, got {v!r}")
-            return None
-        return float(v)
-
-    exp, iat, nbf = epoch("exp"), epoch("iat"), epoch("nbf")
+    exp, iat, nbf = tok.expiry, tok.issued_at, tok.not_before
     if exp is not None and exp <= now:
         problems.append(f"{file}: the token expired at {_when(exp)}; make a new bundle")
     if exp is None:
@@ -441,13 +418,7 @@ def check_token(text: str, env: Mapping[str, str], now: float, problems: list[st
         if v is not None and v > now + CLOCK_SKEW:
             warnings.append(f"{file}: claim {key} is {_when(v)}, in the future; "
                             "is this machine's clock right?")
-    aud = claims.get("aud")
-    if isinstance(aud, str):
-        audiences: tuple[str, ...] = (aud,)
-    elif isinstance(aud, list):
-        audiences = tuple(a for a in aud if isinstance(a, str))
-    else:
-        audiences = ()
+    audiences = tok.audiences
     if TOKEN_AUDIENCE not in audiences:
         problems.append(f"{file}: audience must include {TOKEN_AUDIENCE!r}, got {list(audiences)}; "
                         "make the token with `--audience istio-ca` (istioctl does)")
