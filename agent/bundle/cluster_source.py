@@ -35,6 +35,7 @@ from agent.bundle import generate as G
 from agent.redact import register_secret
 from agent.registry.kube import GROUPS, ApiError, Kube, NotFound, Unauthorized, map_error
 from agent.retry import Backoff
+from agent.safeload import LoadError, load_json, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +283,9 @@ class ClusterSource:
         import yaml
 
         try:
-            doc = yaml.safe_load(mesh_yaml) or {}
-        except yaml.YAMLError as exc:
-            raise SourceError(f"{self.s.static_dir}/mesh.yaml is not valid YAML: {exc}", retryable=False) from None
+            doc = load_yaml(mesh_yaml, f"{self.s.static_dir}/mesh.yaml") or {}
+        except LoadError as exc:
+            raise SourceError(str(exc), retryable=False) from None
         default = doc.get("defaultConfig") if isinstance(doc, dict) else None
         if not isinstance(default, dict):
             raise SourceError(f"{self.s.static_dir}/mesh.yaml has no defaultConfig map", retryable=False)
@@ -319,9 +320,9 @@ class ClusterSource:
         if not readable or cm is None:
             return DEFAULT_CLUSTER_ID
         try:
-            values = json.loads((cm.get("data") or {}).get("values") or "{}")
+            values = load_json((cm.get("data") or {}).get("values") or "{}", f"ConfigMap {name} values")
             cluster = ((values.get("global") or {}).get("multiCluster") or {}).get("clusterName")
-        except (ValueError, AttributeError):
+        except (LoadError, AttributeError):
             cluster = None
         return cluster if isinstance(cluster, str) and cluster else DEFAULT_CLUSTER_ID
 

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
-from agent import jwtclaims
+from agent import jwtclaims, safeload
 from agent.config import (
     BundleConfig,
     PackageConfig,
@@ -258,12 +256,11 @@ def scan_hosts(text: str, file: str = "hosts") -> tuple[list[HostLine], list[str
 # --- YAML helpers ---------------------------------------------------------------------------------
 
 def _load_yaml(text: str, file: str, problems: list[str]) -> Any:
+    """Through agent.safeload: size, depth and value caps, no anchors, one line per refusal."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f"{file}:{mark.line + 1}" if mark else file
-        problems.append(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}")
+        return safeload.load_yaml(text, file)
+    except safeload.LoadError as exc:
+        problems.append(str(exc))
         return None
 
 

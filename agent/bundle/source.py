@@ -377,12 +377,12 @@ def _register(files: dict[str, bytes]) -> None:
         register_secret(token.decode("utf-8", "replace"))
     kubeconfig = files.get("kubeconfig")
     if kubeconfig:
-        import yaml
+        from agent.safeload import LoadError, load_yaml
 
         try:
-            doc = yaml.safe_load(kubeconfig)
-        except yaml.YAMLError:
-            return
+            doc = load_yaml(kubeconfig.decode("utf-8", "replace"), "kubeconfig")
+        except LoadError:
+            return  # the bundle check reports it
         users = doc.get("users") if isinstance(doc, dict) else None
         for u in users if isinstance(users, list) else []:
             user = u.get("user") if isinstance(u, dict) else None
