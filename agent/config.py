@@ -61,6 +61,8 @@ class BundleConfig:
     allow_insecure: bool = field(False, help="allow an http:// source (never in production)")
     connect_timeout: Duration = field(_d("5s"), min=0.1, max=300.0, help="TCP+TLS connect timeout")
     read_timeout: Duration = field(_d("30s"), min=0.1, max=600.0, help="timeout between bytes")
+    fetch_deadline: Duration = field(_d("2m"), min=0.1, max=3600.0,
+                                     help="longest a whole fetch may take, retries included")
     max_size: Size = field(Size(1024 * 1024), min=1024, max=64 * 1024 * 1024,
                            help="largest bundle accepted")
     refresh_fraction: float = field(0.7, min=0.1, max=0.95,
