@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.bundle.model import Bundle, scan_hosts
-from agent.fsutil import atomic_write, fsync_dir
+from agent.fsutil import UnsafePathError, atomic_write, fsync_dir, read_nofollow
 from agent.paths import Layout
 from agent.redact import register_secret
 
@@ -100,7 +100,7 @@ class InstallResult:
 def rewrite_in_place(path: Path, data: bytes) -> None:
     """Overwrite a file's contents without replacing the inode (a bind-mounted file cannot be renamed
     over). Not atomic against a crash, which is why it is used only where rename is impossible."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         view = memoryview(data)
         offset = 0
@@ -113,10 +113,8 @@ def rewrite_in_place(path: Path, data: bytes) -> None:
 
 
 def _read(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
+    """A live file's bytes (None when missing); a link there is refused, never read through."""
+    return read_nofollow(path)
 
 
 @dataclass(frozen=True)
@@ -128,11 +126,15 @@ class _Snapshot:
 
 
 def _snapshot(path: Path) -> _Snapshot:
+    """What is at a live path. A link (or anything but a regular file) counts as nothing: it is replaced
+    by the install, never followed, and not put back by a rollback."""
     try:
-        st = path.stat()
+        st = path.lstat()
     except FileNotFoundError:
         return _Snapshot(None)
-    return _Snapshot(path.read_bytes(), stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid))
+    if not stat.S_ISREG(st.st_mode):
+        return _Snapshot(None)
+    return _Snapshot(read_nofollow(path), stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid))
 
 
 # --- owners ---------------------------------------------------------------------------------------
@@ -221,7 +223,7 @@ def hosts_block(current: bytes) -> list[str] | None:
 def write_hosts(path: Path, data: bytes) -> bool:
     """Write /etc/hosts keeping its mode and owner. Returns True when it had to be done in place."""
     try:
-        st = path.stat()
+        st = path.lstat()
         mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
     except FileNotFoundError:
         mode, owner = 0o644, None
@@ -230,6 +232,8 @@ def write_hosts(path: Path, data: bytes) -> bool:
     try:
         atomic_write(path, data, mode, owner)
         return False
+    except UnsafePathError:
+        raise
     except OSError as exc:
         # EBUSY/EXDEV: a bind mount (systemd's ReadWritePaths=/etc/hosts); EROFS/EACCES: its directory
         # is read-only to us (ProtectSystem=strict) while the file itself is writable.
@@ -339,7 +343,7 @@ def _lock(layout: Layout, create: bool = False) -> Iterator[None]:
             yield
             return
         layout.state.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd = os.open(layout.state / "bundle.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(layout.state / "bundle.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
