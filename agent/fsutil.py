@@ -105,12 +105,12 @@ def temp_name(name: str) -> str:
     return f".{name}.{secrets.token_hex(4)}.tmp"
 
 
-_TEMP = re.compile(r"\.(?P<name>.+)\.[0-9a-z_]{8}\.tmp")
+_RANDOM = r"[0-9a-z_]{8}"  # secrets.token_hex(4) here, tempfile.mkstemp's 8 characters before
 
 
-def is_temp_name(name: str) -> bool:
-    """A temp file this module (or an earlier version, through tempfile.mkstemp) names."""
-    return _TEMP.fullmatch(name) is not None
+def is_temp_of(entry: str, name: str) -> bool:
+    """Whether `entry` is a temp file this module made while writing `name`."""
+    return re.fullmatch(rf"\.{re.escape(name)}\.{_RANDOM}\.tmp", entry) is not None
 
 
 def write_in(dir_fd: int, name: str, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
@@ -166,23 +166,17 @@ def read_nofollow(path: Path) -> bytes | None:
         return f.read()
 
 
-def clear_temp_files(directory: Path) -> list[str]:
-    """Remove the temp files (and temp directories) named as this module names them, left in directory by
-    a crash; nothing else. Returns the names removed."""
-    import shutil
-
+def clear_temp_files(directory: Path, names: Iterable[str]) -> list[str]:
+    """Remove the temp files a crash left in directory while writing one of `names`; nothing else (no
+    other name, no directory, no link is touched). Returns what was removed."""
     removed = []
     try:
         entries = list(os.scandir(directory))
     except (FileNotFoundError, NotADirectoryError):
         return []
     for e in entries:
-        if not is_temp_name(e.name):
-            continue
-        if e.is_dir(follow_symlinks=False):
-            shutil.rmtree(e.path, ignore_errors=True)
-        else:
+        if e.is_file(follow_symlinks=False) and any(is_temp_of(e.name, n) for n in names):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(e.path)
-        removed.append(e.name)
+            removed.append(e.name)
     return removed

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import shutil
 import stat
 import time
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.bundle.model import Bundle, scan_hosts
-from agent.fsutil import UnsafePathError, atomic_write, fsync_dir, read_nofollow
+from agent.fsutil import UnsafePathError, atomic_write, clear_temp_files, fsync_dir, read_nofollow
 from agent.paths import Layout
 from agent.redact import register_secret
 
@@ -254,13 +255,22 @@ def _pending_link(layout: Layout) -> Path:
     return layout.state / "bundle.pending"
 
 
+def _link_temp(link: Path) -> Path:
+    return link.with_name(f".{link.name}.tmp")
+
+
 def _set_link(link: Path, target: Path) -> None:
     """Point link at target atomically (a new symlink renamed over the old one)."""
-    tmp = link.with_name(f".{link.name}.tmp")
+    tmp = _link_temp(link)
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    os.symlink(os.path.relpath(target, link.parent), tmp)
-    os.replace(tmp, link)
+    try:
+        os.symlink(os.path.relpath(target, link.parent), tmp)
+        os.replace(tmp, link)
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
     fsync_dir(link.parent)
 
 
@@ -272,11 +282,41 @@ def _store(layout: Layout, files: dict[str, bytes], meta: dict[str, Any]) -> Pat
     final = bundles / f"{meta['version']}-{time.time_ns()}"
     tmp = bundles / f".{final.name}.tmp"
     tmp.mkdir(mode=0o700)
-    for name, data in [*files.items(), (META, json.dumps(meta, indent=2, sort_keys=True).encode())]:
-        atomic_write(tmp / name, data, 0o600)
-    os.rename(tmp, final)
+    try:
+        for name, data in [*files.items(), (META, json.dumps(meta, indent=2, sort_keys=True).encode())]:
+            atomic_write(tmp / name, data, 0o600)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written copy behind
+        raise
     fsync_dir(bundles)
     return final
+
+
+_STORE_TEMP = re.compile(r"\.[0-9a-f]{12}-[0-9]+\.tmp")  # _store's temp directory
+
+
+def clear_leftovers(layout: Layout) -> list[str]:
+    """Remove what a crash (SIGKILL, power loss) left half-done: the temp files of the live files and of
+    /etc/hosts, the stored copy's temp directory, the links' temp names. Only names the agent itself
+    makes are touched. Run under the bundle lock, so no install is writing them at the moment."""
+    removed: list[str] = []
+    for path in live_paths(layout).values():
+        removed += [str(path.parent / n) for n in clear_temp_files(path.parent, [path.name])]
+    bundles = _bundles_dir(layout)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for e in os.scandir(bundles):
+            if _STORE_TEMP.fullmatch(e.name) and e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path, ignore_errors=True)
+                removed.append(e.path)
+    for link in (layout.last_good_bundle, _pending_link(layout)):
+        tmp = _link_temp(link)
+        if tmp.is_symlink():
+            tmp.unlink()
+            removed.append(str(tmp))
+    if removed:
+        log.warning("removed what an interrupted write left behind: %s", ", ".join(removed))
+    return removed
 
 
 def _load_stored(directory: Path) -> tuple[InstalledBundle, dict[str, bytes]]:
@@ -416,6 +456,8 @@ def _roll_back(snapshots: dict[Path, _Snapshot], hosts_path: Path) -> list[str]:
     failures = []
     for path, snap in reversed(list(snapshots.items())):
         try:
+            if _snapshot(path) == snap:
+                continue  # never replaced (the write failed before its rename): intact, nothing to undo
             if path == hosts_path:
                 if snap.data is None:
                     path.unlink(missing_ok=True)
@@ -450,11 +492,15 @@ def _install_locked(bundle: Bundle, layout: Layout, owner: tuple[int, int] | Non
             "token_issued_at": bundle.token_issued_at, "cert_expiry": bundle.cert_expiry,
             "etag": etag, "last_modified": last_modified, "warnings": list(bundle.warnings)}
     files = dict(bundle.files)
+    clear_leftovers(layout)
+    stored: Path | None = None
     try:
         layout.state.mkdir(mode=0o755, parents=True, exist_ok=True)
         stored = _store(layout, files, meta)
         _set_link(_pending_link(layout), stored)
     except OSError as exc:
+        if stored is not None:
+            shutil.rmtree(stored, ignore_errors=True)
         raise InstallError(f"cannot store the bundle under {layout.state}: {exc}") from exc
 
     snapshots: dict[Path, _Snapshot] = {}
@@ -487,6 +533,7 @@ def restore_last_good(layout: Layout, *, user: str | None = "istio-proxy") -> In
     An install interrupted by a crash (the pending link is there) is completed from its stored copy.
     Only files that differ are written. Returns the bundle now live, or None when there is none."""
     owner = resolve_owner(user)
+    clear_leftovers(layout)
     pending = _resolve(_pending_link(layout))
     if pending is not None:
         info, files = _load_stored(pending)
