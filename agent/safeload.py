@@ -121,7 +121,8 @@ def yaml_shape(text: str, what: str = "YAML", *, max_depth: int = MAX_DEPTH) -> 
 def _yaml_problem(exc: yaml.YAMLError, what: str) -> LoadError:
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     where = f"{what}:{mark.line + 1}" if mark else what
-    return LoadError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}")
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]  # a ReaderError has no problem
+    return LoadError(f"{where}: not valid YAML: {problem}")
 
 
 def load_yaml(data: str | bytes, what: str = "YAML", *, max_size: int = MAX_SIZE, max_depth: int = MAX_DEPTH,

@@ -41,8 +41,15 @@ class BundleError(Exception):
     """The bundle cannot be used. `problems` lists every reason, one line each."""
 
     def __init__(self, problems: list[str]) -> None:
+        problems = [one_line(p) for p in problems]
         super().__init__("\n".join(problems))
-        self.problems = list(problems)
+        self.problems = problems
+
+
+def one_line(text: str) -> str:
+    """A problem as one printable line: names and values from the bundle may hold newlines or control
+    characters, which are shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # --- cluster.env ----------------------------------------------------------------------------------
@@ -560,13 +567,13 @@ def check_kubeconfig(doc: Any, problems: list[str], warnings: list[str],
             problems.append(f"{file}: clusters.{cname}: insecure-skip-tls-verify is refused")
     cur = doc.get("current-context")
     contexts = sections.get("contexts", {})
-    if contexts and cur not in contexts:
+    if contexts and (not isinstance(cur, str) or cur not in contexts):
         problems.append(f"{file}: current-context {cur!r} is not one of the contexts")
     for ctx_name, ctx in contexts.items():
-        if ctx.get("cluster") not in sections.get("clusters", {}):
-            problems.append(f"{file}: contexts.{ctx_name}.cluster names no cluster")
-        if ctx.get("user") not in sections.get("users", {}):
-            problems.append(f"{file}: contexts.{ctx_name}.user names no user")
+        for ref, sect in (("cluster", "clusters"), ("user", "users")):
+            name = ctx.get(ref)
+            if not isinstance(name, str) or name not in sections.get(sect, {}):
+                problems.append(f"{file}: contexts.{ctx_name}.{ref} names no {ref}")
     return doc if len(problems) == before else None
 
 

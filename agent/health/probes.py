@@ -421,7 +421,7 @@ def probe_from_istio(spec: Mapping[str, Any], where: str = "probe") -> ProbeConf
     if len(kinds) != 1:
         raise ProbeSpecError(f"{where}: a probe needs exactly one of {', '.join(_KINDS)}"
                              + (f" (got {', '.join(kinds)})" if kinds else ""))
-    unknown = sorted(set(spec) - set(_KINDS) - set(_TIMING))
+    unknown = sorted(set(spec) - set(_KINDS) - set(_TIMING), key=str)  # keys from YAML may be any type
     if unknown:
         raise ProbeSpecError(f"{where}.{unknown[0]}: unknown key")
     kind = kinds[0]
