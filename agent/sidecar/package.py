@@ -179,6 +179,8 @@ class Installer:
         if final.exists() and _sha256(final) == source.sha256:
             return final
         tmp = final.with_name(final.name + ".part")
+        for stale in self.cache_dir.glob(f"{source.name}_*.deb.part"):  # a download a crash cut short
+            stale.unlink(missing_ok=True)
         deadline = download.Deadline(self.fetch_deadline)
 
         def once() -> str:

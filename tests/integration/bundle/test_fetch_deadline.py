@@ -70,3 +70,18 @@ def test_a_trickling_package_server_is_cut_at_the_deadline(server, tmp_path: Pat
 def test_a_fast_server_is_unaffected(server) -> None:
     cfg = kit.config(server.url + "/bundle.tar.gz", ca_file=str(server.ca_file), fetch_deadline=1.5)
     assert "cluster.env" in fetch(cfg).files
+
+
+def test_a_package_download_cut_short_by_a_crash_is_removed_on_the_next_fetch(tmp_path: Path) -> None:
+    deb = tmp_path / "pkg.deb"
+    deb.write_bytes(b"not really a package, but pinned by its digest")
+    inst = Installer(Layout(root=tmp_path / "root"))
+    inst.cache_dir.mkdir(parents=True)
+    stale = [inst.cache_dir / "istio-sidecar_1.0.deb.part", inst.cache_dir / "istio-sidecar_0.9.deb.part"]
+    for p in stale:
+        p.write_bytes(b"half a package")
+    keep = inst.cache_dir / "other_1.0.deb.part"
+    keep.write_bytes(b"not ours")
+    got = inst.fetch(PackageSource(str(deb), "1.1", hashlib.sha256(deb.read_bytes()).hexdigest()))
+    assert got.read_bytes() == deb.read_bytes()
+    assert [p for p in stale if p.exists()] == [] and keep.exists()
