@@ -8,8 +8,9 @@ JWT's header and claims (agent.jwtclaims), and the mesh configuration read from 
 YAML is checked in two steps, because PyYAML's pure-Python scanner is quadratic in the flow nesting (20,000
 brackets take minutes) and its composer and constructor recurse (a deep document ends in RecursionError):
 first a line scan bounds the nesting (block indentation, compact `- - ` items and flow brackets outside
-quotes and comments; it may count a little more than the parser would, never much less), then the
-parser's events are counted and anchors and aliases refused, and only then is the document built."""
+quotes and comments), which keeps the worst out of every parser; then libyaml's events (fast, and not
+recursive) give the exact depth and count and refuse anchors and aliases; only then is the document
+built."""
 
 from __future__ import annotations
 
