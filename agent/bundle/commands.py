@@ -172,7 +172,8 @@ def _show_installed(args: argparse.Namespace) -> int:
     files = {p.name: p.read_bytes() for p in info.path.iterdir() if p.is_file() and p.name != "meta.json"}
     register_secret((files.get("istio-token") or b"").decode("utf-8", "replace"))
     try:
-        bundle = parse_bundle(files, time.time(), BundleConfig(source=info.source))
+        # Display only: an exec probe was allowed by agent.yaml when this bundle was installed.
+        bundle = parse_bundle(files, time.time(), BundleConfig(source=info.source, allow_exec_probe=True))
     except BundleError as exc:
         _fail(exc)
         return EX_FAIL
