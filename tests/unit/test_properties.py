@@ -26,7 +26,7 @@ NOW = time.time()
 GOOD = kit.files(NOW, extras=True)
 CFG = kit.config()
 
-fast = settings(derandomize=True, deadline=2000, max_examples=200, database=None,
+fast = settings(derandomize=True, deadline=2000, max_examples=150, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 # Text that looks like the formats under test: their special characters, often.
