@@ -60,6 +60,8 @@ class BundleConfig:
     allow_insecure: bool = field(False, help="allow an http:// source (never in production)")
     connect_timeout: Duration = field(_d("5s"), min=0.1, max=300.0, help="TCP+TLS connect timeout")
     read_timeout: Duration = field(_d("30s"), min=0.1, max=600.0, help="timeout between bytes")
+    fetch_deadline: Duration = field(_d("2m"), min=0.1, max=3600.0,
+                                     help="longest a whole fetch may take, retries included")
     max_size: Size = field(Size(1024 * 1024), min=1024, max=64 * 1024 * 1024,
                            help="largest bundle accepted")
     refresh_fraction: float = field(0.7, min=0.1, max=0.95,
@@ -69,6 +71,9 @@ class BundleConfig:
     on_autoregister: Literal["drop", "refuse"] = field(
         "drop", help="what to do with ISTIO_META_AUTO_REGISTER_GROUP in cluster.env")
     restore_tampered: bool = field(True, help="restore installed files edited or deleted by hand")
+    allow_exec_probe: bool = field(
+        False, help="run an exec probe that comes from the mesh (bundle, WorkloadGroup), as sidecar.user "
+        "without new privileges; refused by default")
     kubernetes: KubernetesSourceConfig = field(factory=KubernetesSourceConfig)
 
     @staticmethod

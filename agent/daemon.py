@@ -507,7 +507,8 @@ class Agent:
         template_ports = ((group.get("spec") or {}).get("template") or {}).get("ports")
         inbound = bundle.env_map.get("ISTIO_INBOUND_PORTS") if bundle else None
         ports = probes.app_ports(self.cfg.app.ports, template_ports, inbound)
-        probe = self.cfg.app.probe or self.group_probe(group) or (bundle.probe if bundle else None)
+        probe = self.cfg.app.probe or self.group_probe(group) or \
+            self.mesh_probe(bundle.probe if bundle else None, "mesh.yaml: defaultConfig.readinessProbe")
         return probe, ports
 
     def reconfigure_monitor(self) -> None:
@@ -523,8 +524,19 @@ class Agent:
         if not spec.get("probe"):
             return None
         try:
-            return probes.probe_from_istio(spec["probe"], "WorkloadGroup spec.probe")
+            return self.mesh_probe(probes.probe_from_istio(spec["probe"], "WorkloadGroup spec.probe"),
+                                   "WorkloadGroup spec.probe")
         except probes.ProbeSpecError as exc:
+            self.record_error("health", str(exc))
+            return None
+
+    def mesh_probe(self, probe: config.ProbeConfig | None, where: str) -> config.ProbeConfig | None:
+        """A probe from the mesh as it may run here: an exec probe is refused, or run as sidecar.user."""
+        try:
+            return probes.mesh_probe(probe, where, allow_exec=self.cfg.bundle.allow_exec_probe,
+                                     user=self.cfg.sidecar.user)
+        except probes.ProbeSpecError as exc:
+            log.error("%s", exc)
             self.record_error("health", str(exc))
             return None
 

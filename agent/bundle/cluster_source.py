@@ -20,7 +20,6 @@ sidecar goes on with the last good bundle (istio-agent renews its certificate wi
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import json
 import logging
@@ -31,10 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import jwtclaims
 from agent.bundle import generate as G
 from agent.redact import register_secret
 from agent.registry.kube import GROUPS, ApiError, Kube, NotFound, Unauthorized, map_error
 from agent.retry import Backoff
+from agent.safeload import LoadError, load_json, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,10 @@ class Fetched:
 def token_times(token: str) -> tuple[float | None, float | None]:
     """(iat, exp) claims of a JWT, unverified (only to schedule renewals); None where absent."""
     try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError, TypeError):
+        tok = jwtclaims.read(token)
+    except jwtclaims.TokenError:
         return None, None
-    iat, exp = claims.get("iat"), claims.get("exp")
-    return (float(iat) if isinstance(iat, (int, float)) else None,
-            float(exp) if isinstance(exp, (int, float)) else None)
+    return tok.issued_at, tok.expiry
 
 
 def _parse_time(text: str | None) -> float | None:
@@ -285,9 +283,9 @@ class ClusterSource:
         import yaml
 
         try:
-            doc = yaml.safe_load(mesh_yaml) or {}
-        except yaml.YAMLError as exc:
-            raise SourceError(f"{self.s.static_dir}/mesh.yaml is not valid YAML: {exc}", retryable=False) from None
+            doc = load_yaml(mesh_yaml, f"{self.s.static_dir}/mesh.yaml") or {}
+        except LoadError as exc:
+            raise SourceError(str(exc), retryable=False) from None
         default = doc.get("defaultConfig") if isinstance(doc, dict) else None
         if not isinstance(default, dict):
             raise SourceError(f"{self.s.static_dir}/mesh.yaml has no defaultConfig map", retryable=False)
@@ -322,9 +320,9 @@ class ClusterSource:
         if not readable or cm is None:
             return DEFAULT_CLUSTER_ID
         try:
-            values = json.loads((cm.get("data") or {}).get("values") or "{}")
+            values = load_json((cm.get("data") or {}).get("values") or "{}", f"ConfigMap {name} values")
             cluster = ((values.get("global") or {}).get("multiCluster") or {}).get("clusterName")
-        except (ValueError, AttributeError):
+        except (LoadError, AttributeError):
             cluster = None
         return cluster if isinstance(cluster, str) and cluster else DEFAULT_CLUSTER_ID
 

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent import config as config_mod
+from agent import fsutil
 from agent.bundle import model, source
 from agent.bundle.install import InstallError, last_good
 from agent.bundle.model import BundleError, parse_bundle
@@ -88,6 +89,10 @@ class _Usage(Exception):
     pass
 
 
+class SaveError(Exception):
+    """`fetch -o DIR` could not write DIR."""
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         cfg, full = _load(args)
@@ -111,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
             _save(Path(args.output), dict(bundle.files))
         _print(model.summary(bundle), fetched.source, args.json)
         return 0
-    except (FetchError, BundleError, InstallError) as exc:
+    except (FetchError, BundleError, InstallError, SaveError) as exc:
         _fail(exc)
         return EX_FAIL
 
@@ -119,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
 def _fail(exc: Exception) -> None:
     lines = str(exc).splitlines() or [type(exc).__name__]
     kind = {FetchError: "cannot fetch the bundle", BundleError: "the bundle is invalid",
-            InstallError: "cannot install the bundle"}.get(type(exc), "error")
+            InstallError: "cannot install the bundle", SaveError: "cannot save the bundle"}.get(type(exc), "error")
     print(f"mesh-agent bundle: {kind}:", file=sys.stderr)
     for line in lines:
         print(f"  {line.strip()}", file=sys.stderr)
@@ -170,7 +175,8 @@ def _show_installed(args: argparse.Namespace) -> int:
     files = {p.name: p.read_bytes() for p in info.path.iterdir() if p.is_file() and p.name != "meta.json"}
     register_secret((files.get("istio-token") or b"").decode("utf-8", "replace"))
     try:
-        bundle = parse_bundle(files, time.time(), BundleConfig(source=info.source))
+        # Display only: an exec probe was allowed by agent.yaml when this bundle was installed.
+        bundle = parse_bundle(files, time.time(), BundleConfig(source=info.source, allow_exec_probe=True))
     except BundleError as exc:
         _fail(exc)
         return EX_FAIL
@@ -182,12 +188,19 @@ def _show_installed(args: argparse.Namespace) -> int:
 
 
 def _save(out: Path, files: dict[str, bytes]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        mode = 0o600 if name in ("istio-token", "kubeconfig") else 0o644
-        fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+    """Write the files into out through agent.fsutil: a link planted in out is replaced, never written
+    through, and every file gets its mode (credentials 0600) whether or not it existed."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        dfd = fsutil.open_dir(out, secure=False)
+        try:
+            for name, data in files.items():
+                mode = 0o600 if name in ("istio-token", "kubeconfig") else 0o644
+                fsutil.write_in(dfd, name, data, mode, (os.geteuid(), os.getegid()) if os.geteuid() == 0 else None)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        raise SaveError(f"{out}: {exc.strerror or exc}") from None
 
 
 def _when(epoch: float | None) -> str:

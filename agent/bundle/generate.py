@@ -28,8 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
+from agent import safeload
 from agent.bundle import goyaml
 from agent.bundle.model import format_cluster_env  # one writer of istioctl's cluster.env format
 
@@ -193,9 +192,9 @@ def normalize_proxy_config(doc: Any, where: str) -> dict[str, Any]:
 
 def _load_yaml(text: str, where: str) -> Any:
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise GenerateError(f"{where} is not valid YAML: {exc}") from None
+        return safeload.load_yaml(text, where)
+    except safeload.LoadError as exc:
+        raise GenerateError(str(exc)) from None
 
 
 def _probe(probe: Any) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import shutil
 import stat
 import time
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.bundle.model import Bundle, scan_hosts
-from agent.fsutil import atomic_write, fsync_dir
+from agent.fsutil import UnsafePathError, atomic_write, clear_temp_files, fsync_dir, read_nofollow
 from agent.paths import Layout
 from agent.redact import register_secret
 
@@ -100,7 +101,7 @@ class InstallResult:
 def rewrite_in_place(path: Path, data: bytes) -> None:
     """Overwrite a file's contents without replacing the inode (a bind-mounted file cannot be renamed
     over). Not atomic against a crash, which is why it is used only where rename is impossible."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         view = memoryview(data)
         offset = 0
@@ -113,10 +114,8 @@ def rewrite_in_place(path: Path, data: bytes) -> None:
 
 
 def _read(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
+    """A live file's bytes (None when missing); a link there is refused, never read through."""
+    return read_nofollow(path)
 
 
 @dataclass(frozen=True)
@@ -128,11 +127,15 @@ class _Snapshot:
 
 
 def _snapshot(path: Path) -> _Snapshot:
+    """What is at a live path. A link (or anything but a regular file) counts as nothing: it is replaced
+    by the install, never followed, and not put back by a rollback."""
     try:
-        st = path.stat()
+        st = path.lstat()
     except FileNotFoundError:
         return _Snapshot(None)
-    return _Snapshot(path.read_bytes(), stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid))
+    if not stat.S_ISREG(st.st_mode):
+        return _Snapshot(None)
+    return _Snapshot(read_nofollow(path), stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid))
 
 
 # --- owners ---------------------------------------------------------------------------------------
@@ -225,7 +228,7 @@ def hosts_block(current: bytes) -> list[str] | None:
 def write_hosts(path: Path, data: bytes) -> bool:
     """Write /etc/hosts keeping its mode and owner. Returns True when it had to be done in place."""
     try:
-        st = path.stat()
+        st = path.lstat()
         mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
     except FileNotFoundError:
         mode, owner = 0o644, None
@@ -234,6 +237,8 @@ def write_hosts(path: Path, data: bytes) -> bool:
     try:
         atomic_write(path, data, mode, owner)
         return False
+    except UnsafePathError:
+        raise
     except OSError as exc:
         # EBUSY/EXDEV: a bind mount (systemd's ReadWritePaths=/etc/hosts); EROFS/EACCES: its directory
         # is read-only to us (ProtectSystem=strict) while the file itself is writable.
@@ -254,13 +259,22 @@ def _pending_link(layout: Layout) -> Path:
     return layout.state / "bundle.pending"
 
 
+def _link_temp(link: Path) -> Path:
+    return link.with_name(f".{link.name}.tmp")
+
+
 def _set_link(link: Path, target: Path) -> None:
     """Point link at target atomically (a new symlink renamed over the old one)."""
-    tmp = link.with_name(f".{link.name}.tmp")
+    tmp = _link_temp(link)
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    os.symlink(os.path.relpath(target, link.parent), tmp)
-    os.replace(tmp, link)
+    try:
+        os.symlink(os.path.relpath(target, link.parent), tmp)
+        os.replace(tmp, link)
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
     fsync_dir(link.parent)
 
 
@@ -272,11 +286,41 @@ def _store(layout: Layout, files: dict[str, bytes], meta: dict[str, Any]) -> Pat
     final = bundles / f"{meta['version']}-{time.time_ns()}"
     tmp = bundles / f".{final.name}.tmp"
     tmp.mkdir(mode=0o700)
-    for name, data in [*files.items(), (META, json.dumps(meta, indent=2, sort_keys=True).encode())]:
-        atomic_write(tmp / name, data, 0o600)
-    os.rename(tmp, final)
+    try:
+        for name, data in [*files.items(), (META, json.dumps(meta, indent=2, sort_keys=True).encode())]:
+            atomic_write(tmp / name, data, 0o600)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written copy behind
+        raise
     fsync_dir(bundles)
     return final
+
+
+_STORE_TEMP = re.compile(r"\.[0-9a-f]{12}-[0-9]+\.tmp")  # _store's temp directory
+
+
+def clear_leftovers(layout: Layout) -> list[str]:
+    """Remove what a crash (SIGKILL, power loss) left half-done: the temp files of the live files and of
+    /etc/hosts, the stored copy's temp directory, the links' temp names. Only names the agent itself
+    makes are touched. Run under the bundle lock, so no install is writing them at the moment."""
+    removed: list[str] = []
+    for path in live_paths(layout).values():
+        removed += [str(path.parent / n) for n in clear_temp_files(path.parent, [path.name])]
+    bundles = _bundles_dir(layout)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for e in os.scandir(bundles):
+            if _STORE_TEMP.fullmatch(e.name) and e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path, ignore_errors=True)
+                removed.append(e.path)
+    for link in (layout.last_good_bundle, _pending_link(layout)):
+        tmp = _link_temp(link)
+        if tmp.is_symlink():
+            tmp.unlink()
+            removed.append(str(tmp))
+    if removed:
+        log.warning("removed what an interrupted write left behind: %s", ", ".join(removed))
+    return removed
 
 
 def _load_stored(directory: Path) -> tuple[InstalledBundle, dict[str, bytes]]:
@@ -343,7 +387,7 @@ def _lock(layout: Layout, create: bool = False) -> Iterator[None]:
             yield
             return
         layout.state.mkdir(mode=0o755, parents=True, exist_ok=True)
-    fd = os.open(layout.state / "bundle.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(layout.state / "bundle.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -416,6 +460,8 @@ def _roll_back(snapshots: dict[Path, _Snapshot], hosts_path: Path) -> list[str]:
     failures = []
     for path, snap in reversed(list(snapshots.items())):
         try:
+            if _snapshot(path) == snap:
+                continue  # never replaced (the write failed before its rename): intact, nothing to undo
             if path == hosts_path:
                 if snap.data is None:
                     path.unlink(missing_ok=True)
@@ -450,11 +496,15 @@ def _install_locked(bundle: Bundle, layout: Layout, owner: tuple[int, int] | Non
             "token_issued_at": bundle.token_issued_at, "cert_expiry": bundle.cert_expiry,
             "etag": etag, "last_modified": last_modified, "warnings": list(bundle.warnings)}
     files = dict(bundle.files)
+    clear_leftovers(layout)
+    stored: Path | None = None
     try:
         layout.state.mkdir(mode=0o755, parents=True, exist_ok=True)
         stored = _store(layout, files, meta)
         _set_link(_pending_link(layout), stored)
     except OSError as exc:
+        if stored is not None:
+            shutil.rmtree(stored, ignore_errors=True)
         raise InstallError(f"cannot store the bundle under {layout.state}: {exc}") from exc
 
     snapshots: dict[Path, _Snapshot] = {}
@@ -487,6 +537,7 @@ def restore_last_good(layout: Layout, *, user: str | None = "istio-proxy") -> In
     An install interrupted by a crash (the pending link is there) is completed from its stored copy.
     Only files that differ are written. Returns the bundle now live, or None when there is none."""
     owner = resolve_owner(user)
+    clear_leftovers(layout)
     pending = _resolve(_pending_link(layout))
     if pending is not None:
         info, files = _load_stored(pending)

@@ -10,20 +10,16 @@ operator fixes a bad bundle in one round.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import hashlib
 import ipaddress
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
+from agent import jwtclaims, safeload
 from agent.config import (
     BundleConfig,
     PackageConfig,
@@ -45,8 +41,15 @@ class BundleError(Exception):
     """The bundle cannot be used. `problems` lists every reason, one line each."""
 
     def __init__(self, problems: list[str]) -> None:
+        problems = [one_line(p) for p in problems]
         super().__init__("\n".join(problems))
-        self.problems = list(problems)
+        self.problems = problems
+
+
+def one_line(text: str) -> str:
+    """A problem as one printable line: names and values from the bundle may hold newlines or control
+    characters, which are shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # --- cluster.env ----------------------------------------------------------------------------------
@@ -260,12 +263,11 @@ def scan_hosts(text: str, file: str = "hosts") -> tuple[list[HostLine], list[str
 # --- YAML helpers ---------------------------------------------------------------------------------
 
 def _load_yaml(text: str, file: str, problems: list[str]) -> Any:
+    """Through agent.safeload: size, depth and value caps, no anchors, one line per refusal."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f"{file}:{mark.line + 1}" if mark else file
-        problems.append(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}")
+        return safeload.load_yaml(text, file)
+    except safeload.LoadError as exc:
+        problems.append(str(exc))
         return None
 
 
@@ -292,9 +294,10 @@ def probe_from_istio(p: Any, where: str, problems: list[str]) -> ProbeConfig | N
         return None
 
 
-def check_mesh_config(doc: Any, problems: list[str],
-                      file: str = "mesh.yaml") -> tuple[dict, ProbeConfig | None]:
-    """The defaultConfig (ProxyConfig) and its readinessProbe, if any."""
+def check_mesh_config(doc: Any, problems: list[str], file: str = "mesh.yaml", *,
+                      allow_exec: bool = False) -> tuple[dict, ProbeConfig | None]:
+    """The defaultConfig (ProxyConfig) and its readinessProbe, if any. An exec probe is refused unless
+    allow_exec (bundle.allow_exec_probe): a bundle must not make this machine run a command."""
     if not isinstance(doc, dict):
         problems.append(f"{file}: expected a mapping with defaultConfig")
         return {}, None
@@ -311,7 +314,18 @@ def check_mesh_config(doc: Any, problems: list[str],
     probe = None
     if pc.get("readinessProbe") is not None:
         probe = probe_from_istio(pc["readinessProbe"], f"{file}: defaultConfig.readinessProbe", problems)
+        probe = _refuse_exec(probe, f"{file}: defaultConfig.readinessProbe", allow_exec, problems)
     return pc, probe
+
+
+def _refuse_exec(probe: ProbeConfig | None, where: str, allow_exec: bool,
+                 problems: list[str]) -> ProbeConfig | None:
+    from agent.health.probes import exec_refusal
+
+    if probe is not None and probe.exec is not None and not allow_exec:
+        problems.append(exec_refusal(where))
+        return None
+    return probe
 
 
 # --- root-cert.pem --------------------------------------------------------------------------------
@@ -386,40 +400,19 @@ class TokenInfo:
     audiences: tuple[str, ...]
 
 
-def _b64url(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-
-
 def check_token(text: str, env: Mapping[str, str], now: float, problems: list[str],
                 warnings: list[str], file: str = "istio-token") -> TokenInfo | None:
-    """Decode the JWT's claims and check them against cluster.env. The signature is the API server's to
-    check (istiod sends the token to it in a TokenReview); a forged token gets no certificate."""
-    token = text.strip()
-    parts = token.split(".")
-    if len(parts) != 3 or not all(parts[:2]):
-        problems.append(f"{file}: not a JWT (expected header.payload.signature)")
-        return None
+    """Decode the JWT's claims (agent.jwtclaims) and check them against cluster.env. The signature is the
+    API server's to check (istiod sends the token to it in a TokenReview); a forged token gets no
+    certificate."""
     try:
-        header = json.loads(_b64url(parts[0]))
-        claims = json.loads(_b64url(parts[1]))
-    except (binascii.Error, ValueError):
-        problems.append(f"{file}: the JWT's header or claims do not decode (base64url JSON)")
+        tok = jwtclaims.read(text)
+    except jwtclaims.TokenError as exc:
+        problems.append(f"{file}: {exc}")
         return None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        problems.append(f"{file}: the JWT's header and claims must be JSON objects")
-        return None
+    claims = tok.claims
     before = len(problems)
-
-    def epoch(key: str) -> float | None:
-        v = claims.get(key)
-        if v is None:
-            return None
-        if not isinstance(v, int | float) or isinstance(v, bool):
-            problems.append(f"{file}: claim {key} must be a number, got {v!r}")
-            return None
-        return float(v)
-
-    exp, iat, nbf = epoch("exp"), epoch("iat"), epoch("nbf")
+    exp, iat, nbf = tok.expiry, tok.issued_at, tok.not_before
     if exp is not None and exp <= now:
         problems.append(f"{file}: the token expired at {_when(exp)}; make a new bundle")
     if exp is None:
@@ -429,13 +422,7 @@ def check_token(text: str, env: Mapping[str, str], now: float, problems: list[st
         if v is not None and v > now + CLOCK_SKEW:
             warnings.append(f"{file}: claim {key} is {_when(v)}, in the future; "
                             "is this machine's clock right?")
-    aud = claims.get("aud")
-    if isinstance(aud, str):
-        audiences: tuple[str, ...] = (aud,)
-    elif isinstance(aud, list):
-        audiences = tuple(a for a in aud if isinstance(a, str))
-    else:
-        audiences = ()
+    audiences = tok.audiences
     if TOKEN_AUDIENCE not in audiences:
         problems.append(f"{file}: audience must include {TOKEN_AUDIENCE!r}, got {list(audiences)}; "
                         "make the token with `--audience istio-ca` (istioctl does)")
@@ -466,7 +453,7 @@ _DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0
 
 
 def check_workload_group(doc: Any, env: Mapping[str, str], problems: list[str], warnings: list[str],
-                         file: str = "workloadgroup.yaml") -> dict | None:
+                         file: str = "workloadgroup.yaml", *, allow_exec: bool = False) -> dict | None:
     """A structural check of the WorkloadGroup (the shape the CRD schema requires), and its consistency
     with cluster.env. The API server does the full schema validation when the group is applied."""
     before = len(problems)
@@ -530,7 +517,8 @@ def check_workload_group(doc: Any, env: Mapping[str, str], problems: list[str], 
             problems.append(f"{file}: spec.template.serviceAccount {sa!r} differs from cluster.env "
                             f"SERVICE_ACCOUNT {want_sa!r}")
     if spec.get("probe") is not None:
-        probe_from_istio(spec["probe"], f"{file}: spec.probe", problems)
+        _refuse_exec(probe_from_istio(spec["probe"], f"{file}: spec.probe", problems), f"{file}: spec.probe",
+                     allow_exec, problems)
     if isinstance(ns, str) and env.get("POD_NAMESPACE") not in (None, ns):
         problems.append(f"{file}: metadata.namespace {ns!r} differs from cluster.env POD_NAMESPACE "
                         f"{env.get('POD_NAMESPACE')!r}")
@@ -579,13 +567,13 @@ def check_kubeconfig(doc: Any, problems: list[str], warnings: list[str],
             problems.append(f"{file}: clusters.{cname}: insecure-skip-tls-verify is refused")
     cur = doc.get("current-context")
     contexts = sections.get("contexts", {})
-    if contexts and cur not in contexts:
+    if contexts and (not isinstance(cur, str) or cur not in contexts):
         problems.append(f"{file}: current-context {cur!r} is not one of the contexts")
     for ctx_name, ctx in contexts.items():
-        if ctx.get("cluster") not in sections.get("clusters", {}):
-            problems.append(f"{file}: contexts.{ctx_name}.cluster names no cluster")
-        if ctx.get("user") not in sections.get("users", {}):
-            problems.append(f"{file}: contexts.{ctx_name}.user names no user")
+        for ref, sect in (("cluster", "clusters"), ("user", "users")):
+            name = ctx.get(ref)
+            if not isinstance(name, str) or name not in sections.get(sect, {}):
+                problems.append(f"{file}: contexts.{ctx_name}.{ref} names no {ref}")
     return doc if len(problems) == before else None
 
 
@@ -748,7 +736,7 @@ def parse_bundle(files: Mapping[str, bytes], now: float, cfg: BundleConfig) -> B
         before = len(problems)
         doc = _load_yaml(text, "mesh.yaml", problems)
         if len(problems) == before:
-            proxy_config, probe = check_mesh_config(doc, problems)
+            proxy_config, probe = check_mesh_config(doc, problems, allow_exec=cfg.allow_exec_probe)
 
     cert_expiry = None
     text = _text(files, "root-cert.pem", problems)
@@ -779,7 +767,7 @@ def parse_bundle(files: Mapping[str, bytes], now: float, cfg: BundleConfig) -> B
     sidecar = None
     loaded, d = yaml_extra("workloadgroup.yaml")
     if loaded:
-        wg = check_workload_group(d, env_map, problems, warnings)
+        wg = check_workload_group(d, env_map, problems, warnings, allow_exec=cfg.allow_exec_probe)
     loaded, d = yaml_extra("kubeconfig")
     if loaded:
         kube = check_kubeconfig(d, problems, warnings)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from agent import download
 from agent.bundle.model import KNOWN_FILES
 from agent.config import BundleConfig
 from agent.redact import register_secret
@@ -291,12 +292,24 @@ def fetch_https(cfg: BundleConfig, previous: Validators | None = None, *,
     cert = (cfg.client_cert, cfg.client_key) if cfg.client_cert and cfg.client_key else None
     timeout = (cfg.connect_timeout, cfg.read_timeout)
     max_size = cfg.max_size
+    deadline = download.Deadline(cfg.fetch_deadline)
+    too_slow = FetchError(f"{shown}: not fetched within bundle.fetch_deadline ({cfg.fetch_deadline:g}s); "
+                          "the server is too slow or trickles its answer")
 
     def once() -> Fetched | NotModified:
+        if deadline.expired:
+            raise too_slow
+        try:
+            return attempt()
+        except Exception:
+            if deadline.expired:  # the deadline cut the connection: that, not the broken read, is why
+                raise too_slow from None
+            raise
+
+    def attempt() -> Fetched | NotModified:
         started = time.monotonic()
         try:
-            with requests.Session() as session:
-                session.trust_env = False  # no proxies or netrc from the environment
+            with download.session(deadline) as session:
                 resp = session.get(url, headers=headers, verify=verify, cert=cert, timeout=timeout,
                                    stream=True, allow_redirects=False)
                 with resp:
@@ -330,10 +343,13 @@ def fetch_https(cfg: BundleConfig, previous: Validators | None = None, *,
         if length is not None and length.isdigit() and int(length) > max_size:
             raise FetchError(f"{shown}: {length} bytes is larger than bundle.max_size ({max_size})")
         body = bytearray()
-        for chunk in resp.iter_content(64 * 1024):
-            body += chunk
-            if len(body) > max_size:
-                raise FetchError(f"{shown}: the body is larger than bundle.max_size ({max_size})")
+        try:
+            for chunk in download.body_chunks(resp, max_size):
+                body += chunk
+        except download.DownloadTooLarge:
+            raise FetchError(f"{shown}: the body is larger than bundle.max_size ({max_size})") from None
+        if deadline.expired:
+            raise too_slow
         if length is not None and length.isdigit() and len(body) != int(length):
             raise RetryableError(f"{shown}: truncated body ({len(body)} of {length} bytes)")
         files = read_archive(bytes(body), max_size, shown)
@@ -345,8 +361,12 @@ def fetch_https(cfg: BundleConfig, previous: Validators | None = None, *,
     def on_retry(attempt: int, exc: Exception, delay: float) -> None:
         log.warning("bundle fetch attempt %d failed: %s; retrying in %.1fs", attempt, exc, delay)
 
+    def pause(seconds: float) -> None:  # a retry never waits past the deadline
+        sleep(min(seconds, deadline.remaining()))
+
     try:
-        return call_with_retries(once, Backoff(*RETRY_BACKOFF), tries, sleep=sleep, on_retry=on_retry)
+        with deadline:
+            return call_with_retries(once, Backoff(*RETRY_BACKOFF), tries, sleep=pause, on_retry=on_retry)
     except RetryableError as exc:
         raise FetchError(str(exc)) from None
 
@@ -377,12 +397,12 @@ def _register(files: dict[str, bytes]) -> None:
         register_secret(token.decode("utf-8", "replace"))
     kubeconfig = files.get("kubeconfig")
     if kubeconfig:
-        import yaml
+        from agent.safeload import LoadError, load_yaml
 
         try:
-            doc = yaml.safe_load(kubeconfig)
-        except yaml.YAMLError:
-            return
+            doc = load_yaml(kubeconfig.decode("utf-8", "replace"), "kubeconfig")
+        except LoadError:
+            return  # the bundle check reports it
         users = doc.get("users") if isinstance(doc, dict) else None
         for u in users if isinstance(users, list) else []:
             user = u.get("user") if isinstance(u, dict) else None

@@ -15,6 +15,7 @@ failures: a refused connection, a timeout or a bad status is a failed result wit
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import io
 import ipaddress
@@ -420,7 +421,7 @@ def probe_from_istio(spec: Mapping[str, Any], where: str = "probe") -> ProbeConf
     if len(kinds) != 1:
         raise ProbeSpecError(f"{where}: a probe needs exactly one of {', '.join(_KINDS)}"
                              + (f" (got {', '.join(kinds)})" if kinds else ""))
-    unknown = sorted(set(spec) - set(_KINDS) - set(_TIMING))
+    unknown = sorted(set(spec) - set(_KINDS) - set(_TIMING), key=str)  # keys from YAML may be any type
     if unknown:
         raise ProbeSpecError(f"{where}.{unknown[0]}: unknown key")
     kind = kinds[0]
@@ -470,6 +471,53 @@ def probe_from_istio(spec: Mapping[str, Any], where: str = "probe") -> ProbeConf
         success_threshold=timing("successThreshold", 1, 100),
         failure_threshold=timing("failureThreshold", 1, 100),
     )
+
+
+# --- probes from the mesh -------------------------------------------------------------------------------
+
+SETPRIV = "/usr/bin/setpriv"  # util-linux (essential on Debian): drops to a user with no new privileges
+
+
+def exec_refusal(where: str) -> str:
+    """The one line that refuses an exec probe from the mesh (a bundle or a WorkloadGroup)."""
+    return (f"{where}.exec: an exec probe from the mesh is refused (it would run a command on this machine); "
+            "set app.probe in agent.yaml, or bundle.allow_exec_probe: true to run it as sidecar.user")
+
+
+def mesh_probe(probe: ProbeConfig | None, where: str, *, allow_exec: bool, user: str | None,
+               euid: int | None = None) -> ProbeConfig | None:
+    """A probe that came from the mesh (mesh.yaml, workloadgroup.yaml, the WorkloadGroup in the API), as
+    it may run here. An exec probe is refused unless allowed; allowed, it runs through setpriv as `user`
+    with no new privileges, never as root. Raises ProbeSpecError with one line."""
+    if probe is None or probe.exec is None:
+        return probe
+    if not allow_exec:
+        raise ProbeSpecError(exec_refusal(where))
+    return dataclasses.replace(probe, exec=ExecProbe(confined_argv(probe.exec.command, user, where, euid)))
+
+
+def confined_argv(argv: Sequence[str], user: str | None, where: str = "probe",
+                  euid: int | None = None) -> tuple[str, ...]:
+    """argv run as `user` (when the agent is root) with no new privileges: setuid binaries cannot raise
+    it again. Raises ProbeSpecError when that would be root or the user does not exist."""
+    import os
+    import pwd
+
+    euid = os.geteuid() if euid is None else euid
+    out = [SETPRIV, "--no-new-privs"]
+    if euid == 0:
+        if not user:
+            raise ProbeSpecError(f"{where}.exec: no user to run it as (set sidecar.user); never run as root")
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            raise ProbeSpecError(f"{where}.exec: user {user!r} (sidecar.user) does not exist") from None
+        if pw.pw_uid == 0:
+            raise ProbeSpecError(f"{where}.exec: sidecar.user {user!r} is root; an exec probe from the mesh "
+                                 "never runs as root")
+        out += [f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups"]
+    # Not root: the probe runs as the agent's own (unprivileged) user.
+    return (*out, "--", *argv)
 
 
 def bundle_probe(workloadgroup: Mapping[str, Any] | None,

@@ -15,7 +15,6 @@ service account (bound tokens die with it) or the rule ends that. See docs/bundl
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import threading
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import jwtclaims
 from agent.fsutil import atomic_write
 from agent.redact import register_secret
 
@@ -53,14 +53,16 @@ class TokenClaims:
 def read_claims(token: str) -> TokenClaims:
     """The claims of a service-account JWT (not verified: only the API server can, and will)."""
     try:
-        payload = token.strip().split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        tok = jwtclaims.read(token)
+    except jwtclaims.TokenError as exc:
+        raise CredentialError(f"the token cannot be read: {exc}") from None
+    claims = tok.claims
+    try:
         k8s = claims["kubernetes.io"]
         aud = claims.get("aud") or []
         return TokenClaims(namespace=k8s["namespace"], service_account=k8s["serviceaccount"]["name"],
                            audiences=tuple([aud] if isinstance(aud, str) else aud),
-                           issued=float(claims.get("iat") or claims.get("nbf") or 0),
-                           expiry=float(claims["exp"]))
+                           issued=tok.issued_at or tok.not_before or 0.0, expiry=float(claims["exp"]))
     except (IndexError, KeyError, TypeError, ValueError) as exc:
         raise CredentialError("the token is not a bound service-account token (no kubernetes.io, "
                               f"exp claims): it cannot be renewed with TokenRequest ({exc})") from None

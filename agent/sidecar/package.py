@@ -24,13 +24,14 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from agent import proc
+from agent import download, proc
 from agent.config import PackageConfig
 from agent.paths import Layout
 from agent.retry import Backoff, RetryableError, call_with_retries
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 PACKAGE_NAME = "istio-sidecar"
 ISTIO_UNIT = "istio.service"
 MAX_SIZE = 1024 * 1024 * 1024     # a sidecar package with Envoy is ~50-150 MB
+FETCH_DEADLINE = 1800.0           # the whole download, retries included: 150 MB at 100 kB/s
 CHUNK = 1024 * 1024
 SYSTEMD_RUN = ("systemd-run", "--wait", "--collect", "--quiet", "--unit=mesh-agent-sidecar-install",
                "--setenv=DEBIAN_FRONTEND=noninteractive", "--")
@@ -47,6 +49,10 @@ SYSTEMD_RUN = ("systemd-run", "--wait", "--collect", "--quiet", "--unit=mesh-age
 
 class PackageError(Exception):
     """The package cannot be ensured; the message says what to fix. Nothing was installed."""
+
+
+class DeadlineExpired(Exception):
+    """The download did not finish within Installer.fetch_deadline."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,8 @@ class Installer:
 
     def __init__(self, layout: Layout, *, command_prefix: Sequence[str] | None = None,
                  under_systemd: bool | None = None, timeout: float = 900.0,
-                 fetch_timeout: tuple[float, float] = (10.0, 60.0), verify: str | bool = True) -> None:
+                 fetch_timeout: tuple[float, float] = (10.0, 60.0), verify: str | bool = True,
+                 fetch_deadline: float = FETCH_DEADLINE) -> None:
         self.layout = layout
         self.root = layout.root
         if under_systemd is None:
@@ -129,6 +136,7 @@ class Installer:
         self.prefix = tuple(command_prefix)
         self.timeout = timeout
         self.fetch_timeout = fetch_timeout
+        self.fetch_deadline = fetch_deadline
         self.verify = verify
 
     @property
@@ -171,11 +179,32 @@ class Installer:
         if final.exists() and _sha256(final) == source.sha256:
             return final
         tmp = final.with_name(final.name + ".part")
+        for stale in self.cache_dir.glob(f"{source.name}_*.deb.part"):  # a download a crash cut short
+            stale.unlink(missing_ok=True)
+        deadline = download.Deadline(self.fetch_deadline)
+
+        def once() -> str:
+            if deadline.expired:
+                raise DeadlineExpired
+            try:
+                return self._download(source.url, tmp, deadline)
+            except (OSError, RetryableError):
+                if deadline.expired:  # the deadline cut the connection
+                    raise DeadlineExpired from None
+                raise
+
         try:
-            digest = call_with_retries(lambda: self._download(source.url, tmp), Backoff(1.0, 10.0), tries=3,
-                                       on_retry=lambda n, exc, d: log.warning(
-                                           "fetching the sidecar package failed (%s); retrying in %.1fs",
-                                           exc, d))
+            with deadline:
+                digest = call_with_retries(
+                    once, Backoff(1.0, 10.0), tries=3,
+                    sleep=lambda s: time.sleep(min(s, deadline.remaining())),
+                    on_retry=lambda n, exc, d: log.warning(
+                        "fetching the sidecar package failed (%s); retrying in %.1fs", exc, d))
+        except DeadlineExpired:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise PackageError(f"cannot fetch the sidecar package from {source.url}: not fetched within "
+                               f"{self.fetch_deadline:g}s; the server is too slow or trickles its answer") from None
         except (OSError, RetryableError) as exc:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -190,26 +219,25 @@ class Installer:
                 old.unlink(missing_ok=True)
         return final
 
-    def _download(self, url: str, dest: Path) -> str:
+    def _download(self, url: str, dest: Path, deadline: download.Deadline) -> str:
         parts = urlsplit(url)
         h = hashlib.sha256()
-        size = 0
         with open(dest, "wb") as out:
             if parts.scheme in ("http", "https"):
                 import requests
 
                 try:
-                    with requests.get(url, stream=True, timeout=self.fetch_timeout, verify=self.verify) as r:
+                    with download.session(deadline) as s, \
+                            s.get(url, stream=True, timeout=self.fetch_timeout, verify=self.verify) as r:
                         if r.status_code >= 500 or r.status_code == 429:
                             raise RetryableError(f"HTTP {r.status_code}")
                         if r.status_code != 200:
                             raise OSError(f"HTTP {r.status_code}")
-                        for chunk in r.iter_content(CHUNK):
-                            size += len(chunk)
-                            if size > MAX_SIZE:
-                                raise OSError(f"larger than {MAX_SIZE} bytes")
+                        for chunk in download.body_chunks(r, MAX_SIZE, CHUNK):
                             h.update(chunk)
                             out.write(chunk)
+                except download.DownloadTooLarge:
+                    raise OSError(f"larger than {MAX_SIZE} bytes") from None
                 except requests.RequestException as exc:
                     raise RetryableError(str(exc)) from None
             else:

@@ -198,7 +198,8 @@ def test_several_root_certs_expiry_is_the_earliest() -> None:
 def test_probe_kinds_from_mesh_yaml() -> None:
     def probe(yaml_probe: str) -> object:
         mesh = "defaultConfig:\n  readinessProbe:\n" + yaml_probe
-        return parse_bundle(kit.files(NOW, replace={"mesh.yaml": mesh.encode()}), NOW, kit.config()).probe
+        return parse_bundle(kit.files(NOW, replace={"mesh.yaml": mesh.encode()}), NOW,
+                            kit.config(allow_exec_probe=True)).probe
 
     p = probe("    tcpSocket:\n      port: 9000\n    failureThreshold: 2\n")
     assert p.tcp_socket.port == 9000 and p.failure_threshold == 2  # type: ignore[attr-defined]

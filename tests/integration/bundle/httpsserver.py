@@ -2,7 +2,8 @@
 
 Paths choose the behaviour: /bundle.tar.gz (200 with ETag and Last-Modified, 304 when they match),
 /status/<code>, /flaky (503 with Retry-After, then 200), /slow, /truncated, /oversize, /chunked-oversize,
-/redirect. With `token` set, every request needs `Authorization: Bearer <token>` (else 401).
+/redirect, /trickle (a body of 1 MB, one byte every `trickle_every` seconds) and /trickle-headers (the
+same with an endless header). With `token` set, every request needs `Authorization: Bearer <token>` (else 401).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class ServerState:
     token: str | None = None
     slow_seconds: float = 3.0
     oversize: int = 0
+    trickle_every: float = 0.2
+    trickled: int = 0  # bytes sent by the trickling paths
     hits: dict[str, int] = field(default_factory=dict)
     headers_seen: list[dict[str, str]] = field(default_factory=list)
 
@@ -87,6 +90,22 @@ class _Handler(BaseHTTPRequestHandler):
                 for _ in range(st.oversize // 8192 + 2):
                     self.wfile.write(b"2000\r\n" + b"y" * 8192 + b"\r\n")
                 self.wfile.write(b"0\r\n\r\n")
+            return None
+        if path in ("/trickle", "/trickle-headers"):
+            self.send_response(200)
+            if path == "/trickle":
+                self.send_header("Content-Length", str(1_000_000))
+                self.end_headers()
+            else:
+                self.flush_headers()
+                self.wfile.write(b"X-Slow: ")
+            with contextlib.suppress(OSError):
+                for _ in range(1_000_000):  # until the client hangs up
+                    self.wfile.write(b"\x1f" if path == "/trickle" and st.trickled == 0 else b"x")
+                    self.wfile.flush()
+                    st.trickled += 1
+                    time.sleep(st.trickle_every)
+            self.close_connection = True
             return None
         if path == "/redirect":
             return self._send(302, b"", {"Location": "http://127.0.0.1:1/bundle.tar.gz"})

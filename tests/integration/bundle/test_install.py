@@ -96,12 +96,12 @@ def test_hosts_block_is_replaced_never_appended_twice(tmp_path: Path) -> None:
 def test_hosts_on_a_bind_mount_is_rewritten_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     layout = make_root(tmp_path)
     inode = layout.etc_hosts.stat().st_ino
-    real = os.replace
+    real = fsutil._rename
 
-    def replace(src: str | Path, dst: str | Path) -> None:
-        if Path(dst) == layout.etc_hosts:
+    def replace(dir_fd: int, src: str, dst: str) -> None:
+        if dst == "hosts" and os.fstat(dir_fd).st_ino == layout.etc_hosts.parent.stat().st_ino:
             raise OSError(errno.EBUSY, "Device or resource busy")
-        real(src, dst)
+        real(dir_fd, src, dst)
 
     monkeypatch.setattr(fsutil, "_replace", replace)
     bundle, _ = load(tmp_path, "vm", kit.files(NOW))
