@@ -2,26 +2,23 @@
 and HTTP calls to a metadata service with bounded timeouts, clear errors and agent.retry's backoff.
 
 The claims are read only to learn the expiry (to refresh in time) and to show who the VM is; the API
-server verifies the signature, issuer and audience. Reading them is still strict: a token larger than
-MAX_TOKEN, a part that is not base64url, a payload that is not a JSON object, or a time that is not a
-finite number is refused here with a message, instead of failing later in an obscure way.
+server verifies the signature, issuer and audience. Reading them is still strict (agent.jwtclaims, the
+agent's one JWT reader: size, base64url, JSON objects, finite times in range), and an unsigned token is
+refused here with a message, instead of failing later in an obscure way.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import math
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from agent import jwtclaims
 from agent.retry import Backoff, RetryableError, call_with_retries
 
-MAX_TOKEN = 16 * 1024  # bytes; real identity tokens are 1-3 KiB
+MAX_TOKEN = jwtclaims.MAX_TOKEN  # bytes; real identity tokens are 1-3 KiB
 MAX_ANSWER = 64 * 1024  # a metadata answer (JSON or XML around the token)
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 T = TypeVar("T")
@@ -56,65 +53,30 @@ class Provider(Protocol):
     def fetch(self) -> Token: ...
 
 
-def _unb64(part: str, what: str) -> bytes:
-    if not _B64URL.match(part):
-        raise IdentityError(f"the token's {what} is not base64url")
-    try:
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    except (binascii.Error, ValueError):
-        raise IdentityError(f"the token's {what} is not base64url") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IdentityError(f"the token's {what} is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise IdentityError(f"the token's {what} is not a JSON object")
-    return value
-
-
-def _time_claim(claims: Mapping[str, Any], name: str, required: bool) -> float | None:
-    value = claims.get(name)
-    if value is None:
-        if required:
-            raise IdentityError(f"the token has no {name} claim")
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 <= value < 2**40:
-        raise IdentityError(f"the token's {name} claim is not a time in seconds: {value!r}")
-    return float(value)
-
-
 def decode(jwt: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(header, claims) of a compact JWS, not verified. Raises IdentityError for anything malformed."""
-    jwt = jwt.strip()
-    if len(jwt) > MAX_TOKEN:
-        raise IdentityError(f"the token is {len(jwt)} bytes, more than the {MAX_TOKEN} accepted")
-    parts = jwt.split(".")
-    if len(parts) != 3 or not all(parts[:2]):
-        raise IdentityError("the token is not a JWT (three dot-separated base64url parts)")
-    header = _json_object(_unb64(parts[0], "header"), "header")
-    claims = _json_object(_unb64(parts[1], "payload"), "payload")
-    _unb64(parts[2], "signature")
-    if str(header.get("alg", "")).lower() == "none" or not parts[2]:
+    """(header, claims) of a compact JWS, not verified (agent.jwtclaims, the one JWT reader), refusing
+    an unsigned one. Raises IdentityError for anything malformed."""
+    try:
+        token = jwtclaims.read(jwt)
+    except jwtclaims.TokenError as exc:
+        raise IdentityError(f"the identity token: {exc}") from None
+    signature = jwt.strip().split(".")[2]
+    if str(token.header.get("alg", "")).lower() == "none" or not signature:
         raise IdentityError("the token is unsigned (alg none): the API server would refuse it")
-    return header, claims
+    if not _B64URL.match(signature):
+        raise IdentityError("the token's signature is not base64url")
+    return dict(token.header), dict(token.claims)
 
 
 def token_from_jwt(jwt: str, *, expiry: float | None = None, now: float | None = None) -> Token:
     """A Token from a JWT: exp from the claims (or the provider's answer), iat else now."""
     jwt = jwt.strip()
-    _, claims = decode(jwt)
-    exp = _time_claim(claims, "exp", required=expiry is None)
-    iat = _time_claim(claims, "iat", required=False)
-    _time_claim(claims, "nbf", required=False)
-    issued = iat if iat is not None else (time.time() if now is None else now)
+    _, claims = decode(jwt)  # the time claims are checked there: finite, in range
+    exp = claims.get("exp")
+    if exp is None and expiry is None:
+        raise IdentityError("the token has no exp claim")
+    iat = claims.get("iat")
+    issued = float(iat) if iat is not None else (time.time() if now is None else now)
     return Token(jwt, float(exp if exp is not None else expiry), issued, claims)  # type: ignore[arg-type]
 
 
