@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from agent import jwtclaims
+from agent import download, jwtclaims
 from agent.retry import Backoff, RetryableError, call_with_retries
 
 MAX_TOKEN = jwtclaims.MAX_TOKEN  # bytes; real identity tokens are 1-3 KiB
@@ -103,21 +103,27 @@ def http(method: str, url: str, *, headers: Mapping[str, str], params: Mapping[s
     `hint` ends the message for an unreachable service ("is this VM on GCP?"). Redirects are not
     followed and no proxy is used: metadata services are link-local and must answer themselves."""
     import requests
+    import urllib3
 
-    s = session or requests.Session()
-    s.trust_env = False  # an HTTP(S)_PROXY for the VM's traffic must not see the metadata request
-    try:
-        resp = s.request(method, url, headers=dict(headers), params=params, data=data,
-                         timeout=(min(timeout, 3.0), timeout), allow_redirects=False, stream=True)
+    # requests' timeout bounds each wait, not the whole answer: the deadline (agent.download) does.
+    with download.Deadline(timeout) as deadline:
+        s = session or download.session(deadline)
+        s.trust_env = False  # an HTTP(S)_PROXY for the VM's traffic must not see the metadata request
         try:
-            body = resp.raw.read(MAX_ANSWER + 1, decode_content=True)
+            resp = s.request(method, url, headers=dict(headers), params=params, data=data,
+                             timeout=(min(timeout, 3.0), timeout), allow_redirects=False, stream=True)
+            try:
+                body = resp.raw.read(MAX_ANSWER + 1, decode_content=True)
+            finally:
+                resp.close()
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            why = f"no answer within {timeout:g} s" if deadline.expired else type(exc).__name__
+            raise RetryableError(f"no metadata service answered at {url}: {hint} ({why})") from None
         finally:
-            resp.close()
-    except requests.RequestException as exc:
-        raise RetryableError(f"no metadata service answered at {url}: {hint} ({type(exc).__name__})") from None
-    finally:
-        if session is None:
-            s.close()
+            if session is None:
+                s.close()
+        if deadline.expired:
+            raise RetryableError(f"no metadata service answered at {url}: {hint} (no answer within {timeout:g} s)")
     if len(body) > MAX_ANSWER:
         raise IdentityError(f"{url}: the answer is larger than {MAX_ANSWER} bytes")
     if resp.status_code == 429 or resp.status_code >= 500:

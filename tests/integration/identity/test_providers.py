@@ -168,3 +168,37 @@ def test_refresher_writes_the_token_0600_and_refreshes_before_expiry(issuer: Tes
     # The new token was fetched before the first one expired, and it is what the file now holds.
     assert len(gcp.issued) >= 2 and out.read_text().strip() == gcp.issued[-1]
     assert refreshed[0].issued < first.expiry
+
+
+def test_a_metadata_service_that_trickles_is_cut_at_the_deadline() -> None:
+    import http.server
+    import threading
+
+    from agent.identity.common import http as metadata_http
+    from agent.retry import RetryableError
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            for _ in range(200):  # a byte every 0.2 s: each gap is well inside the read timeout
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                threading.Event().wait(0.2)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/token"
+        with pytest.raises(RetryableError, match="no answer within 1 s"):
+            metadata_http("GET", url, headers={}, timeout=1.0, hint="is this VM on GCP?")
+    finally:
+        server.shutdown()
+        server.server_close()
