@@ -31,6 +31,10 @@ VERBS = [
     Verb("status", "agent.status", "show what the running agent is doing",
          "Print the running agent's state: bundle, token and certificate expiry, sidecar, app health, "
          "registration and recent errors. Works without root."),
+    Verb("reload", "agent.reload", "make the running agent re-read its configuration and say if it took",
+         "Send the running agent SIGHUP and wait for its answer: exit 0 when the new configuration was "
+         "applied, 78 with the reason when it was refused (the running configuration is kept), 3 when "
+         "the agent is not running, 1 when it did not answer in time. The unit's ExecReload."),
     Verb("doctor", "agent.doctor", "check everything the agent needs and say what is wrong",
          "One line per check (config, bundle, istiod and API reachability, RBAC, WorkloadGroup, clock, "
          "ports, iptables, istio.service), each pass, warn or fail with a hint."),

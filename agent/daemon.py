@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__, config, logs, systemd
+from agent import reload as reload_verb
 from agent.bundle import install as bundle_install
 from agent.bundle import model as bundle_model
 from agent.bundle import update as bundle_update
@@ -117,6 +118,7 @@ class Agent:
         self.metrics = Metrics()
         self.ready_sent = False
         self.last_summary = ""
+        self.reloads = 0  # generation of the last reload, for `mesh-agent reload`
         self.watchdog_every = systemd.watchdog_interval()
         self.last_watchdog = 0.0
         # The parts; None until the first bundle brings them up.
@@ -645,11 +647,14 @@ class Agent:
         """SIGHUP: re-read the config and the bundle, and apply only what changed."""
         systemd.reloading()
         self.enter(Phase.RELOADING)
+        self.reloads += 1
+        started = time.monotonic()  # `mesh-agent reload` waits for a reload that began after its signal
         try:
             new = config.load(self.config_path)
         except config.ConfigError as exc:
             log.error("reload refused, keeping the running configuration:\n%s", exc)
             self.record_error("reload", str(exc.errors[0]))
+            self.status.reload = reload_verb.record(self.reloads, started, str(exc))
         else:
             old, self.cfg = self.cfg, new
             logs.setup(new.logging.level, new.logging.target)
@@ -666,6 +671,7 @@ class Agent:
                 self.fetcher = self.make_fetcher()
                 self.fetcher.start()
             log.info("configuration reloaded")
+            self.status.reload = reload_verb.record(self.reloads, started, None)
         if isinstance(self.fetcher, bundle_update.Refresher):
             self.fetcher.refresh_now()
         elif self.fetcher is not None:

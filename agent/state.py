@@ -66,6 +66,7 @@ class Status:
     app: dict[str, Any] = field(default_factory=dict)      # healthy, reason, last probe
     registration: dict[str, Any] = field(default_factory=dict)  # entry, registered, last write, lease
     maintenance: bool = False
+    reload: dict[str, Any] = field(default_factory=dict)  # the last reload's outcome (agent.reload.record)
     errors: list[dict[str, Any]] = field(default_factory=list)  # recent errors: at, where, message
 
     def as_json(self) -> str:
