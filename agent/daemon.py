@@ -215,10 +215,13 @@ class Agent:
 
         When systemd is restarting the unit (a package upgrade), the agent is back in seconds: the
         entry and its lease stay, so the VM never leaves the mesh, and the proxy is left running for
-        the next agent to adopt where it survives us (pilot-agent does; a plain Envoy exits with us)."""
+        the next agent to adopt where it survives us (pilot-agent does; a plain Envoy exits with us).
+        Only if the configuration on disk is valid, though: the next agent would exit 78 on a bad one
+        and nobody would withdraw the entry, so then this agent withdraws as on a stop."""
         s = self.cfg.shutdown
         deadline = time.monotonic() + s.timeout
-        restarting = self.phase.phase is not Phase.FAILED and systemd.pending_job() == "restart"
+        restarting = self.phase.phase is not Phase.FAILED and systemd.pending_job() == "restart" \
+            and self.next_config_valid()
         if restarting:
             log.info("systemd is restarting mesh-agent: the entry stays registered")
             systemd.stopping("restarting: staying in the mesh")
@@ -239,6 +242,17 @@ class Agent:
             self.sidecar_changed()
         self.stop_threads()
         self.publish()
+
+    def next_config_valid(self) -> bool:
+        """Whether the agent systemd starts next can run: agent.yaml as it is on disk now is valid."""
+        try:
+            config.load(self.config_path)
+        except config.ConfigError as exc:
+            log.error("systemd is restarting mesh-agent, but the next agent would refuse %s (%s): "
+                      "withdrawing the entry as on a stop", self.config_path, exc.errors[0])
+            self.record_error("agent", f"restart into a bad configuration: {exc.errors[0]}")
+            return False
+        return True
 
     def stop_threads(self) -> None:
         for part in (self.monitor, self.fetcher, self.tamper_watch, self.registry):

@@ -151,6 +151,16 @@ class Machine:
     def exists(self, inside: str) -> bool:
         return os.path.lexists(self.path(inside))
 
+    def processes(self) -> dict[int, str]:
+        """pid -> command name of every process inside, read from the machine's /proc (a minimal
+        Debian has no procps: no ps, pgrep or kill)."""
+        out: dict[int, str] = {}
+        for entry in self.path("/proc").iterdir():
+            if entry.name.isdigit():
+                with suppress(OSError):
+                    out[int(entry.name)] = (entry / "comm").read_text().strip()
+        return out
+
     # --- systemd -----------------------------------------------------------------------------
 
     def unit_properties(self, unit: str, *names: str) -> dict[str, str]:

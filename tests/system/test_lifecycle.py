@@ -36,9 +36,8 @@ class World:
     def entry(self) -> dict | None:
         return self.api.get("WorkloadEntry", agentkit.NS, self.entry_name)
 
-    def envoys(self) -> list[str]:
-        out = self.m.run(["pgrep", "-x", "envoy"], check=False).stdout.split()
-        return out
+    def envoys(self) -> list[int]:
+        return [pid for pid, name in self.m.processes().items() if name == "envoy"]
 
     def main_pid(self) -> str:
         return self.m.unit_property(UNIT, "MainPID")
@@ -118,11 +117,11 @@ def test_kill_9_is_restarted_with_one_sidecar_and_the_entry_intact(world: World)
     m = world.m
     pid = world.main_pid()
     uid = world.entry()["metadata"]["uid"]  # type: ignore[index]
-    m.run(["kill", "-9", pid])
+    m.systemctl("kill", "--kill-who=main", "--signal=SIGKILL", UNIT)  # kill -9 $MAINPID, without procps
     agentkit.wait_for(lambda: world.main_pid() not in ("0", pid) and
                       m.unit_property(UNIT, "ActiveState") == "active", 60, "systemd to restart the agent")
     agentkit.wait_for(lambda: "registered" in m.unit_property(UNIT, "StatusText"), 60, "re-registration")
-    assert len(world.envoys()) == 1, m.run(["ps", "-ef"]).stdout
+    assert len(world.envoys()) == 1, m.processes()
     entry = world.entry()
     assert entry is not None and entry["metadata"]["uid"] == uid  # never withdrawn meanwhile
     assert m.unit_property(UNIT, "NRestarts") == "1"

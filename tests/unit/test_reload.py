@@ -33,3 +33,4 @@ def test_status_path_of_a_file_with_errors_still_follows_its_root_and_run_dir(tm
     assert status_path(str(cfg)) == Path("/run/mesh-agent/status.json")
     cfg.write_text(": : broken yaml [\n")
     assert status_path(str(cfg)) == Path("/run/mesh-agent/status.json")
+
