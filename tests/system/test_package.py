@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent import __version__
+from agent.bundle.install import HOSTS_BEGIN, HOSTS_END
 from tests.system.conftest import NEXT_VERSION, BootFactory, needs_daemon, require_root
 from tests.system.machine import Machine
 
@@ -120,8 +121,7 @@ def test_bad_config_fails_with_78_and_does_not_loop(machine: Machine) -> None:
 def test_deprovision_clears_instance_state_and_keeps_config(machine: Machine) -> None:
     hosts = machine.read("/etc/hosts") if machine.exists("/etc/hosts") else "127.0.0.1 localhost\n"
     config = machine.read(CONFIG)
-    machine.write("/etc/hosts", hosts + "# BEGIN mesh-agent managed block\n10.9.9.9 istiod.istio-system.svc\n"
-                  "# END mesh-agent managed block\n")
+    machine.write("/etc/hosts", f"{hosts}{HOSTS_BEGIN}\n10.9.9.9 istiod.istio-system.svc\n{HOSTS_END}\n")
     machine.run("mkdir -p /var/lib/mesh-agent/bundle && echo token > /var/lib/mesh-agent/bundle/istio-token")
     out = machine.run(["mesh-agent", "deprovision"]).stdout
     assert "managed block" in out
