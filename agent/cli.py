@@ -52,7 +52,8 @@ VERBS = [
          "Delete WorkloadEntries, and their Leases, whose lease expired more than the grace ago."),
     Verb("deprovision", "agent.deprovision", "clear this instance's state before capturing an image",
          "Remove the last bundle, the token copy, the managed /etc/hosts block and the status, keeping "
-         "the configuration, so each clone of the image registers as a new instance."),
+         "the configuration, so each clone of the image registers as a new instance. With --all, also "
+         "every file the agent wrote outside its own directories, as `apt purge` does."),
     Verb("config", "agent.config_cli", "check the configuration file",
          "`mesh-agent config check [FILE]` validates agent.yaml without starting anything."),
     Verb("version", "agent.cli", "print the version", "Print mesh-agent's version."),
