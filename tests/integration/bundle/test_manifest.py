@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -91,7 +92,7 @@ def test_everything_written_goes_and_nothing_else(tmp_path: Path, how: str) -> N
         assert f"removed {layout.root_cert}" in done and f"removed {layout.cluster_env}" in done
         assert not manifest.manifest_path(layout).exists()  # nothing left to remember
         # The agent's own state directory is the package's to remove.
-        subprocess.run(["rm", "-rf", str(layout.state)], check=True)
+        shutil.rmtree(layout.state)
     assert layout.etc_hosts.read_bytes() == ORIGINAL_HOSTS
     assert (layout.certs_dir / "admin.pem").read_bytes() == ADMIN_PEM
     assert tree_hash(layout.root) == before, sorted(str(p.relative_to(layout.root))
