@@ -5,6 +5,7 @@ The manifest is <state>/written, a text file read by the package's postrm too (a
 time the Python code is already gone), so its format is one entry per line:
 
     file SHA256 PATH      a file the agent wrote, with the sha256 of what it wrote last
+    log PATH              a log file the agent created for the proxy (appended to, so no hash)
     dir PATH              a directory the agent created (removed only when empty)
     hosts PATH            the file holding the agent's managed block (/etc/hosts)
     hosts-begin TEXT      the block's first line, and
@@ -16,7 +17,8 @@ leaves at most an entry whose hash does not match, which removal skips.
 
 Removal leaves alone a file whose content changed since the agent wrote it (someone else's edit is not
 the agent's to delete; it is named in the output) and one that a Debian package owns (e.g. the
-istio-sidecar package's); a directory is removed only when empty and not a package's.
+istio-sidecar package's); a directory is removed only when empty and not a package's. A log is the
+agent's whatever it holds, and goes unless a package owns it.
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ HEADER = ("# mesh-agent: files it wrote outside its own directories; `apt purge 
 @dataclass
 class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # VM path -> sha256 of what the agent wrote
+    logs: list[str] = field(default_factory=list)        # VM paths of logs it created
     dirs: list[str] = field(default_factory=list)        # VM paths, in the order they were created
     hosts: str | None = None                             # VM path of the file with the managed block
     markers: tuple[str, str] | None = None               # the block's first and last lines
 
     def empty(self) -> bool:
-        return not self.files and not self.dirs and self.hosts is None
+        return not self.files and not self.logs and not self.dirs and self.hosts is None
 
 
 def sha256(data: bytes) -> str:
@@ -57,8 +60,10 @@ def manifest_path(layout: Layout) -> Path:
 
 def vm_path(layout: Layout, path: Path) -> str:
     """The VM's view of a path under the layout's root."""
-    return "/" + str(path.relative_to(layout.root)).lstrip("/") if path.is_relative_to(layout.root) \
-        else str(path)
+    if not path.is_relative_to(layout.root):
+        return str(path)
+    relative = path.relative_to(layout.root)
+    return "/" if relative == Path(".") else f"/{relative}"
 
 
 def parse(text: str) -> Manifest:
@@ -70,9 +75,10 @@ def parse(text: str) -> Manifest:
             digest, _, path = rest.partition(" ")
             if path:
                 m.files[path] = digest
-        elif kind == "dir" and rest:
-            if rest not in m.dirs:
-                m.dirs.append(rest)
+        elif kind in ("dir", "log") and rest:
+            entries = m.dirs if kind == "dir" else m.logs
+            if rest not in entries:
+                entries.append(rest)
         elif kind == "hosts" and rest:
             m.hosts = rest
         elif kind == "hosts-begin":
@@ -87,6 +93,7 @@ def parse(text: str) -> Manifest:
 def render(m: Manifest) -> str:
     lines = [f"dir {d}" for d in m.dirs]
     lines += [f"file {digest} {path}" for path, digest in sorted(m.files.items())]
+    lines += [f"log {path}" for path in m.logs]
     if m.hosts is not None:
         lines.append(f"hosts {m.hosts}")
         if m.markers:
@@ -112,16 +119,20 @@ def save(layout: Layout, m: Manifest) -> None:
 
 
 def record(layout: Layout, *, files: dict[Path, bytes] | None = None, dirs: Iterable[Path] = (),
-           hosts: Path | None = None, markers: tuple[str, str] | None = None) -> None:
+           logs: Iterable[Path] = (), hosts: Path | None = None,
+           markers: tuple[str, str] | None = None) -> None:
     """Add what is about to be written (call before writing). Writes the manifest only on a change."""
     m = load(layout)
     before = render(m)
     for d in dirs:
         p = vm_path(layout, d)
-        if p not in m.dirs:
+        if p != "/" and p not in m.dirs:  # "/": a test's root prefix not made yet
             m.dirs.append(p)
     for path, data in (files or {}).items():
         m.files[vm_path(layout, path)] = sha256(data)
+    for path in logs:
+        if vm_path(layout, path) not in m.logs:
+            m.logs.append(vm_path(layout, path))
     if hosts is not None:
         m.hosts, m.markers = vm_path(layout, hosts), markers
     if render(m) != before:
@@ -180,6 +191,16 @@ def remove_files(layout: Layout, m: Manifest, owned: Owned) -> tuple[list[str], 
         else:
             path.unlink()
             del m.files[vm]
+            done.append(f"removed {path}")
+    for vm in list(m.logs):
+        path = layout.under(vm)
+        if not path.is_file() or path.is_symlink():
+            m.logs.remove(vm)
+        elif owned(vm):
+            left.append(f"left {path}: a Debian package owns it")
+        else:
+            path.unlink()
+            m.logs.remove(vm)
             done.append(f"removed {path}")
     return done, left
 

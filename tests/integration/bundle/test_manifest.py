@@ -150,3 +150,20 @@ def test_purge_without_a_manifest_removes_only_the_agents_directories(tmp_path: 
     assert out.returncode == 0, out.stderr
     assert tree_hash(layout.root) == before
     assert os.path.lexists(layout.root / "var/run")
+
+
+@pytest.mark.parametrize("how", ["deprovision --all", "postrm purge"])
+def test_the_proxys_log_goes_whatever_it_holds(tmp_path: Path, how: str) -> None:
+    """The proxy's log file (sidecar.log_dir) is created by the agent and appended to by the proxy."""
+    layout = vm_root(tmp_path)
+    before = tree_hash(layout.root)
+    log = layout.under("/var/log/istio/istio-proxy.log")
+    manifest.record(layout, dirs=manifest.missing_dirs(log.parent), logs=[log])
+    log.parent.mkdir(parents=True)
+    log.write_text("a proxy's lines\n")
+    if how == "postrm purge":
+        assert purge(layout).returncode == 0
+    else:
+        assert f"removed {log}" in deprovision.deprovision(layout, everything=True, owned=lambda _vm: False)
+        shutil.rmtree(layout.state)
+    assert tree_hash(layout.root) == before
