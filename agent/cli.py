@@ -34,6 +34,10 @@ VERBS = [
          "Print the running agent's state: bundle, token and certificate expiry, sidecar, app health, "
          "registration and recent errors. Works without root. Exit 3 when the agent is not running "
          "(like `systemctl status`)."),
+    Verb("reload", "agent.reload", "make the running agent re-read its configuration and say if it took",
+         "Send the running agent SIGHUP and wait for its answer: exit 0 when the new configuration was "
+         "applied, 78 with the reason when it was refused (the running configuration is kept), 3 when "
+         "the agent is not running, 1 when it did not answer in time. The unit's ExecReload."),
     Verb("doctor", "agent.doctor", "check everything the agent needs and say what is wrong",
          "One line per check (config, bundle, sidecar, istiod and API reachability, RBAC, WorkloadGroup, clock, "
          "ports, iptables, istio.service): pass, warn or fail with a hint, or skip saying why. "
@@ -53,7 +57,8 @@ VERBS = [
          "Exit 78 when the API credentials cannot be used, 1 when the API fails."),
     Verb("deprovision", "agent.deprovision", "clear this instance's state before capturing an image",
          "Remove the last bundle, the token copy, the managed /etc/hosts block and the status, keeping "
-         "the configuration, so each clone of the image registers as a new instance. Refuses while "
+         "the configuration, so each clone of the image registers as a new instance. With --all, also "
+         "every file the agent wrote outside its own directories, as `apt purge` does. Refuses while "
          "the service is running, unless --force."),
     Verb("config", "agent.config_cli", "check the configuration file",
          "`mesh-agent config check [FILE]` validates agent.yaml without starting anything (exit 78 "

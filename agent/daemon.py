@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__, config, logs, systemd
+from agent import reload as reload_verb
 from agent.bundle import install as bundle_install
 from agent.bundle import model as bundle_model
 from agent.bundle import update as bundle_update
@@ -117,6 +118,7 @@ class Agent:
         self.metrics = Metrics()
         self.ready_sent = False
         self.last_summary = ""
+        self.reloads = 0  # generation of the last reload, for `mesh-agent reload`
         self.watchdog_every = systemd.watchdog_interval()
         self.last_watchdog = 0.0
         # The parts; None until the first bundle brings them up.
@@ -215,10 +217,13 @@ class Agent:
 
         When systemd is restarting the unit (a package upgrade), the agent is back in seconds: the
         entry and its lease stay, so the VM never leaves the mesh, and the proxy is left running for
-        the next agent to adopt where it survives us (pilot-agent does; a plain Envoy exits with us)."""
+        the next agent to adopt where it survives us (pilot-agent does; a plain Envoy exits with us).
+        Only if the configuration on disk is valid, though: the next agent would exit 78 on a bad one
+        and nobody would withdraw the entry, so then this agent withdraws as on a stop."""
         s = self.cfg.shutdown
         deadline = time.monotonic() + s.timeout
-        restarting = self.phase.phase is not Phase.FAILED and systemd.pending_job() == "restart"
+        restarting = self.phase.phase is not Phase.FAILED and systemd.pending_job() == "restart" \
+            and self.next_config_valid()
         if restarting:
             log.info("systemd is restarting mesh-agent: the entry stays registered")
             systemd.stopping("restarting: staying in the mesh")
@@ -239,6 +244,17 @@ class Agent:
             self.sidecar_changed()
         self.stop_threads()
         self.publish()
+
+    def next_config_valid(self) -> bool:
+        """Whether the agent systemd starts next can run: agent.yaml as it is on disk now is valid."""
+        try:
+            config.load(self.config_path)
+        except config.ConfigError as exc:
+            log.error("systemd is restarting mesh-agent, but the next agent would refuse %s (%s): "
+                      "withdrawing the entry as on a stop", self.config_path, exc.errors[0])
+            self.record_error("agent", f"restart into a bad configuration: {exc.errors[0]}")
+            return False
+        return True
 
     def stop_threads(self) -> None:
         for part in (self.monitor, self.fetcher, self.tamper_watch, self.registry, self.identity):
@@ -723,11 +739,14 @@ class Agent:
         """SIGHUP: re-read the config and the bundle, and apply only what changed."""
         systemd.reloading()
         self.enter(Phase.RELOADING)
+        self.reloads += 1
+        started = time.monotonic()  # `mesh-agent reload` waits for a reload that began after its signal
         try:
             new = config.load(self.config_path)
         except config.ConfigError as exc:
             log.error("reload refused, keeping the running configuration:\n%s", exc)
             self.record_error("reload", str(exc.errors[0]))
+            self.status.reload = reload_verb.record(self.reloads, started, str(exc))
         else:
             old, self.cfg = self.cfg, new
             logs.setup(new.logging.level, new.logging.target)
@@ -746,6 +765,7 @@ class Agent:
                 self.fetcher = self.make_fetcher()
                 self.fetcher.start()
             log.info("configuration reloaded")
+            self.status.reload = reload_verb.record(self.reloads, started, None)
         if isinstance(self.fetcher, bundle_update.Refresher):
             self.fetcher.refresh_now()
         elif self.fetcher is not None:

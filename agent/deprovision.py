@@ -4,7 +4,9 @@ What goes: the last good bundle, the installed istio token and the workload cert
 issued to this instance, the cloud identity token it kept, the managed block in /etc/hosts, the
 status and pid files, and a pending maintenance request. What stays: the configuration (so clones
 start with it) and the mesh-wide files (root certificate, mesh config, cluster.env), which the next
-agent re-installs anyway.
+agent re-installs anyway; with --all those go too: every file in the agent's manifest of what it
+wrote (agent.manifest), as on `apt purge`, except files changed since the agent wrote them and files
+a package owns.
 With --machine-id, /etc/machine-id is emptied too, so systemd gives each clone its own id at first
 boot (the agent names its instance after it).
 
@@ -20,12 +22,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import proc
+from agent import manifest, proc
+from agent.bundle.install import HOSTS_BEGIN as BEGIN_MARKER
+from agent.bundle.install import HOSTS_END as END_MARKER
 from agent.paths import Layout
 
-# The managed block in /etc/hosts. Anything that writes the block uses exactly these lines.
-BEGIN_MARKER = "# BEGIN mesh-agent managed block"
-END_MARKER = "# END mesh-agent managed block"
+# The managed block's marker lines are the installer's (agent.bundle.install): one place says them.
 EX_FAILED = 1
 UNIT = "mesh-agent.service"
 
@@ -80,16 +82,26 @@ def instance_files(layout: Layout) -> list[Step]:
     ]
 
 
-def deprovision(layout: Layout, *, machine_id: bool = False) -> list[str]:
-    """Remove this instance's state under `layout`; one line per thing removed.
+def deprovision(layout: Layout, *, machine_id: bool = False, everything: bool = False,
+                owned: manifest.Owned | None = None) -> list[str]:
+    """Remove this instance's state under `layout`; one line per thing removed (or left, and why).
 
+    everything (--all): also every file and directory the agent recorded in its manifest
+    (agent.manifest): the mesh-wide files and the directories it created, as `apt purge` does.
+    owned(path) says whether a Debian package owns a VM path (default: dpkg-query -S).
     Raises HostsError (before anything is removed) when /etc/hosts has a malformed block.
     """
     hosts = layout.etc_hosts
-    hosts_text = hosts.read_text(encoding="utf-8") if hosts.exists() else None
+    # latin-1: lossless for any bytes, so the lines around the block stay byte for byte (as the installer)
+    hosts_text = hosts.read_text(encoding="latin-1") if hosts.exists() else None
     stripped, has_block = strip_managed_block(hosts_text) if hosts_text is not None else ("", False)
 
     done: list[str] = []
+    written = manifest.load(layout) if everything else None
+    if written is not None:
+        owned = owned or (lambda vm: manifest.owned_by_package(layout, vm))
+        removed, left = manifest.remove_files(layout, written, owned)
+        done += removed + left
     for step in instance_files(layout):
         if step.path.is_dir() and not step.path.is_symlink():
             shutil.rmtree(step.path)
@@ -101,6 +113,10 @@ def deprovision(layout: Layout, *, machine_id: bool = False) -> list[str]:
     if has_block:
         _rewrite_in_place(hosts, stripped)
         done.append(f"removed the managed block from {hosts}")
+    if written is not None and owned is not None:
+        written.hosts = None
+        done += manifest.remove_dirs(layout, written, owned)
+        manifest.save(layout, written)  # what was left stays recorded
     if machine_id and layout.machine_id.exists() and layout.machine_id.stat().st_size:
         _rewrite_in_place(layout.machine_id, "")
         done.append(f"emptied {layout.machine_id} (a new id is made at first boot)")
@@ -110,7 +126,7 @@ def deprovision(layout: Layout, *, machine_id: bool = False) -> list[str]:
 def _rewrite_in_place(path: Path, text: str) -> None:
     """Rewrite keeping the inode: /etc/hosts may be a bind mount (rename over it fails: EBUSY),
     and its owner and mode stay as they are."""
-    with open(path, "r+", encoding="utf-8") as f:
+    with open(path, "r+", encoding="latin-1", newline="") as f:
         f.write(text)
         f.truncate()
         f.flush()
@@ -126,6 +142,10 @@ def _agent_running() -> bool:
 def add_arguments(p: argparse.ArgumentParser, _verb: str) -> None:
     p.add_argument("--machine-id", action="store_true",
                    help="also empty /etc/machine-id, so each clone gets its own at first boot")
+    p.add_argument("--all", action="store_true", dest="everything",
+                   help="also remove every file the agent wrote outside its own directories (root "
+                        "certificate, mesh config, cluster.env) and the directories it created, as "
+                        "`apt purge` does; files changed since the agent wrote them are left")
     p.add_argument("--root", default="/", help="act on a tree under this directory (an image being "
                    "built, or tests); default: /")
     p.add_argument("--force", action="store_true", help="run even though the service is active")
@@ -138,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
               f"run `systemctl stop {UNIT}` first", file=sys.stderr)
         return EX_FAILED
     try:
-        done = deprovision(layout, machine_id=args.machine_id)
+        done = deprovision(layout, machine_id=args.machine_id, everything=getattr(args, "everything", False))
     except HostsError as exc:
         print(f"mesh-agent deprovision: {layout.etc_hosts}: {exc}; nothing was removed. Fix the "
               f"file by hand and run again.", file=sys.stderr)

@@ -67,6 +67,7 @@ class Status:
     registration: dict[str, Any] = field(default_factory=dict)  # entry, registered, last write, lease
     maintenance: bool = False
     identity: dict[str, Any] = field(default_factory=dict)  # provider, who, token expiry, error
+    reload: dict[str, Any] = field(default_factory=dict)  # the last reload's outcome (agent.reload.record)
     errors: list[dict[str, Any]] = field(default_factory=list)  # recent errors: at, where, message
 
     def as_json(self) -> str:

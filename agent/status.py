@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from agent import config
 from agent.paths import Layout
 
@@ -24,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser, _verb: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    path = Path(args.status_file) if args.status_file else _status_path(args.config)
+    path = Path(args.status_file) if args.status_file else status_path(args.config)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -45,13 +47,26 @@ def main(args: argparse.Namespace) -> int:
     return 0 if running else EX_NOT_RUNNING
 
 
-def _status_path(config_arg: str | None) -> Path:
-    """status.json's place, from the config when it can be read, else the default."""
+def status_path(config_arg: str | None) -> Path:
+    """status.json's place, from the config when it can be read. A file with errors (e.g. one that a
+    reload is about to refuse) still names the running agent's places: its `root` and `run_dir` are
+    taken when they are plain strings, else the defaults."""
+    path = config.config_path(config_arg)
     try:
-        cfg = config.load(config.config_path(config_arg))
-        return Layout.from_config(cfg).status_file
+        return Layout.from_config(config.load(path)).status_file
     except config.ConfigError:
-        return Layout().status_file
+        pass
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        raw = None
+    default = Layout()
+    if not isinstance(raw, dict):
+        return default.status_file
+    root, run_dir = raw.get("root", str(default.root)), raw.get("run_dir", default.run_dir)
+    if not isinstance(root, str) or not isinstance(run_dir, str):
+        return default.status_file
+    return Layout(root=Path(root), run_dir=run_dir).status_file
 
 
 def _alive(pid: int) -> bool:
@@ -138,6 +153,10 @@ def render(d: dict[str, Any], running: bool, now: float) -> str:
             lines.append(f"  identity error: {i['error']}")
     if d.get("maintenance"):
         lines.append("  maintenance:  on (`mesh-agent register` ends it)")
+    rl = d.get("reload") or {}
+    if rl:
+        outcome = "applied" if rl.get("ok") else f"REFUSED, running configuration kept: {rl.get('error')}"
+        lines.append(f"  last reload:  {_ago(rl.get('finished_at'), now)}: {outcome}")
     errors = d.get("errors") or []
     if errors:
         lines.append("  recent errors:")

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent import manifest
 from agent.bundle.model import Bundle, scan_hosts
 from agent.fsutil import UnsafePathError, atomic_write, clear_temp_files, fsync_dir, read_nofollow
 from agent.paths import Layout
@@ -424,15 +425,28 @@ def _hosts_lines(files: dict[str, bytes]) -> list[str]:
 
 def _write_live(layout: Layout, files: dict[str, bytes], owner: tuple[int, int] | None,
                 hook: Hook | None, snapshots: dict[Path, _Snapshot] | None) -> tuple[list[str], bool]:
-    """Write every live file (skipping identical ones). Records what was there in snapshots."""
+    """Write every live file (skipping identical ones). Records what was there in snapshots, and
+    what is about to be written in the manifest (agent.manifest) before writing it."""
     changed: list[str] = []
+    plan: dict[str, bool] = {}  # name -> already as wanted
+    for name, (_prop, mode) in LIVE_FILES.items():
+        path = _live_path(layout, name)
+        before = _snapshot(path)
+        plan[name] = before.data == files[name] and before.mode == mode and \
+            (owner is None or before.owner == owner)
+    current = _read(layout.etc_hosts)
+    new = hosts_with_block(current or b"", _hosts_lines(files))
+    manifest.record(
+        layout, files={_live_path(layout, n): files[n] for n, same in plan.items() if not same},
+        dirs=[d for n in LIVE_FILES for d in manifest.missing_dirs(_live_path(layout, n).parent)],
+        hosts=layout.etc_hosts if new != (current or b"") and hosts_block(new) else None,
+        markers=(HOSTS_BEGIN, HOSTS_END))
     for name, (_prop, mode) in LIVE_FILES.items():
         path = _live_path(layout, name)
         data = files[name]
         _ensure_dir(path.parent, owner)
         before = _snapshot(path)
-        same = before.data == data and before.mode == mode and \
-            (owner is None or before.owner == owner)
+        same = plan[name]
         if not same:
             if snapshots is not None:
                 snapshots[path] = before
@@ -441,8 +455,6 @@ def _write_live(layout: Layout, files: dict[str, bytes], owner: tuple[int, int] 
         if hook is not None:
             hook(name)
     path = layout.etc_hosts
-    current = _read(path)
-    new = hosts_with_block(current or b"", _hosts_lines(files))
     in_place = False
     if new != (current or b""):
         if snapshots is not None:
@@ -508,10 +520,13 @@ def _install_locked(bundle: Bundle, layout: Layout, owner: tuple[int, int] | Non
         raise InstallError(f"cannot store the bundle under {layout.state}: {exc}") from exc
 
     snapshots: dict[Path, _Snapshot] = {}
+    recorded = manifest.load(layout)
     try:
         changed, in_place = _write_live(layout, files, owner, hook, snapshots)
     except Exception as exc:
         failures = _roll_back(snapshots, layout.etc_hosts)
+        with contextlib.suppress(OSError):  # a stale entry is harmless: its hash matches no file
+            manifest.roll_back(layout, recorded)
         _pending_link(layout).unlink(missing_ok=True)
         shutil.rmtree(stored, ignore_errors=True)
         msg = f"installing bundle {bundle.version} failed: {exc}"

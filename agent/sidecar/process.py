@@ -57,7 +57,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from agent import proc
+from agent import manifest, proc
 from agent.fsutil import atomic_write
 from agent.paths import Layout
 from agent.retry import Backoff
@@ -359,7 +359,7 @@ class _Child:
         return True, None
 
 
-def _output_for(spec: LaunchSpec) -> tuple[int, IO[Any] | None]:
+def _output_for(spec: LaunchSpec, layout: Layout) -> tuple[int, IO[Any] | None]:
     """The proxy's stdout/stderr: (fd for the child, our copy to close after spawning).
 
     Never a pipe read by the agent: a proxy that outlives the agent (pilot-agent does; a plain
@@ -369,8 +369,14 @@ def _output_for(spec: LaunchSpec) -> tuple[int, IO[Any] | None]:
     """
     if spec.log_dir:
         try:
-            Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
-            f = open(Path(spec.log_dir) / f"{spec.identifier}.log", "ab")  # noqa: SIM115
+            target = Path(spec.log_dir) / f"{spec.identifier}.log"
+            if not target.exists():  # the agent's own log: purge removes it (agent.manifest)
+                try:
+                    manifest.record(layout, dirs=manifest.missing_dirs(target.parent), logs=[target])
+                except OSError as exc:
+                    log.warning("cannot record %s for removal on purge: %s", target, exc)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            f = open(target, "ab")  # noqa: SIM115
             return f.fileno(), f
         except OSError as exc:
             log.warning("cannot write the proxy's log under %s: %s", spec.log_dir, exc)
@@ -565,7 +571,7 @@ class Supervisor:
         self._generation += 1
         gen = self._generation
         argv = with_epoch(spec.argv, self._epoch)
-        out_fd, ours = _output_for(spec)
+        out_fd, ours = _output_for(spec, self.layout)
         try:
             popen = proc.spawn(argv, env=_child_env(spec), user=spec.user, cwd="/",
                                stdout=out_fd, stderr=subprocess.STDOUT)

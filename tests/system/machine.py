@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -29,6 +30,13 @@ from agent.proc import Result  # a command's outcome, the same shape inside the 
 from tests.system import rootfs
 
 BOOT_SCRIPT = Path(__file__).with_name("boot.sh")
+# What a file-tree comparison ignores: package databases, caches, logs, the journal, systemd's own
+# bookkeeping, root's home (where the tests copy .debs).
+FILE_TREE_SKIP = ("/var/lib/apt/", "/var/lib/dpkg/", "/var/cache/", "/var/log/", "/etc/ld.so.cache",
+                  "/root/", "/var/tmp/", "/var/lib/systemd/random-seed", "/var/lib/systemd/catalog",
+                  "/run/systemd/", "/run/log/", "/run/user/", "/run/lock/", "/run/credentials/")
+# Python 3 compiled files: dependencies' caches that a purge does not touch.
+PYCACHE = re.compile(r"/__pycache__(/|$)")
 _serial = itertools.count(1)
 
 
@@ -150,6 +158,23 @@ class Machine:
 
     def exists(self, inside: str) -> bool:
         return os.path.lexists(self.path(inside))
+
+    def file_tree(self, skip: tuple[str, ...] = ()) -> set[str]:
+        """Every file, link and directory of the root file system and of /run, but for what changes by
+        itself or is bookkeeping (FILE_TREE_SKIP) and `skip`: to compare before and after."""
+        out = self.run("find / /run -xdev \\( -type f -o -type l -o -type d \\) -print", timeout=120).stdout
+        return {p for p in out.splitlines()
+                if not p.startswith(FILE_TREE_SKIP + skip) and not PYCACHE.search(p)}
+
+    def processes(self) -> dict[int, str]:
+        """pid -> command name of every process inside, read from the machine's /proc (a minimal
+        Debian has no procps: no ps, pgrep or kill)."""
+        out: dict[int, str] = {}
+        for entry in self.path("/proc").iterdir():
+            if entry.name.isdigit():
+                with suppress(OSError):
+                    out[int(entry.name)] = (entry / "comm").read_text().strip()
+        return out
 
     # --- systemd -----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent import __version__
+from agent.bundle.install import HOSTS_BEGIN, HOSTS_END
 from tests.system.conftest import NEXT_VERSION, BootFactory, needs_daemon, require_root
 from tests.system.machine import Machine
 
@@ -27,12 +28,6 @@ UNIT = "mesh-agent.service"
 CONFIG = "/etc/mesh-agent/agent.yaml"
 DEPENDS = ("python3-psutil", "python3-requests", "python3-kubernetes", "python3-yaml",
            "python3-systemd", "python3-watchdog")
-# Paths a file-system snapshot ignores: package databases, caches, logs, systemd's own bookkeeping.
-SNAPSHOT_SKIP = ("/var/lib/apt/", "/var/lib/dpkg/", "/var/cache/", "/var/log/", "/etc/ld.so.cache",
-                 "/root/", "/var/tmp/", "/var/lib/systemd/random-seed", "/var/lib/systemd/catalog")
-# Python 3 compiled files, for snapshots: dependencies' caches that purge does not touch.
-PYCACHE = re.compile(r"/__pycache__(/|$)")
-
 STAND_IN = """\
 import os, signal, sys, time
 from systemd import daemon
@@ -54,12 +49,6 @@ def machine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         m.apt_update()
         m.install = m.install_deb(deb)  # type: ignore[attr-defined]
         yield m
-
-
-def snapshot(m: Machine) -> set[str]:
-    out = m.run("find / -xdev \\( -type f -o -type l -o -type d \\) -print", timeout=120).stdout
-    return {p for p in out.splitlines()
-            if not p.startswith(SNAPSHOT_SKIP) and not PYCACHE.search(p)}
 
 
 def test_install_resolves_dependencies_from_debian(machine: Machine) -> None:
@@ -120,8 +109,7 @@ def test_bad_config_fails_with_78_and_does_not_loop(machine: Machine) -> None:
 def test_deprovision_clears_instance_state_and_keeps_config(machine: Machine) -> None:
     hosts = machine.read("/etc/hosts") if machine.exists("/etc/hosts") else "127.0.0.1 localhost\n"
     config = machine.read(CONFIG)
-    machine.write("/etc/hosts", hosts + "# BEGIN mesh-agent managed block\n10.9.9.9 istiod.istio-system.svc\n"
-                  "# END mesh-agent managed block\n")
+    machine.write("/etc/hosts", f"{hosts}{HOSTS_BEGIN}\n10.9.9.9 istiod.istio-system.svc\n{HOSTS_END}\n")
     machine.run("mkdir -p /var/lib/mesh-agent/bundle && echo token > /var/lib/mesh-agent/bundle/istio-token")
     out = machine.run(["mesh-agent", "deprovision"]).stdout
     assert "managed block" in out
@@ -165,7 +153,7 @@ def test_purge_leaves_nothing_behind(machine: Machine, deb: Path, boot: BootFact
                              check=True).stdout.strip()
     with boot(machine.suite) as m:
         m.run(["apt-get", "satisfy", "-y", "-q", depends], timeout=600)
-        before = snapshot(m)
+        before = m.file_tree()
         m.install_deb(deb)
         with stand_in(m):  # the unit's own start creates the sidecar's and the agent's directories
             m.systemctl("start", UNIT)
@@ -176,7 +164,7 @@ def test_purge_leaves_nothing_behind(machine: Machine, deb: Path, boot: BootFact
         for path in ("/etc/mesh-agent", "/usr/lib/mesh-agent", "/var/lib/mesh-agent", "/run/mesh-agent",
                      "/etc/systemd/system/multi-user.target.wants/mesh-agent.service"):
             assert not m.exists(path), path
-        left = snapshot(m) - before
+        left = m.file_tree() - before
         assert not left, f"left behind after purge: {sorted(left)[:40]}"
         assert m.systemctl("show", UNIT, "-p", "LoadState").stdout.strip() == "LoadState=not-found"
 

@@ -39,7 +39,7 @@ def test_unit_contract() -> None:
     s = unit_settings()
     assert s["Type"] == ["notify"]
     assert s["ExecStart"] == ["/usr/bin/mesh-agent run"]
-    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert s["ExecReload"] == ["/usr/bin/mesh-agent reload"]  # waits for the answer; no procps needed
     assert s["Restart"] == ["on-failure"]
     assert s["RestartPreventExitStatus"] == ["78"]
     assert s["WatchdogSec"] == ["30s"]

@@ -137,6 +137,62 @@ def test_sighup_applies_a_label_change_without_restarting_the_sidecar(r: Rig) ->
     assert r.stop_agent() == 0
 
 
+def _reload_verb(r: Rig, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", "reload", "--config", str(r.config_path), *extra],
+                          env=agent_env(), cwd=REPO, capture_output=True, text=True, timeout=90)
+
+
+def test_reload_verb_waits_for_the_answer_applied_or_refused(r: Rig) -> None:
+    """`mesh-agent reload` (the unit's ExecReload) exits 0 once the new configuration is applied, and
+    78 with the daemon's reason when it is refused; the running configuration is kept then."""
+    r.start_agent()
+    wait_for(r.entry, 60, "registration")
+    r.overrides = {"registry": {"labels": {"rack": "r3"}}}
+    r.write_config()
+    ok = _reload_verb(r)
+    assert ok.returncode == 0, ok.stderr
+    assert "configuration reloaded (reload 1)" in ok.stdout
+    status = json.loads(r.status_file.read_text())
+    assert status["reload"]["generation"] == 1 and status["reload"]["ok"] is True
+    wait_for(lambda: (r.entry() or {}).get("metadata", {}).get("labels", {}).get("rack") == "r3", 20,
+             "the reloaded label on the entry")
+    good = r.config_path.read_text()
+    r.config_path.write_text(good.replace("registry:\n", "registry:\n  no_such_key: 1\n", 1))
+    refused = _reload_verb(r)
+    assert refused.returncode == 78, (refused.stdout, refused.stderr)
+    assert "refused, the running configuration is kept" in refused.stderr
+    assert f"{r.config_path}:" in refused.stderr and "registry.no_such_key" in refused.stderr
+    assert "last reload:" in subprocess.run(
+        [sys.executable, "-m", "agent", "status", "--status-file", str(r.status_file)], env=agent_env(),
+        cwd=REPO, capture_output=True, text=True, timeout=60).stdout
+    assert r.agent is not None and r.agent.poll() is None
+    assert (r.entry() or {})["metadata"]["labels"]["rack"] == "r3"
+    # A good file again: applied, as the next generation.
+    r.config_path.write_text(good)
+    again = _reload_verb(r)
+    assert again.returncode == 0 and "(reload 3)" in again.stdout, again.stderr
+    assert r.stop_agent() == 0
+    gone = _reload_verb(r, "--status-file", str(r.status_file))
+    assert gone.returncode == 3 and "not running" in gone.stderr
+
+
+def test_reload_verb_times_out_with_a_clear_error(r: Rig) -> None:
+    """A process that never answers (here: a stopped agent) makes the verb give up after --timeout."""
+    r.start_agent()
+    wait_for(r.entry, 60, "registration")
+    assert r.agent is not None
+    r.agent.send_signal(signal.SIGSTOP)
+    try:
+        out = _reload_verb(r, "--timeout", "1")
+    finally:
+        r.agent.send_signal(signal.SIGCONT)
+    assert out.returncode == 1
+    assert "did not answer the reload within 1s" in out.stderr
+    # The signal is handled once it runs again: the verb then gets its answer.
+    assert _reload_verb(r).returncode == 0
+    assert r.stop_agent() == 0
+
+
 def test_sigterm_withdraws_before_draining_then_exits_0(r: Rig, notify: NotifySocket) -> None:
     r.start_agent({"NOTIFY_SOCKET": notify.address})
     wait_for(lambda: notify.first("READY=1"), 60, "READY=1")

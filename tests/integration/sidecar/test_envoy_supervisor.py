@@ -203,7 +203,9 @@ def test_drain_waits_for_in_flight_requests_then_stops_early(tmp_path: Path, lay
 
 
 def test_output_goes_to_log_dir_when_asked(tmp_path: Path, layout: Layout) -> None:
-    spec = make(tmp_path, log_dir=str(tmp_path / "logs"))
+    from agent import manifest
+
+    spec = make(tmp_path, log_dir=str(layout.under("/var/log/istio")))
     loop = Loop()
     sup = Supervisor(spec, layout, loop.post)
     sup.start()
@@ -211,8 +213,12 @@ def test_output_goes_to_log_dir_when_asked(tmp_path: Path, layout: Layout) -> No
         assert loop.run_until(sup, lambda: sup.state is State.RUNNING), sup.reason
     finally:
         sup.stop(drain=False)
-    text = (tmp_path / "logs" / "envoy.log").read_text()
+    text = layout.under("/var/log/istio/envoy.log").read_text()
     assert "starting main dispatch loop" in text or "caught ENVOY_SIGTERM" in text
+    # Created by the agent: recorded, so that a purge removes it (and the directories it made).
+    written = manifest.load(layout)
+    assert written.logs == ["/var/log/istio/envoy.log"]
+    assert written.dirs == ["/var", "/var/log", "/var/log/istio"]
 
 
 def test_hot_restart_hands_over_without_failed_requests(tmp_path: Path, layout: Layout) -> None:
