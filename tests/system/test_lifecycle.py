@@ -31,10 +31,6 @@ CONFIG = "/etc/mesh-agent/agent.yaml"
 # The test's own inputs (not the package's, not the agent's): left out of the before/after comparison.
 INPUTS = "/srv/lifecycle"
 ENVOY = "/usr/local/bin/envoy"
-# Debian 13's python3-kubernetes (30.1) sends a server-side apply body the API refuses; the client code
-# is being fixed separately. Until then the tests that need a registered entry are expected to fail there.
-KUBE_APPLY_BUG = "python3-kubernetes 30.1 apply body"
-KUBE_APPLY_REFUSED = "the body of an apply request must be an object"
 HOSTS = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n10.1.2.3 db.internal db # the admin's own\n"
 
 
@@ -46,7 +42,6 @@ class World:
         self.entry_name = f"billing-{agentkit.ADDRESS}"
         self.tree_before: set[str] = set()
         self.good_config = ""
-        self.kube_apply_bug = False  # seen: registration cannot work on this machine (KUBE_APPLY_BUG)
 
     def entry(self) -> dict | None:
         return self.api.get("WorkloadEntry", agentkit.NS, self.entry_name)
@@ -121,11 +116,6 @@ def _bad_config(w: World) -> str:
     return w.good_config + "no_such_key: 1\n"
 
 
-def _needs_registration(w: World) -> None:
-    if w.kube_apply_bug:
-        pytest.xfail(KUBE_APPLY_BUG)
-
-
 def _registered(w: World, timeout: float = 90) -> None:
     try:
         agentkit.wait_for(lambda: w.m.unit_property(UNIT, "ActiveState") == "active" and
@@ -148,9 +138,6 @@ def test_enable_now_returns_after_ready_with_the_entry_applied(world: World) -> 
     m = world.m
     m.write(CONFIG, world.good_config, mode=0o640)
     r = m.systemctl("enable", "--now", UNIT, check=False, timeout=200)  # TimeoutStartSec=180s
-    if not r.ok and KUBE_APPLY_REFUSED in m.journal(UNIT):
-        world.kube_apply_bug = True
-        pytest.xfail(KUBE_APPLY_BUG)
     assert r.ok, m.journal(UNIT, lines=80)
     # `systemctl start` of a Type=notify unit returns once READY=1 came: the entry is there by now.
     assert world.entry() is not None, m.journal(UNIT, lines=80)
@@ -162,7 +149,6 @@ def test_enable_now_returns_after_ready_with_the_entry_applied(world: World) -> 
 
 
 def test_reload_applies_a_good_file_and_refuses_a_bad_one(world: World) -> None:
-    _needs_registration(world)
     m = world.m
     pid = world.main_pid()
     world.good_config = world.good_config.replace("registry:\n", "registry:\n  labels:\n    rack: r7\n", 1)
@@ -184,7 +170,6 @@ def test_reload_applies_a_good_file_and_refuses_a_bad_one(world: World) -> None:
 
 
 def test_kill_9_is_restarted_with_one_sidecar_and_the_entry_intact(world: World) -> None:
-    _needs_registration(world)
     m = world.m
     pid = world.main_pid()
     uid = world.entry()["metadata"]["uid"]  # type: ignore[index]
@@ -201,7 +186,6 @@ def test_kill_9_is_restarted_with_one_sidecar_and_the_entry_intact(world: World)
 def test_a_restart_into_a_bad_config_exits_78_and_withdraws_the_entry(world: World) -> None:
     """The stopping agent sees the restart job but the file on disk is bad: the next agent exits 78, so
     this one withdraws instead of leaving an entry with no proxy behind it."""
-    _needs_registration(world)
     m = world.m
     m.write(CONFIG, _bad_config(world), mode=0o640)
     m.systemctl("restart", UNIT, check=False, timeout=180)
@@ -217,7 +201,6 @@ def test_a_restart_into_a_bad_config_exits_78_and_withdraws_the_entry(world: Wor
 
 
 def test_restart_keeps_the_entry(world: World) -> None:
-    _needs_registration(world)
     m = world.m
     uid = world.entry()["metadata"]["uid"]  # type: ignore[index]
     m.systemctl("restart", UNIT, timeout=180)
@@ -228,7 +211,6 @@ def test_restart_keeps_the_entry(world: World) -> None:
 
 
 def test_upgrade_keeps_the_vm_in_the_mesh(world: World, deb_next: Path) -> None:
-    _needs_registration(world)
     m = world.m
     uid = world.entry()["metadata"]["uid"]  # type: ignore[index]
     m.install_deb(deb_next)
@@ -241,7 +223,6 @@ def test_upgrade_keeps_the_vm_in_the_mesh(world: World, deb_next: Path) -> None:
 
 
 def test_stop_withdraws_the_entry_and_exits_0(world: World) -> None:
-    _needs_registration(world)
     m = world.m
     m.systemctl("stop", UNIT, timeout=120)
     props = m.unit_properties(UNIT, "ActiveState", "Result", "ExecMainStatus")
