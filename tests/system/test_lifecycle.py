@@ -190,7 +190,7 @@ def test_a_restart_into_a_bad_config_exits_78_and_withdraws_the_entry(world: Wor
     m.write(CONFIG, _bad_config(world), mode=0o640)
     m.systemctl("restart", UNIT, check=False, timeout=180)
     m.wait_unit(UNIT, {"failed"}, timeout=60)
-    assert m.unit_property(UNIT, "ExecMainStatus") == "78"
+    assert m.unit_property(UNIT, "ExecMainStatus") == "78", m.journal(UNIT, lines=60)
     assert world.entry() is None, m.journal(UNIT, lines=40)
     assert "the next agent would refuse" in m.journal(UNIT)
     assert world.envoys() == []
