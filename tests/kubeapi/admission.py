@@ -141,7 +141,7 @@ class Decision:
     reason: str
 
 
-def _evaluate(policy: dict[str, Any], binding: dict[str, Any], a: Attributes,
+def evaluate(policy: dict[str, Any], binding: dict[str, Any], a: Attributes,
               namespace_object: dict[str, Any] | None) -> Decision | None:
     """The first denial of this policy for this request, or None if it admits it."""
     spec = policy.get("spec") or {}
@@ -233,7 +233,7 @@ def admit(store: Any, a: Attributes, versions: tuple[str, ...], warn: Callable[[
         if bspec.get("matchResources") and not resources_match(bspec["matchResources"], a, versions,
                                                                ns_labels, rules_required=False):
             continue
-        decision = _evaluate(policy, binding, a, namespace_object)
+        decision = evaluate(policy, binding, a, namespace_object)
         if decision is None:
             continue
         text = (f"ValidatingAdmissionPolicy '{decision.policy}' with binding '{decision.binding}' denied "
