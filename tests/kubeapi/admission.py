@@ -157,16 +157,19 @@ def evaluate(policy: dict[str, Any], binding: dict[str, Any], a: Attributes,
     def error_of(text: str, exc: Exception) -> str:
         return f"expression '{text}' resulted in error: {exc}"
 
+    # Any false condition means the policy does not apply, errors elsewhere notwithstanding; errors
+    # without a false condition follow failurePolicy (all of them in one message, as an aggregate).
+    errors: list[str] = []
     for cond in spec.get("matchConditions") or []:
         try:
             result = _compiled(cond.get("expression", ""))(**env, variables={})
         except (cel.CelCompileError, cel.CelEvalError) as exc:
-            if fail:
-                return deny(f"failed to evaluate match condition {cond.get('name')!r}: "
-                            + error_of(cond.get("expression", ""), exc))
-            return None
+            errors.append(error_of(cond.get("expression", ""), exc))
+            continue
         if result is not True:
-            return None  # the policy does not apply to this request
+            return None
+    if errors:
+        return deny(errors[0] if len(errors) == 1 else f"[{', '.join(errors)}]") if fail else None
     variables: dict[str, Any] = {}
     broken: dict[str, Exception] = {}
     from celpy import celtypes

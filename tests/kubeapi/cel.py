@@ -4,6 +4,7 @@ library that standard CEL lacks, evaluation errors as exceptions, results as pla
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -25,7 +26,21 @@ def _extensions() -> dict[str, Any]:
     def lower_ascii(s: Any) -> Any:
         return celtypes.StringType("".join(c.lower() if c.isascii() else c for c in str(s)))
 
-    return {"split": split, "lowerAscii": lower_ascii}
+    def index(container: Any, key: Any) -> Any:
+        # An error in the container (a missing field before [..]) is the answer, as in cel-go; celpy
+        # would report a confusing missing overload instead.
+        if isinstance(container, CELEvalError):
+            return container
+        try:
+            return container[key]
+        except KeyError:
+            return CELEvalError(f"no such key: {key}", KeyError, None)
+        except IndexError:
+            return CELEvalError(f"index out of bounds: {key}", IndexError, None)
+
+    from celpy.evaluation import CELEvalError
+
+    return {"split": split, "lowerAscii": lower_ascii, "_[_]": index}
 
 
 def to_cel(value: Any) -> Any:
@@ -69,10 +84,11 @@ class Expression:
 
 
 def _describe(exc: BaseException) -> str:
+    """The error as cel-go words the common ones (a missing field or key: `no such key: NAME`)."""
     args = getattr(exc, "args", ())
-    if args and isinstance(args[0], str):
-        return args[0]
-    return str(exc)
+    text = args[0] if args and isinstance(args[0], str) else str(exc)
+    member = re.match(r"^no such member in mapping: '(.*)'$", text)
+    return f"no such key: {member[1]}" if member else text
 
 
 def plain(value: Any) -> Any:

@@ -149,3 +149,17 @@ def test_policy_that_does_not_compile_is_refused(co: client.CustomObjectsApi) ->
     code, body = refused(co.create_cluster_custom_object, *ADM, "validatingadmissionpolicybindings",
                          binding(actions=()))
     assert code == 422 and "spec.validationActions" in body["message"]
+
+
+def test_match_condition_errors_follow_failure_policy_unless_another_is_false(
+        co: client.CustomObjectsApi, vm: client.CustomObjectsApi) -> None:
+    broken = {"name": "broken", "expression": "object.metadata.labels['team'] == 'x'"}
+    install(co, policy(matchConditions=[broken, policy()["spec"]["matchConditions"][0]]), binding())
+    code, body = refused(vm.create_namespaced_custom_object, *WE, entry("billing-1"))
+    assert code == 422 and body["message"].endswith(
+        "denied request: expression 'object.metadata.labels['team'] == 'x'' resulted in error: no such key: labels")
+    co.create_namespaced_custom_object(*WE, entry("billing-2"))  # the admin: the other condition is false
+    pol = co.get_cluster_custom_object(*ADM, "validatingadmissionpolicies", "entries")
+    pol["spec"]["failurePolicy"] = "Ignore"
+    co.replace_cluster_custom_object(*ADM, "validatingadmissionpolicies", "entries", pol)
+    vm.create_namespaced_custom_object(*WE, entry("orders-1"))  # not matched: the error is ignored
