@@ -164,3 +164,25 @@ def test_the_agents_life_and_the_reaper_work_under_the_policy(cluster: Cluster, 
     assert cluster.entry() is None and cluster.lease() is None
     assert cluster.api.get("WorkloadEntry", NS, OTHER_ENTRY) is not None  # live: not the reaper's to take
 
+
+
+def test_an_agent_refused_by_the_policy_says_why_and_writes_nothing(cluster: Cluster,
+                                                                     drivers: list[Driver]) -> None:
+    """A misconfigured VM (registry.labels overriding the group's `app` label) is REFUSED with the
+    policy's words, and retries later; nothing is written in its name."""
+    from agent.registry.kube import Credentials, Kube
+    from agent.registry.registrar import Settings, State
+
+    kube = Kube.from_credentials(Credentials(kubeconfig=str(cluster.agent_kubeconfig)), timeout=3.0)
+
+    def build(group: dict[str, Any]) -> dict[str, Any]:
+        return E.build_entry(E.EntryInputs(group=group, address="10.0.0.5", instance="inst-a",
+                                           extra_labels={"app": OTHER}))
+    d = Driver(kube, Settings(namespace=NS, group=GROUP, instance="inst-a", lease_duration=3.0, lease_renew=0.5,
+                              backoff_initial=0.2, backoff_max=2.0), build, watch_timeout=5).start()
+    drivers.append(d)
+    d.do(lambda r, now: r.set_health(True))
+    wait_for(lambda: d.registrar.state is State.REFUSED, what="REFUSED")
+    assert f"ValidatingAdmissionPolicy '{POLICY}'" in d.registrar.message
+    assert "spec.labels must carry the group's labels app=billing" in d.registrar.message
+    assert cluster.entry() is None
