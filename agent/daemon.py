@@ -706,9 +706,14 @@ class Agent:
         if self.registrar is None:
             return
         st = self.registrar.status()
+        # What is known, not the last attempt: an outage leaves the entry as the API last showed it.
+        to_wall = time.time() - time.monotonic()  # the registrar's clock is the loop's monotonic one
         reg_status = {"state": st.state.value, "want": st.want.value, "entry": st.entry,
                       "namespace": st.namespace, "message": st.message,
-                      "registered": st.state is reg.State.REGISTERED}
+                      "registered": st.known is reg.State.REGISTERED,
+                      "known": st.known.value if st.known is not None else None,
+                      "confirmed_at": st.confirmed_at + to_wall if st.confirmed_at is not None else None,
+                      "unknown_since": st.unknown_since + to_wall if st.unknown_since is not None else None}
         if st.conflict_holder:
             reg_status["conflict"] = f"entry held by instance {st.conflict_holder}"
         if st.state in (reg.State.RETRYING,):

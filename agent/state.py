@@ -86,6 +86,8 @@ def summarize(phase: Phase, sidecar: dict[str, Any], app: dict[str, Any], regist
         return f"conflict: {registration['conflict']}"
     if registration.get("registered"):
         state = "registered " + entry
+        if registration.get("unknown_since"):
+            state += " as last confirmed; unconfirmed since the API failed"
         if registration.get("error"):
             state += f" (API: {registration['error']})"
         return state

@@ -105,6 +105,18 @@ def _when(ts: float | None, now: float) -> str:
     return f"{stamp} ({_ago(ts, now)})"
 
 
+def _known(r: dict[str, Any], now: float) -> str:
+    """registered / withdrawn / ... as the API last confirmed it, and whether that still holds."""
+    known = r.get("known")
+    if known is None:
+        state = "registered" if r.get("registered") else "not registered"
+        return state if not r.get("unknown_since") else f"unknown since {_when(r['unknown_since'], now)}"
+    if not r.get("unknown_since"):
+        return f"{known} (confirmed {_ago(r.get('confirmed_at'), now)})"
+    return (f"unknown since {_when(r['unknown_since'], now)}; last confirmed {known} "
+            f"{_ago(r.get('confirmed_at'), now)}")
+
+
 def render(d: dict[str, Any], running: bool, now: float) -> str:
     """The human summary: one topic per line, the most important first."""
     lines = []
@@ -138,8 +150,7 @@ def render(d: dict[str, Any], running: bool, now: float) -> str:
                          f"{_ago(last.get('at'), now)}) {a.get('probe', '')}".rstrip())
     r = d.get("registration") or {}
     if r:
-        state = "registered" if r.get("registered") else "not registered"
-        lines.append(f"  entry:        {r.get('namespace', '?')}/{r.get('entry', '?')} {state}")
+        lines.append(f"  entry:        {r.get('namespace', '?')}/{r.get('entry', '?')} {_known(r, now)}")
         lines.append(f"  last write:   {_when(r.get('last_write'), now)} {r.get('last_action', '')}".rstrip())
         if r.get("lease"):
             lines.append(f"  lease:        {r['lease']} renewed {_ago(r.get('lease_renewed'), now)}")

@@ -2,7 +2,9 @@
 
 WorkloadGroup, the agents' ServiceAccount with a least-privilege Role and RoleBinding, a ServiceEntry
 selecting the group's entries, and the reaper's CronJob with its own ServiceAccount, Role and
-RoleBinding. `build_manifests` is pure; `main` only prints.
+RoleBinding, and a ValidatingAdmissionPolicy with its binding narrowing what RBAC cannot: the
+agents may write only their own group's entries and leases. `build_manifests` is pure; `main` only
+prints.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from agent.registry.entry import API_VERSION, MANAGED_BY_LABEL
+from agent.registry.entry import API_VERSION, FIELD_MANAGER, INSTANCE_ANNOTATION, MANAGED_BY_LABEL
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -88,12 +90,118 @@ def parse_probe(text: str) -> dict[str, Any]:
     return {"tcpSocket": {"port": int(port)}, "periodSeconds": 5, "failureThreshold": 3}
 
 
+def _lit(value: str) -> str:
+    """A CEL string literal (a JSON string is one)."""
+    return json.dumps(value)
+
+
+def _has_labels(path: str, labels: dict[str, str]) -> str:
+    """CEL: the map at `path` exists and holds every one of `labels` (more are allowed)."""
+    terms = [f"{_lit(k)} in {path} && {path}[{_lit(k)}] == {_lit(v)}" for k, v in sorted(labels.items())]
+    return f"has({path}) && " + " && ".join(terms)
+
+
+def policy_name(namespace: str, group: str) -> str:
+    """Policies are cluster-scoped: the name carries the namespace."""
+    return f"mesh-agent-{namespace}-{group}"
+
+
+def admission_policy(*, group: str, namespace: str, service_account: str, selector: dict[str, str],
+                     identity: bool = False) -> list[dict[str, Any]]:
+    """A ValidatingAdmissionPolicy and its binding. RBAC lets the group's agents write any WorkloadEntry
+    and Lease in the namespace (it cannot name objects that do not exist yet); this lets them write
+    only what agent.registry.entry builds for their own group. WorkloadEntries: named `<group>-...`,
+    spec.serviceAccount the group's, owned by the group's WorkloadGroup (if owned at all), the group's
+    selector labels in spec.labels and metadata.labels, managed by mesh-agent, an instance annotation;
+    an entry changed must already be the group's; a deleted one is judged as it was (oldObject).
+    Leases: named `<group>-...`, managed by mesh-agent (before and after a change), owned (if at all)
+    by the WorkloadEntry of the same name. The reaper's service account is not matched."""
+    name = policy_name(namespace, group)
+    agent_user = f"system:serviceaccount:{namespace}:{service_account}"
+    reaper_user = f"system:serviceaccount:{namespace}:mesh-agent-reaper-{group}"
+    who = f"request.userInfo.username == {_lit(agent_user)}"
+    if identity:
+        who += f" || {_lit(identity_group(namespace, group))} in request.userInfo.groups"
+    prefix = _lit(f"{group}-")
+    obj, old = "variables.obj", "oldObject"
+    managed = {MANAGED_BY_LABEL: FIELD_MANAGER}
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
+
+    def entry_rule(expression: str, message: str) -> dict[str, str]:
+        return {"expression": f"!variables.isEntry || ({expression})", "message": message}
+
+    def lease_rule(expression: str, message: str) -> dict[str, str]:
+        return {"expression": f"variables.isEntry || ({expression})", "message": message}
+
+    def sa_check(o: str) -> str:
+        return f"has({o}.spec.serviceAccount) && {o}.spec.serviceAccount == {_lit(service_account)}"
+
+    annotation = _lit(INSTANCE_ANNOTATION)
+    validations = [
+        entry_rule(f"{obj}.metadata.name.startsWith({prefix})",
+                   f"a VM of group {group} may only write WorkloadEntries named {group}-..."),
+        entry_rule(sa_check(obj), f"the WorkloadEntry's spec.serviceAccount must be {service_account}"),
+        entry_rule(f"!has({obj}.metadata.ownerReferences) || {obj}.metadata.ownerReferences.all(r, "
+                   f"r.kind == 'WorkloadGroup' && r.name == {_lit(group)} && "
+                   "r.apiVersion.startsWith('networking.istio.io/'))",
+                   f"the WorkloadEntry may be owned only by WorkloadGroup {group}"),
+        entry_rule(_has_labels(f"{obj}.spec.labels", selector),
+                   f"the WorkloadEntry's spec.labels must carry the group's labels {shown}"),
+        entry_rule(_has_labels(f"{obj}.metadata.labels", {**selector, **managed}),
+                   f"the WorkloadEntry's labels must carry the group's labels {shown} and "
+                   f"{MANAGED_BY_LABEL}={FIELD_MANAGER}"),
+        entry_rule(f"has({obj}.metadata.annotations) && {annotation} in {obj}.metadata.annotations && "
+                   f"{obj}.metadata.annotations[{annotation}] != ''",
+                   f"the WorkloadEntry must name its VM in annotation {INSTANCE_ANNOTATION}"),
+        entry_rule(f"request.operation != 'UPDATE' || ({sa_check(old)} && "
+                   f"{_has_labels(f'{old}.spec.labels', selector)})",
+                   f"a VM of group {group} may not take over another group's WorkloadEntry"),
+        lease_rule(f"{obj}.metadata.name.startsWith({prefix})",
+                   f"a VM of group {group} may only write Leases named {group}-..."),
+        lease_rule(_has_labels(f"{obj}.metadata.labels", managed),
+                   f"the Lease must carry label {MANAGED_BY_LABEL}={FIELD_MANAGER}"),
+        lease_rule(f"request.operation != 'UPDATE' || ({_has_labels(f'{old}.metadata.labels', managed)})",
+                   "a VM may not take over a Lease that mesh-agent does not manage"),
+        lease_rule(f"!has({obj}.metadata.ownerReferences) || {obj}.metadata.ownerReferences.all(r, "
+                   f"r.kind == 'WorkloadEntry' && r.name == {obj}.metadata.name)",
+                   "the Lease may be owned only by the WorkloadEntry of its name"),
+    ]
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name, "labels": dict(managed)},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [
+                {"apiGroups": ["networking.istio.io"], "apiVersions": ["*"],
+                 "operations": ["CREATE", "UPDATE", "DELETE"],
+                 "resources": ["workloadentries", "workloadentries/status"]},
+                {"apiGroups": ["coordination.k8s.io"], "apiVersions": ["*"],
+                 "operations": ["CREATE", "UPDATE", "DELETE"], "resources": ["leases"]}]},
+            "matchConditions": [
+                {"name": "group-agents", "expression": who},
+                {"name": "not-the-reaper", "expression": f"request.userInfo.username != {_lit(reaper_user)}"}],
+            "variables": [
+                {"name": "obj", "expression": "request.operation == 'DELETE' ? oldObject : object"},
+                {"name": "isEntry", "expression": "request.resource.resource == 'workloadentries'"}],
+            "validations": validations,
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name, "labels": dict(managed)},
+        "spec": {"policyName": name, "validationActions": ["Deny"],
+                 "matchResources": {"namespaceSelector": {
+                     "matchLabels": {"kubernetes.io/metadata.name": namespace}}}},
+    }
+    return [policy, binding]
+
+
 def build_manifests(*, group: str, namespace: str, service_account: str, ports: list[tuple[str, int]],
                     labels: dict[str, str] | None = None, network: str | None = None,
                     host: str | None = None, probe: dict[str, Any] | None = None,
                     reaper_image: str = "mesh-agent:latest", reaper_schedule: str = "* * * * *",
                     reaper_grace: str = "60s", read_istio_config: str | None = None,
-                    revision: str = "") -> list[dict[str, Any]]:
+                    revision: str = "", identity: bool = False) -> list[dict[str, Any]]:
     for what, value in (("group", group), ("namespace", namespace), ("service account", service_account)):
         if not _NAME.match(value) or len(value) > 63:
             raise ValueError(f'{what} "{value}" is not a valid Kubernetes name')
@@ -159,6 +267,8 @@ def build_manifests(*, group: str, namespace: str, service_account: str, ports: 
                                                        "capabilities": {"drop": ["ALL"]}},
                                    "resources": {"requests": {"cpu": "10m", "memory": "64Mi"},
                                                  "limits": {"memory": "128Mi"}}}]}}}}}},
+        *admission_policy(group=group, namespace=namespace, service_account=service_account, selector=sel,
+                          identity=identity),
     ]
 
 
@@ -172,11 +282,6 @@ AWS_CLAIMS = "claims['https://sts.amazonaws.com/']"
 def identity_group(namespace: str, group: str) -> str:
     """The Kubernetes group every VM of this WorkloadGroup authenticates into."""
     return f"mesh-vm:{namespace}:{group}"
-
-
-def _lit(value: str) -> str:
-    """A CEL string literal (a JSON string is one)."""
-    return json.dumps(value)
 
 
 def identity_authenticator(*, provider: str, namespace: str, group: str, audience: str,
@@ -301,7 +406,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     ident = parser.add_argument_group("cloud identity (docs/identity.md)")
     ident.add_argument("--identity", choices=IDENTITY_PROVIDERS,
                        help="the VMs authenticate with their cloud's identity token: also bind the Roles to "
-                       "group mesh-vm:NAMESPACE:GROUP and write the API server's jwt authenticator")
+                       "group mesh-vm:NAMESPACE:GROUP (which the admission policy then confines too) and write "
+                       "the API server's jwt authenticator")
     ident.add_argument("--authn-config", metavar="FILE",
                        help="where to write the AuthenticationConfiguration (with --identity)")
     ident.add_argument("--audience", help="the audience the agents ask for (identity.audience)")
@@ -334,7 +440,8 @@ def main(args: argparse.Namespace) -> int:
                                probe=parse_probe(args.probe) if args.probe else None,
                                reaper_image=args.reaper_image, reaper_schedule=args.reaper_schedule,
                                reaper_grace=args.reaper_grace,
-                               read_istio_config=args.read_istio_config, revision=args.revision)
+                               read_istio_config=args.read_istio_config, revision=args.revision,
+                               identity=bool(getattr(args, "identity", None)))
         authn = identity_from_args(args, docs) if getattr(args, "identity", None) else None
     except ValueError as exc:
         print(f"mesh-agent manifests: {exc}", file=sys.stderr)

@@ -139,6 +139,11 @@ class RegistrationStatus:
     namespace: str | None
     message: str
     conflict_holder: str | None = None
+    # What the API last confirmed, when, and since when nothing is confirmed (clock times of the loop):
+    # during an outage the entry stays as it was last seen, so that is what status reports.
+    known: State | None = None
+    confirmed_at: float | None = None
+    unknown_since: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """For status.json."""
@@ -331,6 +336,9 @@ class Registrar:
         self._shutdown_deadline: float | None = None
         self.history: collections.deque[tuple[State, str]] = collections.deque(maxlen=50)
         self._entry_name: str | None = None
+        self._known: State | None = None           # the state the API last confirmed
+        self._confirmed_at: float | None = None
+        self._unknown_since: float | None = None   # first failure since that confirmation
 
     # inputs ----------------------------------------------------------------------------------------
     def set_health(self, healthy: bool | None, message: str = "") -> None:
@@ -459,9 +467,11 @@ class Registrar:
             if out.lost_lease:
                 log.warning("the lease of %s changed behind our back; reconciling", self._name())
                 self._lease, self._next_renew, self._next_converge = None, None, now
+                self._unconfirmed(now)
             else:
                 self._lease = out.lease
                 self._schedule_renew(now)
+                self._confirmed(self._known, now)
             return
         if out.conflict_holder is not None:
             self._conflicts_in_row += 1
@@ -474,6 +484,7 @@ class Registrar:
             self._next_converge = now + wait
             self._set(State.CONFLICT, f"entry {self._name()} belongs to instance {out.conflict_holder}, "
                                       "whose lease is live: not touching it")
+            self._confirmed(State.CONFLICT, now)
             if self.inputs.shutting_down:
                 self._finish("the entry is another instance's")
             return
@@ -503,8 +514,19 @@ class Registrar:
             self._set(State.UNHEALTHY, "registered with Healthy=False")
         else:
             self._set(State.REGISTERED, "registered")
+        # What the mesh sees: an entry (kept while held, too), one marked unhealthy, or none.
+        self._confirmed(State.WITHDRAWN if not out.present else
+                        State.UNHEALTHY if out.healthy is False or want is Want.MARK_UNHEALTHY else State.REGISTERED,
+                        now)
         if self.want is not want:
             self._dirty = True
+
+    def _confirmed(self, known: State | None, now: float) -> None:
+        self._known, self._confirmed_at, self._unknown_since = known, now, None
+
+    def _unconfirmed(self, now: float) -> None:
+        if self._unknown_since is None:
+            self._unknown_since = now
 
     def _on_error(self, err: ApiError, now: float, want: Want | None) -> None:
         if isinstance(err, Conflict) and self._conflicts_in_row < 3:
@@ -515,6 +537,7 @@ class Registrar:
             log.info("registry: %s; reading again", err)
             return
         self._conflicts_in_row = 0
+        self._unconfirmed(now)
         if isinstance(err, Unavailable):
             delay = self._backoff.next_delay(err.retry_after)
             self._set(State.RETRYING, f"{err}; retrying in {delay:.1f}s (nothing is deleted meanwhile)")
@@ -564,7 +587,8 @@ class Registrar:
     def status(self) -> RegistrationStatus:
         name = self._lease["metadata"]["name"] if self._lease else None
         return RegistrationStatus(self.state, self.want, name or self._entry_name, self.s.namespace,
-                                  self.message, self.conflict_holder)
+                                  self.message, self.conflict_holder, self._known, self._confirmed_at,
+                                  self._unknown_since)
 
 
 def _meta_of(group: dict[str, Any]) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from tests.kubeapi import fieldmanager, meta, openapi
+from tests.kubeapi import admission, fieldmanager, meta, openapi
 from tests.kubeapi.auth import API_AUDIENCE, Authenticator, Identity, Rule
 from tests.kubeapi.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
 from tests.kubeapi.resources import ResourceType, builtin_types, crd_type
@@ -61,6 +61,7 @@ class Cluster:
         self.auth.extra_rules = self.rbac_rules
         self.warnings = threading.local()
         self.gc_wakeup = threading.Event()
+        self.audit: list[str] = []  # denials of ValidatingAdmissionPolicy bindings with action Audit
         for ns in SYSTEM_NAMESPACES:
             self.create_namespace(ns)
 
@@ -149,7 +150,12 @@ class Cluster:
         _apply_defaults(rt, pruned)
         m = {k: v for k, v in (obj.get("metadata") or {}).items()
              if k in _META_KEYS["properties"] and v is not None}
+        if rt.plural == "namespaces" and m.get("name"):
+            # The server keeps this label on every namespace (what namespaceSelectors use to name one).
+            m["labels"] = {**(m.get("labels") or {}), "kubernetes.io/metadata.name": m["name"]}
         errors = meta.metadata_errors(m, rt.name_rule) + openapi.check(schema, pruned)
+        if rt.group == admission.GROUP:
+            errors += admission.policy_errors(rt.plural, pruned)
         if errors:
             raise unprocessable(rt.kind, rt.group, m.get("name", ""), errors)
         out = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "metadata": m, **pruned}
@@ -191,11 +197,22 @@ class Cluster:
             fieldmanager.record_update(None, obj, self._fm_schema(rt, version), manager=req.manager,
                                        api_version=rt.api_version(version), now=now_rfc3339(),
                                        status=None)
+            self._admit(rt, version, "CREATE", ns, m["name"], obj, None, req)
             if req.dry_run:
                 return self._out(rt, version, obj)
             stored = self.store.put((rt.group, rt.plural), obj, "ADDED")
         self._after_write(rt, stored)
         return self._out(rt, version, stored)
+
+    def _admit(self, rt: ResourceType, version: str, operation: str, ns: str, name: str,
+               obj: dict[str, Any] | None, old: dict[str, Any] | None, req: Request,
+               subresource: str = "") -> None:
+        """ValidatingAdmissionPolicies (tests/kubeapi/admission.py): raise the server's Status on a denial."""
+        attrs = admission.Attributes(
+            operation, rt.group, version, rt.plural, rt.kind, subresource, ns if rt.namespaced else "", name,
+            req.identity, self._out(rt, version, obj) if obj is not None else None,
+            self._out(rt, version, old) if old is not None else None, req.dry_run)
+        admission.admit(self.store, attrs, rt.versions, self._warn, self.audit)
 
     def _stamp_new(self, rt: ResourceType, obj: dict[str, Any]) -> None:
         m = obj["metadata"]
@@ -378,6 +395,7 @@ class Cluster:
                 obj = self._clean(rt, version, merged, req.field_validation)
                 obj["metadata"]["managedFields"] = merged["metadata"].get("managedFields", [])
                 self._stamp_new(rt, obj)
+                self._admit(rt, version, "CREATE", ns, name, obj, None, req)
                 if req.dry_run:
                     return self._out(rt, version, obj)
                 stored = self.store.put(key, obj, "ADDED")
@@ -451,6 +469,7 @@ class Cluster:
                                        subresource=subresource)
         if rt.custom and _spec_part(cleaned) != _spec_part(old):
             m["generation"] = old["metadata"].get("generation", 1) + 1
+        self._admit(rt, version, "UPDATE", m.get("namespace", ""), name, cleaned, old, req, subresource)
         if _same(cleaned, old):
             return self._out(rt, version, old)  # a no-op write stores nothing and bumps nothing
         if req.dry_run:
@@ -489,6 +508,7 @@ class Cluster:
                 raise ApiError(403, "Forbidden",
                                f'namespaces "{name}" is forbidden: this namespace may not be deleted',
                                {"name": name, "kind": "namespaces"})
+            self._admit(rt, version, "DELETE", ns if rt.namespaced else "", name, None, old, req)
             if req.dry_run:
                 return self._out(rt, version, old)
             if policy == "Orphan":

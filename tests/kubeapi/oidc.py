@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from tests.kubeapi import cel
 from tests.kubeapi.auth import Identity
 
 API_VERSIONS = ("apiserver.config.k8s.io/v1alpha1", "apiserver.config.k8s.io/v1beta1",
@@ -86,56 +87,19 @@ def verify_signature(alg: str, key: Any, signing_input: bytes, sig: bytes) -> bo
 
 # --- CEL ---------------------------------------------------------------------------------------------
 
-def _extensions() -> dict[str, Any]:
-    """The few functions of the API server's CEL string library (k8s ext strings) that claim
-    mappings use and standard CEL lacks."""
-    from celpy import celtypes
-
-    def split(s: Any, sep: Any) -> Any:
-        return celtypes.ListType([celtypes.StringType(x) for x in str(s).split(str(sep))])
-
-    def lower_ascii(s: Any) -> Any:
-        return celtypes.StringType("".join(c.lower() if c.isascii() else c for c in str(s)))
-
-    return {"split": split, "lowerAscii": lower_ascii}
-
-
 class _Cel:
-    """One compiled CEL expression."""
+    """One compiled CEL expression (tests.kubeapi.cel), with the server's configuration error."""
 
     def __init__(self, expression: str, where: str) -> None:
-        import celpy
-
         self.expression = expression
-        env = celpy.Environment()
         try:
-            self.program = env.program(env.compile(expression), functions=_extensions())
-        except Exception as exc:  # celpy raises its own parse errors
+            self.compiled = cel.Expression(expression)
+        except cel.CelCompileError as exc:
             raise ConfigError(f"{where}: Invalid value: {json.dumps(expression)}: compilation failed: {exc}") \
                 from None
 
     def __call__(self, **variables: Any) -> Any:
-        import celpy
-
-        result = self.program.evaluate({k: celpy.json_to_cel(v) for k, v in variables.items()})
-        if isinstance(result, Exception):  # celpy returns some evaluation errors as values
-            raise ValueError(str(result))
-        return _plain(result)
-
-
-def _plain(value: Any) -> Any:
-    """A CEL value as plain Python (celpy's types subclass the builtins, but its BoolType is an int)."""
-    from celpy import celtypes
-
-    if isinstance(value, (bool, celtypes.BoolType)):
-        return bool(value)
-    if isinstance(value, str):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
+        return self.compiled(**variables)
 
 
 # --- one jwt authenticator ------------------------------------------------------------------------

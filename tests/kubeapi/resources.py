@@ -150,6 +150,73 @@ CRONJOB_SCHEMA: Schema = {
     },
 }
 
+# admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy and its binding: the fields the emulator
+# evaluates (tests/kubeapi/admission.py), typed as the real API types them.
+_LABEL_SELECTOR: Schema = {
+    "type": "object",
+    "properties": {
+        "matchLabels": _STRMAP,
+        "matchExpressions": {"type": "array", "items": {
+            "type": "object", "required": ["key", "operator"],
+            "properties": {"key": _STR,
+                           "operator": {"type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                           "values": _STRLIST}}},
+    },
+}
+_RULE: Schema = {
+    "type": "object",
+    "properties": {
+        "apiGroups": _STRLIST, "apiVersions": _STRLIST, "resources": _STRLIST, "resourceNames": _STRLIST,
+        "operations": {"type": "array", "items": {"type": "string",
+                                                  "enum": ["*", "CREATE", "UPDATE", "DELETE", "CONNECT"]}},
+        "scope": {"type": "string", "enum": ["*", "Cluster", "Namespaced"]},
+    },
+}
+_MATCH_RESOURCES: Schema = {
+    "type": "object",
+    "properties": {
+        "namespaceSelector": _LABEL_SELECTOR, "objectSelector": _LABEL_SELECTOR,
+        "resourceRules": {"type": "array", "items": _RULE},
+        "excludeResourceRules": {"type": "array", "items": _RULE},
+        "matchPolicy": {"type": "string", "enum": ["Exact", "Equivalent"]},
+    },
+}
+_NAMED_EXPRESSION: Schema = {"type": "object", "required": ["name", "expression"],
+                             "properties": {"name": {"type": "string", "minLength": 1}, "expression": _STR}}
+VAP_SCHEMA: Schema = {
+    "type": "object",
+    "properties": {
+        "spec": {"type": "object", "properties": {
+            "failurePolicy": {"type": "string", "enum": ["Fail", "Ignore"]},
+            "paramKind": {"type": "object", "properties": {"apiVersion": _STR, "kind": _STR}},
+            "matchConstraints": _MATCH_RESOURCES,
+            "validations": {"type": "array", "items": {
+                "type": "object", "required": ["expression"],
+                "properties": {"expression": _STR, "message": _STR, "messageExpression": _STR,
+                               "reason": {"type": "string", "enum": ["Unauthorized", "Forbidden", "Invalid",
+                                                                    "RequestEntityTooLarge"]}}}},
+            "auditAnnotations": {"type": "array", "items": {
+                "type": "object", "required": ["key", "valueExpression"],
+                "properties": {"key": _STR, "valueExpression": _STR}}},
+            "matchConditions": {"type": "array", "items": _NAMED_EXPRESSION, "maxItems": 64},
+            "variables": {"type": "array", "items": _NAMED_EXPRESSION},
+        }},
+        "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    },
+}
+VAPB_SCHEMA: Schema = {
+    "type": "object",
+    "properties": {
+        "spec": {"type": "object", "properties": {
+            "policyName": _STR,
+            "paramRef": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            "matchResources": _MATCH_RESOURCES,
+            "validationActions": {"type": "array", "items": {"type": "string", "enum": ["Deny", "Warn", "Audit"]},
+                                  "x-kubernetes-list-type": "set"},
+        }},
+    },
+}
+
 RBAC = "rbac.authorization.k8s.io"
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
@@ -220,6 +287,12 @@ def builtin_types() -> list[ResourceType]:
                      {"v1": _binding_schema(["ClusterRole"])}),
         ResourceType("batch", ("v1",), "cronjobs", "cronjob", "CronJob", True, {"v1": CRONJOB_SCHEMA},
                      status_subresource=True, short_names=("cj",)),
+        ResourceType("admissionregistration.k8s.io", ("v1",), "validatingadmissionpolicies",
+                     "validatingadmissionpolicy", "ValidatingAdmissionPolicy", False, {"v1": VAP_SCHEMA},
+                     status_subresource=True, categories=("api-extensions",)),
+        ResourceType("admissionregistration.k8s.io", ("v1",), "validatingadmissionpolicybindings",
+                     "validatingadmissionpolicybinding", "ValidatingAdmissionPolicyBinding", False,
+                     {"v1": VAPB_SCHEMA}, categories=("api-extensions",)),
         ResourceType("coordination.k8s.io", ("v1",), "leases", "lease", "Lease", True,
                      {"v1": LEASE_SCHEMA},
                      printer_columns={"v1": (_column("Holder", ".spec.holderIdentity"), _AGE)}),

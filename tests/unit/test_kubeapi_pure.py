@@ -102,3 +102,48 @@ def test_boolean_query_parameters_parse_like_the_api_server(value: str | None, e
     from tests.kubeapi.server import _flag
 
     assert _flag(value) is expected
+
+
+def _attrs(operation: str = "UPDATE", subresource: str = "", version: str = "v1beta1") -> object:
+    from tests.kubeapi.admission import Attributes
+
+    return Attributes(operation, "networking.istio.io", version, "workloadentries", "WorkloadEntry", subresource,
+                      "ns", "e", Identity("u"), {"metadata": {"labels": {"app": "a"}}}, None)
+
+
+@pytest.mark.parametrize(("rule", "subresource", "exact", "matches"), [
+    ({"resources": ["workloadentries"]}, "", False, True),
+    ({"resources": ["workloadentries"]}, "status", False, False),
+    ({"resources": ["workloadentries/status"]}, "status", False, True),
+    ({"resources": ["*"]}, "status", False, False),
+    ({"resources": ["*/*"]}, "status", False, True),
+    ({"resources": ["*/status"]}, "status", False, True),
+    ({"resources": ["workloadentries"], "apiVersions": ["v1"]}, "", True, False),  # Exact: v1 is not v1beta1
+    ({"resources": ["workloadentries"], "operations": ["CREATE"]}, "", False, False),
+    ({"resources": ["workloadentries"], "resourceNames": ["other"]}, "", False, False),
+    ({"resources": ["workloadentries"], "scope": "Cluster"}, "", False, False),
+])
+def test_admission_resource_rules(rule: dict, subresource: str, exact: bool, matches: bool) -> None:
+    from tests.kubeapi.admission import resources_match
+
+    full = {"apiGroups": ["networking.istio.io"], "apiVersions": ["v1"], "operations": ["UPDATE"], **rule}
+    match = {"resourceRules": [full], "matchPolicy": "Exact" if exact else "Equivalent"}
+    got = resources_match(match, _attrs(subresource=subresource), ("v1", "v1beta1"), {}, rules_required=True)
+    assert got is matches
+
+
+def test_admission_selectors() -> None:
+    from tests.kubeapi.admission import resources_match, selector_matches
+
+    assert selector_matches(None, {})
+    assert selector_matches({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1"]}]}, {"a": "1"})
+    assert not selector_matches({"matchExpressions": [{"key": "a", "operator": "DoesNotExist"}]}, {"a": "1"})
+    assert not selector_matches({"matchLabels": {"a": "1"}, "matchExpressions": [
+        {"key": "b", "operator": "Exists"}]}, {"a": "1"})
+    rule = {"resourceRules": [{"apiGroups": ["*"], "apiVersions": ["*"], "operations": ["*"], "resources": ["*"]}]}
+    assert resources_match({**rule, "objectSelector": {"matchLabels": {"app": "a"}}}, _attrs(), (), None,
+                           rules_required=True)
+    assert not resources_match({**rule, "namespaceSelector": {"matchLabels": {"team": "x"}}}, _attrs(), (),
+                               {"team": "y"}, rules_required=True)
+    assert not resources_match({**rule, "excludeResourceRules": rule["resourceRules"]}, _attrs(), (), None,
+                               rules_required=True)

@@ -400,3 +400,25 @@ def test_a_missing_sidecar_user_stops_the_agent_at_78_instead_of_waiting(tmp_pat
         assert agent.wait(60) == 78
         assert "user 'mesh-agent-no-such-user' does not exist" in r.log_text()
         assert "sidecar.package" in r.log_text()
+
+
+def test_status_tells_what_is_known_during_an_api_outage(r: Rig) -> None:
+    r.start_agent()
+    wait_for(r.entry, 60, "registration")
+    # Every request about the entry and its lease fails: the entry stays in the cluster meanwhile.
+    r.api.faults.status(503, path="workloadentries|leases", times=None)
+
+    def unknown() -> dict | None:
+        reg = json.loads(r.status_file.read_text())["registration"]
+        return reg if reg.get("unknown_since") else None
+    reg = wait_for(unknown, 30, "the failed renewal to show in status")
+    assert reg["registered"] is True and reg["known"] == "registered", reg
+    assert reg["confirmed_at"] <= reg["unknown_since"] <= time.time()
+    assert r.entry() is not None  # and it really is still there
+    out = subprocess.run([sys.executable, "-m", "agent", "status", "--config", str(r.config_path)],
+                         env=agent_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "unknown since" in out.stdout and "last confirmed registered" in out.stdout, out.stdout
+    r.api.faults.clear()
+    wait_for(lambda: not json.loads(r.status_file.read_text())["registration"].get("unknown_since"), 30,
+             "the API to confirm the entry again")
+    assert r.stop_agent() == 0

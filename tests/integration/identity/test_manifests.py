@@ -48,6 +48,8 @@ def test_cli_writes_the_authenticator_and_binds_the_group(tmp_path: Path, issuer
     assert binding["subjects"] == [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
                                     "name": "mesh-vm:vm-apps:billing"}]
     assert binding["roleRef"]["name"] == "mesh-agent-billing"  # the service account's own Role
+    policy = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicy")
+    assert '"mesh-vm:vm-apps:billing" in request.userInfo.groups' in policy["spec"]["matchConditions"][0]["expression"]
     config = yaml.safe_load(out.read_text())
     assert config["kind"] == "AuthenticationConfiguration"
     assert config["apiVersion"] == "apiserver.config.k8s.io/v1beta1"

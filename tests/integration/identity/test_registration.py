@@ -42,7 +42,7 @@ PROJECT = "mesh-project"
 def setup_cluster(api: KubeAPI, issuer: TestIssuer, provider: str, **pins: Any) -> dict[str, Any]:
     """What an admin does: apply the manifests, give the API server the jwt authenticator."""
     api.create_namespace(NS)
-    docs = build_manifests(group=GROUP, namespace=NS, service_account=SA, ports=[("http", 8080)])
+    docs = build_manifests(group=GROUP, namespace=NS, service_account=SA, ports=[("http", 8080)], identity=True)
     for doc in docs + identity_bindings(docs, NS, GROUP):
         api.create(doc, manager="kubectl")
     jwt = identity_authenticator(provider=provider, namespace=NS, group=GROUP, audience=AUD, issuer=issuer.url,
@@ -227,3 +227,35 @@ def test_issuer_key_rotation_keeps_the_vm_and_refuses_the_old_token(
                               timeout=5)
         assert stolen.status_code == 401
         assert vm.driver.registrar.state is State.REGISTERED
+
+
+def test_a_vm_identity_is_confined_to_its_groups_objects(kubeapi: KubeAPI, issuer: TestIssuer,  # noqa: F811
+                                                         vms: list[VM], tmp_path: Path) -> None:
+    """The admission policy matches the identity group too: the VM registers and renews as usual, and
+    its token is refused another group's entry and an unrelated lease."""
+    import json
+
+    import requests
+
+    setup_cluster(kubeapi, issuer, "gcp", project=PROJECT)
+    for doc in build_manifests(group="orders", namespace=NS, service_account="orders-vm", ports=[("http", 9090)]):
+        kubeapi.create(doc, manager="kubectl")
+    orders = E.build_entry(E.EntryInputs(group=kubeapi.get("WorkloadGroup", NS, "orders"), address="10.0.0.7",
+                                         instance="orders-1"))
+    kubeapi.create(orders, manager="mesh-agent")
+    kubeapi.create({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": "controller-leader", "namespace": NS}, "spec": {"holderIdentity": "c"}})
+    with FakeGcp(issuer, Instance("4101", project=PROJECT)) as gcp:
+        vm = start_vm(kubeapi, GcpProvider(AUD, gcp.url, timeout=2), tmp_path)
+        vms.append(vm)
+        wait_for(lambda: entry(kubeapi), 20, "the entry")
+        token = vm.token_file.read_text().strip()
+    for path in (f"/apis/networking.istio.io/v1/namespaces/{NS}/workloadentries/orders-10.0.0.7",
+                 f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/controller-leader"):
+        answer = requests.delete(kubeapi.url + path, headers={"Authorization": f"Bearer {token}"},
+                                 verify=str(kubeapi.ca_path), timeout=5)
+        assert answer.status_code == 422, answer.text
+        assert f"ValidatingAdmissionPolicy 'mesh-agent-{NS}-{GROUP}'" in json.loads(answer.text)["message"]
+    assert kubeapi.get("WorkloadEntry", NS, "orders-10.0.0.7") is not None
+    assert kubeapi.get("Lease", NS, "controller-leader") is not None
+    assert "mesh-vm:4101" in writers(kubeapi)

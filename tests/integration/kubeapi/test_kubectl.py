@@ -93,3 +93,23 @@ def test_typed_create_commands_sent_as_protobuf(api: KubeAPI, tmp_path: Path) ->
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     assert claims["aud"] == ["istio-ca"] and claims["sub"] == "system:serviceaccount:demo:billing-vm"
     assert api.get("ConfigMap", "demo", "c")["data"] == {"a": "b"}
+
+
+def test_manifests_applied_by_kubectl_and_a_policy_denial_as_kubectl_shows_it(api: KubeAPI, tmp_path: Path) -> None:
+    from agent.registry.manifests import build_manifests
+
+    docs = build_manifests(group="billing", namespace=NS, service_account="billing-vm", ports=[("http", 8080)])
+    text = yaml.safe_dump_all(docs, sort_keys=False, explicit_start=True)
+    out = kubectl(api, tmp_path, "apply", "-f", "-", stdin=text).stdout
+    assert f"validatingadmissionpolicy.admissionregistration.k8s.io/mesh-agent-{NS}-billing created" in out
+    assert "unchanged" in kubectl(api, tmp_path, "apply", "-f", "-", stdin=text).stdout
+    kubectl(api, tmp_path, "apply", "--server-side", "-f", "-", stdin=text)
+    api.create({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": "controller-leader", "namespace": NS}, "spec": {"holderIdentity": "c"}})
+    token = kubectl(api, tmp_path, "-n", NS, "create", "token", "billing-vm").stdout.strip()
+    refused = kubectl(api, tmp_path, "--token", token, "-n", NS, "delete", "lease", "controller-leader", check=False)
+    assert refused.returncode == 1
+    assert (f'The leases "controller-leader" is invalid: : ValidatingAdmissionPolicy \'mesh-agent-{NS}-billing\' '
+            f"with binding 'mesh-agent-{NS}-billing' denied request: a VM of group billing may only write "
+            "Leases named billing-...") in refused.stderr
+    assert api.get("Lease", NS, "controller-leader") is not None

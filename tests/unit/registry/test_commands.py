@@ -39,7 +39,8 @@ def test_manifests_rbac_is_least_privilege() -> None:
                               probe=MF.parse_probe("http:8080/healthz"))
     kinds = [d["kind"] for d in docs]
     assert kinds == ["WorkloadGroup", "ServiceAccount", "Role", "RoleBinding", "ServiceEntry",
-                     "ServiceAccount", "Role", "RoleBinding", "CronJob"]
+                     "ServiceAccount", "Role", "RoleBinding", "CronJob", "ValidatingAdmissionPolicy",
+                     "ValidatingAdmissionPolicyBinding"]
     role = docs[2]
     resources = {r for rule in role["rules"] for r in rule["resources"]}
     assert resources == {"workloadentries", "workloadentries/status", "leases", "workloadgroups",

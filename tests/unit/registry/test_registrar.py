@@ -201,3 +201,42 @@ def test_without_the_group_it_holds_and_can_still_withdraw() -> None:
     assert r._in_flight_want is Want.WITHDRAW  # named from the group's name and the address
     result(r, 1, present=False)
     assert r.finished
+
+
+def test_status_tells_what_the_api_last_confirmed_through_an_outage() -> None:
+    r, _ = make()
+    r.handle(GroupSeen(GROUP), 0)
+    r.set_health(True)
+    r.tick(0)
+    assert r.status().known is None and r.status().unknown_since is None  # nothing confirmed yet
+    result(r, 1, present=True, lease=LEASE, wrote=("lease", "entry"))
+    st = r.status()
+    assert (st.known, st.confirmed_at, st.unknown_since) == (State.REGISTERED, 1, None)
+    # The API goes away: the renewal fails. The entry is still in the cluster as far as anyone knows.
+    r.tick(r._next_renew)  # type: ignore[arg-type]
+    result(r, 12, error=Unavailable("patch", "x", 503, "down"))
+    r.tick(r._next_converge)
+    result(r, 15, error=Unavailable("patch", "x", 503, "down"))
+    st = r.status()
+    assert st.state is State.RETRYING
+    assert (st.known, st.confirmed_at, st.unknown_since) == (State.REGISTERED, 1, 12)  # since the first failure
+    # It answers again: confirmed, no longer unknown.
+    r.tick(r._next_converge)
+    result(r, 30, present=True, lease=LEASE)
+    st = r.status()
+    assert (st.known, st.confirmed_at, st.unknown_since) == (State.REGISTERED, 30, None)
+
+
+def test_a_confirmed_withdrawal_and_an_unhealthy_mark_are_known_as_such() -> None:
+    r, _ = make()
+    r.handle(GroupSeen(GROUP), 0)
+    r.set_health(False)
+    r.tick(0)
+    result(r, 2, present=False, wrote=("delete",))
+    assert (r.status().known, r.status().confirmed_at) == (State.WITHDRAWN, 2)
+    r2, _ = make(condition_mode=True)
+    r2.handle(GroupSeen(GROUP), 0)
+    r2.set_health(False)
+    r2.tick(0)
+    result(r2, 3, present=True, healthy=False, lease=LEASE)
+    assert r2.status().known is State.UNHEALTHY
