@@ -20,7 +20,6 @@ from agent import __version__
 from tests.system.machine import Machine
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD_DEB = REPO / "packaging" / "build-deb"
 BUILD_PACKAGES = ("dpkg-dev", "debhelper", "dh-python", "pybuild-plugin-pyproject", "python3-all",
                   "python3-setuptools", "fakeroot")
 # A version dpkg sorts after this tree's, for upgrade tests.
@@ -35,12 +34,13 @@ def missing_build_tools() -> list[str]:
     return [name for name in BUILD_PACKAGES if name not in installed]
 
 
-def build_deb(out: Path, version: str | None = None) -> Path:
-    """Run packaging/build-deb into `out`; the path of the .deb."""
+def build_deb(out: Path, version: str | None = None, tree: Path = REPO) -> Path:
+    """Run packaging/build-deb of `tree` (this one, or an older release's) into `out`; the .deb's path."""
     missing = missing_build_tools()
     if missing:
         pytest.skip(f"cannot build the .deb: missing {', '.join(missing)} (scripts/setup.sh --system-test)")
-    argv = [str(BUILD_DEB), "--out", str(out), *(["--version", version] if version else [])]
+    argv = [str(tree / "packaging" / "build-deb"), "--out", str(out),
+            *(["--version", version] if version else [])]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"build-deb failed:\n{p.stdout}\n{p.stderr}"
     (deb,) = out.glob("mesh-agent_*.deb")
