@@ -52,8 +52,8 @@ def previous(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
             m.apt_update()
             m.write("/etc/hosts", HOSTS)
             w = World(m, api, deb_previous)
+            m.install_deb(deb_previous)  # first: it brings python3, which the sample app needs too
             _inputs(w)
-            m.install_deb(deb_previous)
             m.write(CONFIG, w.good_config, mode=0o640)
             yield w
     finally:
