@@ -289,7 +289,8 @@ GROUP_OBJ = {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup",
 
 
 class Agent:
-    __slots__ = ("entry", "idx", "recovered", "reg", "sim", "state", "wake_at", "watch_backoff")
+    __slots__ = ("entry", "idx", "recovered", "reg", "sim", "state", "wake_at", "watch_backoff", "watch_gen",
+                 "watch_until")
 
     def __init__(self, sim: Sim, idx: int, settings: Settings, rng: random.Random) -> None:
         self.sim, self.idx = sim, idx
@@ -300,6 +301,7 @@ class Agent:
         self.reg = Registrar(settings, self.build, self.submit, rng)
         self.wake_at = math.inf
         self.watch_backoff = Backoff(*WATCHER_BACKOFF, rng=rng)
+        self.watch_gen, self.watch_until = 0, -math.inf  # the open watch (its end, when it has one)
         self.state = self.reg.state
         self.recovered = False
 
@@ -364,7 +366,9 @@ class Sim:
                 self._list(a, t)
                 continue
             elif kind == WATCH_END:
-                self._watch_ended(a, t, payload)
+                gen, failed = payload
+                if gen == a.watch_gen:
+                    self._watch_ended(a, t, failed)
                 continue
             self._tick(a, t)
             if stop is not None and stop():
@@ -397,9 +401,21 @@ class Sim:
             return
         ends = done2 + self.watch_timeout
         cut = self.api._next_outage(done2)
-        self.push(min(ends, cut), WATCH_END, a.idx, cut < ends)
+        a.watch_gen += 1
+        a.watch_until = min(ends, cut)
+        self.push(a.watch_until, WATCH_END, a.idx, (a.watch_gen, cut < ends))
+
+    def add_outage(self, start: float, end: float) -> None:
+        """The API is down from start to end: open watches break at start."""
+        self.api.outages.append((start, end))
+        for a in self.agents:
+            if a.watch_until > start:
+                a.watch_gen += 1
+                a.watch_until = start
+                self.push(start, WATCH_END, a.idx, (a.watch_gen, True))
 
     def _watch_ended(self, a: Agent, t: float, failed: bool) -> None:
+        a.watch_until = -math.inf
         if failed:  # the stream broke: list again after a backoff
             self.push(t + a.watch_backoff.next_delay(), LIST, a.idx, None)
         else:
@@ -464,7 +480,8 @@ def simulate(args: argparse.Namespace) -> Report:
     # The outage, then recovery.
     t_out = float(s1)
     back = t_out + args.outage
-    api.outages.append((t_out, back))
+    if args.outage > 0:
+        sim.add_outage(t_out, back)
     sim.recovery_from = back
     if args.outage > 0:
         sim.run(back + args.recovery_limit, stop=lambda: sim.all_recovered_at is not None)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime as dt
+import os
 import sys
 import threading
 import time
@@ -65,6 +66,11 @@ class Counter:
         with self.lock:
             return self.total, collections.Counter(self.kinds)
 
+    def window(self, since: int, until: int) -> list[int]:
+        """Requests in each second from since to until (inclusive)."""
+        with self.lock:
+            return [self.per_second.get(s, 0) for s in range(since, until + 1)]
+
     def peak(self, since: float, until: float) -> int:
         with self.lock:
             return max((n for s, n in self.per_second.items() if since <= s <= until), default=0)
@@ -104,6 +110,9 @@ def main() -> int:
     api.add_token("fleet-token-" + "f" * 24, f"system:serviceaccount:{NS}:fleet-vm", rules)
     kc = api.write_kubeconfig(Path(api.state_dir or "/tmp") / "fleet.kubeconfig", "fleet-token-" + "f" * 24)
 
+    la = os.getloadavg()
+    load0 = f"{la[0]:.2f} {la[1]:.2f} {la[2]:.2f}"
+    print(f"load average {load0}")
     t0 = time.monotonic()
     print(f"starting {args.agents} agents in {args.procs} processes over {args.ramp:.0f}s (lease "
           f"{args.lease:g}s, renew {args.renew:g}s, resync {args.resync:g}s)", flush=True)
@@ -127,6 +136,10 @@ def main() -> int:
     rate = (n1 - n0) / args.agents / minutes
     print(f"\nsteady state over {args.steady:.0f}s: {rate:.2f} API requests per agent per minute "
           f"({(n1 - n0) / (minutes * 60):.1f} req/s for the fleet)")
+    window = counter.window(int(s0) + 1, int(s0 + args.steady))
+    if window:
+        mean = sum(window) / len(window)
+        print(f"spread (1 s buckets): max {max(window)} / mean {mean:.1f} = {max(window) / max(mean, 1e-9):.2f}")
     for kind, n in sorted((k1 - k0).items(), key=lambda kv: -kv[1]):
         print(f"  {kind:18s} {n / args.agents / minutes:6.2f} /agent/min")
 
@@ -166,6 +179,13 @@ def main() -> int:
     print(f"requests from recovery until converged: {n4 - n3}")
     deletes = sum(n for k, n in counter.kinds.items() if k.startswith("DELETE"))
     print(f"deletes during the whole run: {deletes}")
+    series = counter.window(int(back_mono), int(time.monotonic()))
+    print("requests per second after recovery, 5 s buckets (mean / max of 1 s):")
+    for i in range(0, len(series), 5):
+        chunk = series[i:i + 5]
+        print(f"  +{i:3d}s {sum(chunk) / len(chunk):7.1f} / {max(chunk):4d}")
+    la = os.getloadavg()
+    print(f"load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} (at the start: {load0})")
 
     fleet.stop()
     api.stop()
