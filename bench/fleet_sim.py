@@ -1,7 +1,7 @@
 """A discrete-event simulation of a fleet of registrars against a model of the Kubernetes API server.
 
     python -m bench.fleet_sim --agents 10000
-    python bench/fleet_sim.py --agents 500 --latency lognormal:0.004:0.5 --outage 60
+    python bench/fleet_sim.py --agents 500 --latency lognormal:0.004:0.5 --seats 0 --outage 60
     python -m bench.fleet_sim --agents 500 --renew 20 --resync 900     # try other timings
 
 Each agent is the real registration state machine (agent.registry.registrar.Registrar) with its real
@@ -298,7 +298,8 @@ class Agent:
         address = f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
         self.entry = E.build_entry(E.EntryInputs(group=GROUP_OBJ, address=address,
                                                  instance=settings.instance))
-        self.reg = Registrar(settings, self.build, self.submit, rng)
+        cls = RenewRetryRegistrar if sim.what_if.renew_retry else Registrar
+        self.reg = cls(settings, self.build, self.submit, rng)
         self.wake_at = math.inf
         self.watch_backoff = Backoff(*WATCHER_BACKOFF, rng=rng)
         self.watch_gen, self.watch_until = 0, -math.inf  # the open watch (its end, when it has one)
@@ -317,9 +318,47 @@ class Agent:
         self.sim.push(kube.t, RESULT, self.idx, RegistryResult(seq, outcome))
 
 
+@dataclass(frozen=True)
+class WhatIf:
+    """Behaviours the agent does not have (yet), to weigh them; all off by default."""
+
+    renew_retry: bool = False    # a renewal the API did not answer is retried as a renewal
+    watch_resume: bool = False   # a broken group watch resumes from its resourceVersion, without a list
+    watch_jitter: bool = False   # the watch's timeout is uniform in [T, 2T], as client-go's reflectors do
+
+
+class RenewRetryRegistrar(Registrar):
+    """What-if: when a renewal finds the API unavailable, retry the renewal (one request) with the same
+    backoff instead of a full convergence (three). A renewal that then finds the lease changed or gone
+    converges as before; and since the lease is owned by the entry, an entry deleted meanwhile takes its
+    lease along, so a successful renewal still means the entry is there."""
+
+    _before_retry: State | None = None
+
+    def _on_error(self, err: ApiError, now: float, want: Any) -> None:
+        lease, resync_at, state = self._lease, self._next_converge, self.state
+        super()._on_error(err, now, want)
+        if want is None and isinstance(err, Unavailable) and lease is not None:
+            if self._before_retry is None:
+                self._before_retry = state
+            self._lease, self._next_renew, self._next_converge = lease, self._next_converge, resync_at
+
+    def _on_result(self, ev: RegistryResult, now: float) -> None:
+        current = ev.seq == self._in_flight
+        renewal = current and self._in_flight_want is None
+        super()._on_result(ev, now)
+        if not current or ev.outcome.error is not None:
+            return  # a failed renewal was handled by _on_error
+        if renewal and not ev.outcome.lost_lease and self._before_retry is not None:
+            self._set(self._before_retry, "lease renewed after the API came back")
+        self._before_retry = None
+
+
 class Sim:
-    def __init__(self, n: int, settings: dict[str, float], api: ApiModel, seed: int, ramp: float) -> None:
+    def __init__(self, n: int, settings: dict[str, float], api: ApiModel, seed: int, ramp: float,
+                 what_if: WhatIf = WhatIf()) -> None:
         self.now = 0.0
+        self.what_if = what_if
         self.api = api
         self.store: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.rv = 0
@@ -363,7 +402,7 @@ class Sim:
                 a.reg.set_health(True)
                 self.push(t, LIST, idx, None)
             elif kind == LIST:
-                self._list(a, t)
+                self._list(a, t, bool(payload))
                 continue
             elif kind == WATCH_END:
                 gen, failed = payload
@@ -389,17 +428,19 @@ class Sim:
             self.all_recovered_at = t
 
     # The group watcher: list (field selector on the name), watch until the server ends it, again.
-    def _list(self, a: Agent, t: float) -> None:
-        result, done, ra = self.api.request(t, "list workloadgroups")
-        if result != OK:
-            self.push(done + a.watch_backoff.next_delay(ra), LIST, a.idx, None)
-            return
-        self.push(done, GROUP_SEEN, a.idx, GroupSeen(GROUP_OBJ))
+    def _list(self, a: Agent, t: float, resume: bool) -> None:
+        done = t
+        if not resume:
+            result, done, ra = self.api.request(t, "list workloadgroups")
+            if result != OK:
+                self.push(done + a.watch_backoff.next_delay(ra), LIST, a.idx, None)
+                return
+            self.push(done, GROUP_SEEN, a.idx, GroupSeen(GROUP_OBJ))
         result, done2, ra = self.api.request(done, "watch workloadgroups")
         if result != OK:
-            self.push(done2 + a.watch_backoff.next_delay(ra), LIST, a.idx, None)
+            self.push(done2 + a.watch_backoff.next_delay(ra), LIST, a.idx, resume or None)
             return
-        ends = done2 + self.watch_timeout
+        ends = done2 + self.watch_timeout * (1.0 + a.reg.rng.random() if self.what_if.watch_jitter else 1.0)
         cut = self.api._next_outage(done2)
         a.watch_gen += 1
         a.watch_until = min(ends, cut)
@@ -416,8 +457,8 @@ class Sim:
 
     def _watch_ended(self, a: Agent, t: float, failed: bool) -> None:
         a.watch_until = -math.inf
-        if failed:  # the stream broke: list again after a backoff
-            self.push(t + a.watch_backoff.next_delay(), LIST, a.idx, None)
+        if failed:  # the stream broke: list again (or watch on from where it was) after a backoff
+            self.push(t + a.watch_backoff.next_delay(), LIST, a.idx, self.what_if.watch_resume or None)
         else:
             a.watch_backoff.reset()
             self.push(t, LIST, a.idx, None)
@@ -461,7 +502,8 @@ def simulate(args: argparse.Namespace) -> Report:
                    queue_capacity=args.hand_size * args.queue_length, wait_limit=args.wait_limit,
                    client_timeout=args.timeout)
     timings = {k: getattr(args, k) for k in agent_defaults()}
-    sim = Sim(args.agents, timings, api, args.seed, args.ramp)
+    what_if = WhatIf(args.renew_retry, args.watch_resume, args.watch_jitter)
+    sim = Sim(args.agents, timings, api, args.seed, args.ramp, what_if)
     n = args.agents
     limit = args.ramp + 120 + n * 0.3
     sim.run(limit, stop=lambda: sim.registered >= n)
@@ -507,6 +549,9 @@ def print_report(r: Report, args: argparse.Namespace) -> None:
     print(f"API model: latency {args.latency}, {args.seats or 'unlimited'} seats, "
           f"{args.hand_size}x{args.queue_length} queued, wait limit {args.wait_limit:g}s; "
           f"outage {args.outage:g}s; seed {args.seed}")
+    ifs = [k for k in ("renew_retry", "watch_resume", "watch_jitter") if getattr(args, k)]
+    if ifs:
+        print("what-ifs (not the agent's behaviour today): " + ", ".join(k.replace("_", "-") for k in ifs))
     bucket = args.bucket
     print(f"\nrequests per second, {bucket:g} s buckets (mean / max of 1 s):")
     rows = []
@@ -557,7 +602,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--watch-timeout", type=float, default=d["watch_timeout"],
                    help="the group watch's timeoutSeconds (s)")
     a = p.add_argument_group("API server model")
-    a.add_argument("--latency", default="lognormal:0.004:0.5",
+    a.add_argument("--latency", default="lognormal:0.01:0.5",
                    help="service time: const:S, uniform:LO:HI, exp:MEAN, lognormal:MEDIAN:SIGMA")
     a.add_argument("--seats", type=int, default=245,
                    help="concurrency of the agents' priority level (0: unlimited); workload-low gets "
@@ -565,6 +610,13 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--hand-size", type=int, default=6, help="queues one flow may use")
     a.add_argument("--queue-length", type=int, default=50, help="requests per queue")
     a.add_argument("--wait-limit", type=float, default=15.0, help="longest wait in a queue (s)")
+    w = p.add_argument_group("what-ifs: behaviours the agent does not have, to weigh them")
+    w.add_argument("--renew-retry", action="store_true",
+                   help="retry a renewal the API did not answer as a renewal, not a full convergence")
+    w.add_argument("--watch-resume", action="store_true",
+                   help="resume a broken group watch from its resourceVersion instead of listing again")
+    w.add_argument("--watch-jitter", action="store_true",
+                   help="group watch timeout uniform in [T, 2T] (client-go's reflectors) instead of T")
     r = p.add_argument_group("reaping (printed, not simulated)")
     r.add_argument("--grace", type=float, default=60.0, help="mesh-agent reap --grace (s)")
     r.add_argument("--reaper-period", type=float, default=60.0, help="the reaper CronJob's period (s)")
