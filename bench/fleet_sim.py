@@ -497,6 +497,8 @@ class Report:
 
 def simulate(args: argparse.Namespace) -> Report:
     wall0 = time.monotonic()
+    if args.steady is None:
+        args.steady = float(math.ceil(max(300.0, args.resync, args.watch_timeout)))
     latency = parse_latency(args.latency)
     api = ApiModel(latency, random.Random(args.seed + 1), seats=args.seats,
                    queue_capacity=args.hand_size * args.queue_length, wait_limit=args.wait_limit,
@@ -587,7 +589,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--agents", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--ramp", type=float, default=20.0, help="spread the agents' starts over this long (s)")
-    p.add_argument("--steady", type=float, default=300.0, help="steady-state window (s)")
+    p.add_argument("--steady", type=float, default=None,
+                   help="steady-state window (s); default: the longest of 300 s, --resync and --watch-timeout, "
+                        "so that it holds every periodic request")
     p.add_argument("--outage", type=float, default=60.0, help="API outage (s); 0 for none")
     p.add_argument("--recovery-limit", type=float, default=600.0, help="give up waiting for recovery (s)")
     p.add_argument("--tail", type=float, default=20.0, help="simulate this long after recovery (s)")

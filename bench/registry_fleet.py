@@ -84,6 +84,8 @@ def main() -> int:
     p.add_argument("--lease", type=float, default=40.0)
     p.add_argument("--renew", type=float, default=10.0)
     p.add_argument("--resync", type=float, default=300.0)
+    p.add_argument("--backoff-initial", type=float, default=0.5)
+    p.add_argument("--backoff-max", type=float, default=30.0)
     p.add_argument("--ramp", type=float, default=20.0, help="spread the agents' starts over this long")
     p.add_argument("--quick", action="store_true", help="50 agents, 30 s window, 10 s outage")
     p.add_argument("--procs", type=int, default=4,
@@ -115,7 +117,8 @@ def main() -> int:
     print(f"load average {load0}")
     t0 = time.monotonic()
     print(f"starting {args.agents} agents in {args.procs} processes over {args.ramp:.0f}s (lease "
-          f"{args.lease:g}s, renew {args.renew:g}s, resync {args.resync:g}s)", flush=True)
+          f"{args.lease:g}s, renew {args.renew:g}s, resync {args.resync:g}s, backoff {args.backoff_initial:g}s.."
+          f"{args.backoff_max:g}s)", flush=True)
     fleet = Fleet(args, str(kc))
 
     def all_registered() -> bool:
@@ -205,6 +208,7 @@ class Fleet:
             count = min(per, args.agents - first)
             cmd = [sys.executable, __file__, "--child", str(first), str(count), "--kubeconfig", kubeconfig,
                    "--lease", str(args.lease), "--renew", str(args.renew), "--resync", str(args.resync),
+                   "--backoff-initial", str(args.backoff_initial), "--backoff-max", str(args.backoff_max),
                    "--ramp", str(args.ramp)]
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             self.procs.append(proc)
@@ -241,7 +245,9 @@ def child(args: argparse.Namespace) -> int:
         def build(group: dict, address: str = address, instance: str = instance) -> dict:
             return E.build_entry(E.EntryInputs(group=group, address=address, instance=instance))
         kube = Kube.from_credentials(Credentials(kubeconfig=args.kubeconfig), timeout=10.0)
-        d = Driver(kube, Settings(NS, GROUP, instance, args.lease, args.renew, args.resync), build).start()
+        settings = Settings(NS, GROUP, instance, args.lease, args.renew, args.resync,
+                            backoff_initial=args.backoff_initial, backoff_max=args.backoff_max)
+        d = Driver(kube, settings, build).start()
         d.do(lambda r, now: r.set_health(True))
         drivers.append(d)
         time.sleep(args.ramp / max(1, count))

@@ -103,3 +103,16 @@ def test_a_tight_rate_limit_answers_429_and_the_fleet_still_converges() -> None:
                          "--queue-length", "2"))
     assert r.throttled_total > 0
     assert r.recovery is not None
+
+
+def test_outage_breaks_the_group_watches_and_they_list_again() -> None:
+    r = fs.simulate(args())  # type: ignore[arg-type]
+    # After the outage: each agent's convergence (two reads and the lease) and its list + watch.
+    assert r.recovery_requests >= 5 * r.agents
+
+
+def test_what_if_renewal_retried_as_a_renewal_spends_fewer_requests() -> None:
+    today = fs.simulate(args())  # type: ignore[arg-type]
+    what_if = fs.simulate(args("--renew-retry", "--watch-resume"))  # type: ignore[arg-type]
+    assert what_if.recovery is not None
+    assert what_if.recovery_requests < today.recovery_requests - 2 * today.agents
