@@ -37,7 +37,9 @@ agent renewed its lease and is REGISTERED again, the peak rate, 429s, and the re
 
 Approximations: an operation's requests are admitted when the operation starts (in simulated time
 order of the operations, not of each request), which misorders requests within a few latencies; the
-store does not model other writers (no conflicts between agents, as in the real fleet).
+seats are therefore a calendar of seat-seconds per 10 ms (fluid within a bin), not a queue of
+seats, so that a request admitted late does not push everything after it; the store does not model
+other writers (no conflicts between agents, as in the real fleet).
 """
 
 from __future__ import annotations
@@ -171,10 +173,39 @@ class ApiModel:
     throttled_per_second: collections.Counter[int] = field(default_factory=collections.Counter)
     refused: int = 0
 
+    BIN = 0.01  # seconds: the granularity of the seats' calendar
+
     def __post_init__(self) -> None:
-        self._free = [0.0] * self.seats if self.seats > 0 else []  # when each seat frees up
-        self._waiting: list[float] = []                           # start times of queued requests
+        # The seats as a calendar: seat-seconds used in each BIN. A request starts in the first bin
+        # at or after its arrival with seat time left and uses its service time from there on. A
+        # calendar (rather than a queue of seats) stays right when requests are admitted out of time
+        # order, which the operations' later requests are (see the module's docstring).
+        self._used: dict[int, float] = {}
+        self._bin_capacity = self.seats * self.BIN
+        mean = sum(self.latency(random.Random(i)) for i in range(2000)) / 2000
+        # The queues hold queue_capacity requests: a wait longer than it takes the seats to serve
+        # them means the queues are full.
+        self._queue_wait = self.queue_capacity * mean / self.seats if self.seats > 0 else math.inf
         self.retry_after = RetryAfter()
+
+    def _admit(self, t: float, service: float) -> float | None:
+        """When a request arriving at t starts, or None when it is to be rejected."""
+        used, cap, width = self._used, self._bin_capacity, self.BIN
+        i = int(t / width)
+        last = int((t + min(self._queue_wait, self.wait_limit)) / width)
+        while used.get(i, 0.0) >= cap - 1e-12:
+            i += 1
+            if i > last:
+                return None
+        start = max(t, i * width)
+        left = service
+        while left > 1e-12:  # charge the service time to the bins from the start on
+            take = min(left, cap - used.get(i, 0.0))
+            if take > 0:
+                used[i] = used.get(i, 0.0) + take
+                left -= take
+            i += 1
+        return start
 
     def down(self, t: float) -> float | None:
         """The end of the outage t falls in, or None."""
@@ -195,24 +226,18 @@ class ApiModel:
         self.kinds[kind] += 1
         service = self.latency(self.rng)
         start = t
-        if self._free:
-            waiting = self._waiting
-            while waiting and waiting[0] <= t:
-                heapq.heappop(waiting)
-            free_at = self._free[0]
-            if free_at > t:
-                if len(waiting) >= self.queue_capacity or free_at - t > self.wait_limit:
-                    # Rejected: at once when the queues are full, after the wait limit otherwise.
-                    when = t if len(waiting) >= self.queue_capacity else t + self.wait_limit
-                    self.codes[429] += 1
-                    self.throttled_per_second[int(t)] += 1
-                    ra = self.retry_after.dropped(when)
-                    if when - t > self.client_timeout:
-                        return TIMEOUT, t + self.client_timeout, None
-                    return THROTTLED, when + REFUSED_TIME, float(ra)
-                start = free_at
-                heapq.heappush(waiting, start)
-            heapq.heapreplace(self._free, start + service)
+        if self.seats > 0:
+            admitted = self._admit(t, service)
+            if admitted is None:
+                # Rejected: at once when the queues are full, after the wait limit otherwise.
+                when = t if self._queue_wait <= self.wait_limit else t + self.wait_limit
+                self.codes[429] += 1
+                self.throttled_per_second[int(t)] += 1
+                ra = self.retry_after.dropped(when)
+                if when - t > self.client_timeout:
+                    return TIMEOUT, t + self.client_timeout, None
+                return THROTTLED, when + REFUSED_TIME, float(ra)
+            start = admitted
         done = start + service
         if self._next_outage(t) < done:  # the connection is dropped by the outage
             self.codes[0] += 1
@@ -487,6 +512,7 @@ class Report:
     peak_after: int
     throttled: int
     throttled_total: int
+    timeouts: int
     recovery_requests: int
     kinds: dict[str, float]
     series: list[tuple[int, int]]
@@ -539,7 +565,8 @@ def simulate(args: argparse.Namespace) -> Report:
     last = int(sim.now)
     series = [(s, api.per_second.get(s, 0)) for s in range(0, last + 1)]
     return Report(n, registered_in, total / n / (args.steady / 60), mean, max(window, default=0), mean,
-                  poisson_max(mean, len(window)), recovery, peak, throttled, api.codes[429], spent, kinds, series,
+                  poisson_max(mean, len(window)), recovery, peak, throttled, api.codes[429], api.codes[0], spent,
+                  kinds, series,
                   time.monotonic() - wall0, t_out, args.outage)
 
 
@@ -579,6 +606,7 @@ def print_report(r: Report, args: argparse.Namespace) -> None:
     d, rn = args.lease, args.renew
     print(f"dead VM reaped (lease {d:g}s, reaper grace {args.grace:g}s, run every {args.reaper_period:g}s): "
           f"{max(0.0, d - rn) + args.grace:.0f}-{d + args.grace + args.reaper_period:.0f}s after it died")
+    print(f"over the whole run: {r.throttled_total} requests answered 429, {r.timeouts} timed out or cut")
     print(f"simulated in {r.wall:.1f}s of wall time; load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
 
 

@@ -17,13 +17,21 @@ def test_seats_then_queues_then_429_with_retry_after() -> None:
     m = api(seats=2, queue_capacity=3, wait_limit=15.0)
     results = [m.request(0.0, "get leases") for _ in range(10)]
     codes = [r[0] for r in results]
-    assert codes[:5] == [fs.OK] * 5          # 2 seats at once, then 3 queued
-    assert codes[5:] == [fs.THROTTLED] * 5   # the queues are full: rejected at once
-    assert [r[1] for r in results[:5]] == pytest.approx([0.01, 0.01, 0.02, 0.02, 0.03])
-    assert all(r[2] == 1.0 for r in results[5:])  # Retry-After starts at 1 s
-    assert m.codes[429] == 5 and m.per_second[0] == 10
+    # Two seats at once; then waiting, as long as serving three queued requests takes (15 ms): two more.
+    assert codes[:4] == [fs.OK] * 4
+    assert codes[4:] == [fs.THROTTLED] * 6   # the queues are full: rejected at once
+    assert [r[1] for r in results[:4]] == pytest.approx([0.01, 0.01, 0.02, 0.02])
+    assert all(r[1] == pytest.approx(fs.REFUSED_TIME) for r in results[4:])
+    assert all(r[2] == 1.0 for r in results[4:])  # Retry-After starts at 1 s
+    assert m.codes[429] == 6 and m.per_second[0] == 10
     # Once the seats are free again, requests pass.
     assert m.request(1.0, "get leases")[0] == fs.OK
+
+
+def test_requests_admitted_out_of_time_order_use_the_seats_left_earlier() -> None:
+    m = api(seats=1, queue_capacity=1000)
+    assert m.request(5.0, "x")[:2] == (fs.OK, pytest.approx(5.01))
+    assert m.request(1.0, "x")[:2] == (fs.OK, pytest.approx(1.01))  # not queued behind the later one
 
 
 def test_a_request_waiting_past_the_wait_limit_is_rejected_then() -> None:
