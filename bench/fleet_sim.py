@@ -325,6 +325,8 @@ class Agent:
                                                  instance=settings.instance))
         cls = RenewRetryRegistrar if sim.what_if.renew_retry else Registrar
         self.reg = cls(settings, self.build, self.submit, rng)
+        if sim.what_if.retry_after_jitter:
+            self.reg._backoff = RetryAfterJitterBackoff(settings.backoff_initial, settings.backoff_max, rng)
         self.wake_at = math.inf
         self.watch_backoff = Backoff(*WATCHER_BACKOFF, rng=rng)
         self.watch_gen, self.watch_until = 0, -math.inf  # the open watch (its end, when it has one)
@@ -350,6 +352,21 @@ class WhatIf:
     renew_retry: bool = False    # a renewal the API did not answer is retried as a renewal
     watch_resume: bool = False   # a broken group watch resumes from its resourceVersion, without a list
     watch_jitter: bool = False   # the watch's timeout is uniform in [T, 2T], as client-go's reflectors do
+    retry_after_jitter: bool = False  # wait Retry-After plus a jitter of up to as much again
+
+
+class RetryAfterJitterBackoff(Backoff):
+    """What-if: Retry-After is a floor with jitter above it. Today the delay is max(jitter, Retry-After)
+    capped at the backoff's max, so every agent told "30" (or more) retries 30 s later to the
+    millisecond: a fleet throttled together comes back together."""
+
+    def next_delay(self, retry_after: float | None = None) -> float:
+        if retry_after is None:
+            return super().next_delay()
+        ra = min(retry_after, self.max)
+        delay = ra + self.rng.uniform(0, min(self.ceiling(), max(ra, self.initial)))
+        self.attempts += 1
+        return delay
 
 
 class RenewRetryRegistrar(Registrar):
@@ -530,7 +547,7 @@ def simulate(args: argparse.Namespace) -> Report:
                    queue_capacity=args.hand_size * args.queue_length, wait_limit=args.wait_limit,
                    client_timeout=args.timeout)
     timings = {k: getattr(args, k) for k in agent_defaults()}
-    what_if = WhatIf(args.renew_retry, args.watch_resume, args.watch_jitter)
+    what_if = WhatIf(args.renew_retry, args.watch_resume, args.watch_jitter, args.retry_after_jitter)
     sim = Sim(args.agents, timings, api, args.seed, args.ramp, what_if)
     n = args.agents
     limit = args.ramp + 120 + n * 0.3
@@ -578,7 +595,7 @@ def print_report(r: Report, args: argparse.Namespace) -> None:
     print(f"API model: latency {args.latency}, {args.seats or 'unlimited'} seats, "
           f"{args.hand_size}x{args.queue_length} queued, wait limit {args.wait_limit:g}s; "
           f"outage {args.outage:g}s; seed {args.seed}")
-    ifs = [k for k in ("renew_retry", "watch_resume", "watch_jitter") if getattr(args, k)]
+    ifs = [k for k in ("renew_retry", "watch_resume", "watch_jitter", "retry_after_jitter") if getattr(args, k)]
     if ifs:
         print("what-ifs (not the agent's behaviour today): " + ", ".join(k.replace("_", "-") for k in ifs))
     bucket = args.bucket
@@ -649,6 +666,8 @@ def parser() -> argparse.ArgumentParser:
                    help="resume a broken group watch from its resourceVersion instead of listing again")
     w.add_argument("--watch-jitter", action="store_true",
                    help="group watch timeout uniform in [T, 2T] (client-go's reflectors) instead of T")
+    w.add_argument("--retry-after-jitter", action="store_true",
+                   help="wait Retry-After plus up to as much again, instead of exactly Retry-After")
     r = p.add_argument_group("reaping (printed, not simulated)")
     r.add_argument("--grace", type=float, default=60.0, help="mesh-agent reap --grace (s)")
     r.add_argument("--reaper-period", type=float, default=60.0, help="the reaper CronJob's period (s)")

@@ -124,3 +124,12 @@ def test_what_if_renewal_retried_as_a_renewal_spends_fewer_requests() -> None:
     what_if = fs.simulate(args("--renew-retry", "--watch-resume"))  # type: ignore[arg-type]
     assert what_if.recovery is not None
     assert what_if.recovery_requests < today.recovery_requests - 2 * today.agents
+
+
+def test_what_if_retry_after_jitter_spreads_above_retry_after() -> None:
+    b = fs.RetryAfterJitterBackoff(0.5, 30.0, random.Random(1))
+    b.attempts = 10  # the ceiling is the cap
+    delays = [b.next_delay(30.0) for _ in range(50)]
+    assert all(30.0 <= d <= 60.0 for d in delays) and len(set(delays)) == 50
+    today = fs.Backoff(0.5, 30.0, random.Random(1), attempts=10)
+    assert {today.next_delay(30.0) for _ in range(50)} == {30.0}  # every agent at the same moment
