@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime as dt
+import os
 import sys
 import threading
 import time
@@ -65,6 +66,11 @@ class Counter:
         with self.lock:
             return self.total, collections.Counter(self.kinds)
 
+    def window(self, since: int, until: int) -> list[int]:
+        """Requests in each second from since to until (inclusive)."""
+        with self.lock:
+            return [self.per_second.get(s, 0) for s in range(since, until + 1)]
+
     def peak(self, since: float, until: float) -> int:
         with self.lock:
             return max((n for s, n in self.per_second.items() if since <= s <= until), default=0)
@@ -78,6 +84,8 @@ def main() -> int:
     p.add_argument("--lease", type=float, default=40.0)
     p.add_argument("--renew", type=float, default=10.0)
     p.add_argument("--resync", type=float, default=300.0)
+    p.add_argument("--backoff-initial", type=float, default=0.5)
+    p.add_argument("--backoff-max", type=float, default=30.0)
     p.add_argument("--ramp", type=float, default=20.0, help="spread the agents' starts over this long")
     p.add_argument("--quick", action="store_true", help="50 agents, 30 s window, 10 s outage")
     p.add_argument("--procs", type=int, default=4,
@@ -104,9 +112,13 @@ def main() -> int:
     api.add_token("fleet-token-" + "f" * 24, f"system:serviceaccount:{NS}:fleet-vm", rules)
     kc = api.write_kubeconfig(Path(api.state_dir or "/tmp") / "fleet.kubeconfig", "fleet-token-" + "f" * 24)
 
+    la = os.getloadavg()
+    load0 = f"{la[0]:.2f} {la[1]:.2f} {la[2]:.2f}"
+    print(f"load average {load0}")
     t0 = time.monotonic()
     print(f"starting {args.agents} agents in {args.procs} processes over {args.ramp:.0f}s (lease "
-          f"{args.lease:g}s, renew {args.renew:g}s, resync {args.resync:g}s)", flush=True)
+          f"{args.lease:g}s, renew {args.renew:g}s, resync {args.resync:g}s, backoff {args.backoff_initial:g}s.."
+          f"{args.backoff_max:g}s)", flush=True)
     fleet = Fleet(args, str(kc))
 
     def all_registered() -> bool:
@@ -127,6 +139,10 @@ def main() -> int:
     rate = (n1 - n0) / args.agents / minutes
     print(f"\nsteady state over {args.steady:.0f}s: {rate:.2f} API requests per agent per minute "
           f"({(n1 - n0) / (minutes * 60):.1f} req/s for the fleet)")
+    window = counter.window(int(s0) + 1, int(s0 + args.steady))
+    if window:
+        mean = sum(window) / len(window)
+        print(f"spread (1 s buckets): max {max(window)} / mean {mean:.1f} = {max(window) / max(mean, 1e-9):.2f}")
     for kind, n in sorted((k1 - k0).items(), key=lambda kv: -kv[1]):
         print(f"  {kind:18s} {n / args.agents / minutes:6.2f} /agent/min")
 
@@ -166,6 +182,13 @@ def main() -> int:
     print(f"requests from recovery until converged: {n4 - n3}")
     deletes = sum(n for k, n in counter.kinds.items() if k.startswith("DELETE"))
     print(f"deletes during the whole run: {deletes}")
+    series = counter.window(int(back_mono), int(time.monotonic()))
+    print("requests per second after recovery, 5 s buckets (mean / max of 1 s):")
+    for i in range(0, len(series), 5):
+        chunk = series[i:i + 5]
+        print(f"  +{i:3d}s {sum(chunk) / len(chunk):7.1f} / {max(chunk):4d}")
+    la = os.getloadavg()
+    print(f"load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} (at the start: {load0})")
 
     fleet.stop()
     api.stop()
@@ -185,6 +208,7 @@ class Fleet:
             count = min(per, args.agents - first)
             cmd = [sys.executable, __file__, "--child", str(first), str(count), "--kubeconfig", kubeconfig,
                    "--lease", str(args.lease), "--renew", str(args.renew), "--resync", str(args.resync),
+                   "--backoff-initial", str(args.backoff_initial), "--backoff-max", str(args.backoff_max),
                    "--ramp", str(args.ramp)]
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             self.procs.append(proc)
@@ -221,7 +245,9 @@ def child(args: argparse.Namespace) -> int:
         def build(group: dict, address: str = address, instance: str = instance) -> dict:
             return E.build_entry(E.EntryInputs(group=group, address=address, instance=instance))
         kube = Kube.from_credentials(Credentials(kubeconfig=args.kubeconfig), timeout=10.0)
-        d = Driver(kube, Settings(NS, GROUP, instance, args.lease, args.renew, args.resync), build).start()
+        settings = Settings(NS, GROUP, instance, args.lease, args.renew, args.resync,
+                            backoff_initial=args.backoff_initial, backoff_max=args.backoff_max)
+        d = Driver(kube, settings, build).start()
         d.do(lambda r, now: r.set_health(True))
         drivers.append(d)
         time.sleep(args.ramp / max(1, count))
