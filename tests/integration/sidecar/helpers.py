@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
 import queue
 import random
 import shutil
@@ -29,6 +31,25 @@ def envoy_binary() -> str:
     except ImportError:
         found = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
         return found
+
+
+@functools.cache
+def reachable_envoy() -> str:
+    """The Envoy binary at a path any user can reach (the proxy's user runs it), linked or copied once
+    out of the virtualenv, which may sit under a directory only its owner can enter."""
+    import atexit
+    import tempfile
+
+    where = Path(tempfile.mkdtemp(prefix="mesh-agent-envoy-"))
+    where.chmod(0o755)
+    atexit.register(shutil.rmtree, where, True)
+    target = where / "envoy"
+    try:
+        os.link(envoy_binary(), target)
+    except OSError:  # another file system
+        shutil.copy2(envoy_binary(), target)
+    target.chmod(0o755)
+    return str(target)
 
 
 def free_port() -> int:
@@ -188,13 +209,16 @@ class IstioStandIn:
         self.bootstrap.write_text(bootstrap(self.admin))
         self.pilot_agent = self.dir / "pilot-agent"
         source = (Path(__file__).parent / "fake_pilot_agent.py").read_text()
-        self.pilot_agent.write_text(f"#!{sys.executable}\n{source}")
+        # The proxy's user must be able to run it: the test's interpreter may live under a directory
+        # only its owner can enter (a clone in /root), Debian's own is always reachable (stdlib only).
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+        self.pilot_agent.write_text(f"#!{python}\n{source}")
         self.pilot_agent.chmod(0o755)
         self.record = self.dir / "record" / "calls.jsonl"
         self.record.parent.mkdir()
         self.record.touch()
         self.record.chmod(0o666)   # written by the agent (root) and the proxy user
-        self.sidecar_env = {"STANDIN_RECORD": str(self.record), "STANDIN_ENVOY": envoy_binary(),
+        self.sidecar_env = {"STANDIN_RECORD": str(self.record), "STANDIN_ENVOY": reachable_envoy(),
                             "STANDIN_BOOTSTRAP": str(self.bootstrap),
                             "STANDIN_BASE_ID": str(random.randint(1000, 60000))}
         values: dict = dict(
