@@ -1,6 +1,6 @@
 """Sidecar start-up and recovery times with the real Envoy (not a test: prints numbers).
 
-    /work/main/.venv/bin/python bench/sidecar_start.py [--runs 20]
+    .venv/bin/python bench/sidecar_start.py [--runs 20]
 
 1. start to ready: Supervisor.start() until RUNNING (adoption scan, port check, spawn, readiness
    polling), against Envoy alone (spawn, then poll /ready every 10 ms) as the floor; the ratio.
