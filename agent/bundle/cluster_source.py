@@ -556,15 +556,6 @@ class ClusterRefresher:
                          lambda: self._status.group_version, "group changed")
 
 
-def start(cfg: Any, kube: Kube, post: Post, *, svc_ip: str | None = None) -> ClusterRefresher:
-    """The daemon's one call for `bundle.source: kubernetes` (cfg: the whole agent Config): a started
-    refresher that posts ClusterBundleFetched / ClusterFetchFailed. Stop it with .stop()."""
-    b = cfg.bundle
-    return ClusterRefresher(ClusterSource(kube, settings_from_config(b, svc_ip)), post,
-                            refresh_fraction=b.refresh_fraction,
-                            backoff=Backoff(initial=1.0, max=30.0)).start()
-
-
 # --- for the daemon: metrics and doctor -----------------------------------------------------------
 
 def observe(metrics: Any, event: object) -> None:

@@ -19,7 +19,6 @@ The decisions:
 
 from __future__ import annotations
 
-import collections
 import datetime as dt
 import enum
 import logging
@@ -144,12 +143,6 @@ class RegistrationStatus:
     known: State | None = None
     confirmed_at: float | None = None
     unknown_since: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """For status.json."""
-        return {"state": self.state.value, "want": self.want.value, "entry": self.entry,
-                "namespace": self.namespace, "message": self.message,
-                "conflict_holder": self.conflict_holder}
 
 
 # --- operations (run in the worker) ---------------------------------------------------------------
@@ -334,7 +327,6 @@ class Registrar:
         self._conflicts_in_row = 0
         self.finished = False                     # after shutdown(): withdrawn, or gave up
         self._shutdown_deadline: float | None = None
-        self.history: collections.deque[tuple[State, str]] = collections.deque(maxlen=50)
         self._entry_name: str | None = None
         self._known: State | None = None           # the state the API last confirmed
         self._confirmed_at: float | None = None
@@ -576,7 +568,6 @@ class Registrar:
             level = logging.ERROR if state in (State.CONFLICT, State.REFUSED) else logging.INFO
             if state is not self.state or level == logging.INFO:
                 log.log(level, "registry %s -> %s: %s", self.state.value, state.value, message)
-            self.history.append((state, message))
         self.state, self.message = state, message
 
     def _name(self) -> str:
