@@ -177,7 +177,9 @@ class Monitor:
                     probe_host: str = "127.0.0.1") -> None:
         """Use a new probe, ports or damping; the health state is kept and a probe runs soon."""
         new_probe = self._build(probe, ports, probe_host)
+        watched = _watched_ports(ports, probe)
         with self._cond:
+            self._emit(self._tracker.watch_only(watched, now=self._clock()))
             self._cfg = probe or ProbeConfig()
             self._probe = new_probe
             self._tracker.set_thresholds(self._cfg.success_threshold, self._cfg.failure_threshold,
@@ -187,7 +189,7 @@ class Monitor:
             self._schedule.now_if_allowed(self._clock())
             self._generation += 1  # a probe of the old setup still running will be ignored
             self._cond.notify_all()
-        self._portwatch.set_ports(_watched_ports(ports, probe))
+        self._portwatch.set_ports(watched)
 
     def apply_config(self, app: AppConfig, *, bundle_probe: ProbeConfig | None, ports: Sequence[int],
                      instance_address: str | None) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import signal
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -137,6 +138,14 @@ class Tracker:
     def listener_up(self, port: int, *, now: float) -> Transition | None:
         """A listener is back on the port: the next successful probes may make the app ok again."""
         self._ports_down.pop(port, None)
+        return self._evaluate(now)
+
+    def watch_only(self, ports: Iterable[int], *, now: float) -> Transition | None:
+        """The app's ports changed (a reload, a new WorkloadGroup): a port no longer watched says nothing
+        of the app any more, so its old 'not listening' verdict goes."""
+        keep = set(ports)
+        for port in [p for p in self._ports_down if p not in keep]:
+            del self._ports_down[port]
         return self._evaluate(now)
 
     def sidecar(self, ready: bool, *, now: float) -> Transition | None:

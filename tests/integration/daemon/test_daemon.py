@@ -422,3 +422,44 @@ def test_status_tells_what_is_known_during_an_api_outage(r: Rig) -> None:
     wait_for(lambda: not json.loads(r.status_file.read_text())["registration"].get("unknown_since"), 30,
              "the API to confirm the entry again")
     assert r.stop_agent() == 0
+
+
+def test_reload_after_editing_app_keeps_the_workloadgroups_probe_and_ports(tmp_path: Path) -> None:
+    # agent.yaml names neither a probe nor ports, cluster.env's ISTIO_INBOUND_PORTS is "*": the probe and
+    # the ports come from the WorkloadGroup, and a reload that edits `app:` must keep them.
+    with rig(tmp_path) as r:
+        group = _group_with_probe(r.app_port)
+        r.api.create_namespace(NS)
+        r.api.create(group)
+        r.prepare()
+        env = (r.bundle_dir / "cluster.env").read_text()
+        (r.bundle_dir / "cluster.env").write_text(
+            env.replace(f"ISTIO_INBOUND_PORTS='{r.app_port}'", "ISTIO_INBOUND_PORTS='*'"))
+        cfg = yaml.safe_load(r.config_path.read_text())
+        del cfg["app"]["probe"], cfg["app"]["ports"]
+        r.config_path.write_text(yaml.safe_dump(cfg))
+        r.start_app()
+        r.start_agent()
+        wait_for(r.entry, 60, "registration")
+
+        def app() -> dict:
+            return json.loads(r.status_file.read_text())["app"]
+        before = app()
+        assert "/ready-by-group" in str(before["probe"]) and list(before["ports"]) == [str(r.app_port)], before
+        cfg["app"]["flap"] = {"min_dwell": "1s"}  # an edit of `app:` that says nothing of probe or ports
+        r.config_path.write_text(yaml.safe_dump(cfg))
+        out = subprocess.run([sys.executable, "-m", "agent", "reload", "--config", str(r.config_path)],
+                             env=agent_env(), cwd=REPO, capture_output=True, text=True, timeout=90)
+        assert out.returncode == 0, out.stdout + out.stderr
+        after = app()
+        assert after["probe"] == before["probe"] and after["ports"].keys() == before["ports"].keys(), after
+        assert r.agent is not None and r.agent.poll() is None and r.entry() is not None
+        assert r.stop_agent() == 0
+
+
+def _group_with_probe(port: int) -> dict:
+    from tests.agentkit import group_object
+
+    group = group_object(port=port)
+    group["spec"]["probe"] = {"httpGet": {"port": port, "path": "/ready-by-group"}, "periodSeconds": 1}
+    return group

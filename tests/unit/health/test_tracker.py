@@ -106,6 +106,17 @@ def test_port_down_blocks_healthy_until_a_listener_is_back() -> None:
     assert probe(t, True, 5).state is Health.HEALTHY
 
 
+def test_a_port_no_longer_watched_stops_blocking_healthy() -> None:
+    # The bundle named port 8080, the WorkloadGroup read from the API names another: once the ports
+    # change, 8080's "not listening" says nothing of the app and must not keep it unhealthy forever.
+    t = tracker()
+    t.port_closed(8080, now=1)
+    assert t.watch_only((8080, 9090), now=2) is None  # still watched: still down
+    assert probe(t, True, 3) is None and t.state is Health.UNHEALTHY
+    t.watch_only((9090,), now=4)
+    assert probe(t, True, 5).state is Health.HEALTHY
+
+
 def test_process_exit_then_restart_needs_the_success_threshold() -> None:
     t = tracker(success=2)
     probe(t, True, 1)
