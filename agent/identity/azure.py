@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from agent.identity.common import IdentityError, Token, http, refused, token_from_jwt, with_retries
+from agent.identity.common import IdentityError, MetadataService, Token, http, refused, token_from_jwt
 
 DEFAULT_ENDPOINT = "http://169.254.169.254"
 PATH = "/metadata/identity/oauth2/token"
@@ -22,20 +22,15 @@ API_VERSION = "2018-02-01"
 
 
 @dataclass
-class AzureProvider:
+class AzureProvider(MetadataService):
+    PATH = PATH
+
     audience: str
     endpoint: str = DEFAULT_ENDPOINT
     client_id: str | None = None
     timeout: float = 5.0
     tries: int = 3
     name: str = "azure"
-
-    @property
-    def where(self) -> str:
-        return self.endpoint.rstrip("/") + PATH
-
-    def fetch(self) -> Token:
-        return with_retries(self._once, self.tries)
 
     def _once(self) -> Token:
         params = {"api-version": API_VERSION, "resource": self.audience}

@@ -53,6 +53,25 @@ class Provider(Protocol):
     def fetch(self) -> Token: ...
 
 
+class MetadataService:
+    """What the providers that ask a metadata service at `endpoint + PATH` share: where they ask, and
+    the retries around one request (`_once`). Subclasses are dataclasses with `endpoint` and `tries`."""
+
+    PATH = ""
+    endpoint: str
+    tries: int
+
+    @property
+    def where(self) -> str:
+        return self.endpoint.rstrip("/") + self.PATH
+
+    def fetch(self) -> Token:
+        return with_retries(self._once, self.tries)
+
+    def _once(self) -> Token:
+        raise NotImplementedError
+
+
 def decode(jwt: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(header, claims) of a compact JWS, not verified (agent.jwtclaims, the one JWT reader), refusing
     an unsigned one. Raises IdentityError for anything malformed."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.identity.common import IdentityError, Token, http, refused, token_from_jwt, with_retries
+from agent.identity.common import IdentityError, MetadataService, Token, http, refused, token_from_jwt
 
 DEFAULT_ENDPOINT = "http://metadata.google.internal"
 PATH = "/computeMetadata/v1/instance/service-accounts/default/identity"
@@ -21,20 +21,15 @@ ISSUER = "https://accounts.google.com"
 
 
 @dataclass
-class GcpProvider:
+class GcpProvider(MetadataService):
+    PATH = PATH
+
     audience: str
     endpoint: str = DEFAULT_ENDPOINT
     timeout: float = 5.0
     tries: int = 3
     licenses: bool = True
     name: str = "gcp"
-
-    @property
-    def where(self) -> str:
-        return self.endpoint.rstrip("/") + PATH
-
-    def fetch(self) -> Token:
-        return with_retries(self._once, self.tries)
 
     def _once(self) -> Token:
         params = {"audience": self.audience, "format": "full"}
