@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from agent.bundle.update import Updated, update  # noqa: E402
-from tests import bundlekit as kit  # noqa: E402
-from tests.integration.bundle.bundletree import make_root  # noqa: E402
-from tests.integration.bundle.httpsserver import serve  # noqa: E402
+from devkit import bundles as kit  # noqa: E402
+from devkit.bundleserver import serve  # noqa: E402
+from devkit.roots import make_root  # noqa: E402
 
 
 def main() -> int:

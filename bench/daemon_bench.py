@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/daemon_bench.py [--kills 20] [--idle 60]
 
-Runs on loopback with the API emulator, a directory bundle, a real Envoy and a sample app (tests/agentkit).
+Runs on loopback with the API emulator, a directory bundle, a real Envoy and a sample app (devkit/rig.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.agentkit import rig, wait_for
+from devkit.rig import rig
+from devkit.waiting import wait_for
 
 STEPS = [("config loaded", r"mesh-agent .* starting"), ("sidecar started", r"sidecar: envoy"),
          ("sidecar ready", r"sidecar ready"), ("app healthy", r"app healthy"),

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from kubernetes import client, config  # noqa: E402
 
-from tests.kubeapi.server import KubeAPI  # noqa: E402
+from devkit.kubeapi.server import KubeAPI  # noqa: E402
 
 NS = "bench"
 PATH = f"/apis/networking.istio.io/v1/namespaces/{NS}/workloadentries"

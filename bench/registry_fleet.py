@@ -31,8 +31,8 @@ from agent.registry import entry as E  # noqa: E402
 from agent.registry.kube import Credentials, Kube  # noqa: E402
 from agent.registry.manifests import AGENT_RULES  # noqa: E402
 from agent.registry.registrar import Driver, Settings, State  # noqa: E402
-from tests.kubeapi.auth import Rule  # noqa: E402
-from tests.kubeapi.server import KubeAPI  # noqa: E402
+from devkit.kubeapi.auth import Rule  # noqa: E402
+from devkit.kubeapi.server import KubeAPI  # noqa: E402
 
 NS, GROUP = "fleet", "app"
 

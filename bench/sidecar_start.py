@@ -30,7 +30,8 @@ from agent.config import BackoffConfig, CrashLoopConfig
 from agent.paths import Layout
 from agent.sidecar import profiles
 from agent.sidecar.process import State, Supervisor, probe_ready
-from tests.integration.sidecar.helpers import bootstrap, free_port, sidecar_config
+from devkit.envoy import bootstrap, sidecar_config
+from devkit.ports import free_port
 
 
 def pct(values: list[float], p: float) -> float:

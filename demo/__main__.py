@@ -18,9 +18,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests import bundlekit
-from tests.agentkit import NS, REPO, Rig, agent_env, rig, wait_for
-from tests.integration.bundle.httpsserver import serve
+from devkit import bundles
+from devkit.bundleserver import serve
+from devkit.rig import NS, REPO, Rig, agent_env, rig
+from devkit.waiting import wait_for
 
 
 def say(text: str = "") -> None:
@@ -59,7 +60,7 @@ def main() -> int:
         say(f"    namespace {NS}, WorkloadGroup billing (port http={r.app_port})")
 
         step(2, "The mesh bundle, as `istioctl x workload entry configure` writes it, served over HTTPS")
-        server.state.body = bundlekit.make_tar(r.bundle_files())
+        server.state.body = bundles.make_tar(r.bundle_files())
         url = server.url + "/bundle.tar.gz"
         r.overrides = {"bundle": {"ca_file": str(server.ca_file)}, "logging": {"level": "info"}}
         r.write_config(url)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerate tests/kubeapi/istio-crds.yaml, the Istio CRDs the Kubernetes API emulator enforces.
+"""Regenerate devkit/kubeapi/istio-crds.yaml, the Istio CRDs the Kubernetes API emulator enforces.
 
 Reads an Istio CRD file (e.g. manifests/charts/base/files/crd-all.gen.yaml from an Istio release, or
 the output of `istioctl manifest generate`), keeps WorkloadEntry, WorkloadGroup and ServiceEntry with
@@ -8,7 +8,7 @@ What validation needs stays: types, required fields, enums, formats, patterns, b
 the CEL rules (x-kubernetes-validations), so the emulator refuses what Istio's API server refuses.
 
     scripts/istio-crds.py --release 1.27.3 --source manifests/charts/base/files/crd-all.gen.yaml \
-        crd-all.gen.yaml > tests/kubeapi/istio-crds.yaml
+        crd-all.gen.yaml > devkit/kubeapi/istio-crds.yaml
 """
 
 from __future__ import annotations

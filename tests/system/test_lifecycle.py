@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests import agentkit, bundlekit
-from tests.kubeapi.server import KubeAPI
+from devkit import bundles, rig
+from devkit.envoy import envoy_binary
+from devkit.kubeapi.server import KubeAPI
+from devkit.ports import free_port
+from devkit.waiting import wait_for
 from tests.system.conftest import NEXT_VERSION, needs_daemon, require_root
 from tests.system.machine import Machine
 
@@ -37,14 +40,14 @@ HOSTS = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n10.1.2.3 db.internal 
 class World:
     def __init__(self, m: Machine, api: KubeAPI, deb: Path) -> None:
         self.m, self.api, self.deb = m, api, deb
-        self.app_port, self.listener_port = agentkit.free_port(), agentkit.free_port()
-        self.admin_port, self.metrics_port = agentkit.free_port(), agentkit.free_port()
-        self.entry_name = f"billing-{agentkit.ADDRESS}"
+        self.app_port, self.listener_port = free_port(), free_port()
+        self.admin_port, self.metrics_port = free_port(), free_port()
+        self.entry_name = f"billing-{rig.ADDRESS}"
         self.tree_before: set[str] = set()
         self.good_config = ""
 
     def entry(self) -> dict | None:
-        return self.api.get("WorkloadEntry", agentkit.NS, self.entry_name)
+        return self.api.get("WorkloadEntry", rig.NS, self.entry_name)
 
     def labels(self) -> dict[str, str]:
         return ((self.entry() or {}).get("metadata") or {}).get("labels") or {}
@@ -86,15 +89,15 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 def _inputs(w: World) -> None:
     """The cluster side, the Envoy binary, the bundle and the sample app: what the admin brings."""
     m, api = w.m, w.api
-    api.create_namespace(agentkit.NS)
-    api.create(agentkit.group_object(port=w.app_port))
-    m.copy_in(agentkit.envoy_binary(), ENVOY, mode=0o755)
+    api.create_namespace(rig.NS)
+    api.create(rig.group_object(port=w.app_port))
+    m.copy_in(envoy_binary(), ENVOY, mode=0o755)
     m.write(f"{INPUTS}/envoy.yaml", yaml.safe_dump(
-        agentkit.envoy_bootstrap(w.admin_port, w.listener_port, w.app_port)))
+        rig.envoy_bootstrap(w.admin_port, w.listener_port, w.app_port)))
     m.write(f"{INPUTS}/kubeconfig", api.kubeconfig.read_text() if api.kubeconfig else "", mode=0o600)
-    env = bundlekit.CLUSTER_ENV_V4.replace("ISTIO_SVC_IP='10.0.0.5'", f"ISTIO_SVC_IP='{agentkit.ADDRESS}'")
-    files = bundlekit.files(time.time(), replace={"cluster.env": env.encode(),
-                                                  "hosts": b"127.0.0.1 istiod.istio-system.svc\n"})
+    env = bundles.CLUSTER_ENV_V4.replace("ISTIO_SVC_IP='10.0.0.5'", f"ISTIO_SVC_IP='{rig.ADDRESS}'")
+    files = bundles.files(time.time(), replace={"cluster.env": env.encode(),
+                                               "hosts": b"127.0.0.1 istiod.istio-system.svc\n"})
     for name, data in files.items():
         m.write(f"{INPUTS}/bundle/{name}", data.decode(), mode=0o600)
     w.good_config = yaml.safe_dump({
@@ -103,7 +106,7 @@ def _inputs(w: World) -> None:
                     "admin_address": f"127.0.0.1:{w.admin_port}", "drain_timeout": "3s"},
         "app": {"ports": [w.app_port], "probe": {"tcp_socket": {"port": w.app_port}, "period": "1s",
                                                  "failure_threshold": 1}},
-        "registry": {"kubeconfig": f"{INPUTS}/kubeconfig", "namespace": agentkit.NS, "group": "billing",
+        "registry": {"kubeconfig": f"{INPUTS}/kubeconfig", "namespace": rig.NS, "group": "billing",
                      "lease": {"duration": "15s", "renew": "3s"}},
         "shutdown": {"propagation": "1s"},
         "metrics": {"port": w.metrics_port},
@@ -118,8 +121,8 @@ def _bad_config(w: World) -> str:
 
 def _registered(w: World, timeout: float = 90) -> None:
     try:
-        agentkit.wait_for(lambda: w.m.unit_property(UNIT, "ActiveState") == "active" and
-                          "registered" in w.m.unit_property(UNIT, "StatusText"), timeout, "registration")
+        wait_for(lambda: w.m.unit_property(UNIT, "ActiveState") == "active" and
+                 "registered" in w.m.unit_property(UNIT, "StatusText"), timeout, "registration")
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{w.m.journal(UNIT, lines=40)}") from None
 
@@ -155,7 +158,7 @@ def test_reload_applies_a_good_file_and_refuses_a_bad_one(world: World) -> None:
     m.write(CONFIG, world.good_config, mode=0o640)
     m.systemctl("reload", UNIT)  # ExecReload waits for the agent's answer
     assert world.status()["reload"]["ok"] is True
-    agentkit.wait_for(lambda: world.labels().get("rack") == "r7", 30, "the reloaded label on the entry")
+    wait_for(lambda: world.labels().get("rack") == "r7", 30, "the reloaded label on the entry")
     m.write(CONFIG, _bad_config(world).replace("rack: r7", "rack: r8"), mode=0o640)
     refused = m.systemctl("reload", UNIT, check=False)
     assert not refused.ok, m.journal(UNIT, lines=30)
@@ -174,8 +177,8 @@ def test_kill_9_is_restarted_with_one_sidecar_and_the_entry_intact(world: World)
     pid = world.main_pid()
     uid = world.entry()["metadata"]["uid"]  # type: ignore[index]
     m.run(["sh", "-c", f"kill -9 {pid}"])  # the shell's kill: a minimal Debian has no procps
-    agentkit.wait_for(lambda: world.main_pid() not in ("0", pid) and
-                      m.unit_property(UNIT, "ActiveState") == "active", 60, "systemd to restart the agent")
+    wait_for(lambda: world.main_pid() not in ("0", pid) and
+             m.unit_property(UNIT, "ActiveState") == "active", 60, "systemd to restart the agent")
     _registered(world, 60)
     assert len(world.envoys()) == 1, world.m.processes()
     entry = world.entry()

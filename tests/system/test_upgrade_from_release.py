@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kubeapi.server import KubeAPI
+from devkit.kubeapi.server import KubeAPI
 from tests.system.conftest import NEXT_VERSION, REPO, build_deb, needs_daemon, require_root
 from tests.system.machine import Machine
 from tests.system.test_lifecycle import CONFIG, HOSTS, UNIT, World, _inputs, _registered

@@ -8,7 +8,7 @@ import pytest
 
 from agent.bundle import model
 from agent.bundle.model import BundleError, format_cluster_env, parse_bundle, parse_cluster_env
-from tests import bundlekit as kit
+from devkit import bundles as kit
 
 NOW = time.time()
 

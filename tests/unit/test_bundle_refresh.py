@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.bundle.watch import MIN_RETRY, refresh_at, refresh_delay
-from tests import bundlekit as kit
+from devkit import bundles as kit
 
 T0 = 1_800_000_000.0
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from agent.bundle.source import FetchError, display_source, read_archive
-from tests import bundlekit as kit
+from devkit import bundles as kit
 
 NOW = time.time()
 

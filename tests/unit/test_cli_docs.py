@@ -18,7 +18,7 @@ import pytest
 
 from agent import cli
 from agent.paths import Layout
-from tests import bundlekit as kit
+from devkit import bundles as kit
 
 REPO = Path(__file__).resolve().parents[2]
 MAN = (REPO / "packaging" / "mesh-agent.8").read_text(encoding="utf-8")

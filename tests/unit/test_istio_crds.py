@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.kubeapi import openapi
+from devkit.kubeapi import openapi
 
 REPO = Path(__file__).resolve().parents[2]
-CRDS = REPO / "tests" / "kubeapi" / "istio-crds.yaml"
+CRDS = REPO / "devkit" / "kubeapi" / "istio-crds.yaml"
 
 
 def _script() -> Any:

@@ -13,7 +13,7 @@ from agent import jwtclaims
 from agent.bundle.cluster_source import token_times
 from agent.bundle.model import BundleError, parse_bundle
 from agent.registry.credentials import CredentialError, read_claims
-from tests import bundlekit as kit
+from devkit import bundles as kit
 
 NOW = time.time()
 

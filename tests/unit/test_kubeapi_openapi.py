@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.kubeapi import fieldmanager, openapi
+from devkit.kubeapi import fieldmanager, openapi
 
 
 @pytest.fixture(scope="module")

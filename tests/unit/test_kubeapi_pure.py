@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.kubeapi import meta
-from tests.kubeapi.auth import API_AUDIENCE, Authenticator, Identity, rules
-from tests.kubeapi.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
-from tests.kubeapi.selectors import SelectorError, field_selector, label_selector
+from devkit.kubeapi import meta
+from devkit.kubeapi.auth import API_AUDIENCE, Authenticator, Identity, rules
+from devkit.kubeapi.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
+from devkit.kubeapi.selectors import SelectorError, field_selector, label_selector
 
 
 def obj(**labels: str) -> dict:
@@ -99,13 +99,13 @@ def test_rules_scope() -> None:
                                                  ("false", False), ("False", False), (None, False), ("", False)])
 def test_boolean_query_parameters_parse_like_the_api_server(value: str | None, expected: bool) -> None:
     """Python clients before 24 send force=True and watch=True; a real server takes both."""
-    from tests.kubeapi.server import _flag
+    from devkit.kubeapi.server import _flag
 
     assert _flag(value) is expected
 
 
 def _attrs(operation: str = "UPDATE", subresource: str = "", version: str = "v1beta1") -> object:
-    from tests.kubeapi.admission import Attributes
+    from devkit.kubeapi.admission import Attributes
 
     return Attributes(operation, "networking.istio.io", version, "workloadentries", "WorkloadEntry", subresource,
                       "ns", "e", Identity("u"), {"metadata": {"labels": {"app": "a"}}}, None)
@@ -124,7 +124,7 @@ def _attrs(operation: str = "UPDATE", subresource: str = "", version: str = "v1b
     ({"resources": ["workloadentries"], "scope": "Cluster"}, "", False, False),
 ])
 def test_admission_resource_rules(rule: dict, subresource: str, exact: bool, matches: bool) -> None:
-    from tests.kubeapi.admission import resources_match
+    from devkit.kubeapi.admission import resources_match
 
     full = {"apiGroups": ["networking.istio.io"], "apiVersions": ["v1"], "operations": ["UPDATE"], **rule}
     match = {"resourceRules": [full], "matchPolicy": "Exact" if exact else "Equivalent"}
@@ -133,7 +133,7 @@ def test_admission_resource_rules(rule: dict, subresource: str, exact: bool, mat
 
 
 def test_admission_selectors() -> None:
-    from tests.kubeapi.admission import resources_match, selector_matches
+    from devkit.kubeapi.admission import resources_match, selector_matches
 
     assert selector_matches(None, {})
     assert selector_matches({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1"]}]}, {"a": "1"})

@@ -20,7 +20,7 @@ from agent import jwtclaims, safeload
 from agent.bundle import model
 from agent.bundle.model import KNOWN_FILES, BundleError, parse_bundle, parse_cluster_env, scan_cluster_env, scan_hosts
 from agent.bundle.source import FetchError, read_archive
-from tests import bundlekit as kit
+from devkit import bundles as kit
 
 NOW = time.time()
 GOOD = kit.files(NOW, extras=True)

@@ -11,7 +11,7 @@ import pytest
 from agent import safeload
 from agent.bundle import source
 from agent.bundle.model import BundleError, parse_bundle
-from tests import bundlekit as kit
+from devkit import bundles as kit
 
 pytestmark = pytest.mark.timeout(30)  # the unfixed parser takes minutes on these
 

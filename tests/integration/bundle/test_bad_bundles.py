@@ -16,8 +16,8 @@ import pytest
 from agent.bundle.model import BundleError, parse_bundle
 from agent.bundle.source import MAX_MEMBERS, FetchError, fetch
 from agent.bundle.update import update
-from tests import bundlekit as kit
-from tests.integration.bundle.bundletree import make_root, tree_hash
+from devkit import bundles as kit
+from devkit.roots import make_root, tree_hash
 
 NOW = time.time()
 MAX = 64 * 1024  # bundle.max_size for the corpus

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import bundlekit as kit
-from tests.integration.bundle.bundletree import make_root
-from tests.integration.bundle.httpsserver import serve
+from devkit import bundles as kit
+from devkit.bundleserver import serve
+from devkit.roots import make_root
 
 pytestmark = pytest.mark.subprocess
 

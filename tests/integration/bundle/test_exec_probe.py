@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests import bundlekit as kit
-from tests.integration.bundle.bundletree import make_root, tree_hash
+from devkit import bundles as kit
+from devkit.roots import make_root, tree_hash
 
 pytestmark = pytest.mark.subprocess
 

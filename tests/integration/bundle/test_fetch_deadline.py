@@ -16,9 +16,9 @@ import pytest
 from agent.bundle.source import FetchError, fetch
 from agent.paths import Layout
 from agent.sidecar.package import Installer, PackageError, PackageSource
-from tests import bundlekit as kit
-from tests.integration.bundle.bundletree import make_root, tree_hash
-from tests.integration.bundle.httpsserver import serve
+from devkit import bundles as kit
+from devkit.bundleserver import serve
+from devkit.roots import make_root, tree_hash
 
 pytestmark = pytest.mark.timeout(60)  # without a deadline these fetches would run for days
 REPO = Path(__file__).resolve().parents[3]

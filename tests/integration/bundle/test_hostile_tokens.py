@@ -14,8 +14,8 @@ import pytest
 
 from agent.bundle.install import install, last_good
 from agent.bundle.model import parse_bundle
-from tests import bundlekit as kit
-from tests.integration.bundle.bundletree import make_root, tree_hash
+from devkit import bundles as kit
+from devkit.roots import make_root, tree_hash
 from tests.unit.test_jwtclaims import claims_with, raw_token
 
 pytestmark = pytest.mark.subprocess

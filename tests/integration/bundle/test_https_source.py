@@ -12,9 +12,9 @@ from agent.bundle.model import parse_bundle
 from agent.bundle.source import Fetched, FetchError, NotModified, Validators, fetch
 from agent.bundle.update import Unchanged, Updated, update
 from agent.redact import redact
-from tests import bundlekit as kit
-from tests.integration.bundle.bundletree import make_root
-from tests.integration.bundle.httpsserver import LAST_MODIFIED, serve
+from devkit import bundles as kit
+from devkit.bundleserver import LAST_MODIFIED, serve
+from devkit.roots import make_root
 
 NOW = time.time()
 

@@ -19,8 +19,8 @@ from agent.bundle.install import InstallError, drifted, install, last_good, rest
 from agent.bundle.model import parse_bundle
 from agent.bundle.source import fetch
 from agent.paths import Layout
-from tests import bundlekit as kit
-from tests.integration.bundle.bundletree import ORIGINAL_HOSTS, live_files, make_root, tree_hash
+from devkit import bundles as kit
+from devkit.roots import ORIGINAL_HOSTS, live_files, make_root, tree_hash
 
 REPO = Path(__file__).resolve().parents[3]
 NOW = time.time()

@@ -17,8 +17,8 @@ import pytest
 from agent.bundle.install import InstallError, install, last_good, restore_last_good
 from agent.bundle.model import parse_bundle
 from agent.paths import Layout
-from tests import bundlekit as kit
-from tests.integration.bundle.bundletree import live_files, make_root
+from devkit import bundles as kit
+from devkit.roots import live_files, make_root
 
 REPO = Path(__file__).resolve().parents[3]
 NOW = time.time()

@@ -17,8 +17,8 @@ from agent.bundle.install import install
 from agent.bundle.model import parse_bundle
 from agent.bundle.source import fetch
 from agent.paths import Layout
-from tests import bundlekit as kit
-from tests.integration.bundle.bundletree import ORIGINAL_HOSTS, tree_hash
+from devkit import bundles as kit
+from devkit.roots import ORIGINAL_HOSTS, tree_hash
 
 REPO = Path(__file__).resolve().parents[3]
 POSTRM = REPO / "debian" / "mesh-agent.postrm"

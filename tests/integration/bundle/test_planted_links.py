@@ -14,8 +14,8 @@ import pytest
 
 from agent.bundle.install import InstallError, install
 from agent.bundle.model import parse_bundle
-from tests import bundlekit as kit
-from tests.integration.bundle.bundletree import live_files, make_root
+from devkit import bundles as kit
+from devkit.roots import live_files, make_root
 
 pytestmark = pytest.mark.subprocess
 REPO = Path(__file__).resolve().parents[3]

@@ -10,8 +10,8 @@ from pathlib import Path
 from agent.bundle.install import install
 from agent.bundle.model import parse_bundle
 from agent.bundle.watch import BundleFilesChanged, InstalledFilesWatcher, restore_tampered
-from tests import bundlekit as kit
-from tests.integration.bundle.bundletree import make_root
+from devkit import bundles as kit
+from devkit.roots import make_root
 
 NOW = time.time()
 USER = "nobody" if os.geteuid() == 0 else None

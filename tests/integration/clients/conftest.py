@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tests.kubeapi.server", reason="the Kubernetes API emulator is not in this tree")
+pytest.importorskip("devkit.kubeapi.server", reason="the Kubernetes API emulator is not in this tree")
 
 from agent.registry.manifests import build_manifests
+from devkit.kubeapi.fixtures import kubeapi  # noqa: F401
+from devkit.kubeapi.server import KubeAPI
 from tests.clientgen import Agent, Generation, gen  # noqa: F401
-from tests.kubeapi.fixtures import kubeapi  # noqa: F401
-from tests.kubeapi.server import KubeAPI
 
 NS, GROUP, SA = "vm-apps", "billing", "billing-vm"
 AGENT_USER = f"system:serviceaccount:{NS}:{SA}"

@@ -15,9 +15,9 @@ import pytest
 
 from agent.registry import entry as E
 from agent.registry.kube import GROUPS, LEASES, Credentials, Kube
+from devkit.kubeapi.auth import Rule
 from tests.clientgen import RemoteError
 from tests.integration.clients.conftest import AGENT_USER, GROUP, NS, SA, Setup
-from tests.kubeapi.auth import Rule
 
 ADDRESS = "10.0.0.7"  # only data in the entry: no traffic goes there
 ENTRY = f"{GROUP}-{ADDRESS}"

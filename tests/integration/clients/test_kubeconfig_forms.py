@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from devkit.kubeapi import rules
 from tests.clientgen import Agent, RemoteError
 from tests.integration.clients.conftest import AGENT_USER, GROUP, NS, Setup
-from tests.kubeapi import rules
 
 pytestmark = pytest.mark.subprocess
 GROUP_PATH = f"/namespaces/{NS}/workloadgroups/{GROUP}"

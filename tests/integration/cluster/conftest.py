@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-pytest.importorskip("tests.kubeapi.server", reason="the Kubernetes API emulator is not in this tree")
+pytest.importorskip("devkit.kubeapi.server", reason="the Kubernetes API emulator is not in this tree")
 
 from agent.bundle.cluster_source import ClusterRefresher, ClusterSource, Settings
 from agent.config import BundleConfig, KubernetesSourceConfig
@@ -21,10 +21,10 @@ from agent.paths import Layout
 from agent.registry.kube import Credentials, Kube
 from agent.registry.manifests import build_manifests
 from agent.retry import Backoff
-from tests.kubeapi.auth import Rule
-from tests.kubeapi.fixtures import kubeapi  # noqa: F401
-from tests.kubeapi.server import KubeAPI
-from tests.waiting import wait_for  # noqa: F401 (used here and by the tests importing it)
+from devkit.kubeapi.auth import Rule
+from devkit.kubeapi.fixtures import kubeapi  # noqa: F401
+from devkit.kubeapi.server import KubeAPI
+from devkit.waiting import wait_for  # noqa: F401 (used here and by the tests importing it)
 
 FIXTURES = Path(__file__).resolve().parents[2] / "unit" / "fixtures" / "istioctl"
 CASE = "labels-annotation-tcp-network"   # the group, mesh config and expected files used here

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from devkit.kubeapi.auth import Rule
 from tests.clientgen import Agent, Generation, gen  # noqa: F401
 from tests.integration.cluster.conftest import AGENT_USER, CASE, FIXTURES, GROUP, ISTIO_NS, NS, World
-from tests.kubeapi.auth import Rule
 
 
 @pytest.mark.subprocess

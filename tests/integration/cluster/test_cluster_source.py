@@ -64,7 +64,7 @@ def test_tokens_are_refreshed_before_they_expire(world: World, short_istio_token
 def test_rotated_root_cert_is_picked_up_by_the_watch(world: World) -> None:
     # Real Kubernetes authorises a watch narrowed to one name by its resourceNames; the emulator does not
     # yet, so this test also allows watching ConfigMaps in the namespace.
-    from tests.kubeapi.auth import Rule
+    from devkit.kubeapi.auth import Rule
 
     world.api.cluster.auth.grant(AGENT_USER, [Rule(("watch",), ("",), ("configmaps",), (NS,))])
     r = world.refresher(world.source())

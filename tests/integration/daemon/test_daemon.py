@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.agentkit import NS, REPO, Rig, agent_env, rig, wait_for
-from tests.integration.bundle.httpsserver import serve
+from devkit.bundleserver import serve
+from devkit.rig import NS, REPO, Rig, agent_env, rig
+from devkit.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -266,11 +267,11 @@ def test_bad_bundle_is_refused_and_the_last_good_keeps_running(r: Rig) -> None:
 
 
 def test_https_bundle_and_status_command(r: Rig, tmp_path: Path) -> None:
-    from tests import bundlekit
+    from devkit import bundles
 
     (tmp_path / "srv").mkdir()
     with serve(tmp_path / "srv") as server:
-        server.state.body = bundlekit.make_tar(r.bundle_files())
+        server.state.body = bundles.make_tar(r.bundle_files())
         r.overrides = {"bundle": {"ca_file": str(server.ca_file)}}
         r.write_config(server.url + "/bundle.tar.gz")
         r.start_agent()
@@ -347,9 +348,9 @@ def test_doctor_names_what_is_wrong(r: Rig) -> None:
 
 def test_bundle_built_from_the_cluster(r: Rig) -> None:
     """`bundle.source: kubernetes`: the agent mints its istio token and reads the root cert itself."""
-    from tests import bundlekit
+    from devkit import bundles
 
-    root_pem = bundlekit.make_cert(time.time()).decode()
+    root_pem = bundles.make_cert(time.time()).decode()
     r.api.create({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "billing-vm", "namespace": NS}})
     r.api.create({"apiVersion": "v1", "kind": "ConfigMap",
                   "metadata": {"name": "istio-ca-root-cert", "namespace": NS}, "data": {"root-cert.pem": root_pem}})
@@ -458,7 +459,7 @@ def test_reload_after_editing_app_keeps_the_workloadgroups_probe_and_ports(tmp_p
 
 
 def _group_with_probe(port: int) -> dict:
-    from tests.agentkit import group_object
+    from devkit.rig import group_object
 
     group = group_object(port=port)
     group["spec"]["probe"] = {"httpGet": {"port": port, "path": "/ready-by-group"}, "periodSeconds": 1}

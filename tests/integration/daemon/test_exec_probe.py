@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.agentkit import GROUP, NS, group_object, rig, wait_for
+from devkit.rig import GROUP, NS, group_object, rig
+from devkit.waiting import wait_for
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.subprocess]
 

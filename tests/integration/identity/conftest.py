@@ -1,4 +1,4 @@
-"""A test OIDC issuer and fake metadata services on loopback (tests.identitykit)."""
+"""A test OIDC issuer and fake metadata services on loopback (devkit.identity)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.identitykit import TestIssuer
+from devkit.identity import TestIssuer
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def issuer() -> Iterator[TestIssuer]:
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """botocore finds the fake instance role's credentials, and nothing from this machine."""
     pytest.importorskip("botocore", reason="identity provider aws needs botocore")
-    from tests.identitykit import FakeSts
+    from devkit.identity import FakeSts
 
     for k, v in FakeSts.env().items():
         monkeypatch.setenv(k, v)

@@ -18,10 +18,12 @@ from agent.registry.manifests import (
     identity_authenticator,
     identity_bindings,
 )
-from tests import bundlekit
-from tests.agentkit import NS, REPO, agent_env, free_port, rig, wait_for
-from tests.identitykit import FakeGcp, Instance, TestIssuer
-from tests.kubeapi.oidc import install
+from devkit import bundles
+from devkit.identity import FakeGcp, Instance, TestIssuer
+from devkit.kubeapi.oidc import install
+from devkit.ports import free_port
+from devkit.rig import NS, REPO, agent_env, rig
+from devkit.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 AUD = "https://kube.mesh.test"
@@ -39,7 +41,7 @@ def test_gcp_vm_builds_its_bundle_and_registers_with_its_identity(tmp_path: Path
         install(api, authentication_configuration(identity_authenticator(
             provider="gcp", namespace=NS, group="billing", audience=AUD, issuer=issuer.url,
             issuer_ca=issuer.ca_pem, project="mesh-project")))
-        root_pem = bundlekit.make_cert(time.time()).decode()
+        root_pem = bundles.make_cert(time.time()).decode()
         api.create({"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": {"name": "istio-ca-root-cert", "namespace": NS}, "data": {"root-cert.pem": root_pem}})
         api.create({"apiVersion": "v1", "kind": "ConfigMap",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.identitykit import FakeGcp, FakeSts, Instance, TestIssuer
+from devkit.identity import FakeGcp, FakeSts, Instance, TestIssuer
 
 REPO = Path(__file__).resolve().parents[3]
 SYSTEM_PYTHON = "/usr/bin/python3"

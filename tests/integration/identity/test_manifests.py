@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from agent.registry.manifests import build_manifests, identity_authenticator, identity_bindings
-from tests.identitykit import FakeAzure, TestIssuer
-from tests.kubeapi.oidc import OIDCAuthenticators
+from devkit.identity import FakeAzure, TestIssuer
+from devkit.kubeapi.oidc import OIDCAuthenticators
 
 REPO = Path(__file__).resolve().parents[3]
 AUD = "https://kube.mesh.test"

@@ -16,7 +16,7 @@ from agent.identity.common import IdentityError, decode
 from agent.identity.gcp import GcpProvider
 from agent.identity.oidc_file import OidcFileProvider
 from agent.identity.refresh import IdentityRefreshed, IdentityRefresher
-from tests.identitykit import FakeAzure, FakeGcp, FakeSts, Instance, TestIssuer
+from devkit.identity import FakeAzure, FakeGcp, FakeSts, Instance, TestIssuer
 
 AUD = "https://kube.example.test"
 

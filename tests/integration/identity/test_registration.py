@@ -28,11 +28,11 @@ from agent.registry.manifests import (
     identity_bindings,
 )
 from agent.registry.registrar import Driver, Settings, State
-from tests.identitykit import FakeAzure, FakeGcp, FakeSts, Instance, TestIssuer
-from tests.kubeapi.fixtures import kubeapi  # noqa: F401
-from tests.kubeapi.oidc import install
-from tests.kubeapi.server import KubeAPI
-from tests.waiting import wait_for
+from devkit.identity import FakeAzure, FakeGcp, FakeSts, Instance, TestIssuer
+from devkit.kubeapi.fixtures import kubeapi  # noqa: F401
+from devkit.kubeapi.oidc import install
+from devkit.kubeapi.server import KubeAPI
+from devkit.waiting import wait_for
 
 NS, GROUP, SA = "vm-apps", "billing", "billing-vm"
 AUD = "https://kube.mesh.test"

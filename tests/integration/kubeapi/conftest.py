@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from kubernetes import client
 
-from tests.kubeapi import KubeAPI
-from tests.kubeapi.fixtures import kube_client, kubeapi, kubeapi_factory  # noqa: F401
+from devkit.kubeapi import KubeAPI
+from devkit.kubeapi.fixtures import kube_client, kubeapi, kubeapi_factory  # noqa: F401
 
 NS = "vm-apps"
 GROUP, VERSION = "networking.istio.io", "v1"

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 
+from devkit.kubeapi import KubeAPI
 from tests.integration.kubeapi.conftest import GROUP, NS, VERSION, entry
-from tests.kubeapi import KubeAPI
 
 WE = (GROUP, VERSION, NS, "workloadentries")
 ADM = ("admissionregistration.k8s.io", "v1")

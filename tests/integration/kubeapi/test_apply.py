@@ -7,8 +7,8 @@ import json
 import pytest
 from kubernetes import client, dynamic
 
+from devkit.kubeapi import KubeAPI
 from tests.integration.kubeapi.conftest import GROUP, NS, VERSION, entry
-from tests.kubeapi import KubeAPI
 
 WE = (GROUP, VERSION, NS, "workloadentries")
 NAME = "billing-10-0-0-1"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
+from devkit.kubeapi import KubeAPI, rules
 from tests.integration.kubeapi.conftest import GROUP, NS, VERSION, entry
-from tests.kubeapi import KubeAPI, rules
 
 WE = (GROUP, VERSION, NS, "workloadentries")
 
@@ -178,7 +178,7 @@ def test_client_certificate_comes_before_a_token(api: KubeAPI, tmp_path: Path) -
 def test_a_certificate_from_another_ca_is_refused(api: KubeAPI, tmp_path: Path) -> None:
     import ssl
 
-    from tests.kubeapi.clientcerts import ClientCA
+    from devkit.kubeapi.clientcerts import ClientCA
 
     stranger = ClientCA().issue("mallory", ["system:masters"])
     with pytest.raises((ssl.SSLError, ConnectionError)):

@@ -8,8 +8,8 @@ import time
 import pytest
 from kubernetes import client
 
+from devkit.kubeapi import KubeAPI
 from tests.integration.kubeapi.conftest import GROUP, NS, VERSION, entry, group
-from tests.kubeapi import KubeAPI
 
 WE = (GROUP, VERSION, NS, "workloadentries")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from devkit.kubeapi import KubeAPI
 from tests.integration.kubeapi.conftest import NS
-from tests.kubeapi import KubeAPI
 
 pytestmark = [pytest.mark.subprocess,
               pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")]

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import requests
 
-from tests.identitykit import TestIssuer
-from tests.kubeapi import KubeAPI
-from tests.kubeapi.oidc import ConfigError, OIDCAuthenticators, install
+from devkit.identity import TestIssuer
+from devkit.kubeapi import KubeAPI
+from devkit.kubeapi.oidc import ConfigError, OIDCAuthenticators, install
 
 from .conftest import NS
 
@@ -119,7 +119,7 @@ def _hs256(c: dict[str, Any]) -> str:
     import hashlib
     import hmac
 
-    from tests.identitykit import b64, b64json
+    from devkit.identity import b64, b64json
 
     signing_input = f"{b64json({'alg': 'HS256', 'kid': ''})}.{b64json(c)}"
     return f"{signing_input}.{b64(hmac.new(b'', signing_input.encode(), hashlib.sha256).digest())}"

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from kubernetes import client, config
 
+from devkit.kubeapi import KubeAPI
 from tests.integration.kubeapi.conftest import GROUP, NS, VERSION, entry
-from tests.kubeapi import KubeAPI
 
 WE = (GROUP, VERSION, NS, "workloadentries")
 RBAC = "rbac.authorization.k8s.io"

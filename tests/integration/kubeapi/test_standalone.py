@@ -1,4 +1,4 @@
-"""`python -m tests.kubeapi` as the demo runs it, and the plain-HTTP and IPv6 variants."""
+"""`python -m devkit.kubeapi` as the demo runs it, and the plain-HTTP and IPv6 variants."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from tests.kubeapi import KubeAPI, Rule
+from devkit.kubeapi import KubeAPI, Rule
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[3]
 @pytest.mark.subprocess
 def test_standalone_writes_a_kubeconfig_and_stops_on_sigterm(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    proc = subprocess.Popen([sys.executable, "-m", "tests.kubeapi", "--port", "0", "--state-dir", str(state),
+    proc = subprocess.Popen([sys.executable, "-m", "devkit.kubeapi", "--port", "0", "--state-dir", str(state),
                              "--namespace", "vm-apps"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import pytest
 from kubernetes import client, config, dynamic, watch
 
+from devkit.kubeapi import KubeAPI
 from tests.integration.kubeapi.conftest import GROUP, NS, VERSION, entry
-from tests.kubeapi import KubeAPI
 
 WE = (GROUP, VERSION, NS, "workloadentries")
 

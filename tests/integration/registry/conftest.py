@@ -14,12 +14,12 @@ from agent.registry.kube import Credentials, Kube
 from agent.registry.manifests import build_manifests
 from agent.registry.registrar import Driver, Settings
 
-pytest.importorskip("tests.kubeapi.server", reason="the Kubernetes API emulator is not in this tree")
+pytest.importorskip("devkit.kubeapi.server", reason="the Kubernetes API emulator is not in this tree")
 
-from tests.kubeapi.auth import Rule
-from tests.kubeapi.fixtures import kubeapi  # noqa: F401
-from tests.kubeapi.server import KubeAPI
-from tests.waiting import wait_for  # noqa: F401 (used here and by the tests importing it)
+from devkit.kubeapi.auth import Rule
+from devkit.kubeapi.fixtures import kubeapi  # noqa: F401
+from devkit.kubeapi.server import KubeAPI
+from devkit.waiting import wait_for  # noqa: F401 (used here and by the tests importing it)
 
 NS = "vm-apps"
 GROUP = "billing"

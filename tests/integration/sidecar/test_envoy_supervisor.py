@@ -18,8 +18,10 @@ import pytest
 from agent.paths import Layout
 from agent.sidecar import profiles
 from agent.sidecar.process import SidecarStateChanged, State, Supervisor, read_pidfile
+from devkit.envoy import bootstrap, sidecar_config
+from devkit.ports import free_port
 
-from .helpers import App, Loop, bootstrap, free_port, sidecar_config
+from .helpers import App, Loop
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.timeout(120)]
 

@@ -18,8 +18,10 @@ from agent.paths import Layout
 from agent.sidecar import profiles
 from agent.sidecar.package import Installer, PackageError, PackageSource
 from agent.sidecar.process import State, Supervisor
+from devkit.envoy import bootstrap, envoy_binary, sidecar_config
+from devkit.ports import free_port
 
-from .helpers import Loop, bootstrap, envoy_binary, free_port, sidecar_config
+from .helpers import Loop
 
 pytestmark = [
     pytest.mark.subprocess, pytest.mark.timeout(180),

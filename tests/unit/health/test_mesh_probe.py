@@ -13,7 +13,7 @@ import pytest
 from agent.bundle.model import BundleError, parse_bundle
 from agent.config import ExecProbe, ProbeConfig, TcpSocketProbe
 from agent.health import probes
-from tests import bundlekit as kit
+from devkit import bundles as kit
 
 EXEC = ProbeConfig(exec=ExecProbe(("/bin/sh", "-c", "id > /tmp/x")))
 NOBODY = pwd.getpwnam("nobody")

@@ -11,9 +11,9 @@ import pytest
 
 from agent.registry import entry as E
 from agent.registry import manifests as MF
-from tests.kubeapi import cel
-from tests.kubeapi.admission import Attributes, evaluate
-from tests.kubeapi.auth import Identity
+from devkit.kubeapi import cel
+from devkit.kubeapi.admission import Attributes, evaluate
+from devkit.kubeapi.auth import Identity
 
 NS, GROUP, SA = "vm-apps", "billing", "billing-vm"
 AGENT = Identity(f"system:serviceaccount:{NS}:{SA}", ("system:serviceaccounts", f"system:serviceaccounts:{NS}"))

@@ -11,9 +11,9 @@ import pytest
 from agent.registry import entry as E
 from agent.registry import manifests as MF
 
-openapi = pytest.importorskip("tests.kubeapi.openapi",
+openapi = pytest.importorskip("devkit.kubeapi.openapi",
                               reason="the Kubernetes API emulator is not in this tree")
-resources = pytest.importorskip("tests.kubeapi.resources")
+resources = pytest.importorskip("devkit.kubeapi.resources")
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, 0, 0, tzinfo=dt.UTC)  # microsecond 0: the MicroTime trap
 

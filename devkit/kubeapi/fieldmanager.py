@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tests.kubeapi.openapi import Schema, at
+from devkit.kubeapi.openapi import Schema, at
 
 Path = tuple[str, ...]
 MISSING = object()

@@ -1,4 +1,4 @@
-"""A real HTTPS bundle server on loopback, with its own CA (trustme), for fetch tests and the benchmark.
+"""A real HTTPS bundle server on loopback, with its own CA (trustme), for fetch tests, the demo and the benchmark.
 
 Paths choose the behaviour: /bundle.tar.gz (200 with ETag and Last-Modified, 304 when they match),
 /status/<code>, /flaky (503 with Retry-After, then 200), /slow, /truncated, /oversize, /chunked-oversize,

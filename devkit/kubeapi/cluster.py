@@ -13,12 +13,12 @@ from typing import Any
 
 import yaml
 
-from tests.kubeapi import admission, fieldmanager, meta, openapi
-from tests.kubeapi.auth import API_AUDIENCE, Authenticator, Identity, Rule
-from tests.kubeapi.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
-from tests.kubeapi.resources import ResourceType, builtin_types, crd_type
-from tests.kubeapi.selectors import SelectorError, field_selector, label_selector
-from tests.kubeapi.status import (
+from devkit.kubeapi import admission, fieldmanager, meta, openapi
+from devkit.kubeapi.auth import API_AUDIENCE, Authenticator, Identity, Rule
+from devkit.kubeapi.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
+from devkit.kubeapi.resources import ResourceType, builtin_types, crd_type
+from devkit.kubeapi.selectors import SelectorError, field_selector, label_selector
+from devkit.kubeapi.status import (
     ApiError,
     Cause,
     FieldError,
@@ -31,7 +31,7 @@ from tests.kubeapi.status import (
     required,
     unprocessable,
 )
-from tests.kubeapi.store import Store
+from devkit.kubeapi.store import Store
 
 SYSTEM_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 MODIFIED = "the object has been modified; please apply your changes to the latest version and try again"
@@ -207,7 +207,7 @@ class Cluster:
     def _admit(self, rt: ResourceType, version: str, operation: str, ns: str, name: str,
                obj: dict[str, Any] | None, old: dict[str, Any] | None, req: Request,
                subresource: str = "") -> None:
-        """ValidatingAdmissionPolicies (tests/kubeapi/admission.py): raise the server's Status on a denial."""
+        """ValidatingAdmissionPolicies (devkit/kubeapi/admission.py): raise the server's Status on a denial."""
         attrs = admission.Attributes(
             operation, rt.group, version, rt.plural, rt.kind, subresource, ns if rt.namespaced else "", name,
             req.identity, self._out(rt, version, obj) if obj is not None else None,

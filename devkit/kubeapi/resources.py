@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.kubeapi.openapi import CRD, Schema
+from devkit.kubeapi.openapi import CRD, Schema
 
 _STR = {"type": "string"}
 _INT32 = {"type": "integer", "format": "int32"}
@@ -151,7 +151,7 @@ CRONJOB_SCHEMA: Schema = {
 }
 
 # admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy and its binding: the fields the emulator
-# evaluates (tests/kubeapi/admission.py), typed as the real API types them.
+# evaluates (devkit/kubeapi/admission.py), typed as the real API types them.
 _LABEL_SELECTOR: Schema = {
     "type": "object",
     "properties": {

@@ -24,14 +24,14 @@ from urllib.parse import parse_qs, urlsplit
 import trustme
 import yaml
 
-from tests.kubeapi import openapi, protobuf, table
-from tests.kubeapi import persist as persistence
-from tests.kubeapi.auth import ADMIN, Identity, Rule, forbidden_message
-from tests.kubeapi.clientcerts import ClientCert, client_ca, identity_of
-from tests.kubeapi.cluster import Cluster, Request
-from tests.kubeapi.faults import Faults, message_for, reason_for
-from tests.kubeapi.resources import VIRTUAL, ResourceType, api_resource
-from tests.kubeapi.status import ApiError, bad_request, gone, method_not_allowed, unauthorized
+from devkit.kubeapi import openapi, protobuf, table
+from devkit.kubeapi import persist as persistence
+from devkit.kubeapi.auth import ADMIN, Identity, Rule, forbidden_message
+from devkit.kubeapi.clientcerts import ClientCert, client_ca, identity_of
+from devkit.kubeapi.cluster import Cluster, Request
+from devkit.kubeapi.faults import Faults, message_for, reason_for
+from devkit.kubeapi.resources import VIRTUAL, ResourceType, api_resource
+from devkit.kubeapi.status import ApiError, bad_request, gone, method_not_allowed, unauthorized
 
 SERVER_VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.4", "gitCommit": "0" * 40,
                   "gitTreeState": "clean", "buildDate": "2025-04-22T00:00:00Z", "goVersion": "go1.23.6",

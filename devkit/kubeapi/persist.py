@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from tests.kubeapi.store import Store
+from devkit.kubeapi.store import Store
 
 OBJECTS = "objects.json"
 

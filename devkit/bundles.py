@@ -1,4 +1,4 @@
-"""Test bundles in istioctl's exact format, with certificates and tokens made on the spot (nothing that
+"""Mesh bundles in istioctl's exact format, with certificates and tokens made on the spot (nothing that
 expires is committed)."""
 
 from __future__ import annotations

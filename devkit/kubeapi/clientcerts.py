@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.kubeapi.auth import Identity
+from devkit.kubeapi.auth import Identity
 
 
 @dataclass(frozen=True)

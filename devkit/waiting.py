@@ -1,4 +1,4 @@
-"""Polling for a condition, the one way tests wait for something another thread or process does."""
+"""Polling for a condition: how tests, the rig and the demo wait for what another thread or process does."""
 
 from __future__ import annotations
 

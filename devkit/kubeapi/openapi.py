@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from tests.kubeapi.status import (
+from devkit.kubeapi.status import (
     FieldError,
     invalid,
     not_supported,
@@ -494,7 +494,7 @@ def crd_schema(kind: str, version: str = "v1", path: str | Path | None = None) -
 def validate_object(obj: dict[str, Any], path: str | Path | None = None) -> list[str]:
     """Validate a whole custom object as the server would: apiVersion/kind pick the schema; metadata
     (name, labels, annotations, owner references, finalizers) is checked too; unknown fields are errors."""
-    from tests.kubeapi import meta
+    from devkit.kubeapi import meta
 
     group, _, version = obj.get("apiVersion", "").rpartition("/")
     for crd in load_crds(path):

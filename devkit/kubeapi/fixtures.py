@@ -1,6 +1,6 @@
 """pytest fixtures for suites that talk to the emulator. In a conftest.py:
 
-    from tests.kubeapi.fixtures import kubeapi, kube_client, kubeapi_factory  # noqa: F401
+    from devkit.kubeapi.fixtures import kubeapi, kube_client, kubeapi_factory  # noqa: F401
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kubeapi.server import KubeAPI
+from devkit.kubeapi.server import KubeAPI
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Helpers for install tests: a root prefix with an /etc/hosts of its own, and a hash of a whole tree."""
+"""Install roots for tests and the benchmark: a root prefix with an /etc/hosts of its own, the installed
+files, and a hash of a whole tree."""
 
 from __future__ import annotations
 

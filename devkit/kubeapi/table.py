@@ -6,8 +6,8 @@ import datetime as dt
 import json
 from typing import Any
 
-from tests.kubeapi.openapi import parse_time
-from tests.kubeapi.resources import ResourceType
+from devkit.kubeapi.openapi import parse_time
+from devkit.kubeapi.resources import ResourceType
 
 AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp",
        "description": "CreationTimestamp is a timestamp representing the server time when this object was "

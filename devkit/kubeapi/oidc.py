@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from tests.kubeapi import cel
-from tests.kubeapi.auth import Identity
+from devkit.kubeapi import cel
+from devkit.kubeapi.auth import Identity
 
 API_VERSIONS = ("apiserver.config.k8s.io/v1alpha1", "apiserver.config.k8s.io/v1beta1",
                 "apiserver.config.k8s.io/v1")
@@ -88,7 +88,7 @@ def verify_signature(alg: str, key: Any, signing_input: bytes, sig: bytes) -> bo
 # --- CEL ---------------------------------------------------------------------------------------------
 
 class _Cel:
-    """One compiled CEL expression (tests.kubeapi.cel), with the server's configuration error."""
+    """One compiled CEL expression (devkit.kubeapi.cel), with the server's configuration error."""
 
     def __init__(self, expression: str, where: str) -> None:
         self.expression = expression
@@ -325,7 +325,7 @@ class OIDCAuthenticators:
 
 
 def install(api: Any, config: dict[str, Any] | str) -> OIDCAuthenticators:
-    """Give a running emulator (tests.kubeapi.KubeAPI) this AuthenticationConfiguration."""
+    """Give a running emulator (devkit.kubeapi.KubeAPI) this AuthenticationConfiguration."""
     authn = OIDCAuthenticators.from_yaml(config) if isinstance(config, str) else OIDCAuthenticators(config)
     api.cluster.auth.jwt_authenticators = authn
     return authn

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tests.kubeapi import cel
-from tests.kubeapi.auth import Identity
-from tests.kubeapi.status import ApiError, FieldError, invalid, required
+from devkit.kubeapi import cel
+from devkit.kubeapi.auth import Identity
+from devkit.kubeapi.status import ApiError, FieldError, invalid, required
 
 log = logging.getLogger(__name__)
 
