@@ -41,6 +41,10 @@ def test_contents_and_dependencies(deb: Path) -> None:
     assert "/usr/share/man/man8/mesh-agent.8.gz" in files
     assert not [f for f in files if "dist-packages" in f or "site-packages" in f]
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+    # The private directory holds the agent and its metadata: never devkit/, tests/, demo/ or bench/.
+    top = {f.removeprefix("/usr/lib/mesh-agent/").split("/")[0] for f in files
+           if f.startswith("/usr/lib/mesh-agent/")}
+    assert {t for t in top if t and not t.endswith((".dist-info", ".egg-info"))} == {"agent"}
 
 
 def test_lintian_clean(deb: Path) -> None:

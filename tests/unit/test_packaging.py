@@ -22,6 +22,17 @@ def test_changelog_version_matches_the_package() -> None:
     assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"] == __version__
 
 
+def test_the_wheel_and_the_deb_ship_the_agent_only() -> None:
+    """pybuild builds the .deb from the same setuptools settings: devkit/, tests/, demo/, bench/ stay out."""
+    from setuptools import find_packages
+
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = find_packages(str(REPO), include=find["include"], exclude=find.get("exclude", ()))
+    assert "agent" in shipped
+    assert {name.split(".")[0] for name in shipped} == {"agent"}
+    assert "devkit" in find_packages(str(REPO))  # the check above would see it if it were included
+
+
 def test_man_page_version_matches() -> None:
     assert f'"mesh-agent {__version__}"' in (REPO / "packaging" / "mesh-agent.8").read_text()
 
