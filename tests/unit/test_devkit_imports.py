@@ -55,12 +55,12 @@ def test_no_import_from_tests(path: Path) -> None:
 
 @pytest.mark.parametrize("source", [
     "import tests",
-    "import tests.kubeapi.server as s",
-    "from tests import bundlekit",
-    "from tests.integration.bundle.httpsserver import serve",
-    "def f():\n    from tests.waiting import wait_for\n",
-    "import importlib\nimportlib.import_module('tests.agentkit')",
-    "import pytest\npytest.importorskip('tests.kubeapi.server')",
+    "import tests.kit.server as s",
+    "from tests import kit",
+    "from tests.integration.helpers import serve",
+    "def f():\n    from tests.kit import wait_for\n",
+    "import importlib\nimportlib.import_module('tests.kit')",
+    "import pytest\npytest.importorskip('tests.kit.server')",
     "__import__('tests')",
 ])
 def test_the_scan_sees_every_form(source: str) -> None:
@@ -71,7 +71,7 @@ def test_the_scan_sees_every_form(source: str) -> None:
     "from devkit.kubeapi.server import KubeAPI",
     "import testsuite",
     "from . import tests",
-    "x = 'from tests import bundlekit'",
+    "x = 'from tests import kit'",
     "import subprocess\nsubprocess.run(['python', '-m', 'tests.clientchild'])",
 ])
 def test_the_scan_leaves_other_imports_alone(source: str) -> None:
