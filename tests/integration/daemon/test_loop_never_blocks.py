@@ -55,7 +55,7 @@ class SlowServer:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+            def do_GET(self) -> None:
                 owner.started = time.monotonic()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(owner.body)))
@@ -118,3 +118,94 @@ def test_the_watchdog_is_fed_while_the_sidecar_package_downloads_and_installs(r:
     finally:
         notify.close()
         server.close()
+
+
+SLOW_PILOT_AGENT = '''
+import os, signal, subprocess, sys, time
+
+def note(word):
+    with open(os.environ["STANDIN_RECORD"], "a") as f:
+        f.write(f"{word} {time.monotonic()} {os.getpid()}\\n")
+
+if sys.argv[1:2] != ["proxy"]:
+    sys.exit(0)
+envoy = subprocess.Popen([os.environ["STANDIN_ENVOY"], "-c", os.environ["STANDIN_BOOTSTRAP"],
+                          "--base-id", os.environ["STANDIN_BASE_ID"], "-l", "warning"])
+note("started")
+
+def slow_stop(signum, frame):
+    note("sigterm")
+    time.sleep(float(os.environ["STANDIN_STOP_DELAY"]))  # as a pilot-agent draining long connections
+    envoy.terminate()
+
+signal.signal(signal.SIGTERM, slow_stop)
+envoy.wait()
+note("exited")
+'''
+
+
+def test_the_watchdog_is_fed_while_the_proxy_restarts_slowly(tmp_path: Path) -> None:
+    """istio profile: a changed cluster.env restarts pilot-agent; this one takes 5 s to stop."""
+    import random
+    import signal as sig
+    import tempfile
+
+    import yaml
+
+    from tests.agentkit import envoy_bootstrap
+    from tests.integration.sidecar.helpers import reachable_envoy
+
+    shared = Path(tempfile.mkdtemp(prefix="mesh-agent-slow-"))  # the proxy's user (nobody) reads it
+    shared.chmod(0o755)
+    notify = NotifySocket()
+    try:
+        with rig(tmp_path) as r:
+            r.prepare()
+            (shared / "pilot-agent").write_text("#!/usr/bin/python3\n" + SLOW_PILOT_AGENT)
+            (shared / "pilot-agent").chmod(0o755)
+            (shared / "bootstrap.yaml").write_text(yaml.safe_dump(
+                envoy_bootstrap(r.admin_port, r.listener_port, r.app_port)))
+            record = shared / "calls"
+            record.touch()
+            record.chmod(0o666)
+            env_file = r.root / "var/lib/istio/envoy/sidecar.env"
+            env_file.parent.mkdir(parents=True)
+            env_file.write_text(f"STANDIN_RECORD={record}\nSTANDIN_ENVOY={reachable_envoy()}\n"
+                                f"STANDIN_BOOTSTRAP={shared / 'bootstrap.yaml'}\n"
+                                f"STANDIN_BASE_ID={random.randint(1000, 60000)}\nSTANDIN_STOP_DELAY=5\n")
+            r.overrides = {"sidecar": {"profile": "istio", "pilot_agent_binary": str(shared / "pilot-agent"),
+                                       "user": "nobody", "manage_iptables": False,
+                                       "readiness_url": f"http://127.0.0.1:{r.admin_port}/ready",
+                                       "drain_timeout": "0s", "stop_grace": "10s"}}
+            r.write_config()
+            r.start_app()
+            r.start_agent({"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000"})
+            wait_for(r.entry, 60, "registration")
+
+            def lines(word: str) -> list[tuple[float, int]]:
+                return [(float(t), int(p)) for w, t, p in (line.split() for line in record.read_text().splitlines())
+                        if w == word]
+
+            first_pid = lines("started")[0][1]
+            files = r.bundle_files()
+            files["cluster.env"] += b"ISTIO_META_REVISION='canary'\n"
+            from tests import bundlekit
+
+            bundlekit.write_dir(r.bundle_dir, files)
+            assert r.agent is not None
+            r.agent.send_signal(sig.SIGHUP)  # re-read the bundle: cluster.env changed, pilot-agent restarts
+            wait_for(lambda: lines("exited"), 30, "the old pilot-agent to stop")
+            wait_for(lambda: len(lines("started")) >= 2, 30, "a new pilot-agent")
+            (term_at, term_pid), = lines("sigterm")
+            (exit_at, _), = lines("exited")
+            assert term_pid == first_pid
+            pings = [t for t, fields in list(notify.messages) if "WATCHDOG=1" in fields and term_at <= t <= exit_at]
+            # A loop waiting for the old proxy to stop would send none during those 5 s.
+            assert len(pings) >= 3, (len(pings), exit_at - term_at)
+            wait_for(r.entry, 30, "the entry, behind the new proxy")
+            assert r.stop_agent() == 0
+    finally:
+        notify.close()
+        import shutil as sh
+
+        sh.rmtree(shared, ignore_errors=True)
