@@ -15,10 +15,13 @@ import getpass
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.config import Config
 from agent.fsutil import atomic_write
+from agent.part import Context, MaintenanceChanged
 from agent.paths import Layout
 
 
@@ -108,3 +111,46 @@ def main(args: argparse.Namespace) -> int:
         print(f"mesh-agent {args.verb}: {layout.control_file}: {exc.strerror}", file=sys.stderr)
         return 1
     return 0
+
+
+# --- the daemon's part -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MaintenanceSnapshot:
+    on: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"on": self.on}
+
+
+class MaintenancePart:
+    """Looks at the maintenance file on every pass of the loop (it wakes at least every few seconds) and
+    tells the other parts when it appears or goes."""
+
+    name = "maintenance"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.on = False
+
+    def start(self, now: float) -> None:
+        self.tick(now)
+
+    def handle(self, event: object, now: float) -> bool:
+        return False
+
+    def tick(self, now: float) -> float | None:
+        on = maintenance_requested(self.ctx.layout)
+        if on != self.on:
+            self.on = on
+            self.ctx.post(MaintenanceChanged(on))
+        return None
+
+    def reconfigure(self, old: Config, new: Config) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def status(self) -> MaintenanceSnapshot:
+        return MaintenanceSnapshot(self.on)

@@ -1,27 +1,23 @@
 """The app's health, watched in the background: probes on their schedule, the port watch, the tracker.
 
-What the daemon calls (all methods are safe from any thread):
+What the health part (agent.health.part) calls (all methods are safe from any thread):
 
-    monitor = Monitor.from_config(cfg.app, bundle_probe=probe_or_None, ports=ports,
-                                  instance_address="10.0.0.5", post=queue.put)
+    monitor = Monitor(probe_or_None, ports=ports, post=queue.put, flap=..., probe_host=...)
     monitor.start()                       # starts the probe thread and the port watch
     monitor.set_sidecar_ready(True)       # on each sidecar readiness change (starts False)
-    monitor.apply_config(cfg.app, bundle_probe=..., ports=..., instance_address=...)  # after SIGHUP
-                                          # or a new bundle (or reconfigure(probe, ports=..., ...))
+    monitor.reconfigure(probe, ports=..., flap=..., probe_host=...)  # after SIGHUP or a group change
     snap = monitor.snapshot()             # HealthSnapshot; snap.to_dict() for status.json
     monitor.stop()                        # joins the threads (bounded)
 
-The constructor, from_config(), reconfigure() and apply_config() raise ValueError when there is
-neither a probe nor an app port to check (a configuration error: exit 78); reconfigure() then keeps
-the running setup. The state survives reconfigure(): only the probe counters start afresh.
+The constructor and reconfigure() raise ValueError when there is neither a probe nor an app port to
+check; reconfigure() then keeps the running setup. The state survives reconfigure(): only the probe
+counters start afresh.
 
 `post` receives HealthChanged events, one per transition of the health state (Unknown -> Healthy or
-Unhealthy, then between those two), from the monitor's threads. `bundle_probe` is the WorkloadGroup's
-probe (`probes.bundle_probe(workloadgroup, mesh)`: the group's spec.probe, else mesh.yaml's
-readinessProbe);
-agent.yaml's `app.probe` overrides it; with neither, every app port gets a TCP check.
-`ports` are the app ports (`probes.app_ports(cfg.app.ports, template_ports, ISTIO_INBOUND_PORTS)`);
-the ports watched for a listener and its owner are those, else the probe's own port.
+Unhealthy, then between those two), from the monitor's threads. Which probe and ports is decided once,
+by agent.health.inputs.resolve (agent.yaml, else the WorkloadGroup, else the bundle); without a probe
+every app port gets a TCP check. The ports watched for a listener and its owner are the app ports,
+else the probe's own port.
 
 Timing follows Kubernetes: the first probe runs `initial_delay` after start(), then one starts every
 `period` (each bounded by `timeout`). When a listener appears again on a watched port after the
@@ -136,14 +132,6 @@ class Monitor:
                                     interval=port_interval, watch_process=watch_process,
                                     use_pidfd=use_pidfd)
 
-    @classmethod
-    def from_config(cls, app: AppConfig, *, bundle_probe: ProbeConfig | None, ports: Sequence[int],
-                    instance_address: str | None, post: Callable[[object], None],
-                    sidecar_ready: bool = False) -> Monitor:
-        return cls(app.probe or bundle_probe, ports=ports, post=post, flap=app.flap,
-                   probe_host=probe_host(app, instance_address), watch_process=app.watch_process,
-                   sidecar_ready=sidecar_ready)
-
     @staticmethod
     def _build(cfg: ProbeConfig | None, ports: Sequence[int], host: str) -> probes.Probe:
         if cfg is None:
@@ -190,12 +178,6 @@ class Monitor:
             self._generation += 1  # a probe of the old setup still running will be ignored
             self._cond.notify_all()
         self._portwatch.set_ports(watched)
-
-    def apply_config(self, app: AppConfig, *, bundle_probe: ProbeConfig | None, ports: Sequence[int],
-                     instance_address: str | None) -> None:
-        """reconfigure() from agent.yaml's app section (app.watch_process applies at the next start)."""
-        self.reconfigure(app.probe or bundle_probe, ports=ports, flap=app.flap,
-                         probe_host=probe_host(app, instance_address))
 
     def snapshot(self) -> HealthSnapshot:
         ports = self._portwatch.snapshot()  # outside our lock: the port watch posts under its own

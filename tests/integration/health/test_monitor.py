@@ -258,7 +258,6 @@ def test_exit_status_of_an_app_its_parent_reaps_at_once(events: Events, tmp_path
 
 
 def test_reconfigure(apps: Apps, events: Events, monitors: list[Monitor], tmp_path: Path) -> None:
-    from agent.config import AppConfig
 
     status = tmp_path / "status"
     app = apps.start("http", "--status-file", str(status))
@@ -273,8 +272,7 @@ def test_reconfigure(apps: Apps, events: Events, monitors: list[Monitor], tmp_pa
     # for the next 10 s period.
     status.write_text("500")
     cfg = ProbeConfig(http_get=http_probe(app.port).http_get, timeout=5.0, failure_threshold=1)
-    m.apply_config(AppConfig(probe=cfg, flap=NO_DAMPING), bundle_probe=None, ports=[app.port],
-                   instance_address=None)
+    m.reconfigure(cfg, ports=[app.port], flap=NO_DAMPING)
     ev = health(events.next(5))
     assert ev.state is Health.UNHEALTHY and ev.reason == "probe failed: HTTP 500"
     assert m.snapshot().probe == f"http://127.0.0.1:{app.port}/ready"

@@ -1,0 +1,170 @@
+"""The registry part: this VM's WorkloadEntry, registered while the app is healthy behind a ready sidecar
+and not in maintenance, withdrawn otherwise. The registrar (a pure state machine) decides; its API
+worker and group watch run in threads and post back."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import config
+from agent.bundle.model import Bundle
+from agent.health.monitor import HealthChanged
+from agent.health.tracker import Health
+from agent.part import BundleInUse, Context, FatalError, MaintenanceChanged
+from agent.registry import registrar as reg
+from agent.registry import service
+
+log = logging.getLogger("agent.registry")
+
+
+@dataclass(frozen=True)
+class RegistrationSnapshot:
+    registrar: reg.RegistrationStatus | None = None
+    wall_offset: float = 0.0  # wall clock minus the loop's monotonic clock, for the times below
+    last_write: dict[str, Any] = field(default_factory=dict)
+    lease: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def registered(self) -> bool:
+        return self.registrar is not None and self.registrar.known is reg.State.REGISTERED
+
+    def as_dict(self) -> dict[str, Any]:
+        st = self.registrar
+        if st is None:
+            return {}
+
+        def wall(t: float | None) -> float | None:
+            return t + self.wall_offset if t is not None else None
+
+        # What is known, not the last attempt: an outage leaves the entry as the API last showed it.
+        d: dict[str, Any] = {"state": st.state.value, "want": st.want.value, "entry": st.entry,
+                             "namespace": st.namespace, "message": st.message, "registered": self.registered,
+                             "known": st.known.value if st.known is not None else None,
+                             "confirmed_at": wall(st.confirmed_at), "unknown_since": wall(st.unknown_since)}
+        if st.conflict_holder:
+            d["conflict"] = f"entry held by instance {st.conflict_holder}"
+        if st.state is reg.State.RETRYING:
+            d["error"] = st.message
+        return {**d, **self.last_write, **self.lease}
+
+
+class RegistryPart:
+    name = "registry"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.service: service.RegistryService | None = None
+        self.registrar: reg.Registrar | None = None
+        self.bundle: Bundle | None = None
+        self.health = Health.UNKNOWN
+        self.maintenance = False
+        self.last_write: dict[str, Any] = {}
+        self.lease: dict[str, Any] = {}
+        self.due: float | None = None
+
+    def start(self, now: float) -> None:
+        pass  # the first bundle names the group and the API
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.stop()
+
+    @property
+    def finished(self) -> bool:
+        return self.registrar is None or self.registrar.finished
+
+    def withdraw(self, now: float, timeout: float) -> None:
+        """The draining stop: withdraw the entry and release the lease (the loop pumps until finished)."""
+        if self.registrar is not None:
+            self.registrar.shutdown(now, timeout=timeout)
+
+    def status(self) -> RegistrationSnapshot:
+        return RegistrationSnapshot(self.registrar.status() if self.registrar is not None else None,
+                                    time.time() - time.monotonic(), self.last_write, self.lease)
+
+    def reconfigure(self, old: config.Config, new: config.Config) -> None:
+        if new.registry != old.registry and self.registrar is not None and self.bundle is not None:
+            log.info("registry settings changed: re-applying the entry")
+            # A new registrar takes over; the old one does not withdraw.
+            self.stop()
+            self.service = self.registrar = None
+            self.start_registrar(self.bundle)
+
+    # --- events and timers ---
+
+    def handle(self, event: object, now: float) -> bool:
+        if isinstance(event, BundleInUse):
+            self.bundle = event.bundle
+            if self.registrar is None and self.ctx.cfg.registry.enabled:
+                self.start_registrar(event.bundle)
+            return False
+        if isinstance(event, HealthChanged):
+            self.health = event.state
+            if self.registrar is not None:
+                self.registrar.set_health(_as_bool(event.state), event.reason)
+            return False
+        if isinstance(event, MaintenanceChanged):
+            self.maintenance = event.on
+            if self.registrar is not None:
+                self.registrar.set_maintenance(event.on)
+            return False
+        if self.registrar is None or not self.registrar.handle(event, now):
+            return False
+        if isinstance(event, reg.RegistryResult):
+            self.result(event.outcome)
+        return not isinstance(event, reg.GroupSeen)  # the health part follows the group too
+
+    def tick(self, now: float) -> float | None:
+        if self.registrar is None:
+            return None
+        self.due = self.registrar.tick(now)  # retries, lease renewal, resync
+        self.ctx.metrics.set("registered", 1 if self.status().registered else 0)
+        return self.due
+
+    # --- the registrar ---
+
+    def start_registrar(self, bundle: Bundle) -> None:
+        address = self.ctx.address_for(bundle)
+        if address is None:
+            raise FatalError("registry: no address for this VM: set registry.address", config.EX_CONFIG)
+        try:
+            machine_id = self.ctx.layout.machine_id.read_text()
+        except OSError as exc:
+            raise FatalError(f"registry: {self.ctx.layout.machine_id}: {exc.strerror}") from exc
+        machine_id = self.ctx.instance_key or machine_id  # a cloud instance tells clones of an image apart
+        try:
+            plan = service.make_plan(self.ctx.cfg.registry, bundle.env_map, machine_id=machine_id, address=address,
+                                     bundle_kubeconfig=self.ctx.shipped_kubeconfig(),
+                                     identity_token=self.ctx.identity_token())
+            self.service = service.RegistryService.start(plan, self.ctx.post)
+        except service.PlanError as exc:
+            raise FatalError(str(exc), config.EX_CONFIG) from exc
+        self.registrar = self.service.registrar
+        if bundle.workload_group:
+            self.registrar.set_group(dict(bundle.workload_group))
+        self.registrar.set_health(_as_bool(self.health))
+        self.registrar.set_maintenance(self.maintenance)
+        s = plan.settings
+        log.info("registering as %s in %s/%s (instance %s)", address, s.namespace, s.group, s.instance)
+
+    def result(self, outcome: reg.Outcome) -> None:
+        """Remember the last write and the lease, for status and metrics."""
+        if outcome.wrote:
+            self.last_write = {"last_write": time.time(), "last_action": ", ".join(outcome.wrote)}
+            for action in outcome.wrote:
+                self.ctx.metrics.inc("writes", action, "error" if outcome.error else "ok")
+        if outcome.error is None:
+            self.ctx.metrics.set("api_contact", time.time())
+        else:
+            self.ctx.metrics.inc("errors", "registry")
+        if outcome.lease is not None:
+            meta, spec = outcome.lease.get("metadata", {}), outcome.lease.get("spec", {})
+            self.lease = {"lease": meta.get("name"), "lease_renewed_text": spec.get("renewTime"),
+                          "lease_renewed": time.time()}
+
+
+def _as_bool(health: Health) -> bool | None:
+    return {Health.HEALTHY: True, Health.UNHEALTHY: False}.get(health)

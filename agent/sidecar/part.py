@@ -1,0 +1,194 @@
+"""The sidecar part: the istio-sidecar package (once per start, in a worker), then the supervised proxy.
+
+The package install (a download with retries, dpkg with a long timeout) and a proxy restart (drain,
+stop grace, kill wait) run off the loop, which keeps feeding systemd's watchdog meanwhile; while the
+package installs before READY=1, the start timeout is extended so a slow mirror is not a failed start.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from agent import config, systemd
+from agent.bundle.model import Bundle
+from agent.part import BundleInUse, BundleWaiting, Context, FatalError, PackageReady, SidecarReadiness
+from agent.sidecar import package as sidecar_package
+from agent.sidecar import process as sidecar_process
+from agent.sidecar.profiles import ProfileError, describe, read_spec
+
+log = logging.getLogger("agent.sidecar")
+
+EXTEND_EVERY = 30.0  # while the package installs: ask systemd for more start time this often
+EXTEND_BY = 90.0
+
+# cluster.env and mesh.yaml are read by pilot-agent only when it starts.
+RESTART_ON = frozenset({"cluster.env", "mesh.yaml"})
+
+
+@dataclass(frozen=True)
+class SidecarSnapshot:
+    state: str = "stopped"
+    pid: int | None = None
+    restarts: int = 0
+    ready: bool = False
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "pid": self.pid, "restarts": self.restarts, "ready": self.ready,
+                "reason": self.reason}
+
+
+class SidecarPart:
+    name = "sidecar"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.supervisor: sidecar_process.Supervisor | None = None
+        self.bundle: Bundle | None = None
+        self.package: str = "unchecked"  # unchecked -> installing -> ready
+        self.package_job: threading.Thread | None = None
+        self.extend_at: float | None = None
+        self.last_ready = False
+        self.last_restarts = 0
+
+    def start(self, now: float) -> None:
+        pass  # the first bundle brings the sidecar up
+
+    def stop(self) -> None:
+        pass  # the proxy is stopped by drain() in the daemon's stop, or left running for the next agent
+
+    def drain(self, drain: bool) -> None:
+        """The draining stop (blocking; the daemon has extended systemd's stop timeout)."""
+        if self.supervisor is not None:
+            self.supervisor.stop(drain=drain)
+            self.changed()
+
+    def reconfigure(self, old: config.Config, new: config.Config) -> None:
+        if new.sidecar != old.sidecar:
+            log.warning("sidecar settings changed: they take effect at the next restart of mesh-agent")
+
+    @property
+    def ready(self) -> bool:
+        return self.supervisor is not None and self.supervisor.ready
+
+    def status(self) -> SidecarSnapshot:
+        sup = self.supervisor
+        if sup is None:
+            state = "installing-package" if self.package == "installing" else "stopped"
+            return SidecarSnapshot(state=state)
+        return SidecarSnapshot(state=sup.state.value, pid=sup.pid, restarts=sup.restarts, ready=sup.ready,
+                               reason=sup.reason)
+
+    # --- events and timers ---
+
+    def handle(self, event: object, now: float) -> bool:
+        if isinstance(event, BundleWaiting | BundleInUse):
+            self.bundle_seen(event, now)
+            return False  # other parts' news too
+        if isinstance(event, _PackageDone):
+            self.package_done(event, now)
+            return True
+        if self.supervisor is not None and self.supervisor.handle(event):
+            self.changed()
+            return True
+        return isinstance(event, sidecar_process.SidecarStateChanged)  # read from the supervisor itself
+
+    def tick(self, now: float) -> float | None:
+        if self.package == "installing" and self.extend_at is not None:
+            if now >= self.extend_at:
+                systemd.extend_timeout(EXTEND_BY)
+                self.extend_at = now + EXTEND_EVERY
+            return self.extend_at
+        if self.supervisor is None:
+            return None
+        deadline = self.supervisor.tick(now)
+        self.changed()
+        return deadline
+
+    def bundle_seen(self, event: BundleWaiting | BundleInUse, now: float) -> None:
+        if self.package == "unchecked":
+            self.install_package(event.bundle, now)
+        if isinstance(event, BundleInUse):
+            self.bundle = event.bundle
+            if self.supervisor is None:
+                if self.package == "ready":
+                    self.start_proxy(event.bundle)
+            elif event.changed & RESTART_ON and self.ctx.cfg.sidecar.profile == "istio" and not event.first:
+                log.info("cluster.env or mesh.yaml changed: restarting the proxy to use them")
+                self.supervisor.stop(drain=True)
+                self.supervisor.start()
+                self.changed()
+
+    # --- the package ---
+
+    def install_package(self, bundle: Bundle, now: float) -> None:
+        """Install the istio-sidecar package named by the config or the bundle, in a worker."""
+        pkg = bundle.sidecar
+        source = sidecar_package.choose_source(
+            self.ctx.cfg.sidecar.package,
+            {"url": pkg.url, "version": pkg.version, "sha256": pkg.sha256} if pkg else None)
+        if source is None:
+            self.package = "ready"
+            self.ctx.post(PackageReady())
+            return
+        self.package = "installing"
+        self.extend_at = now
+        installer = sidecar_package.Installer(self.ctx.layout)
+
+        def run() -> None:
+            try:
+                installer.ensure(source)
+            except sidecar_package.PackageError as exc:
+                self.ctx.post(_PackageDone(str(exc)))
+            except Exception as exc:  # reported on the loop, which decides; the worker must not die silently
+                self.ctx.post(_PackageDone(f"{type(exc).__name__}: {exc}"))
+            else:
+                self.ctx.post(_PackageDone(None))
+
+        self.package_job = threading.Thread(target=run, name="sidecar-package", daemon=True)
+        self.package_job.start()
+
+    def package_done(self, event: _PackageDone, now: float) -> None:
+        self.extend_at = None
+        if event.error is not None:
+            raise FatalError(f"sidecar package: {event.error}")
+        self.package = "ready"
+        self.ctx.post(PackageReady())
+        if self.bundle is not None and self.supervisor is None:
+            self.start_proxy(self.bundle)
+
+    # --- the proxy ---
+
+    def start_proxy(self, bundle: Bundle) -> None:
+        try:
+            spec = read_spec(self.ctx.cfg.sidecar, self.ctx.layout, cluster_env=bundle.env_map,
+                             hostname=socket.gethostname().split(".")[0], address=self.ctx.address_for(bundle))
+        except ProfileError as exc:
+            raise FatalError(f"sidecar: {exc}") from exc
+        log.info("sidecar: %s", describe(spec))
+        self.supervisor = sidecar_process.Supervisor(spec, self.ctx.layout, self.ctx.post)
+        self.supervisor.start()
+        self.changed()
+
+    def changed(self) -> None:
+        sup = self.supervisor
+        if sup is None:
+            return
+        if sup.restarts > self.last_restarts:
+            self.ctx.metrics.inc("sidecar_restarts", amount=sup.restarts - self.last_restarts)
+            self.last_restarts = sup.restarts
+        self.ctx.metrics.set("sidecar_ready", 1 if sup.ready else 0)
+        if sup.ready != self.last_ready:
+            self.last_ready = sup.ready
+            self.ctx.post(SidecarReadiness(sup.ready))
+        if sup.state is sidecar_process.State.FATAL and not self.ctx.stopping:
+            raise FatalError(f"sidecar failed: {sup.reason}")
+
+
+@dataclass(frozen=True)
+class _PackageDone:
+    error: str | None
