@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentkit import Rig, rig, wait_for
+from devkit.rig import Rig, rig
+from devkit.waiting import wait_for
 from tests.integration.daemon.test_daemon import NotifySocket
 
 pytestmark = [
@@ -152,7 +153,7 @@ def test_the_watchdog_is_fed_while_the_proxy_restarts_slowly(tmp_path: Path) -> 
 
     import yaml
 
-    from tests.agentkit import envoy_bootstrap
+    from devkit.rig import envoy_bootstrap
     from tests.integration.sidecar.helpers import reachable_envoy
 
     shared = Path(tempfile.mkdtemp(prefix="mesh-agent-slow-"))  # the proxy's user (nobody) reads it
@@ -189,7 +190,7 @@ def test_the_watchdog_is_fed_while_the_proxy_restarts_slowly(tmp_path: Path) -> 
             first_pid = lines("started")[0][1]
             files = r.bundle_files()
             files["cluster.env"] += b"ISTIO_META_REVISION='canary'\n"
-            from tests import bundlekit
+            from devkit import bundles as bundlekit
 
             bundlekit.write_dir(r.bundle_dir, files)
             assert r.agent is not None
