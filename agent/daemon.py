@@ -30,6 +30,7 @@ from agent import __version__, config, logs, systemd
 from agent import reload as reload_verb
 from agent.bundle import install as bundle_install
 from agent.bundle import model as bundle_model
+from agent.bundle import store as bundle_store
 from agent.bundle import update as bundle_update
 from agent.bundle import watch as bundle_watch
 from agent.health import probes
@@ -123,7 +124,7 @@ class Agent:
         self.last_watchdog = 0.0
         # The parts; None until the first bundle brings them up.
         self.bundle: bundle_model.Bundle | None = None
-        self.installed: bundle_install.InstalledBundle | None = None
+        self.installed: bundle_store.InstalledBundle | None = None
         self.last_fetch_attempt: float | None = None
         self.fetcher: Any = None  # bundle_update.Refresher, or the cluster source's refresher
         self.tamper_watch: bundle_watch.InstalledFilesWatcher | None = None
@@ -379,7 +380,7 @@ class Agent:
     def parse_stored(self) -> bundle_model.Bundle:
         """The last good bundle as a Bundle, validated as of when it was fetched (its token may have
         expired since; the proxy renews its certificate with the one it holds)."""
-        loaded = bundle_install.load_last_good(self.layout)
+        loaded = bundle_store.load_last_good(self.layout)
         assert loaded is not None
         self.installed, files = loaded
         return bundle_model.parse_bundle(files, self.installed.fetched_at, self.cfg.bundle)
@@ -593,7 +594,7 @@ class Agent:
             return None
 
     def shipped_kubeconfig(self) -> str | None:
-        shipped = bundle_install.last_good_file(self.layout, "kubeconfig")
+        shipped = bundle_store.last_good_file(self.layout, "kubeconfig")
         return str(shipped) if shipped.exists() else None
 
     def api(self) -> Kube:

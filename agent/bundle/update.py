@@ -9,9 +9,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.bundle.install import InstalledBundle, InstallResult, install, last_good
+from agent.bundle.install import InstallResult, install
 from agent.bundle.model import Bundle, parse_bundle
 from agent.bundle.source import Fetched, FetchError, NotModified, Validators, fetch
+from agent.bundle.store import InstalledBundle, last_good
 from agent.config import BundleConfig
 from agent.paths import Layout
 from agent.retry import Backoff
