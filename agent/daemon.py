@@ -28,6 +28,7 @@ from typing import Any
 
 from agent import __version__, config, logs, systemd
 from agent import reload as reload_verb
+from agent.bundle import accept as bundle_accept
 from agent.bundle import install as bundle_install
 from agent.bundle import model as bundle_model
 from agent.bundle import store as bundle_store
@@ -390,20 +391,16 @@ class Agent:
         """Validate, then install, a fetched bundle. Anything wrong: refused, nothing live touched."""
         wall = time.time()
         try:
-            bundle = bundle_model.parse_bundle(files, wall, self.cfg.bundle)
-            if self.installed is not None and self.installed.digest == bundle.digest \
-                    and not bundle_install.drifted(self.layout):
+            prepared = bundle_accept.prepare(files, source=source, cfg=self.cfg.bundle, now=wall,
+                                             layout=self.layout, installed=self.installed)
+            if isinstance(prepared, bundle_accept.Unchanged):
                 self.schedule_refresh()
                 return
-            for w in bundle.warnings:
-                log.warning("bundle %s: %s", bundle.version, w)
+            bundle = prepared.bundle
             if self.sidecar is None:
                 # The sidecar package creates the user (istio-proxy) that owns the bundle's files.
                 self.ensure_sidecar_package(bundle)
-            result = bundle_install.install(
-                bundle, self.layout, source=source, fetched_at=wall, user=self.file_owner,
-                etag=validators.etag if validators else None,
-                last_modified=validators.last_modified if validators else None)
+            result = bundle_accept.commit(prepared, self.layout, user=self.file_owner, validators=validators)
         except bundle_install.MissingUser as exc:
             if self.sidecar is None:  # nothing will create the user while we wait: say so and stop
                 raise FatalError(f"bundle from {source} cannot be installed: {exc}; or name the package in "
