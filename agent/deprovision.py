@@ -23,43 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import manifest, proc
-from agent.bundle.install import HOSTS_BEGIN as BEGIN_MARKER
-from agent.bundle.install import HOSTS_END as END_MARKER
+from agent.bundle.hosts import DamagedBlock, strip_block
 from agent.paths import Layout
 
-# The managed block's marker lines are the installer's (agent.bundle.install): one place says them.
 EX_FAILED = 1
 UNIT = "mesh-agent.service"
-
-
-class HostsError(ValueError):
-    """The hosts file's managed block is malformed; the file is left as it is."""
-
-
-def strip_managed_block(text: str) -> tuple[str, bool]:
-    """`text` without the managed block (markers included); True if there was one.
-
-    Raises HostsError for a BEGIN without END (or the reverse, or a nested BEGIN): removing up to
-    the end of the file could delete the admin's own lines.
-    """
-    out: list[str] = []
-    inside = False
-    found = False
-    for number, line in enumerate(text.splitlines(keepends=True), start=1):
-        marker = line.strip()
-        if marker == BEGIN_MARKER:
-            if inside:
-                raise HostsError(f"line {number}: {BEGIN_MARKER!r} inside the managed block")
-            inside = found = True
-        elif marker == END_MARKER:
-            if not inside:
-                raise HostsError(f"line {number}: {END_MARKER!r} without {BEGIN_MARKER!r}")
-            inside = False
-        elif not inside:
-            out.append(line)
-    if inside:
-        raise HostsError(f"{BEGIN_MARKER!r} without {END_MARKER!r}")
-    return "".join(out), found
 
 
 @dataclass(frozen=True)
@@ -89,12 +57,11 @@ def deprovision(layout: Layout, *, machine_id: bool = False, everything: bool = 
     everything (--all): also every file and directory the agent recorded in its manifest
     (agent.manifest): the mesh-wide files and the directories it created, as `apt purge` does.
     owned(path) says whether a Debian package owns a VM path (default: dpkg-query -S).
-    Raises HostsError (before anything is removed) when /etc/hosts has a malformed block.
+    Raises DamagedBlock (before anything is removed) when /etc/hosts has a malformed block.
     """
     hosts = layout.etc_hosts
-    # latin-1: lossless for any bytes, so the lines around the block stay byte for byte (as the installer)
-    hosts_text = hosts.read_text(encoding="latin-1") if hosts.exists() else None
-    stripped, has_block = strip_managed_block(hosts_text) if hosts_text is not None else ("", False)
+    # The installer's rule (agent.bundle.hosts.split_block): the lines around the block stay byte for byte.
+    stripped, has_block = strip_block(hosts.read_bytes()) if hosts.exists() else (b"", False)
 
     done: list[str] = []
     written = manifest.load(layout) if everything else None
@@ -111,7 +78,7 @@ def deprovision(layout: Layout, *, machine_id: bool = False, everything: bool = 
             continue
         done.append(f"removed {step.what}: {step.path}")
     if has_block:
-        _rewrite_in_place(hosts, stripped)
+        _rewrite_in_place(hosts, stripped.decode("latin-1"))  # latin-1: lossless for any bytes
         done.append(f"removed the managed block from {hosts}")
     if written is not None and owned is not None:
         written.hosts = None
@@ -159,7 +126,7 @@ def main(args: argparse.Namespace) -> int:
         return EX_FAILED
     try:
         done = deprovision(layout, machine_id=args.machine_id, everything=getattr(args, "everything", False))
-    except HostsError as exc:
+    except DamagedBlock as exc:
         print(f"mesh-agent deprovision: {layout.etc_hosts}: {exc}; nothing was removed. Fix the "
               f"file by hand and run again.", file=sys.stderr)
         return EX_FAILED

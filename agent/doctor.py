@@ -184,11 +184,11 @@ def _private_token_file(jwt: str) -> str:
 
 
 def check_bundle(ctx: Context, _t: float) -> list[Check]:
-    from agent.bundle import install, model
+    from agent.bundle import install, model, store
 
     if ctx.cfg is None or ctx.layout is None:
         return [Check("bundle", SKIP, "no valid configuration")]
-    loaded = install.load_last_good(ctx.layout)
+    loaded = store.load_last_good(ctx.layout)
     if loaded is None:
         return [Check("bundle", FAIL, f"no bundle installed yet (source: {ctx.cfg.bundle.source})",
                       f"is the agent running? `mesh-agent bundle fetch --config {ctx.path}` shows whether "
@@ -281,7 +281,7 @@ def check_api(ctx: Context, timeout: float) -> list[Check]:
     if not ctx.cfg.registry.enabled and ctx.cfg.bundle.source != "kubernetes":
         return [Check("API", SKIP, "registry.enabled is false"),
                 Check("clock", SKIP, "no API server configured to compare with (registry.enabled is false)")]
-    from agent.bundle.install import last_good_file
+    from agent.bundle.store import last_good_file
     from agent.registry.kube import Kube
     from agent.registry.service import PlanError, credentials
 

@@ -150,9 +150,9 @@ class Context:
         return self.address
 
     def shipped_kubeconfig(self) -> str | None:
-        from agent.bundle import install
+        from agent.bundle import store
 
-        shipped = install.last_good_file(self.layout, "kubeconfig")
+        shipped = store.last_good_file(self.layout, "kubeconfig")
         return str(shipped) if shipped.exists() else None
 
     def identity_token(self) -> str | None:

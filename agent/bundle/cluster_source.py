@@ -618,24 +618,5 @@ def access_checks(kube: Kube, s: Settings, service_account: str) -> list[AccessC
 
 # --- installing what was built --------------------------------------------------------------------
 
+# What is built is accepted like any fetched bundle (agent.bundle.accept), recorded as from this source.
 SOURCE_NAME = "kubernetes"
-
-
-def install_files(files: Mapping[str, bytes], cfg: Any, layout: Any, *, user: str | None = "istio-proxy",
-                  now: float | None = None) -> Any:
-    """Validate and install a built bundle through the same path as a fetched one (agent.bundle.model,
-    agent.bundle.install). Returns update.Updated, or update.Unchanged when the same bundle is installed.
-    Raises model.BundleError or install.InstallError; the live files are then unchanged."""
-    from agent.bundle import install as I
-    from agent.bundle.model import parse_bundle
-    from agent.bundle.update import Unchanged, Updated
-
-    wall = time.time() if now is None else now
-    bundle = parse_bundle(dict(files), wall, cfg)
-    for w in bundle.warnings:
-        log.warning("bundle %s: %s", bundle.version, w)
-    current = I.last_good(layout)
-    if current is not None and current.digest == bundle.digest and not I.drifted(layout):
-        return Unchanged(current)
-    result = I.install(bundle, layout, source=SOURCE_NAME, fetched_at=wall, user=user)
-    return Updated(bundle, result)

@@ -19,10 +19,11 @@ from urllib.parse import urlsplit
 
 from agent import config as config_mod
 from agent import fsutil
-from agent.bundle import model, source
-from agent.bundle.install import InstallError, last_good
+from agent.bundle import clusterenv, model, source
+from agent.bundle.install import InstallError
 from agent.bundle.model import BundleError, parse_bundle
 from agent.bundle.source import Fetched, FetchError
+from agent.bundle.store import last_good
 from agent.config import BundleConfig
 from agent.paths import Layout
 from agent.redact import register_secret
@@ -234,7 +235,7 @@ def _print(summary: dict[str, Any], where: str, as_json: bool) -> None:
         print(f"  sidecar:      {s['version']} from {s['url']}")
     print("  cluster.env:")
     for k, v in summary["env"].items():
-        print(f"    {k}={model.quote_value(v)}")
+        print(f"    {k}={clusterenv.quote_value(v)}")
     for k in summary["dropped_keys"]:
         print(f"    (dropped {k})")
     for w in summary["warnings"]:

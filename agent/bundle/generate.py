@@ -30,7 +30,7 @@ from typing import Any
 
 from agent import safeload
 from agent.bundle import goyaml
-from agent.bundle.model import format_cluster_env  # one writer of istioctl's cluster.env format
+from agent.bundle.clusterenv import format_cluster_env  # one writer of istioctl's cluster.env format
 
 PROXY_CONFIG_ANNOTATION = "proxy.istio.io/config"
 CANONICAL_NAME = "service.istio.io/canonical-name"

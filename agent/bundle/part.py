@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import config
+from agent.bundle import accept
 from agent.bundle import install as bundle_install
 from agent.bundle import model as bundle_model
+from agent.bundle import store as bundle_store
 from agent.bundle import update as bundle_update
 from agent.bundle import watch as bundle_watch
 from agent.part import BundleInUse, BundleWaiting, Context, FatalError, PackageReady
@@ -26,9 +28,7 @@ log = logging.getLogger("agent.bundle")
 
 @dataclass(frozen=True)
 class _Pending:
-    bundle: bundle_model.Bundle
-    source: str
-    fetched_at: float
+    candidate: accept.Candidate
     validators: bundle_update.Validators | None
 
 
@@ -55,7 +55,7 @@ class BundlePart:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.bundle: bundle_model.Bundle | None = None
-        self.installed: bundle_install.InstalledBundle | None = None
+        self.installed: bundle_store.InstalledBundle | None = None
         self.fetcher: Any = None  # bundle_update.Refresher or cluster_source.ClusterRefresher
         self.tamper_watch: bundle_watch.InstalledFilesWatcher | None = None
         self.package_ready = False
@@ -74,7 +74,7 @@ class BundlePart:
             restored = None
         if restored is not None:
             log.info("last good bundle %s from %s", restored.version, restored.source)
-            loaded = bundle_install.load_last_good(self.ctx.layout)
+            loaded = bundle_store.load_last_good(self.ctx.layout)
             assert loaded is not None
             self.installed, files = loaded
             # Validated as of when it was fetched: its token may have expired since; the proxy renews its
@@ -151,51 +151,47 @@ class BundlePart:
     # --- accepting a bundle ---
 
     def accept(self, files: dict[str, bytes], source: str, validators: bundle_update.Validators | None) -> None:
-        """Validate a fetched bundle; install it now, or once the sidecar package is ready."""
-        wall = time.time()
+        """Validate a fetched bundle (agent.bundle.accept, as every source); install it now, or once the
+        sidecar package is ready."""
         try:
-            bundle = bundle_model.parse_bundle(files, wall, self.ctx.cfg.bundle)
+            prepared = accept.prepare(files, source=source, cfg=self.ctx.cfg.bundle, now=time.time(),
+                                      layout=self.ctx.layout, installed=self.installed)
         except bundle_model.BundleError as exc:
             self.refused(f"bundle from {source} refused, keeping the last good one: {exc}")
             self.schedule_refresh()
             return
-        if self.installed is not None and self.installed.digest == bundle.digest \
-                and not bundle_install.drifted(self.ctx.layout):
+        if isinstance(prepared, accept.Unchanged):
             self.schedule_refresh()
             return
-        for w in bundle.warnings:
-            log.warning("bundle %s: %s", bundle.version, w)
-        pending = _Pending(bundle, source, wall, validators)
+        pending = _Pending(prepared, validators)
         if self.package_ready:
             self.commit(pending)
             return
         if self.pending is None:
-            self.ctx.post(BundleWaiting(bundle))
+            self.ctx.post(BundleWaiting(prepared.bundle))
         self.pending = pending  # the newest valid bundle waits for the package
 
     def commit(self, p: _Pending) -> None:
+        c = p.candidate
         try:
-            result = bundle_install.install(
-                p.bundle, self.ctx.layout, source=p.source, fetched_at=p.fetched_at, user=self.ctx.file_owner,
-                etag=p.validators.etag if p.validators else None,
-                last_modified=p.validators.last_modified if p.validators else None)
+            result = accept.commit(c, self.ctx.layout, user=self.ctx.file_owner, validators=p.validators)
         except bundle_install.MissingUser as exc:
             if self.bundle is None:  # nothing will create the user while we wait: say so and stop
-                raise FatalError(f"bundle from {p.source} cannot be installed: {exc}; or name the package in "
+                raise FatalError(f"bundle from {c.source} cannot be installed: {exc}; or name the package in "
                                  "sidecar.package", config.EX_CONFIG) from exc
-            self.refused(f"bundle from {p.source} refused, keeping the last good one: {exc}")
+            self.refused(f"bundle from {c.source} refused, keeping the last good one: {exc}")
             self.schedule_refresh()
             return
         except bundle_install.InstallError as exc:
-            self.refused(f"bundle from {p.source} refused, keeping the last good one: {exc}")
+            self.refused(f"bundle from {c.source} refused, keeping the last good one: {exc}")
             self.schedule_refresh()
             return
         self.installed = result.installed
         self.error = None
-        self.ctx.metrics.set("bundle_fetched", p.fetched_at)
+        self.ctx.metrics.set("bundle_fetched", c.fetched_at)
         if self.tamper_watch is not None:
             self.tamper_watch.rewatch()  # the first install creates the directories it watches
-        self.use(p.bundle, frozenset(result.changed))
+        self.use(c.bundle, frozenset(result.changed))
         self.schedule_refresh()
 
     def use(self, bundle: bundle_model.Bundle, changed: frozenset[str]) -> None:

@@ -1,22 +1,23 @@
-"""Fetch, validate and install in one call: what the daemon does at start, when a refresh is due and
-on reload, and what `mesh-agent bundle install` does. update_in_thread runs it off the main loop."""
+"""`update` fetches, validates and installs in one call (`mesh-agent bundle install`), through
+agent.bundle.accept as the daemon does; the Refresher fetches in the daemon's background and posts what
+it got, for the loop to accept."""
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.bundle.install import InstalledBundle, InstallResult, install, last_good
-from agent.bundle.model import Bundle, parse_bundle
+from agent.bundle import accept
+from agent.bundle.accept import Unchanged
+from agent.bundle.install import InstallResult
+from agent.bundle.model import Bundle
 from agent.bundle.source import Fetched, FetchError, NotModified, Validators, fetch
+from agent.bundle.store import InstalledBundle, last_good
 from agent.config import BundleConfig
 from agent.paths import Layout
 from agent.retry import Backoff
-
-log = logging.getLogger("agent.bundle")
 
 
 @dataclass(frozen=True)
@@ -29,16 +30,11 @@ class Updated:
         return self.result.installed
 
 
-@dataclass(frozen=True)
-class Unchanged:
-    """The source has the bundle that is installed (HTTP 304, or the same digest)."""
-    installed: InstalledBundle
-
-
 def update(cfg: BundleConfig, layout: Layout, *, user: str | None = "istio-proxy",
            now: float | None = None) -> Updated | Unchanged:
-    """Fetch cfg.source, validate it completely, install it. Raises source.FetchError,
-    model.BundleError or install.InstallError; on any of them the live files are unchanged."""
+    """Fetch cfg.source, validate it completely, install it. Unchanged on HTTP 304 or when it is the
+    installed bundle. Raises source.FetchError, model.BundleError or install.InstallError; on any of
+    them the live files are unchanged."""
     current = last_good(layout)
     previous = Validators(current.etag, current.last_modified) if current else None
     fetched = fetch(cfg, previous)
@@ -48,20 +44,12 @@ def update(cfg: BundleConfig, layout: Layout, *, user: str | None = "istio-proxy
         return Unchanged(current)
     assert isinstance(fetched, Fetched)
     wall = time.time() if now is None else now
-    bundle = parse_bundle(fetched.files, wall, cfg)
-    for w in bundle.warnings:
-        log.warning("bundle %s: %s", bundle.version, w)
-    if current is not None and current.digest == bundle.digest and not _needs_restore(layout):
-        return Unchanged(current)
-    result = install(bundle, layout, source=fetched.source, fetched_at=wall, user=user,
-                     etag=fetched.validators.etag, last_modified=fetched.validators.last_modified)
-    return Updated(bundle, result)
-
-
-def _needs_restore(layout: Layout) -> bool:
-    from agent.bundle.install import drifted
-
-    return bool(drifted(layout))
+    prepared = accept.prepare(fetched.files, source=fetched.source, cfg=cfg, now=wall, layout=layout,
+                              installed=current)
+    if isinstance(prepared, Unchanged):
+        return prepared
+    result = accept.commit(prepared, layout, user=user, validators=fetched.validators)
+    return Updated(prepared.bundle, result)
 
 
 # --- the daemon's background fetch ------------------------------------------------------------------

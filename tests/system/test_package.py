@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent import __version__
-from agent.bundle.install import HOSTS_BEGIN, HOSTS_END
+from agent.bundle.hosts import HOSTS_BEGIN, HOSTS_END
 from tests.system.conftest import NEXT_VERSION, BootFactory, needs_daemon, require_root
 from tests.system.machine import Machine
 

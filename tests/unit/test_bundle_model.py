@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from agent.bundle import model
-from agent.bundle.model import BundleError, format_cluster_env, parse_bundle, parse_cluster_env
+from agent.bundle import hosts, model
+from agent.bundle.clusterenv import format_cluster_env
+from agent.bundle.model import BundleError, parse_bundle, parse_cluster_env
 from devkit import bundles as kit
 
 NOW = time.time()
@@ -99,12 +100,12 @@ def test_multiline_single_quoted_value_keeps_line_numbers() -> None:
 # --- hosts ----------------------------------------------------------------------------------------
 
 def test_hosts_lines_ipv4_ipv6_empty_and_comments() -> None:
-    lines, problems = model.scan_hosts("# gateway\n192.0.2.1 istiod.istio-system.svc  istiod\n"
+    lines, problems = hosts.scan_hosts("# gateway\n192.0.2.1 istiod.istio-system.svc  istiod\n"
                                        "fd00::1 istiod-canary.istio-system.svc\n\n")
     assert problems == []
     assert [str(h) for h in lines] == ["192.0.2.1 istiod.istio-system.svc istiod",
                                        "fd00::1 istiod-canary.istio-system.svc"]
-    assert model.scan_hosts("") == ([], [])
+    assert hosts.scan_hosts("") == ([], [])
 
 
 @pytest.mark.parametrize("text, message", [
@@ -113,7 +114,7 @@ def test_hosts_lines_ipv4_ipv6_empty_and_comments() -> None:
     ("192.0.2.1 bad_host!name", "not a valid hostname"),
 ])
 def test_bad_hosts_lines(text: str, message: str) -> None:
-    _, problems = model.scan_hosts("192.0.2.9 ok.example\n" + text + "\n")
+    _, problems = hosts.scan_hosts("192.0.2.9 ok.example\n" + text + "\n")
     assert len(problems) == 1 and problems[0].startswith("hosts:2: ") and message in problems[0]
 
 

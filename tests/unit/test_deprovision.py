@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from agent import deprovision
-from agent.deprovision import BEGIN_MARKER, END_MARKER, HostsError, strip_managed_block
+from agent.bundle.hosts import HOSTS_BEGIN as BEGIN_MARKER
+from agent.bundle.hosts import HOSTS_END as END_MARKER
+from agent.bundle.hosts import DamagedBlock
 from agent.paths import Layout
 
 HOSTS = (f"127.0.0.1 localhost\n{BEGIN_MARKER}\n10.0.0.5 istiod.istio-system.svc\n{END_MARKER}\n"
@@ -82,31 +84,34 @@ def test_malformed_hosts_block_removes_nothing(tmp_path: Path) -> None:
     layout = populate(tmp_path)
     broken = f"127.0.0.1 localhost\n{BEGIN_MARKER}\n10.0.0.5 istiod\n192.168.1.9 build-server\n"
     layout.etc_hosts.write_text(broken)
-    with pytest.raises(HostsError, match="without"):
+    with pytest.raises(DamagedBlock, match="damaged"):
         deprovision.deprovision(layout)
     assert layout.etc_hosts.read_text() == broken
     assert layout.last_good_bundle.exists()  # checked before anything was removed
 
 
-@pytest.mark.parametrize("text, expected, found", [
-    ("a\nb\n", "a\nb\n", False),
-    (f"a\n{BEGIN_MARKER}\nx\n{END_MARKER}\nb\n", "a\nb\n", True),
-    (f"{BEGIN_MARKER}\n{END_MARKER}\n", "", True),
-    (f"a\n  {BEGIN_MARKER}  \nx\n{END_MARKER}", "a\n", True),  # stray spaces, no final newline
-    (f"a\n{BEGIN_MARKER}\nx\n{END_MARKER}\nb\n{BEGIN_MARKER}\ny\n{END_MARKER}\n", "a\nb\n", True),
-])
-def test_strip_managed_block(text: str, expected: str, found: bool) -> None:
-    assert strip_managed_block(text) == (expected, found)
+def test_the_block_goes_by_the_installers_rule(tmp_path: Path) -> None:
+    """CRLF lines, a block at the end without a newline (agent.bundle.hosts.split_block; its own tests
+    hold the other cases, run against the postrm too)."""
+    layout = populate(tmp_path)
+    layout.etc_hosts.write_bytes(f"a\r\n{BEGIN_MARKER}\r\nx\r\n{END_MARKER}".encode())
+    assert any("managed block" in line for line in deprovision.deprovision(layout))
+    assert layout.etc_hosts.read_bytes() == b"a\r\n"
 
 
 @pytest.mark.parametrize("text", [
     f"{END_MARKER}\n",
     f"{BEGIN_MARKER}\nx\n",
     f"{BEGIN_MARKER}\n{BEGIN_MARKER}\n{END_MARKER}\n",
+    f"a\n{BEGIN_MARKER}\nx\n{END_MARKER}\nb\n{BEGIN_MARKER}\ny\n{END_MARKER}\n",  # two blocks
 ])
-def test_strip_managed_block_refuses_malformed(text: str) -> None:
-    with pytest.raises(HostsError):
-        strip_managed_block(text)
+def test_a_damaged_block_removes_nothing(tmp_path: Path, text: str) -> None:
+    layout = populate(tmp_path)
+    layout.etc_hosts.write_text(text)
+    with pytest.raises(DamagedBlock):
+        deprovision.deprovision(layout)
+    assert layout.etc_hosts.read_text() == text
+    assert layout.last_good_bundle.exists()
 
 
 def test_cli_with_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

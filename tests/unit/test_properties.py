@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 
 from agent import jwtclaims, safeload
 from agent.bundle import model
-from agent.bundle.model import KNOWN_FILES, BundleError, parse_bundle, parse_cluster_env, scan_cluster_env, scan_hosts
+from agent.bundle.clusterenv import format_cluster_env, scan_cluster_env
+from agent.bundle.hosts import scan_hosts
+from agent.bundle.model import KNOWN_FILES, BundleError, parse_bundle, parse_cluster_env
 from agent.bundle.source import FetchError, read_archive
 from devkit import bundles as kit
 
@@ -102,7 +104,7 @@ def test_cluster_env(text: str) -> None:
     except BundleError:
         return
     # What parses is written back by the one writer and reads the same.
-    assert parse_cluster_env(model.format_cluster_env(pairs, sort=False)) == pairs
+    assert parse_cluster_env(format_cluster_env(pairs, sort=False)) == pairs
 
 
 @fast

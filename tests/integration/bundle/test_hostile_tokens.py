@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundle.install import install, last_good
+from agent.bundle.install import install
 from agent.bundle.model import parse_bundle
+from agent.bundle.store import last_good
 from devkit import bundles as kit
 from devkit.roots import make_root, tree_hash
 from tests.unit.test_jwtclaims import claims_with, raw_token

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.bundle.accept import Unchanged
 from agent.bundle.model import parse_bundle
 from agent.bundle.source import Fetched, FetchError, NotModified, Validators, fetch
-from agent.bundle.update import Unchanged, Updated, update
+from agent.bundle.update import Updated, update
 from agent.redact import redact
 from devkit import bundles as kit
 from devkit.bundleserver import LAST_MODIFIED, serve

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from agent import fsutil
-from agent.bundle import install as inst
-from agent.bundle.install import InstallError, drifted, install, last_good, restore_last_good
+from agent.bundle import store
+from agent.bundle.hosts import HOSTS_BEGIN, HOSTS_END, block_lines
+from agent.bundle.install import InstallError, drifted, install, restore_last_good
 from agent.bundle.model import parse_bundle
 from agent.bundle.source import fetch
+from agent.bundle.store import last_good
 from agent.paths import Layout
 from devkit import bundles as kit
 from devkit.roots import ORIGINAL_HOSTS, live_files, make_root, tree_hash
@@ -53,7 +55,7 @@ def test_istioctl_directory_installs_into_istio_layout(tmp_path: Path, ipv6: boo
     hosts = layout.etc_hosts.read_bytes()
     assert hosts.startswith(ORIGINAL_HOSTS)
     want = (kit.HOSTS_V6 if ipv6 else kit.HOSTS_V4).strip()
-    assert hosts[len(ORIGINAL_HOSTS):].decode() == f"{inst.HOSTS_BEGIN}\n{want}\n{inst.HOSTS_END}\n"
+    assert hosts[len(ORIGINAL_HOSTS):].decode() == f"{HOSTS_BEGIN}\n{want}\n{HOSTS_END}\n"
     assert set(result.changed) == {"cluster.env", "mesh.yaml", "root-cert.pem", "istio-token", "hosts"}
     if USER:
         import pwd
@@ -85,7 +87,7 @@ def test_hosts_block_is_replaced_never_appended_twice(tmp_path: Path) -> None:
         f.write(b"10.9.9.9 added.later\n")
     do_install(layout, b)
     text = layout.etc_hosts.read_bytes()
-    assert text.count(inst.HOSTS_BEGIN.encode()) == 1
+    assert text.count(HOSTS_BEGIN.encode()) == 1
     assert b"192.0.2.10" not in text and b"192.0.2.99 istiod-canary" in text
     assert text.startswith(ORIGINAL_HOSTS) and text.endswith(b"10.9.9.9 added.later\n")
     empty, _ = load(tmp_path, "c", kit.files(NOW, replace={"hosts": b""}))
@@ -108,7 +110,7 @@ def test_hosts_on_a_bind_mount_is_rewritten_in_place(tmp_path: Path, monkeypatch
     result = do_install(layout, bundle)
     assert result.hosts_in_place
     assert layout.etc_hosts.stat().st_ino == inode
-    assert inst.hosts_block(layout.etc_hosts.read_bytes()) == [kit.HOSTS_V4.strip()]
+    assert block_lines(layout.etc_hosts.read_bytes()) == [kit.HOSTS_V4.strip()]
     assert not [p for p in layout.etc_hosts.parent.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -127,14 +129,14 @@ def test_hosts_on_a_real_bind_mount(tmp_path: Path) -> None:
         bundle, _ = load(tmp_path, "vm", kit.files(NOW))
         assert do_install(layout, bundle).hosts_in_place
         assert outside.read_bytes() == ORIGINAL_HOSTS + (
-            f"{inst.HOSTS_BEGIN}\n{kit.HOSTS_V4}{inst.HOSTS_END}\n").encode()
+            f"{HOSTS_BEGIN}\n{kit.HOSTS_V4}{HOSTS_END}\n").encode()
     finally:
         subprocess.run(["umount", str(layout.etc_hosts)], check=False)
 
 
 def test_damaged_markers_refuse_before_touching_anything(tmp_path: Path) -> None:
     layout = make_root(tmp_path)
-    layout.etc_hosts.write_bytes(ORIGINAL_HOSTS + inst.HOSTS_BEGIN.encode() + b"\n1.2.3.4 x\n")
+    layout.etc_hosts.write_bytes(ORIGINAL_HOSTS + HOSTS_BEGIN.encode() + b"\n1.2.3.4 x\n")
     before = tree_hash(layout.root)
     bundle, _ = load(tmp_path, "vm", kit.files(NOW))
     with pytest.raises(InstallError, match="marker lines are damaged"):
@@ -223,7 +225,7 @@ def test_crash_between_files_recovers_to_the_new_bundle_never_a_mix(tmp_path: Pa
     live = live_files(layout)
     for name in ("cluster.env", "mesh.yaml", "root-cert.pem", "istio-token"):
         assert live[name] == new_files[name], name
-    assert inst.hosts_block(live["etc/hosts"] or b"") == [kit.HOSTS_V6.strip()]
+    assert block_lines(live["etc/hosts"] or b"") == [kit.HOSTS_V6.strip()]
     assert drifted(layout) == []
     assert not (layout.state / "bundle.pending").exists()
 
@@ -281,7 +283,7 @@ def test_old_stored_bundles_are_pruned(tmp_path: Path) -> None:
         b, _ = load(tmp_path, f"b{i}", kit.files(NOW + i, replace={"hosts": f"192.0.2.{i} x.y\n".encode()}))
         do_install(layout, b)
     stored = [p for p in (layout.state / "bundles").iterdir()]
-    assert len(stored) == inst.KEEP_VERSIONS
+    assert len(stored) == store.KEEP_VERSIONS
     assert layout.last_good_bundle.resolve() in stored
 
 

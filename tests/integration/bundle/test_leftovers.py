@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundle.install import InstallError, install, last_good, restore_last_good
+from agent.bundle.install import InstallError, install, restore_last_good
 from agent.bundle.model import parse_bundle
+from agent.bundle.store import last_good
 from agent.paths import Layout
 from devkit import bundles as kit
 from devkit.roots import live_files, make_root

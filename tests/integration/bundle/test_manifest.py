@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import deprovision, manifest
-from agent.bundle import install as inst
+from agent.bundle import hosts
 from agent.bundle.install import install
 from agent.bundle.model import parse_bundle
 from agent.bundle.source import fetch
@@ -61,7 +61,7 @@ def test_the_installer_records_what_it_writes(tmp_path: Path) -> None:
     # Only what it created: /etc/certs was there already.
     assert sorted(m.dirs) == ["/etc/istio", "/etc/istio/config", "/var/lib/istio", "/var/lib/istio/envoy",
                               "/var/run/secrets", "/var/run/secrets/tokens"]
-    assert m.hosts == "/etc/hosts" and m.markers == (inst.HOSTS_BEGIN, inst.HOSTS_END)
+    assert m.hosts == "/etc/hosts" and m.markers == (hosts.HOSTS_BEGIN, hosts.HOSTS_END)
     # A new bundle updates the hashes.
     install_bundle(tmp_path, layout, NOW + 60)
     assert manifest.load(layout).files["/var/run/secrets/tokens/istio-token"] == \
@@ -69,8 +69,8 @@ def test_the_installer_records_what_it_writes(tmp_path: Path) -> None:
 
 
 def test_the_markers_are_said_in_one_place() -> None:
-    assert deprovision.BEGIN_MARKER is inst.HOSTS_BEGIN and deprovision.END_MARKER is inst.HOSTS_END
-    assert inst.HOSTS_BEGIN not in POSTRM.read_text()  # the postrm reads them from the manifest
+    assert hosts.HOSTS_BEGIN not in POSTRM.read_text()  # the postrm reads them from the manifest
+    assert hosts.HOSTS_END not in POSTRM.read_text()
 
 
 @pytest.mark.parametrize("how", ["deprovision --all", "postrm purge"])
@@ -133,7 +133,7 @@ def test_a_file_a_package_owns_is_left(tmp_path: Path) -> None:
 def test_damaged_markers_leave_the_hosts_file_alone_on_purge(tmp_path: Path) -> None:
     layout = vm_root(tmp_path)
     install_bundle(tmp_path, layout)
-    damaged = layout.etc_hosts.read_bytes().replace(inst.HOSTS_END.encode() + b"\n", b"")
+    damaged = layout.etc_hosts.read_bytes().replace(hosts.HOSTS_END.encode() + b"\n", b"")
     layout.etc_hosts.write_bytes(damaged)
     out = purge(layout)
     assert out.returncode == 0, out.stderr

@@ -12,7 +12,10 @@ from typing import Any
 
 import pytest
 
-from agent.bundle.cluster_source import ClusterBundleFetched, ClusterFetchFailed, SourceError, install_files
+from agent.bundle import accept
+from agent.bundle.cluster_source import SOURCE_NAME, ClusterBundleFetched, ClusterFetchFailed, SourceError
+from agent.bundle.store import last_good
+from agent.paths import Layout
 from agent.registry.credentials import read_claims, renew_own_token
 from agent.registry.kube import GROUPS, Unauthorized
 from agent.retry import Backoff
@@ -28,6 +31,14 @@ from tests.integration.cluster.conftest import (
     root_cert,
     wait_for,
 )
+
+
+def install(world: World, layout: Layout, files: Any) -> None:
+    """What the daemon does with a ClusterBundleFetched: accept.prepare, then accept.commit."""
+    prepared = accept.prepare(files, source=SOURCE_NAME, cfg=world.bundle_config(), now=time.time(),
+                              layout=layout, installed=last_good(layout))
+    assert isinstance(prepared, accept.Candidate)
+    accept.commit(prepared, layout, user=None, validators=None)
 
 
 def claims(token: str) -> dict[str, Any]:
@@ -79,8 +90,8 @@ def test_rotated_root_cert_is_picked_up_by_the_watch(world: World) -> None:
     assert r.status()["error"] is None
     # Installed through the same path as any bundle: the sidecar's root certificate is the new one.
     layout = world.layout()
-    install_files(first.files, world.bundle_config(), layout, user=None)
-    install_files(ev.files, world.bundle_config(), layout, user=None)
+    install(world, layout, first.files)
+    install(world, layout, ev.files)
     assert layout.root_cert.read_text() == new_pem
 
 
@@ -88,7 +99,7 @@ def test_outage_keeps_last_good_reports_and_recovers(world: World, short_istio_t
     r = world.refresher(world.source(), watch=False)
     good = world.next_event(ClusterBundleFetched)
     layout = world.layout()
-    install_files(good.files, world.bundle_config(), layout, user=None)
+    install(world, layout, good.files)
     world.api.outage(4.0)
     failed = world.next_event(ClusterFetchFailed)
     assert "unreachable" in failed.error or "Unavailable" in failed.error or failed.error
@@ -99,7 +110,7 @@ def test_outage_keeps_last_good_reports_and_recovers(world: World, short_istio_t
     assert layout.istio_token.read_bytes() == good.files["istio-token"], "the last good bundle stays"
     back = world.next_event(ClusterBundleFetched)
     assert back.token_expiry > good.token_expiry
-    install_files(back.files, world.bundle_config(), layout, user=None)
+    install(world, layout, back.files)
     assert layout.istio_token.read_bytes() == back.files["istio-token"]
     assert wait_for(lambda: r.status()["error"] is None and r.status()["failures"] == 0, 5)
 

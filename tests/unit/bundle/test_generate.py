@@ -8,16 +8,16 @@ import pytest
 import yaml
 
 from agent.bundle import goyaml
+from agent.bundle.clusterenv import format_cluster_env
+from agent.bundle.clusterenv import quote_value as quote
 from agent.bundle.generate import (
     GenerateError,
     Inputs,
     Options,
     canonical_service,
-    format_cluster_env,
     generate,
     hosts_file,
 )
-from agent.bundle.model import quote_value as quote
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "istioctl"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())

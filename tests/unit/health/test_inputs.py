@@ -12,9 +12,9 @@ GROUP = {"spec": {"probe": {"httpGet": {"port": 8080, "path": "/ready"}, "period
 MESH = ProbeConfig(tcp_socket=TcpSocketProbe(port=9000))
 
 
-def decide(app: AppConfig = AppConfig(), *, group: dict | None = None, mesh: ProbeConfig | None = None,
+def decide(app: AppConfig | None = None, *, group: dict | None = None, mesh: ProbeConfig | None = None,
            inbound: str | None = None, allow_exec: bool = False):
-    return resolve(app, group=group, mesh_readiness=mesh, inbound_ports=inbound, allow_exec=allow_exec,
+    return resolve(app or AppConfig(), group=group, mesh_readiness=mesh, inbound_ports=inbound, allow_exec=allow_exec,
                    user="nobody")
 
 
