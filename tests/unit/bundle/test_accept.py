@@ -16,7 +16,7 @@ from agent.bundle.source import Validators
 from agent.bundle.store import last_good
 from agent.paths import Layout
 from devkit import bundles as kit
-from tests.integration.bundle.bundletree import ORIGINAL_HOSTS, make_root, tree_hash
+from devkit.roots import ORIGINAL_HOSTS, make_root, tree_hash
 
 NOW = time.time()
 USER = "nobody" if os.geteuid() == 0 else None  # a user that exists; ownership needs root
