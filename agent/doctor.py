@@ -125,7 +125,8 @@ def check_identity(ctx: Context, timeout: float) -> list[Check]:
     from agent.identity.common import IdentityError, audiences, token_from_jwt
     from agent.identity.refresh import describe, make_provider, token_file
 
-    ic = dataclasses.replace(ctx.cfg.identity, timeout=min(float(ctx.cfg.identity.timeout), timeout), tries=1)
+    ic = dataclasses.replace(ctx.cfg.identity, timeout=config.Duration(min(float(ctx.cfg.identity.timeout), timeout)),
+                             tries=1)
     provider = make_provider(ic)
     try:
         token = provider.fetch()

@@ -178,7 +178,7 @@ class _Composer(yaml.SafeLoader):
     depth = 0
     nodes = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise _Refused(problem="anchors (&name) and aliases (*name) are not supported: "
@@ -191,7 +191,7 @@ class _Composer(yaml.SafeLoader):
                            problem_mark=event.start_mark)
         self.depth += 1
         try:
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            return super().compose_node(parent, index)
         finally:
             self.depth -= 1
 
@@ -211,9 +211,9 @@ def compose(text: str, file: str) -> yaml.Node | None:
     loader = None
     try:
         loader = _Composer(text)  # its reader checks every character at once
-        return loader.get_single_node()  # type: ignore[no-any-return]
+        return loader.get_single_node()
     except _Refused as exc:
-        raise fail(exc.problem_mark.line + 1, str(exc.problem)) from None
+        raise fail(exc.problem_mark.line + 1 if exc.problem_mark else 1, str(exc.problem)) from None
     except yaml.composer.ComposerError as exc:
         if exc.context == "expected a single document in the stream":
             mark = exc.problem_mark
@@ -262,7 +262,7 @@ class Loader:
     def load(self, text: str, cls: type) -> Any:
         node = compose(text, self.file)
         if node is None or _is_null(node):  # empty, only comments, or `---`: all defaults
-            node = yaml.MappingNode("tag:yaml.org,2002:map", [], yaml.Mark(self.file, 0, 0, 0, None, None))
+            node = yaml.MappingNode("tag:yaml.org,2002:map", [], yaml.Mark(self.file, 0, 0, 0, None, 0))
         try:
             value = self.convert(node, cls, "")
         except _TooMany:
@@ -281,7 +281,7 @@ class Loader:
             if _is_null(node):
                 return None
             return self.convert(node, inner[0], path)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.dataclass(node, tp, path)
         if origin in (tuple, list):
             if not isinstance(node, yaml.SequenceNode):
@@ -471,7 +471,7 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[KeyDoc]:
         else:
             default_value = dataclasses.MISSING
         inner = [a for a in get_args(tp) if a is not type(None)] if _optional(tp) else [tp]
-        if dataclasses.is_dataclass(inner[0]) and get_origin(tp) not in (tuple, list):
+        if isinstance(inner[0], type) and dataclasses.is_dataclass(inner[0]) and get_origin(tp) not in (tuple, list):
             section = f.metadata.get("help") or (inner[0].__doc__ or "").split("\n")[0]
             out.append(KeyDoc(path, "mapping", "", section))
             nested = default_value if dataclasses.is_dataclass(default_value) else None

@@ -141,7 +141,7 @@ class HttpProbe:
         try:
             conn.connect()  # the TCP connect and the TLS handshake, each bounded by the timeout
             raw = conn.sock
-            conn.sock = _DeadlineSocket(raw, start + timeout)  # type: ignore[arg-type]
+            conn.sock = _DeadlineSocket(raw, start + timeout)
             conn.putrequest("GET", self.path, skip_accept_encoding=True,
                             skip_host=any(n.lower() == "host" for n, _ in self.headers))
             names = {n.lower() for n, _ in self.headers}
