@@ -32,7 +32,7 @@ from agent.bundle import install as bundle_install
 from agent.bundle import model as bundle_model
 from agent.bundle import update as bundle_update
 from agent.bundle import watch as bundle_watch
-from agent.health import probes
+from agent.health import probe_spec
 from agent.health.monitor import HealthChanged, Monitor
 from agent.health.tracker import Health
 from agent.maintenance import maintenance_requested
@@ -522,7 +522,7 @@ class Agent:
         group = self.group or (dict(bundle.workload_group) if bundle and bundle.workload_group else {})
         template_ports = ((group.get("spec") or {}).get("template") or {}).get("ports")
         inbound = bundle.env_map.get("ISTIO_INBOUND_PORTS") if bundle else None
-        ports = probes.app_ports(self.cfg.app.ports, template_ports, inbound)
+        ports = probe_spec.app_ports(self.cfg.app.ports, template_ports, inbound)
         probe = self.cfg.app.probe or self.group_probe(group) or \
             self.mesh_probe(bundle.probe if bundle else None, "mesh.yaml: defaultConfig.readinessProbe")
         return probe, ports
@@ -540,18 +540,18 @@ class Agent:
         if not spec.get("probe"):
             return None
         try:
-            return self.mesh_probe(probes.probe_from_istio(spec["probe"], "WorkloadGroup spec.probe"),
+            return self.mesh_probe(probe_spec.probe_from_istio(spec["probe"], "WorkloadGroup spec.probe"),
                                    "WorkloadGroup spec.probe")
-        except probes.ProbeSpecError as exc:
+        except probe_spec.ProbeSpecError as exc:
             self.record_error("health", str(exc))
             return None
 
     def mesh_probe(self, probe: config.ProbeConfig | None, where: str) -> config.ProbeConfig | None:
         """A probe from the mesh as it may run here: an exec probe is refused, or run as sidecar.user."""
         try:
-            return probes.mesh_probe(probe, where, allow_exec=self.cfg.bundle.allow_exec_probe,
-                                     user=self.cfg.sidecar.user)
-        except probes.ProbeSpecError as exc:
+            return probe_spec.mesh_probe(probe, where, allow_exec=self.cfg.bundle.allow_exec_probe,
+                                         user=self.cfg.sidecar.user)
+        except probe_spec.ProbeSpecError as exc:
             log.error("%s", exc)
             self.record_error("health", str(exc))
             return None

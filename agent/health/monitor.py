@@ -17,10 +17,10 @@ the running setup. The state survives reconfigure(): only the probe counters sta
 
 `post` receives HealthChanged events, one per transition of the health state (Unknown -> Healthy or
 Unhealthy, then between those two), from the monitor's threads. `bundle_probe` is the WorkloadGroup's
-probe (`probes.bundle_probe(workloadgroup, mesh)`: the group's spec.probe, else mesh.yaml's
+probe (`probe_spec.bundle_probe(workloadgroup, mesh)`: the group's spec.probe, else mesh.yaml's
 readinessProbe);
 agent.yaml's `app.probe` overrides it; with neither, every app port gets a TCP check.
-`ports` are the app ports (`probes.app_ports(cfg.app.ports, template_ports, ISTIO_INBOUND_PORTS)`);
+`ports` are the app ports (`probe_spec.app_ports(cfg.app.ports, template_ports, ISTIO_INBOUND_PORTS)`);
 the ports watched for a listener and its owner are those, else the probe's own port.
 
 Timing follows Kubernetes: the first probe runs `initial_delay` after start(), then one starts every

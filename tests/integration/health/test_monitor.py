@@ -14,7 +14,7 @@ import pytest
 from agent.config import FlapConfig, ProbeConfig
 from agent.health.monitor import HealthChanged, Monitor
 from agent.health.portwatch import ListenerDown, ListenerUp, OwnerExited, PortWatch
-from agent.health.probes import probe_from_istio
+from agent.health.probe_spec import probe_from_istio
 from agent.health.tracker import Cause, Health
 
 from .conftest import Apps, Events
