@@ -9,7 +9,7 @@ import pytest
 from agent import config
 from agent.config import ExecProbe, HttpGetProbe, HttpHeader, ProbeConfig, TcpSocketProbe
 from agent.health import probe_spec, probes
-from agent.health.portwatch import parse_diag, parse_listeners, parse_stat
+from agent.health.listeners import parse_diag, parse_listeners, parse_stat
 from agent.health.probe_spec import ProbeSpecError, probe_from_istio
 
 
