@@ -11,17 +11,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agent.schema import MAX_BYTES, Duration, Loader, SchemaError, SchemaErrors, Size, decode, field
+from agent.schema import MAX_BYTES, Loader, SchemaError, SchemaErrors, decode, field
+from agent.units import Duration, Size
+from agent.units import duration as _d
 
 DEFAULT_PATH = "/etc/mesh-agent/agent.yaml"
 ENV_VAR = "MESH_AGENT_CONFIG"
 EX_CONFIG = 78  # sysexits.h: configuration error; the unit does not restart on it
-
-
-def _d(text: str) -> Duration:
-    from agent.schema import parse_duration
-
-    return Duration(parse_duration(text))
 
 
 # --- bundle ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from agent.config import (
     ProbeConfig,
     TcpSocketProbe,
 )
-from agent.schema import Duration
+from agent.units import Duration
 
 
 def app_ports(configured: Sequence[int], template_ports: Mapping[str, int] | None,

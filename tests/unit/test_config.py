@@ -454,14 +454,14 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("10s", 10), ("5m", 300), ("1h", 3600),
                                                 ("1m30s", 90), ("1.5s", 1.5)])
 def test_durations(text: str, seconds: float) -> None:
-    from agent.schema import parse_duration
+    from agent.units import parse_duration
 
     assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "10", "s", "10 s", "1h-5m", "ten seconds", "5m3"])
 def test_bad_durations(text: str) -> None:
-    from agent.schema import parse_duration
+    from agent.units import parse_duration
 
     with pytest.raises(ValueError):
         parse_duration(text)
@@ -475,7 +475,7 @@ def test_configuration_reference_is_generated_from_the_schema() -> None:
 
 
 def test_every_key_is_documented() -> None:
-    from agent.schema import describe
+    from agent.config_doc import describe
 
     undocumented = [k.path for k in describe(config.Config) if not k.help]
     assert undocumented == []

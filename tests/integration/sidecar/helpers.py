@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from agent.config import BackoffConfig, CrashLoopConfig, SidecarConfig
-from agent.schema import Duration
 from agent.sidecar.process import SidecarStateChanged, Supervisor
+from agent.units import Duration
 
 
 def envoy_binary() -> str:
