@@ -33,6 +33,7 @@ from agent.bundle import model as bundle_model
 from agent.bundle import update as bundle_update
 from agent.bundle import watch as bundle_watch
 from agent.health import probe_spec
+from agent.health.config import ProbeConfig
 from agent.health.monitor import HealthChanged, Monitor
 from agent.health.tracker import Health
 from agent.maintenance import maintenance_requested
@@ -131,7 +132,7 @@ class Agent:
         self.package_checked = False
         self.sidecar: sidecar_process.Supervisor | None = None
         self.monitor: Monitor | None = None
-        self.monitor_inputs: tuple[config.ProbeConfig | None, tuple[int, ...]] | None = None
+        self.monitor_inputs: tuple[ProbeConfig | None, tuple[int, ...]] | None = None
         self.group: dict[str, Any] | None = None  # the WorkloadGroup as the API last showed it
         self.kube: Kube | None = None  # for the `kubernetes` bundle source
         self.registry: registry_service.RegistryService | None = None
@@ -515,7 +516,7 @@ class Agent:
         self.monitor.start()
         self.health_snapshot()
 
-    def health_inputs(self) -> tuple[config.ProbeConfig | None, tuple[int, ...]]:
+    def health_inputs(self) -> tuple[ProbeConfig | None, tuple[int, ...]]:
         """The app's probe and ports: agent.yaml's, else the WorkloadGroup's (as the API last showed it,
         else the bundle's copy), else mesh.yaml's readinessProbe and cluster.env's ISTIO_INBOUND_PORTS."""
         bundle = self.bundle
@@ -535,7 +536,7 @@ class Agent:
         self.monitor_inputs = inputs
         self.monitor.reconfigure(inputs[0], ports=inputs[1], flap=self.cfg.app.flap, probe_host=self.probe_host())
 
-    def group_probe(self, group: dict[str, Any]) -> config.ProbeConfig | None:
+    def group_probe(self, group: dict[str, Any]) -> ProbeConfig | None:
         spec = group.get("spec") or {}
         if not spec.get("probe"):
             return None
@@ -546,7 +547,7 @@ class Agent:
             self.record_error("health", str(exc))
             return None
 
-    def mesh_probe(self, probe: config.ProbeConfig | None, where: str) -> config.ProbeConfig | None:
+    def mesh_probe(self, probe: ProbeConfig | None, where: str) -> ProbeConfig | None:
         """A probe from the mesh as it may run here: an exec probe is refused, or run as sidecar.user."""
         try:
             return probe_spec.mesh_probe(probe, where, allow_exec=self.cfg.bundle.allow_exec_probe,

@@ -32,7 +32,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.config import FlapConfig, ProbeConfig
+from agent.health.config import FlapConfig, ProbeConfig
 from agent.health.listeners import (
     find_owners,
     read_listeners,

@@ -23,8 +23,8 @@ from agent import jwtclaims, safeload
 from agent.config import (
     BundleConfig,
     PackageConfig,
-    ProbeConfig,
 )
+from agent.health.config import ProbeConfig
 
 REQUIRED_FILES = ("cluster.env", "mesh.yaml", "root-cert.pem", "istio-token")
 # istioctl always writes `hosts`, but it is empty when no gateway address was found; accept it missing.
@@ -632,7 +632,7 @@ def check_sums(text: str, files: Mapping[str, bytes], problems: list[str], file:
 @dataclass(frozen=True)
 class Bundle:
     """A validated bundle. `files` holds the bytes to install (cluster.env without the auto-registration
-    key when it was dropped); `probe` is the mesh.yaml readinessProbe as agent.config.ProbeConfig."""
+    key when it was dropped); `probe` is the mesh.yaml readinessProbe as agent.health.config.ProbeConfig."""
     files: Mapping[str, bytes]
     env: tuple[tuple[str, str], ...]
     proxy_config: Mapping[str, Any]

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from agent.config import (
+from agent.health.config import (
     ExecProbe,
     GrpcProbe,
     HttpGetProbe,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent import proc
-from agent.config import ProbeConfig
+from agent.health.config import ProbeConfig
 
 USER_AGENT = "mesh-agent-probe/1"
 _BODY_LIMIT = 10 * 1024  # read at most this much of a response (kubelet's limit too)

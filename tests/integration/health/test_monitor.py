@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import FlapConfig, ProbeConfig
+from agent.health.config import FlapConfig, ProbeConfig
 from agent.health.monitor import HealthChanged, Monitor
 from agent.health.portwatch import ListenerDown, ListenerUp, OwnerExited, PortWatch
 from agent.health.probe_spec import probe_from_istio
@@ -258,7 +258,7 @@ def test_exit_status_of_an_app_its_parent_reaps_at_once(events: Events, tmp_path
 
 
 def test_reconfigure(apps: Apps, events: Events, monitors: list[Monitor], tmp_path: Path) -> None:
-    from agent.config import AppConfig
+    from agent.health.config import AppConfig
 
     status = tmp_path / "status"
     app = apps.start("http", "--status-file", str(status))

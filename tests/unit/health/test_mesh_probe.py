@@ -11,8 +11,8 @@ import time
 import pytest
 
 from agent.bundle.model import BundleError, parse_bundle
-from agent.config import ExecProbe, ProbeConfig, TcpSocketProbe
 from agent.health import probe_spec, probes
+from agent.health.config import ExecProbe, ProbeConfig, TcpSocketProbe
 from tests import bundlekit as kit
 
 EXEC = ProbeConfig(exec=ExecProbe(("/bin/sh", "-c", "id > /tmp/x")))

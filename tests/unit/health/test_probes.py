@@ -7,8 +7,8 @@ import struct
 import pytest
 
 from agent import config
-from agent.config import ExecProbe, HttpGetProbe, HttpHeader, ProbeConfig, TcpSocketProbe
 from agent.health import probe_spec, probes
+from agent.health.config import ExecProbe, HttpGetProbe, HttpHeader, ProbeConfig, TcpSocketProbe
 from agent.health.listeners import parse_diag, parse_listeners, parse_stat
 from agent.health.probe_spec import ProbeSpecError, probe_from_istio
 
