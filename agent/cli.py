@@ -39,7 +39,7 @@ VERBS = [
          "Send the running agent SIGHUP and wait for its answer: exit 0 when the new configuration was "
          "applied, 78 with the reason when it was refused (the running configuration is kept), 3 when "
          "the agent is not running, 1 when it did not answer in time. The unit's ExecReload."),
-    Verb("doctor", "agent.doctor", "check everything the agent needs and say what is wrong",
+    Verb("doctor", "agent.doctor.run", "check everything the agent needs and say what is wrong",
          "One line per check (config, bundle, sidecar, istiod and API reachability, RBAC, WorkloadGroup, clock, "
          "ports, iptables, istio.service): pass, warn or fail with a hint, or skip saying why. "
          "Works without a configuration. Exit 1 when a check fails."),
