@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 from dataclasses import dataclass
+from types import ModuleType
 
 from agent import __version__
 
@@ -38,7 +39,7 @@ VERBS = [
          "Send the running agent SIGHUP and wait for its answer: exit 0 when the new configuration was "
          "applied, 78 with the reason when it was refused (the running configuration is kept), 3 when "
          "the agent is not running, 1 when it did not answer in time. The unit's ExecReload."),
-    Verb("doctor", "agent.doctor", "check everything the agent needs and say what is wrong",
+    Verb("doctor", "agent.doctor.run", "check everything the agent needs and say what is wrong",
          "One line per check (config, bundle, sidecar, istiod and API reachability, RBAC, WorkloadGroup, clock, "
          "ports, iptables, istio.service): pass, warn or fail with a hint, or skip saying why. "
          "Works without a configuration. Exit 1 when a check fails."),
@@ -68,7 +69,7 @@ VERBS = [
 ]
 
 
-def build_parser(chosen: str | None = None) -> tuple[argparse.ArgumentParser, object | None]:
+def build_parser(chosen: str | None = None) -> tuple[argparse.ArgumentParser, ModuleType | None]:
     """The parser, with the arguments of the chosen verb's module (only that one is imported)."""
     parser = argparse.ArgumentParser(
         prog="mesh-agent",
@@ -85,13 +86,13 @@ def build_parser(chosen: str | None = None) -> tuple[argparse.ArgumentParser, ob
             continue
         module = _load(verb.module)
         if module is not None:
-            module.add_arguments(p, verb.name)  # type: ignore[attr-defined]
+            module.add_arguments(p, verb.name)
         else:
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser, module
 
 
-def _load(name: str) -> object | None:
+def _load(name: str) -> ModuleType | None:
     """The verb's module, or None when this build of mesh-agent does not have it yet."""
     try:
         return importlib.import_module(name)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         print(f"mesh-agent {args.verb}: not available in this version of mesh-agent yet", file=sys.stderr)
         return EX_USAGE
-    return int(module.main(args))  # type: ignore[attr-defined]
+    return int(module.main(args))
 
 
 if __name__ == "__main__":

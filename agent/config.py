@@ -1,4 +1,7 @@
-"""agent.yaml: the whole configuration schema, its defaults, and loading with actionable errors.
+"""agent.yaml: the configuration schema, its defaults, and loading with actionable errors.
+
+The `app` and `identity` sections live with their concerns (agent/health/config.py,
+agent/identity/config.py); the rest, and the file as a whole, here.
 
 Every key is documented in docs/configuration.md; packaging/agent.yaml.example is the commented
 example shipped as /etc/mesh-agent/agent.yaml. Keys are snake_case; a probe override uses the same
@@ -11,17 +14,15 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agent.schema import MAX_BYTES, Duration, Loader, SchemaError, SchemaErrors, Size, decode, field
+from agent.health.config import AppConfig
+from agent.identity.config import IdentityConfig
+from agent.schema import MAX_BYTES, Loader, SchemaError, SchemaErrors, decode, field
+from agent.units import Duration, Size
+from agent.units import duration as _d
 
 DEFAULT_PATH = "/etc/mesh-agent/agent.yaml"
 ENV_VAR = "MESH_AGENT_CONFIG"
 EX_CONFIG = 78  # sysexits.h: configuration error; the unit does not restart on it
-
-
-def _d(text: str) -> Duration:
-    from agent.schema import parse_duration
-
-    return Duration(parse_duration(text))
 
 
 # --- bundle ---------------------------------------------------------------------------------------
@@ -166,98 +167,6 @@ class SidecarConfig:
         return out
 
 
-# --- app and probes -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class HttpHeader:
-    """A header sent by an http_get probe."""
-
-    name: str = field()
-    value: str = field("")
-
-
-@dataclass(frozen=True)
-class HttpGetProbe:
-    port: int = field(min=1, max=65535, help="port to GET")
-    path: str = field("/", help="path to GET; 200-399 is healthy")
-    host: str | None = field(None, help="default: app.probe_host")
-    scheme: Literal["HTTP", "HTTPS"] = field("HTTP", help="HTTPS certificates are not verified, as kubelet")
-    http_headers: tuple[HttpHeader, ...] = field((), help="list of {name, value}")
-
-
-@dataclass(frozen=True)
-class TcpSocketProbe:
-    port: int = field(min=1, max=65535, help="port to connect to")
-    host: str | None = field(None, help="default: app.probe_host")
-
-
-@dataclass(frozen=True)
-class ExecProbe:
-    command: tuple[str, ...] = field(help="argv, run without a shell; exit 0 is healthy")
-
-    @staticmethod
-    def checks(c: ExecProbe) -> list[tuple[str, str]]:
-        return [("command", "must not be empty")] if not c.command else []
-
-
-@dataclass(frozen=True)
-class GrpcProbe:
-    port: int = field(min=1, max=65535, help="grpc.health.v1 port")
-    service: str = field("", help="service name sent in the health check")
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """Istio's WorkloadGroup probe, in snake_case. Exactly one of the four kinds."""
-    http_get: HttpGetProbe | None = field(None, help="HTTP GET probe")
-    tcp_socket: TcpSocketProbe | None = field(None, help="TCP connect probe")
-    exec: ExecProbe | None = field(None, help="command probe")
-    grpc: GrpcProbe | None = field(None, help="gRPC health probe (needs python3-grpcio)")
-    initial_delay: Duration = field(_d("0s"), min=0.0, max=3600.0, help="wait before the first probe")
-    timeout: Duration = field(_d("1s"), min=0.001, max=600.0, help="a probe slower than this failed")
-    period: Duration = field(_d("10s"), min=0.01, max=3600.0, help="time between probes")
-    success_threshold: int = field(1, min=1, max=100, help="successes in a row to become healthy")
-    failure_threshold: int = field(3, min=1, max=100, help="failures in a row to become unhealthy")
-
-    @staticmethod
-    def checks(c: ProbeConfig) -> list[tuple[str, str]]:
-        kinds = [k for k in ("http_get", "tcp_socket", "exec", "grpc") if getattr(c, k) is not None]
-        if len(kinds) != 1:
-            return [("http_get", "a probe needs exactly one of http_get, tcp_socket, exec, grpc"
-                                 + (f" (got {', '.join(kinds)})" if kinds else ""))]
-        if c.grpc is not None:
-            try:
-                import grpc  # noqa: F401
-            except ImportError:
-                return [("grpc", "a grpc probe needs grpcio (Debian: apt install python3-grpcio)")]
-        return []
-
-
-@dataclass(frozen=True)
-class FlapConfig:
-    """Damping of health transitions, so a flapping app does not churn the mesh."""
-    min_dwell: Duration = field(_d("5s"), min=0.0, max=3600.0,
-                                help="least time after a transition before a return to Healthy "
-                                "(going Unhealthy is never delayed)")
-    max_transitions: int = field(6, min=2, max=1000, help="transitions allowed per window; past it the "
-                                 "app is held Unhealthy until the window frees a slot")
-    window: Duration = field(_d("5m"), min=1.0, max=86400.0, help="sliding window for max_transitions")
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    """The local application whose health decides registration."""
-
-    ports: tuple[int, ...] = field((), min=1, max=65535,
-                                   help="app ports; default: the group's ports or ISTIO_INBOUND_PORTS")
-    probe: ProbeConfig | None = field(None, help="overrides the WorkloadGroup's probe")
-    probe_host: Literal["localhost", "instance"] = field(
-        "localhost", help="probe 127.0.0.1, or the instance address as Istio's agent does")
-    flap: FlapConfig = field(factory=FlapConfig)
-    watch_process: bool = field(True, help="watch the process owning the port; its exit is "
-                                "Unhealthy at once")
-
-
 # --- registry -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -331,60 +240,6 @@ class RegistryConfig:
             out.append(("lease.renew", "must be shorter than lease.duration"))
         if c.locality is not None and c.locality.count("/") > 2:
             out.append(("locality", f'expected "region/zone/subzone", got "{c.locality}"'))
-        return out
-
-
-# --- identity -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class AzureIdentityConfig:
-    """Azure IMDS settings."""
-    client_id: str | None = field(None, help="client id of a user-assigned managed identity; "
-                                  "default: the system-assigned one")
-
-
-@dataclass(frozen=True)
-class AwsIdentityConfig:
-    """AWS STS GetWebIdentityToken settings."""
-    region: str | None = field(None, help="STS region (a regional endpoint is needed); default: "
-                               "botocore's configured region")
-    signing_algorithm: Literal["RS256", "ES384"] = field("RS256", help="how STS signs the token")
-    duration: Duration = field(_d("1h"), min=60.0, max=3600.0, help="lifetime asked for each token")
-
-
-@dataclass(frozen=True)
-class IdentityConfig:
-    """The VM's cloud identity as its Kubernetes credential (see docs/identity.md)."""
-
-    provider: Literal["none", "gcp", "azure", "aws", "oidc-file"] = field(
-        "none", help="none: registry.token_file or a kubeconfig; gcp, azure, aws: the cloud's signed "
-        "identity token; oidc-file: a JWT another system keeps in `file`")
-    audience: str | None = field(None, help="the token's audience, one the API server's "
-                                 "AuthenticationConfiguration accepts (gcp, azure, aws)")
-    endpoint: str | None = field(None, help="metadata service (gcp, azure) or STS (aws) base URL; "
-                                 "default: the cloud's own")
-    file: str | None = field(None, help="the JWT file (oidc-file), read again when it changes")
-    token_file: str | None = field(None, help="where the agent keeps the current token (0600); "
-                                   "default: <run_dir>/identity-token")
-    refresh_fraction: float = field(0.75, min=0.3, max=0.9,
-                                    help="fetch a new token when this fraction of its lifetime has passed")
-    timeout: Duration = field(_d("5s"), min=0.5, max=60.0, help="per request to the metadata service")
-    tries: int = field(3, min=1, max=10, help="attempts per fetch before it counts as failed")
-    azure: AzureIdentityConfig = field(factory=AzureIdentityConfig)
-    aws: AwsIdentityConfig = field(factory=AwsIdentityConfig)
-
-    @staticmethod
-    def checks(c: IdentityConfig) -> list[tuple[str, str]]:
-        out = []
-        if c.provider in ("gcp", "azure", "aws") and not (c.audience or "").strip():
-            out.append(("audience", f"provider {c.provider} needs an audience (the API server's "
-                        "jwt issuer.audiences)"))
-        if c.provider == "oidc-file" and not c.file:
-            out.append(("file", "provider oidc-file needs file"))
-        if c.file and c.provider != "oidc-file":
-            out.append(("file", "file is only for provider oidc-file"))
-        if c.endpoint is not None and not c.endpoint.startswith(("http://", "https://")):
-            out.append(("endpoint", f'expected an http:// or https:// URL, got "{c.endpoint}"'))
         return out
 
 

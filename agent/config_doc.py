@@ -1,12 +1,19 @@
-"""Writes docs/configuration.md from the schema, so the reference cannot drift from the code.
+"""Writes docs/configuration.md from the schema (every key, its type, default and help), so the
+reference cannot drift from the code.
 
     python -m agent.config_doc > docs/configuration.md
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, get_args, get_origin
+
 from agent.config import Config
-from agent.schema import MAX_BYTES, MAX_DEPTH, MAX_ERRORS, MAX_NODES, describe
+from agent.schema import MAX_BYTES, MAX_DEPTH, MAX_ERRORS, MAX_NODES, is_optional
+from agent.units import Duration, Size, format_duration
 
 HEADER = f"""\
 # Configuration reference: /etc/mesh-agent/agent.yaml
@@ -38,6 +45,78 @@ A probe override (`app.probe`) uses the names of Istio's WorkloadGroup probe in 
 | key | type | default | meaning |
 |---|---|---|---|
 """
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    path: str
+    type: str
+    default: str
+    help: str
+
+
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[KeyDoc]:
+    """Every key of a schema, depth first, for the configuration reference.
+
+    `defaults` is the section's default instance, when its parent gives it other defaults than the
+    class's own (registry.backoff is not sidecar.backoff)."""
+    out: list[KeyDoc] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if defaults is not None:
+            default_value: Any = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default_value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default_value = f.default_factory()
+        else:
+            default_value = dataclasses.MISSING
+        inner = [a for a in get_args(tp) if a is not type(None)] if is_optional(tp) else [tp]
+        if isinstance(inner[0], type) and dataclasses.is_dataclass(inner[0]) and get_origin(tp) not in (tuple, list):
+            section = f.metadata.get("help") or (inner[0].__doc__ or "").split("\n")[0]
+            out.append(KeyDoc(path, "mapping", "", section))
+            nested = default_value if dataclasses.is_dataclass(default_value) else None
+            out.extend(describe(inner[0], path + ".", nested))
+            continue
+        default = "required" if default_value is dataclasses.MISSING else _show_default(default_value)
+        out.append(KeyDoc(path, _doc_type(tp), default, f.metadata.get("help", "")))
+    return out
+
+
+def _doc_type(tp: Any) -> str:
+    if is_optional(tp):
+        return _doc_type(next(a for a in get_args(tp) if a is not type(None))) + " or null"
+    if get_origin(tp) is Literal:
+        return " \\| ".join(f"`{a}`" for a in get_args(tp))
+    if get_origin(tp) in (tuple, list):
+        (item,) = get_args(tp)[:1]
+        return f"list of {_doc_type(item)}"
+    if get_origin(tp) is dict:
+        return "mapping of strings"
+    return {Duration: "duration", Size: "size", bool: "boolean", int: "integer", float: "number",
+            str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _show_default(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Duration):
+        return format_duration(value)
+    if isinstance(value, Size):
+        return f"{value // 1024**2}MiB" if value % 1024**2 == 0 else str(int(value))
+    if isinstance(value, (tuple, list)):
+        return "[]" if not value else str(list(value))
+    if isinstance(value, dict):
+        return "{}" if not value else str(value)
+    if value == "":
+        return '""'
+    if dataclasses.is_dataclass(value):
+        return ""
+    return str(value)
 
 
 def render() -> str:

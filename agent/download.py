@@ -81,7 +81,7 @@ def session(deadline: Deadline) -> Any:
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
     def tracked(base: type) -> type:
-        class Tracked(base):  # type: ignore[misc, valid-type]
+        class Tracked(base):
             def _new_conn(self) -> socket.socket:
                 sock = super()._new_conn()
                 deadline.track(sock)

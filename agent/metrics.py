@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from types import ModuleType
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+prom: ModuleType | None
 try:
     import prometheus_client as prom
 except ImportError:  # Debian: python3-prometheus-client is a Recommends, not a Depends

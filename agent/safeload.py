@@ -86,6 +86,11 @@ _BLOCK_SCALAR = re.compile(r"(?:^|[\s])[|>][-+0-9]*\s*(?:#.*)?$")
 _EVENTS_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: fast events
 
 
+def _line(event: yaml.Event) -> int:
+    """The 1-based line an event starts on (the parser marks every event)."""
+    return event.start_mark.line + 1 if event.start_mark else 1
+
+
 def yaml_shape(text: str, what: str = "YAML", *, max_depth: int = MAX_DEPTH) -> None:
     """Refuse YAML nested deeper than max_depth, by a linear scan of its lines (no parser involved)."""
     block: list[int] = []  # indentation of the open block collections
@@ -140,12 +145,12 @@ def load_yaml(data: str | bytes, what: str = "YAML", *, max_size: int = MAX_SIZE
         items = depth = 0
         for event in yaml.parse(text, Loader=_EVENTS_LOADER):
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-                raise LoadError(f"{what}:{event.start_mark.line + 1}: anchors and aliases (&, *) are not "
+                raise LoadError(f"{what}:{_line(event)}: anchors and aliases (&, *) are not "
                                 "allowed; write the values out")
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > max_depth:  # the exact count, where the line scan was fooled
-                    raise LoadError(f"{what}:{event.start_mark.line + 1}: nested more than {max_depth} "
+                    raise LoadError(f"{what}:{_line(event)}: nested more than {max_depth} "
                                     "levels deep")
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1

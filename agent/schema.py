@@ -22,52 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-
-class Duration(float):
-    """Seconds, written in YAML as `500ms`, `10s`, `5m`, `1h` or `1m30s`."""
-
-
-class Size(int):
-    """Bytes, written in YAML as `1048576`, `512KiB`, `1MiB` or `2GiB`."""
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?")
-_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
-               "KB": 1000, "MB": 1000**2, "GB": 1000**3}
-
-
-def parse_duration(text: str) -> float:
-    """`1m30s` -> 90.0. Raises ValueError for anything else."""
-    text = text.strip()
-    pos, total = 0, 0.0
-    for m in _DURATION_PART.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    if pos == 0 or pos != len(text):
-        raise ValueError(text)
-    return total
-
-
-def format_duration(seconds: float) -> str:
-    if seconds and seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    if seconds >= 3600 and seconds % 3600 == 0:
-        return f"{int(seconds // 3600)}h"
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{int(seconds // 60)}m"
-    return f"{seconds:g}s"
-
-
-def parse_size(text: str) -> int:
-    m = _SIZE.fullmatch(text.strip())
-    if not m:
-        raise ValueError(text)
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
-
+from agent.units import Duration, Size, format_duration, parse_duration, parse_size
 
 # Far above any real agent.yaml (the commented example is under 6 KiB); bounds the memory a wrong file,
 # e.g. a log given by mistake, can cost.
@@ -178,7 +133,7 @@ class _Composer(yaml.SafeLoader):
     depth = 0
     nodes = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise _Refused(problem="anchors (&name) and aliases (*name) are not supported: "
@@ -191,7 +146,7 @@ class _Composer(yaml.SafeLoader):
                            problem_mark=event.start_mark)
         self.depth += 1
         try:
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            return super().compose_node(parent, index)
         finally:
             self.depth -= 1
 
@@ -211,9 +166,9 @@ def compose(text: str, file: str) -> yaml.Node | None:
     loader = None
     try:
         loader = _Composer(text)  # its reader checks every character at once
-        return loader.get_single_node()  # type: ignore[no-any-return]
+        return loader.get_single_node()
     except _Refused as exc:
-        raise fail(exc.problem_mark.line + 1, str(exc.problem)) from None
+        raise fail(exc.problem_mark.line + 1 if exc.problem_mark else 1, str(exc.problem)) from None
     except yaml.composer.ComposerError as exc:
         if exc.context == "expected a single document in the stream":
             mark = exc.problem_mark
@@ -262,7 +217,7 @@ class Loader:
     def load(self, text: str, cls: type) -> Any:
         node = compose(text, self.file)
         if node is None or _is_null(node):  # empty, only comments, or `---`: all defaults
-            node = yaml.MappingNode("tag:yaml.org,2002:map", [], yaml.Mark(self.file, 0, 0, 0, None, None))
+            node = yaml.MappingNode("tag:yaml.org,2002:map", [], yaml.Mark(self.file, 0, 0, 0, None, 0))
         try:
             value = self.convert(node, cls, "")
         except _TooMany:
@@ -281,7 +236,7 @@ class Loader:
             if _is_null(node):
                 return None
             return self.convert(node, inner[0], path)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.dataclass(node, tp, path)
         if origin in (tuple, list):
             if not isinstance(node, yaml.SequenceNode):
@@ -370,7 +325,7 @@ class Loader:
                 self.error(knode, sub, "unknown key" + (f' (did you mean "{hint}"?)' if hint else ""))
                 continue
             tp = hints[key]
-            if _is_null(vnode) and not _optional(tp):
+            if _is_null(vnode) and not is_optional(tp):
                 if dataclasses.is_dataclass(tp) or get_origin(tp) in (dict, tuple, list):
                     # `app:` with everything below commented out means "all defaults".
                     vnode = yaml.MappingNode("tag:yaml.org,2002:map", [], vnode.start_mark) \
@@ -380,7 +335,7 @@ class Loader:
                     self.error(vnode, sub, f"expected {_type_name(tp)}, got null")
                     continue
             value = self.convert(vnode, tp, sub)
-            if value is None and not _optional(tp):
+            if value is None and not is_optional(tp):
                 continue  # the conversion reported it
             if value is not None:
                 self.bounds(vnode, sub, fields[key], value)
@@ -426,7 +381,8 @@ def _is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 
-def _optional(tp: Any) -> bool:
+def is_optional(tp: Any) -> bool:
+    """`X | None`."""
     return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
 
 
@@ -442,75 +398,3 @@ def field(default: Any = dataclasses.MISSING, *, help: str = "", min: Any = None
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
-
-
-@dataclass(frozen=True)
-class KeyDoc:
-    path: str
-    type: str
-    default: str
-    help: str
-
-
-def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[KeyDoc]:
-    """Every key of a schema, depth first, for the configuration reference.
-
-    `defaults` is the section's default instance, when its parent gives it other defaults than the
-    class's own (registry.backoff is not sidecar.backoff)."""
-    out: list[KeyDoc] = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if defaults is not None:
-            default_value: Any = getattr(defaults, f.name)
-        elif f.default is not dataclasses.MISSING:
-            default_value = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default_value = f.default_factory()
-        else:
-            default_value = dataclasses.MISSING
-        inner = [a for a in get_args(tp) if a is not type(None)] if _optional(tp) else [tp]
-        if dataclasses.is_dataclass(inner[0]) and get_origin(tp) not in (tuple, list):
-            section = f.metadata.get("help") or (inner[0].__doc__ or "").split("\n")[0]
-            out.append(KeyDoc(path, "mapping", "", section))
-            nested = default_value if dataclasses.is_dataclass(default_value) else None
-            out.extend(describe(inner[0], path + ".", nested))
-            continue
-        default = "required" if default_value is dataclasses.MISSING else _show_default(default_value)
-        out.append(KeyDoc(path, _doc_type(tp), default, f.metadata.get("help", "")))
-    return out
-
-
-def _doc_type(tp: Any) -> str:
-    if _optional(tp):
-        return _doc_type(next(a for a in get_args(tp) if a is not type(None))) + " or null"
-    if get_origin(tp) is Literal:
-        return " \\| ".join(f"`{a}`" for a in get_args(tp))
-    if get_origin(tp) in (tuple, list):
-        (item,) = get_args(tp)[:1]
-        return f"list of {_doc_type(item)}"
-    if get_origin(tp) is dict:
-        return "mapping of strings"
-    return {Duration: "duration", Size: "size", bool: "boolean", int: "integer", float: "number",
-            str: "string"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _show_default(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Duration):
-        return format_duration(value)
-    if isinstance(value, Size):
-        return f"{value // 1024**2}MiB" if value % 1024**2 == 0 else str(int(value))
-    if isinstance(value, (tuple, list)):
-        return "[]" if not value else str(list(value))
-    if isinstance(value, dict):
-        return "{}" if not value else str(value)
-    if value == "":
-        return '""'
-    if dataclasses.is_dataclass(value):
-        return ""
-    return str(value)

@@ -32,14 +32,14 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.config import FlapConfig, ProbeConfig
-from agent.health.monitor import HealthChanged, Monitor
-from agent.health.portwatch import (
+from agent.health.config import FlapConfig, ProbeConfig
+from agent.health.listeners import (
     find_owners,
     read_listeners,
     read_listeners_proc,
 )
-from agent.health.probes import probe_from_istio
+from agent.health.monitor import HealthChanged, Monitor
+from agent.health.probe_spec import probe_from_istio
 from agent.health.tracker import Health
 
 NO_DAMPING = FlapConfig(min_dwell=0.0, max_transitions=1000, window=1.0)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import BackoffConfig, CrashLoopConfig, SidecarConfig
-from agent.schema import Duration
+from agent.units import Duration
 
 
 def envoy_binary() -> str:

@@ -107,11 +107,12 @@ class Child:
 
     def op_doctor(self, namespace: str) -> list[list[str]]:
         """`mesh-agent doctor`'s RBAC check (SelfSubjectAccessReview for every rule)."""
-        from agent import doctor
+        from agent.doctor.check import Context
+        from agent.doctor.remote import check_rbac
 
         assert self.kube is not None
-        ctx = doctor.Context(path="-", kube=self.kube, namespace=namespace)
-        return [[c.result, c.message] for c in doctor.check_rbac(ctx, 5.0)]
+        ctx = Context(path="-", kube=self.kube, namespace=namespace)
+        return [[c.result, c.message] for c in check_rbac(ctx, 5.0)]
 
     def op_fetch(self, settings: dict[str, Any]) -> dict[str, Any]:
         """The `kubernetes` bundle source's fetch: the bundle's files built from the cluster."""

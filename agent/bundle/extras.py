@@ -81,7 +81,7 @@ def check_sidecar(doc: Any, problems: list[str], file: str = "sidecar.yaml") -> 
         problems.append(f"{file}: url: http:// is refused; use https://")
     if isinstance(sha, str) and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
         problems.append(f"{file}: sha256: expected 64 hex digits")
-    if len(problems) != before:
+    if len(problems) != before or not isinstance(sha, str):
         return None
     return PackageConfig(url=url, version=doc["version"], sha256=sha.lower())
 

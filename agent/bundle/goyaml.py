@@ -88,8 +88,10 @@ def natural_less(a: str, b: str) -> bool:
 def sorted_keys(keys: Any) -> list[str]:
     import functools
 
-    return sorted(keys, key=functools.cmp_to_key(lambda x, y: -1 if natural_less(x, y) else
-                                                 (1 if natural_less(y, x) else 0)))
+    def compare(x: str, y: str) -> int:
+        return -1 if natural_less(x, y) else (1 if natural_less(y, x) else 0)
+
+    return sorted(keys, key=functools.cmp_to_key(compare))
 
 
 def format_float(f: float) -> str:

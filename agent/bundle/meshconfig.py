@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from agent.config import ProbeConfig
+from agent.health.config import ProbeConfig
 
 
 def is_str_map(v: Any) -> bool:
@@ -25,8 +25,8 @@ def int_in(v: Any, lo: int, hi: int) -> bool:
 def probe_from_istio(p: Any, where: str, problems: list[str]) -> ProbeConfig | None:
     """Istio's ReadinessProbe (camelCase, as in mesh.yaml and the WorkloadGroup) as our ProbeConfig,
     through the health package's converter (the one place that knows the API's defaults)."""
-    from agent.health.probes import ProbeSpecError
-    from agent.health.probes import probe_from_istio as convert
+    from agent.health.probe_spec import ProbeSpecError
+    from agent.health.probe_spec import probe_from_istio as convert
 
     try:
         return convert(p, where)
@@ -61,7 +61,7 @@ def check_mesh_config(doc: Any, problems: list[str], file: str = "mesh.yaml", *,
 
 def refuse_exec(probe: ProbeConfig | None, where: str, allow_exec: bool,
                  problems: list[str]) -> ProbeConfig | None:
-    from agent.health.probes import exec_refusal
+    from agent.health.probe_spec import exec_refusal
 
     if probe is not None and probe.exec is not None and not allow_exec:
         problems.append(exec_refusal(where))

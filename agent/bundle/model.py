@@ -25,7 +25,8 @@ from agent.bundle.credentials import check_root_cert, check_token
 from agent.bundle.extras import check_kubeconfig, check_sidecar, check_sums
 from agent.bundle.hosts import HostLine, scan_hosts
 from agent.bundle.meshconfig import check_mesh_config, check_workload_group
-from agent.config import BundleConfig, PackageConfig, ProbeConfig
+from agent.config import BundleConfig, PackageConfig
+from agent.health.config import ProbeConfig
 
 REQUIRED_FILES = ("cluster.env", "mesh.yaml", "root-cert.pem", "istio-token")
 # istioctl always writes `hosts`, but it is empty when no gateway address was found; accept it missing.

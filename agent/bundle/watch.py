@@ -16,10 +16,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.bundle import install
 from agent.config import BundleConfig
 from agent.paths import Layout
+
+if TYPE_CHECKING:
+    from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger("agent.bundle.watch")
 
@@ -82,7 +86,7 @@ class InstalledFilesWatcher:
         self._paths = {str(p) for p in install.live_paths(layout).values()}
         self._dirs = sorted({os.path.dirname(p) for p in self._paths})
         self._lock = threading.Lock()
-        self._observer: object | None = None
+        self._observer: BaseObserver | None = None
 
     def start(self) -> None:
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -113,8 +117,8 @@ class InstalledFilesWatcher:
         with self._lock:
             observer, self._observer = self._observer, None
         if observer is not None:
-            observer.stop()  # type: ignore[attr-defined]
-            observer.join(timeout=5)  # type: ignore[attr-defined]
+            observer.stop()
+            observer.join(timeout=5)
 
     def rewatch(self) -> None:
         self.stop()

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config import AppConfig, ProbeConfig
-from agent.health import probes
+from agent.health import probe_spec
+from agent.health.config import AppConfig, ProbeConfig
 
 
 @dataclass(frozen=True)
@@ -43,21 +43,21 @@ def resolve(app: AppConfig, *, group: Mapping[str, Any] | None, mesh_readiness: 
     spec = (group or {}).get("spec") or {}
     template = spec.get("template") if isinstance(spec, Mapping) else None
     template_ports = template.get("ports") if isinstance(template, Mapping) else None
-    ports = probes.app_ports(app.ports, template_ports if isinstance(template_ports, Mapping) else None,
+    ports = probe_spec.app_ports(app.ports, template_ports if isinstance(template_ports, Mapping) else None,
                              inbound_ports)
 
     def from_mesh(probe: ProbeConfig | None, where: str) -> ProbeConfig | None:
         try:
-            return probes.mesh_probe(probe, where, allow_exec=allow_exec, user=user)
-        except probes.ProbeSpecError as exc:
+            return probe_spec.mesh_probe(probe, where, allow_exec=allow_exec, user=user)
+        except probe_spec.ProbeSpecError as exc:
             problems.append(str(exc))
             return None
 
     probe = app.probe
     if probe is None and isinstance(spec, Mapping) and spec.get("probe"):
         try:
-            probe = from_mesh(probes.probe_from_istio(spec["probe"], group_where), group_where)
-        except probes.ProbeSpecError as exc:
+            probe = from_mesh(probe_spec.probe_from_istio(spec["probe"], group_where), group_where)
+        except probe_spec.ProbeSpecError as exc:
             problems.append(str(exc))
     if probe is None:
         probe = from_mesh(mesh_readiness, "mesh.yaml: defaultConfig.readinessProbe")

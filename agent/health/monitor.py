@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from agent.config import AppConfig, FlapConfig, ProbeConfig
 from agent.health import probes
+from agent.health.config import AppConfig, FlapConfig, ProbeConfig
 from agent.health.portwatch import ListenerDown, ListenerUp, OwnerExited, PortWatch
 from agent.health.tracker import Cause, Damping, Health, Tracker, Transition
 

@@ -56,7 +56,7 @@ class Transition:
 
 @dataclass(frozen=True)
 class Damping:
-    """The flap-damping knobs (mirrors agent.config.FlapConfig)."""
+    """The flap-damping knobs (mirrors agent.health.config.FlapConfig)."""
     min_dwell: float = 5.0
     max_transitions: int = 6
     window: float = 300.0

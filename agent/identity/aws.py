@@ -67,7 +67,7 @@ def parse_answer(body: bytes) -> tuple[str, float | None]:
             when = dt.datetime.fromisoformat(expiration.text.strip().replace("Z", "+00:00")).timestamp()
         except ValueError:
             raise IdentityError(f"the STS answer's Expiration is not a time: {expiration.text!r}") from None
-    return token.text.strip(), when  # type: ignore[union-attr]
+    return (token.text or "").strip(), when
 
 
 def parse_error(body: bytes) -> tuple[str, str]:

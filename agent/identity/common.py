@@ -48,7 +48,9 @@ class Token:
 
 class Provider(Protocol):
     name: str
-    where: str  # the endpoint or file, for messages and `doctor`
+
+    @property
+    def where(self) -> str: ...  # the endpoint or file, for messages and `doctor`
 
     def fetch(self) -> Token: ...
 
@@ -92,11 +94,13 @@ def token_from_jwt(jwt: str, *, expiry: float | None = None, now: float | None =
     jwt = jwt.strip()
     _, claims = decode(jwt)  # the time claims are checked there: finite, in range
     exp = claims.get("exp")
-    if exp is None and expiry is None:
+    if exp is not None:
+        expiry = float(exp)
+    if expiry is None:
         raise IdentityError("the token has no exp claim")
     iat = claims.get("iat")
     issued = float(iat) if iat is not None else (time.time() if now is None else now)
-    return Token(jwt, float(exp if exp is not None else expiry), issued, claims)  # type: ignore[arg-type]
+    return Token(jwt, expiry, issued, claims)
 
 
 def audiences(claims: Mapping[str, Any]) -> tuple[str, ...]:

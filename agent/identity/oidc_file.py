@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.identity.common import MAX_TOKEN, IdentityError, Token, token_from_jwt
@@ -19,7 +20,7 @@ from agent.identity.common import MAX_TOKEN, IdentityError, Token, token_from_jw
 class OidcFileProvider:
     path: str
     name: str = "oidc-file"
-    clock: object = time.time
+    clock: Callable[[], float] = time.time
     _stamp: tuple[int, int, int] | None = field(default=None, repr=False)
     _token: Token | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -48,7 +49,7 @@ class OidcFileProvider:
             raise IdentityError(f"cannot read the identity token {self.path}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise IdentityError(f"{self.path}: not a token (not UTF-8 text)") from None
-        now = self.clock()  # type: ignore[operator]
+        now = self.clock()
         if token.expiry <= now:
             raise IdentityError(f"{self.path}: the token expired at "
                                 f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(token.expiry))}; "

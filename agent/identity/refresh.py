@@ -44,7 +44,7 @@ class IdentityRefreshFailed:
 
 
 def make_provider(ic: Any) -> Provider:
-    """The provider agent.yaml's `identity` section names (config.IdentityConfig)."""
+    """The provider agent.yaml's `identity` section names (agent.identity.config.IdentityConfig)."""
     timeout, tries = float(ic.timeout), int(ic.tries)
     if ic.provider == "gcp":
         from agent.identity.gcp import DEFAULT_ENDPOINT, GcpProvider

@@ -61,18 +61,18 @@ def select_address(*, svc_ip: str | None, value: str | None, interface: str | No
     if cidr:
         net = ipaddress.ip_network(cidr, strict=False)
         for iface in interfaces:
-            for ip in map(_usable, iface.addresses):
-                if ip is not None and ip.version == net.version and ip in net:
-                    return str(ip)
+            for usable in map(_usable, iface.addresses):
+                if usable is not None and usable.version == net.version and usable in net:
+                    return str(usable)
         raise AddressError(f"no local address inside {cidr} (registry.address.cidr)")
     by_name = {i.name: i for i in interfaces}
     order = sorted(default_route_ifaces, key=lambda r: 0 if r[0] == 4 else 1)
     if family == "ipv6":
         order = sorted(default_route_ifaces, key=lambda r: 0 if r[0] == 6 else 1)
     for version, name in order:
-        iface = by_name.get(name)
-        if iface is None:
+        if name not in by_name:
             continue
+        iface = by_name[name]
         found = [ip for ip in map(_usable, iface.addresses)
                  if ip and ip.version == version and _family_ok(ip, family)]
         if found:
@@ -81,7 +81,8 @@ def select_address(*, svc_ip: str | None, value: str | None, interface: str | No
                        "registry.address (value, interface or cidr) or ISTIO_SVC_IP")
 
 
-def _prefer(found: list, family: Family):  # type: ignore[no-untyped-def]
+def _prefer(found: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
+            family: Family) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if family == "auto":
         v4 = [ip for ip in found if ip.version == 4]
         return v4[0] if v4 else found[0]

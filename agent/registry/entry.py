@@ -287,9 +287,9 @@ def healthy_condition(healthy: bool, now: dt.datetime, previous: dict[str, Any] 
     """The `Healthy` condition istiod reads with health-checks-enabled; keeps the transition time."""
     status = "True" if healthy else "False"
     transition = format_time(now)
-    for cond in ((previous or {}).get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "Healthy" and cond.get("status") == status and cond.get("lastTransitionTime"):
-            transition = cond["lastTransitionTime"]
+    for old in ((previous or {}).get("status") or {}).get("conditions") or []:
+        if old.get("type") == "Healthy" and old.get("status") == status and old.get("lastTransitionTime"):
+            transition = old["lastTransitionTime"]
     cond: dict[str, Any] = {"type": "Healthy", "status": status, "lastProbeTime": format_time(now),
                             "lastTransitionTime": transition,
                             "reason": "HealthCheckPassed" if healthy else "HealthCheckFailed"}

@@ -185,7 +185,8 @@ class TokenFile:
         prefix: a kubeconfig loader may have left `Bearer <token>` under one name and a prefix under
         another, which would otherwise combine into `Bearer Bearer <token>`."""
         value = f"Bearer {self.current()}"
-        for slot in bearer_slots(type(configuration)):
+        cls: type = type(configuration)  # typed: mypy does not take type[Any] as hashable for the cache
+        for slot in bearer_slots(cls):
             configuration.api_key[slot] = value
             configuration.api_key_prefix.pop(slot, None)
 

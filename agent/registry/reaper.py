@@ -25,7 +25,7 @@ from agent.registry.kube import (
     Kube,
     in_cluster_credentials,
 )
-from agent.schema import parse_duration
+from agent.units import parse_duration
 
 
 @dataclass(frozen=True)

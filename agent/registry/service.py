@@ -78,7 +78,7 @@ def make_plan(reg: Any, cluster_env: Mapping[str, str], *, machine_id: str, addr
                   extra_labels=dict(reg.labels), condition_mode=condition)
 
     def build(group_obj: dict[str, Any]) -> dict[str, Any]:
-        return E.build_entry(E.EntryInputs(group=group_obj, **inputs))  # type: ignore[arg-type]
+        return E.build_entry(E.EntryInputs(group=group_obj, **inputs))
 
     settings = Settings(namespace=namespace, group=group, instance=instance,
                         lease_duration=float(reg.lease.duration), lease_renew=float(reg.lease.renew),

@@ -14,6 +14,7 @@ import pytest
 from agent import config
 from agent.cli import main as cli_main
 from agent.config import ConfigError
+from agent.health import config as health_config
 from agent.schema import MAX_BYTES, MAX_ERRORS
 from tests.conftest import REPO
 
@@ -295,7 +296,7 @@ def test_full_file_round_trips_to_dataclasses() -> None:
     assert cfg.app.ports == (8080, 9090)
     probe = cfg.app.probe
     assert probe is not None and probe.http_get is not None
-    assert probe.http_get.http_headers == (config.HttpHeader("X-Probe", "mesh"),)
+    assert probe.http_get.http_headers == (health_config.HttpHeader("X-Probe", "mesh"),)
     assert probe.http_get.scheme == "HTTPS" and probe.period == 2.0 and probe.timeout == 1.0
     assert cfg.registry.labels == {"rack": "r1", "tier": "2"}
     assert cfg.registry.address == config.AddressConfig(cidr="10.0.0.0/8", family="ipv4")
@@ -305,7 +306,7 @@ def test_full_file_round_trips_to_dataclasses() -> None:
 
 def test_empty_sections_mean_defaults() -> None:
     cfg = config.parse("bundle: {source: /x}\napp:\nregistry:\n")
-    assert cfg.app == config.AppConfig() and cfg.registry == config.RegistryConfig()
+    assert cfg.app == health_config.AppConfig() and cfg.registry == config.RegistryConfig()
 
 
 def test_shipped_example_is_valid_and_not_yet_configured(capsys: pytest.CaptureFixture[str]) -> None:
@@ -454,14 +455,14 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("10s", 10), ("5m", 300), ("1h", 3600),
                                                 ("1m30s", 90), ("1.5s", 1.5)])
 def test_durations(text: str, seconds: float) -> None:
-    from agent.schema import parse_duration
+    from agent.units import parse_duration
 
     assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "10", "s", "10 s", "1h-5m", "ten seconds", "5m3"])
 def test_bad_durations(text: str) -> None:
-    from agent.schema import parse_duration
+    from agent.units import parse_duration
 
     with pytest.raises(ValueError):
         parse_duration(text)
@@ -475,7 +476,7 @@ def test_configuration_reference_is_generated_from_the_schema() -> None:
 
 
 def test_every_key_is_documented() -> None:
-    from agent.schema import describe
+    from agent.config_doc import describe
 
     undocumented = [k.path for k in describe(config.Config) if not k.help]
     assert undocumented == []

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from agent import config
 from agent.config import ConfigError
 from agent.config_cli import is_configured
-from agent.schema import describe
+from agent.config_doc import describe
 from tests.conftest import REPO
 
 # Each case must finish well inside the deadline; the module takes about 6 s of CPU.

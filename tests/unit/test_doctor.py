@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli, doctor
+from agent import cli
+from agent.doctor import vm
 
 CHECKS = ["config", "bundle", "sidecar", "istiod", "API", "clock", "RBAC", "WorkloadGroup", "ports", "iptables",
           "istio.service"]
@@ -99,4 +100,4 @@ def test_sidecar_to_be_installed_from_a_package(tmp_path: Path, capsys: pytest.C
     ({}, "SKIP istio.service: cannot tell: systemctl did not report its state"),
 ])
 def test_istio_service_state(props: dict[str, str], line: str) -> None:
-    assert doctor.istio_service_state(props).line() == line
+    assert vm.istio_service_state(props).line() == line

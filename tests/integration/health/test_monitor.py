@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import FlapConfig, ProbeConfig
+from agent.health.config import FlapConfig, ProbeConfig
 from agent.health.monitor import HealthChanged, Monitor
 from agent.health.portwatch import ListenerDown, ListenerUp, OwnerExited, PortWatch
-from agent.health.probes import probe_from_istio
+from agent.health.probe_spec import probe_from_istio
 from agent.health.tracker import Cause, Health
 
 from .conftest import Apps, Events
@@ -207,7 +207,7 @@ def test_portwatch_reports_owner_and_exit(apps: Apps, events: Events, use_pidfd:
 def test_sock_diag_and_proc_agree_on_listeners() -> None:
     import socket
 
-    from agent.health.portwatch import read_listeners_diag, read_listeners_proc
+    from agent.health.listeners import read_listeners_diag, read_listeners_proc
 
     with socket.socket() as v4, socket.socket(socket.AF_INET6) as v6, socket.socket() as client:
         v4.bind(("127.0.0.1", 0))

@@ -17,8 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from agent.config import BackoffConfig, SidecarConfig
-from agent.schema import Duration
 from agent.sidecar.process import SidecarStateChanged, Supervisor
+from agent.units import Duration
 from devkit.envoy import bootstrap, reachable_envoy
 from devkit.ports import free_port
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from agent.config import AppConfig, ExecProbe, HttpGetProbe, ProbeConfig, TcpSocketProbe
+from agent.health.config import AppConfig, ExecProbe, HttpGetProbe, ProbeConfig, TcpSocketProbe
 from agent.health.inputs import resolve
 
 GROUP = {"spec": {"probe": {"httpGet": {"port": 8080, "path": "/ready"}, "periodSeconds": 7},

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from agent.bundle.model import BundleError, parse_bundle
-from agent.config import ExecProbe, ProbeConfig, TcpSocketProbe
-from agent.health import probes
+from agent.health import probe_spec, probes
+from agent.health.config import ExecProbe, ProbeConfig, TcpSocketProbe
 from devkit import bundles as kit
 
 EXEC = ProbeConfig(exec=ExecProbe(("/bin/sh", "-c", "id > /tmp/x")))
@@ -20,8 +20,8 @@ NOBODY = pwd.getpwnam("nobody")
 
 
 def test_exec_probe_from_the_mesh_is_refused_by_default() -> None:
-    with pytest.raises(probes.ProbeSpecError) as err:
-        probes.mesh_probe(EXEC, "WorkloadGroup spec.probe", allow_exec=False, user="istio-proxy")
+    with pytest.raises(probe_spec.ProbeSpecError) as err:
+        probe_spec.mesh_probe(EXEC, "WorkloadGroup spec.probe", allow_exec=False, user="istio-proxy")
     text = str(err.value)
     assert "\n" not in text
     assert text.startswith("WorkloadGroup spec.probe.exec: an exec probe from the mesh is refused")
@@ -30,36 +30,36 @@ def test_exec_probe_from_the_mesh_is_refused_by_default() -> None:
 
 def test_other_probes_and_no_probe_pass_unchanged() -> None:
     tcp = ProbeConfig(tcp_socket=TcpSocketProbe(port=80))
-    assert probes.mesh_probe(tcp, "p", allow_exec=False, user=None) is tcp
-    assert probes.mesh_probe(None, "p", allow_exec=False, user=None) is None
+    assert probe_spec.mesh_probe(tcp, "p", allow_exec=False, user=None) is tcp
+    assert probe_spec.mesh_probe(None, "p", allow_exec=False, user=None) is None
 
 
 def test_allowed_as_root_it_runs_as_the_user_without_new_privileges() -> None:
-    got = probes.mesh_probe(EXEC, "p", allow_exec=True, user="nobody", euid=0)
+    got = probe_spec.mesh_probe(EXEC, "p", allow_exec=True, user="nobody", euid=0)
     assert got is not None and got.exec is not None
-    assert got.exec.command == (probes.SETPRIV, "--no-new-privs", f"--reuid={NOBODY.pw_uid}",
+    assert got.exec.command == (probe_spec.SETPRIV, "--no-new-privs", f"--reuid={NOBODY.pw_uid}",
                                 f"--regid={NOBODY.pw_gid}", "--init-groups", "--", *EXEC.exec.command)
 
 
 def test_allowed_but_never_as_root_nor_an_unknown_user() -> None:
-    with pytest.raises(probes.ProbeSpecError, match="is root; an exec probe from the mesh never runs as root"):
-        probes.mesh_probe(EXEC, "p", allow_exec=True, user="root", euid=0)
-    with pytest.raises(probes.ProbeSpecError, match="does not exist"):
-        probes.mesh_probe(EXEC, "p", allow_exec=True, user="no-such-user-here", euid=0)
-    with pytest.raises(probes.ProbeSpecError, match="never run as root"):
-        probes.mesh_probe(EXEC, "p", allow_exec=True, user=None, euid=0)
+    with pytest.raises(probe_spec.ProbeSpecError, match="is root; an exec probe from the mesh never runs as root"):
+        probe_spec.mesh_probe(EXEC, "p", allow_exec=True, user="root", euid=0)
+    with pytest.raises(probe_spec.ProbeSpecError, match="does not exist"):
+        probe_spec.mesh_probe(EXEC, "p", allow_exec=True, user="no-such-user-here", euid=0)
+    with pytest.raises(probe_spec.ProbeSpecError, match="never run as root"):
+        probe_spec.mesh_probe(EXEC, "p", allow_exec=True, user=None, euid=0)
 
 
 def test_not_root_it_keeps_the_agents_user_with_no_new_privileges() -> None:
-    got = probes.mesh_probe(EXEC, "p", allow_exec=True, user="istio-proxy", euid=1000)
+    got = probe_spec.mesh_probe(EXEC, "p", allow_exec=True, user="istio-proxy", euid=1000)
     assert got is not None and got.exec is not None
-    assert got.exec.command == (probes.SETPRIV, "--no-new-privs", "--", *EXEC.exec.command)
+    assert got.exec.command == (probe_spec.SETPRIV, "--no-new-privs", "--", *EXEC.exec.command)
 
 
 @pytest.mark.subprocess
 def test_the_confined_command_really_is_unprivileged() -> None:
     script = 'test "$(id -u)" != 0 && grep -q "^NoNewPrivs:[[:space:]]*1" /proc/self/status'
-    argv = probes.confined_argv(("/bin/sh", "-c", script), "nobody")
+    argv = probe_spec.confined_argv(("/bin/sh", "-c", script), "nobody")
     assert probes.CommandProbe(argv).check(10).ok, argv
     if os.geteuid() == 0:  # the check is real: the same script unconfined fails as root
         assert not probes.CommandProbe(("/bin/sh", "-c", script)).check(10).ok
@@ -80,7 +80,7 @@ def test_bundle_with_an_exec_readiness_probe_is_refused_unless_allowed() -> None
     files = kit.files(now, replace={"mesh.yaml": EXEC_MESH.encode()})
     with pytest.raises(BundleError) as err:
         parse_bundle(files, now, kit.config())
-    assert err.value.problems == [probes.exec_refusal("mesh.yaml: defaultConfig.readinessProbe")]
+    assert err.value.problems == [probe_spec.exec_refusal("mesh.yaml: defaultConfig.readinessProbe")]
     allowed = parse_bundle(files, now, kit.config(allow_exec_probe=True))
     assert allowed.probe is not None and allowed.probe.exec is not None
 
@@ -91,5 +91,5 @@ def test_workloadgroup_yaml_with_an_exec_probe_is_refused_unless_allowed() -> No
     files = kit.files(now, extras=True, replace={"workloadgroup.yaml": wg.encode()})
     with pytest.raises(BundleError) as err:
         parse_bundle(files, now, kit.config())
-    assert err.value.problems == [probes.exec_refusal("workloadgroup.yaml: spec.probe")]
+    assert err.value.problems == [probe_spec.exec_refusal("workloadgroup.yaml: spec.probe")]
     parse_bundle(files, now, kit.config(allow_exec_probe=True))

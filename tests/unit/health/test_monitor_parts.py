@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import AppConfig, FlapConfig
+from agent.health.config import AppConfig, FlapConfig
 from agent.health.monitor import HealthSnapshot, damping, probe_host
 from agent.health.probes import ProbeResult
 from agent.health.tracker import Cause, Damping, Health

@@ -7,10 +7,10 @@ import struct
 import pytest
 
 from agent import config
-from agent.config import ExecProbe, HttpGetProbe, HttpHeader, ProbeConfig, TcpSocketProbe
-from agent.health import probes
-from agent.health.portwatch import parse_diag, parse_listeners, parse_stat
-from agent.health.probes import ProbeSpecError, probe_from_istio
+from agent.health import probe_spec, probes
+from agent.health.config import ExecProbe, HttpGetProbe, HttpHeader, ProbeConfig, TcpSocketProbe
+from agent.health.listeners import parse_diag, parse_listeners, parse_stat
+from agent.health.probe_spec import ProbeSpecError, probe_from_istio
 
 
 def test_http_probe_with_every_field() -> None:
@@ -107,10 +107,10 @@ def test_default_probe_checks_every_port() -> None:
 
 
 def test_app_ports_precedence() -> None:
-    assert probes.app_ports((9000,), {"http": 8080}, "7000") == (9000,)
-    assert probes.app_ports((), {"http": 8080, "grpc": 9090}, "7000") == (8080, 9090)
-    assert probes.app_ports((), None, "8080, 8081,*") == (8080, 8081)
-    assert probes.app_ports((), {}, "*") == ()
+    assert probe_spec.app_ports((9000,), {"http": 8080}, "7000") == (9000,)
+    assert probe_spec.app_ports((), {"http": 8080, "grpc": 9090}, "7000") == (8080, 9090)
+    assert probe_spec.app_ports((), None, "8080, 8081,*") == (8080, 8081)
+    assert probe_spec.app_ports((), {}, "*") == ()
 
 
 def test_probe_ports() -> None:
@@ -172,13 +172,3 @@ def test_parse_sock_diag_reply() -> None:
     assert parse_diag(struct.pack("=IHHII", 20, 3, 2, 1, 0) + bytes(4), {8080}, out)
     with pytest.raises(OSError):
         parse_diag(struct.pack("=IHHIIi", 36, 2, 0, 1, 0, -13) + bytes(16), {8080}, out)
-
-
-def test_bundle_probe_prefers_the_workloadgroup() -> None:
-    wg = {"spec": {"probe": {"httpGet": {"port": 8080}}}}
-    mesh = {"defaultConfig": {"readinessProbe": {"tcpSocket": {"port": 9000}, "periodSeconds": 3}}}
-    assert probes.bundle_probe(wg, mesh).http_get.port == 8080
-    assert probes.bundle_probe(None, mesh).tcp_socket.port == 9000
-    assert probes.bundle_probe({"spec": {}}, {"defaultConfig": {}}) is None
-    with pytest.raises(ProbeSpecError, match=r"mesh\.yaml: defaultConfig\.readinessProbe\.tcpSocket\.port"):
-        probes.bundle_probe(None, {"defaultConfig": {"readinessProbe": {"tcpSocket": {}}}})
