@@ -42,8 +42,9 @@ from agent.registry import registrar as reg
 from agent.registry import service as registry_service
 from agent.registry.address import AddressError, detect_address
 from agent.registry.kube import Kube
+from agent.sidecar import machine as sidecar_machine
 from agent.sidecar import package as sidecar_package
-from agent.sidecar import process as sidecar_process
+from agent.sidecar import supervisor as sidecar_supervisor
 from agent.sidecar.profiles import ProfileError, describe, read_spec
 from agent.state import Phase, PhaseMachine, Status, StatusWriter, summarize
 
@@ -129,7 +130,7 @@ class Agent:
         self.tamper_watch: bundle_watch.InstalledFilesWatcher | None = None
         self.address: str | None = None
         self.package_checked = False
-        self.sidecar: sidecar_process.Supervisor | None = None
+        self.sidecar: sidecar_supervisor.Supervisor | None = None
         self.monitor: Monitor | None = None
         self.monitor_inputs: tuple[config.ProbeConfig | None, tuple[int, ...]] | None = None
         self.group: dict[str, Any] | None = None  # the WorkloadGroup as the API last showed it
@@ -289,7 +290,7 @@ class Agent:
                 self.tamper_watch.rewatch()
         elif self.sidecar is not None and self.sidecar.handle(event):
             self.sidecar_changed()
-        elif isinstance(event, sidecar_process.SidecarStateChanged):
+        elif isinstance(event, sidecar_machine.SidecarStateChanged):
             pass  # the snapshot is read from the supervisor itself
         elif isinstance(event, HealthChanged):
             self.health_changed(event)
@@ -483,7 +484,7 @@ class Agent:
         except ProfileError as exc:
             raise FatalError(f"sidecar: {exc}") from exc
         log.info("sidecar: %s", describe(spec))
-        self.sidecar = sidecar_process.Supervisor(spec, self.layout, self.events.put)
+        self.sidecar = sidecar_supervisor.Supervisor(spec, self.layout, self.events.put)
         self.sidecar.start()
         self.sidecar_changed()
 
@@ -500,7 +501,7 @@ class Agent:
         self.metrics.set("sidecar_ready", 1 if sup.ready else 0)
         if self.monitor is not None:
             self.monitor.set_sidecar_ready(sup.ready)
-        if sup.state is sidecar_process.State.FATAL and self.phase.phase in (Phase.STARTING, Phase.RUNNING,
+        if sup.state is sidecar_machine.State.FATAL and self.phase.phase in (Phase.STARTING, Phase.RUNNING,
                                                                              Phase.RELOADING):
             raise FatalError(f"sidecar failed: {sup.reason}")
 

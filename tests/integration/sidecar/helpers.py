@@ -19,7 +19,8 @@ from pathlib import Path
 
 from agent.config import BackoffConfig, CrashLoopConfig, SidecarConfig
 from agent.schema import Duration
-from agent.sidecar.process import SidecarStateChanged, Supervisor
+from agent.sidecar.machine import SidecarStateChanged
+from agent.sidecar.supervisor import Supervisor
 
 
 def envoy_binary() -> str:

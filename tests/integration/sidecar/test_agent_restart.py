@@ -20,7 +20,7 @@ import pytest
 
 from agent.paths import Layout
 from agent.sidecar import profiles
-from agent.sidecar.process import read_pidfile
+from agent.sidecar.adopt import read_pidfile
 
 from .helpers import IstioStandIn, bootstrap, free_port, sidecar_config
 

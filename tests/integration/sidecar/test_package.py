@@ -16,8 +16,9 @@ import pytest
 
 from agent.paths import Layout
 from agent.sidecar import profiles
+from agent.sidecar.machine import State
 from agent.sidecar.package import Installer, PackageError, PackageSource
-from agent.sidecar.process import State, Supervisor
+from agent.sidecar.supervisor import Supervisor
 
 from .helpers import Loop, bootstrap, envoy_binary, free_port, sidecar_config
 
