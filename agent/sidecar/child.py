@@ -101,7 +101,7 @@ def spawn(spec: LaunchSpec, layout: Layout, argv: Sequence[str]) -> Child:
 
 def terminate(child: Child, spec: LaunchSpec, drain: bool, cut_short: threading.Event | None = None) -> None:
     """Drain (if asked), SIGTERM, SIGKILL after stop_grace; returns once the proxy and what it
-    started are gone (or KILL_WAIT after SIGKILL passed). `cut_short` ends a drain early."""
+    started are gone (or KILL_WAIT after SIGKILL passed). Setting `cut_short` ends a drain early."""
     policy = spec.policy
     # Its descendants too (pilot-agent's Envoy): stopping ends when all of them are gone.
     members: list[psutil.Process] = []

@@ -55,7 +55,8 @@ class _RestartWork:
     token: int
     spec: LaunchSpec               # the spec the new start is prepared for
     thread: threading.Thread
-    cut_short: threading.Event     # set by stop(): end the drain early, prepare nothing
+    stopping: threading.Event      # set by stop(): prepare nothing, stop() takes over
+    cut_drain: threading.Event     # set by stop(drain=False): end the old proxy's drain early
 
 
 class Supervisor:
@@ -177,6 +178,7 @@ class Supervisor:
         old_spec = self.spec
         if spec is not None:
             self.spec = spec
+            self.machine.policy = spec.policy   # timeouts and crash-loop limits from now on
         previous = self.state
         if not self.machine.restarting(self._clock()):
             if previous is State.RESTARTING:
@@ -214,8 +216,9 @@ class Supervisor:
 
     def stop(self, drain: bool = True) -> None:
         """Drain (if asked), SIGTERM, SIGKILL after stop_grace; blocks for at most drain_timeout +
-        stop_grace + a few seconds, plus the post-stop commands. During a restart it cuts the
-        restart's drain short, waits for its worker (which stops the old proxy), and starts nothing."""
+        stop_grace + a few seconds, plus the post-stop commands. During a restart it waits for the
+        restart's worker, which stops the old proxy (its drain cut short unless `drain`), and starts
+        nothing."""
         previous = self.state
         if previous is State.STOPPED:
             return
@@ -225,7 +228,9 @@ class Supervisor:
         self._restart_token += 1  # and so is a restart's RestartStopped
         work, self._restart_work = self._restart_work, None
         if work is not None:
-            work.cut_short.set()
+            work.stopping.set()
+            if not drain:
+                work.cut_drain.set()
             work.thread.join()    # it stops the old proxy; once it returns, that one is gone
         child, self._child = self._child, None
         if child is not None and not child.poll():
@@ -253,16 +258,17 @@ class Supervisor:
         """Start the worker that stops `child` (run under old_spec) and prepares self.spec's start.
         It only reads what it is given and posts one RestartStopped."""
         self._restart_token += 1
-        token, new_spec, post, cut_short = self._restart_token, self.spec, self._post, threading.Event()
+        token, new_spec, post = self._restart_token, self.spec, self._post
+        stopping, cut_drain = threading.Event(), threading.Event()
 
         def run() -> None:
             try:
                 if child is not None and not child.poll():
-                    terminate(child, old_spec, drain, cut_short)
+                    terminate(child, old_spec, drain, cut_drain)
                 for old in retiring:
                     if not old.poll():
                         terminate(old, old_spec, drain=False)
-                if cut_short.is_set():
+                if stopping.is_set():
                     return   # stop() took over: it runs the post-stop commands itself
                 run_commands(old_spec, old_spec.post_stop, "post-stop")
                 found = ports.conflicts(new_spec.ports)
@@ -278,7 +284,7 @@ class Supervisor:
                 post(RestartStopped(token, failed=f"restart failed: {exc}"))
 
         thread = threading.Thread(target=run, daemon=True, name=f"sidecar-restart-{token}")
-        self._restart_work = _RestartWork(token, new_spec, thread, cut_short)
+        self._restart_work = _RestartWork(token, new_spec, thread, stopping, cut_drain)
         thread.start()
 
     def _restart_stopped(self, event: RestartStopped) -> None:

@@ -238,3 +238,47 @@ def test_envoy_restart_drains_the_request_in_flight(tmp_path: Path, layout: Layo
         sup.stop(drain=False)
         app.close()
     assert sup.state is State.STOPPED
+
+
+@pytest.mark.parametrize("drain", [True, False])
+def test_stop_during_a_draining_restart_drains_only_when_asked(tmp_path: Path, layout: Layout,
+                                                               drain: bool) -> None:
+    app = App(delay=5.0)
+    admin, listener = free_port(), free_port()
+    (tmp_path / "bootstrap.json").write_text(bootstrap(admin, listener, app.port))
+    spec = profiles.envoy_profile(sidecar_config(tmp_path, admin, drain_timeout=20.0),
+                                  (tmp_path / "bootstrap.json").read_text())
+    loop = Loop()
+    sup = Supervisor(spec, layout, loop.post)
+    sup.start()
+    outcome: list[object] = []
+
+    def one_request() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", listener, timeout=15)
+        try:
+            conn.request("GET", "/slow")
+            outcome.append(conn.getresponse().read())
+        except (OSError, http.client.HTTPException) as exc:
+            outcome.append(exc)
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=one_request)
+    try:
+        assert loop.run_until(sup, lambda: sup.state is State.RUNNING), sup.reason
+        old = sup.pid
+        assert old is not None
+        t.start()
+        assert loop.run_until(sup, lambda: active_requests(spec) == 1, timeout=10)
+        sup.restart(drain=True)
+        assert sup.state is State.RESTARTING and _alive(old)
+        sup.stop(drain=drain)
+        assert sup.state is State.STOPPED and not _alive(old) and sup.pid is None
+        t.join(15)
+        if drain:   # the restart's drain went on: the request was answered before Envoy stopped
+            assert outcome == [b"ok\n"]
+        else:       # cut short: Envoy stopped with the request unanswered
+            assert len(outcome) == 1 and isinstance(outcome[0], OSError | http.client.HTTPException)
+    finally:
+        sup.stop(drain=False)
+        app.close()
