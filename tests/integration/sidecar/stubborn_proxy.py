@@ -38,8 +38,8 @@ def main() -> int:
     server.daemon_threads = True
     terminated = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: terminated.set())
+    note("start")   # before serving: once it answers, the record already says so
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    note("start")
     while not terminated.wait(0.05):
         pass
     note("sigterm")
