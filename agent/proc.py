@@ -1,7 +1,8 @@
 """The one place that runs subprocesses.
 
 Short commands go through run(); long-lived children (the sidecar) through spawn(). Both take an
-argv list, never a shell string, and every run has a timeout.
+argv list, never a shell string, and every run has a timeout. describe_exit() is the one wording of
+how a process ended (the app's, the proxy's).
 """
 
 from __future__ import annotations
@@ -90,3 +91,18 @@ def kill_group(pid: int, sig: int) -> bool:
     except PermissionError:
         return False
     return True
+
+
+def describe_exit(pid: int, name: str, returncode: int | None) -> str:
+    """`process 1234 (python3) exited: killed by SIGKILL` (returncode as Popen's: -N for signal N;
+    None: unknown, e.g. a process that is not our child)."""
+    who = f"process {pid}" + (f" ({name})" if name else "")
+    if returncode is None:
+        return f"{who} exited"
+    if returncode < 0:
+        try:
+            sig = signal.Signals(-returncode).name
+        except ValueError:
+            sig = f"signal {-returncode}"
+        return f"{who} exited: killed by {sig}"
+    return f"{who} exited with status {returncode}"

@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.config import BackoffConfig, CrashLoopConfig
 from agent.paths import Layout
 from agent.sidecar import profiles
-from agent.sidecar.process import State, Supervisor, probe_ready
+from agent.sidecar.envoy_admin import probe_ready
+from agent.sidecar.machine import State
+from agent.sidecar.supervisor import Supervisor
 from devkit.envoy import bootstrap, sidecar_config
 from devkit.ports import free_port
 

@@ -101,7 +101,7 @@ def check_ports(ctx: Context, _t: float) -> list[Check]:
         return [Check("ports", SKIP, "no valid configuration")]
     if ctx.bundle is None:
         return [Check("ports", SKIP, "no bundle: the proxy's ports and address come from it")]
-    from agent.sidecar import process
+    from agent.sidecar import adopt, ports
     from agent.sidecar.profiles import ProfileError, read_spec
 
     try:
@@ -109,9 +109,9 @@ def check_ports(ctx: Context, _t: float) -> list[Check]:
                          hostname=socket.gethostname(), address=None)
     except ProfileError as exc:
         return [Check("ports", FAIL, str(exc))]
-    record = process.read_pidfile(ctx.layout.sidecar_pidfile)
+    record = adopt.read_pidfile(ctx.layout.sidecar_pidfile)
     ours = _family(record.pid) if record else set()
-    holders = process.port_holders(spec.ports, exclude=ours)
+    holders = ports.port_holders(spec.ports, exclude=ours)
     if holders:
         return [Check("ports", FAIL, "; ".join(map(str, holders)),
                       "stop that process (a leftover Envoy or istio.service?) or change the proxy's ports")]

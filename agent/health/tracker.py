@@ -23,10 +23,11 @@ if the inputs still call for it, so the final state is right once the inputs set
 from __future__ import annotations
 
 import enum
-import signal
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from agent.proc import describe_exit
 
 
 class Health(enum.Enum):
@@ -60,20 +61,6 @@ class Damping:
     min_dwell: float = 5.0
     max_transitions: int = 6
     window: float = 300.0
-
-
-def describe_exit(pid: int, name: str, returncode: int | None) -> str:
-    """`process 1234 (python3) exited: killed by SIGKILL` (returncode as Popen: -N for signal N)."""
-    who = f"process {pid}" + (f" ({name})" if name else "")
-    if returncode is None:
-        return f"{who} exited"
-    if returncode < 0:
-        try:
-            sig = signal.Signals(-returncode).name
-        except ValueError:
-            sig = f"signal {-returncode}"
-        return f"{who} exited: killed by {sig}"
-    return f"{who} exited with status {returncode}"
 
 
 class Tracker:

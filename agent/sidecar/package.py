@@ -13,6 +13,9 @@ version, sha256); the configuration wins. `ensure()` is idempotent:
 4. `istio.service` is disabled and stopped whatever happened above: the agent runs the sidecar, and
    two proxies would fight over the same ports.
 
+`ensure()` blocks (a download with retries, an install of up to 15 minutes). PackageJob runs it in a
+worker thread that posts PackageInstalled or PackageFailed, for a caller whose loop must keep running.
+
 With a root prefix other than `/` (tests, image building) everything happens inside that root:
 `dpkg --root=DIR -i` (no dependency resolution), `dpkg-query --admindir`, `systemctl --root=DIR disable`.
 Every command goes through agent.proc.run; `command_prefix` replaces the systemd-run prefix.
@@ -24,8 +27,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -121,7 +125,7 @@ def parse_dpkg_status(stdout: str) -> str | None:
 
 
 class Installer:
-    """Ensures one sidecar package; see the module docstring. Blocking: run it before the proxy starts."""
+    """Ensures one sidecar package; see the module docstring. Blocking (PackageJob: in a worker thread)."""
 
     def __init__(self, layout: Layout, *, command_prefix: Sequence[str] | None = None,
                  under_systemd: bool | None = None, timeout: float = 900.0,
@@ -279,6 +283,62 @@ class Installer:
                 if not result.ok:
                     log.warning("could not stop %s: %s", ISTIO_UNIT, proc.CommandError(result))
         log.info("%s is disabled and stopped: mesh-agent runs the sidecar", ISTIO_UNIT)
+
+
+@dataclass(frozen=True)
+class PackageInstalled:
+    """A PackageJob ended well: the package is installed (or was already) and istio.service is off."""
+    source: PackageSource
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class PackageFailed:
+    """A PackageJob ended badly; `error` says what to fix. Nothing was installed."""
+    source: PackageSource
+    error: str
+
+
+class PackageJob:
+    """Installer.ensure(source) in a worker thread, so the caller's loop keeps running meanwhile.
+
+    The thread only posts: PackageInstalled or PackageFailed, exactly once. start() returns at once;
+    a second start() does nothing."""
+
+    def __init__(self, installer: Installer, source: PackageSource, post: Callable[[object], None]) -> None:
+        self.installer = installer
+        self.source = source
+        self._post = post
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, daemon=True, name="sidecar-package")
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait up to timeout for the job (at shutdown); True when it no longer runs."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.running
+
+    def _run(self) -> None:
+        try:
+            outcome = self.installer.ensure(self.source)
+        except PackageError as exc:
+            self._post(PackageFailed(self.source, str(exc)))
+        except Exception as exc:
+            # Always answer: the caller waits for this job before it starts the proxy.
+            log.exception("ensuring the sidecar package failed")
+            self._post(PackageFailed(self.source, f"ensuring {self.source.name} {self.source.version} "
+                                                  f"failed: {exc}"))
+        else:
+            self._post(PackageInstalled(self.source, outcome))
 
 
 def _apt_env() -> dict[str, str]:

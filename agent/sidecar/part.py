@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +16,9 @@ from agent import config, systemd
 from agent.bundle.model import Bundle
 from agent.part import BundleInUse, BundleWaiting, Context, FatalError, PackageReady, SidecarReadiness
 from agent.sidecar import package as sidecar_package
-from agent.sidecar import process as sidecar_process
+from agent.sidecar.machine import SidecarStateChanged, State
 from agent.sidecar.profiles import ProfileError, describe, read_spec
+from agent.sidecar.supervisor import Supervisor
 
 log = logging.getLogger("agent.sidecar")
 
@@ -47,10 +47,10 @@ class SidecarPart:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.supervisor: sidecar_process.Supervisor | None = None
+        self.supervisor: Supervisor | None = None
         self.bundle: Bundle | None = None
         self.package: str = "unchecked"  # unchecked -> installing -> ready
-        self.package_job: threading.Thread | None = None
+        self.package_job: sidecar_package.PackageJob | None = None
         self.extend_at: float | None = None
         self.last_ready = False
         self.last_restarts = 0
@@ -59,7 +59,10 @@ class SidecarPart:
         pass  # the first bundle brings the sidecar up
 
     def stop(self) -> None:
-        pass  # the proxy is stopped by drain() in the daemon's stop, or left running for the next agent
+        # The proxy is stopped by drain() in the daemon's stop, or left running for the next agent;
+        # a package install under way is left to finish (dpkg must not be cut short).
+        if self.package_job is not None:
+            self.package_job.join(timeout=1.0)
 
     def drain(self, drain: bool) -> None:
         """The draining stop (blocking; the daemon has extended systemd's stop timeout)."""
@@ -89,13 +92,13 @@ class SidecarPart:
         if isinstance(event, BundleWaiting | BundleInUse):
             self.bundle_seen(event, now)
             return False  # other parts' news too
-        if isinstance(event, _PackageDone):
+        if isinstance(event, sidecar_package.PackageInstalled | sidecar_package.PackageFailed):
             self.package_done(event, now)
             return True
         if self.supervisor is not None and self.supervisor.handle(event):
             self.changed()
             return True
-        return isinstance(event, sidecar_process.SidecarStateChanged)  # read from the supervisor itself
+        return isinstance(event, SidecarStateChanged)  # read from the supervisor itself
 
     def tick(self, now: float) -> float | None:
         if self.package == "installing" and self.extend_at is not None:
@@ -119,8 +122,7 @@ class SidecarPart:
                     self.start_proxy(event.bundle)
             elif event.changed & RESTART_ON and self.ctx.cfg.sidecar.profile == "istio" and not event.first:
                 log.info("cluster.env or mesh.yaml changed: restarting the proxy to use them")
-                self.supervisor.stop(drain=True)
-                self.supervisor.start()
+                self.supervisor.restart(drain=True)  # in a worker: the loop goes on meanwhile
                 self.changed()
 
     # --- the package ---
@@ -137,24 +139,14 @@ class SidecarPart:
             return
         self.package = "installing"
         self.extend_at = now
-        installer = sidecar_package.Installer(self.ctx.layout)
-
-        def run() -> None:
-            try:
-                installer.ensure(source)
-            except sidecar_package.PackageError as exc:
-                self.ctx.post(_PackageDone(str(exc)))
-            except Exception as exc:  # reported on the loop, which decides; the worker must not die silently
-                self.ctx.post(_PackageDone(f"{type(exc).__name__}: {exc}"))
-            else:
-                self.ctx.post(_PackageDone(None))
-
-        self.package_job = threading.Thread(target=run, name="sidecar-package", daemon=True)
+        self.package_job = sidecar_package.PackageJob(sidecar_package.Installer(self.ctx.layout), source,
+                                                      self.ctx.post)
         self.package_job.start()
 
-    def package_done(self, event: _PackageDone, now: float) -> None:
+    def package_done(self, event: sidecar_package.PackageInstalled | sidecar_package.PackageFailed,
+                     now: float) -> None:
         self.extend_at = None
-        if event.error is not None:
+        if isinstance(event, sidecar_package.PackageFailed):
             raise FatalError(f"sidecar package: {event.error}")
         self.package = "ready"
         self.ctx.post(PackageReady())
@@ -170,7 +162,7 @@ class SidecarPart:
         except ProfileError as exc:
             raise FatalError(f"sidecar: {exc}") from exc
         log.info("sidecar: %s", describe(spec))
-        self.supervisor = sidecar_process.Supervisor(spec, self.ctx.layout, self.ctx.post)
+        self.supervisor = Supervisor(spec, self.ctx.layout, self.ctx.post)
         self.supervisor.start()
         self.changed()
 
@@ -185,10 +177,6 @@ class SidecarPart:
         if sup.ready != self.last_ready:
             self.last_ready = sup.ready
             self.ctx.post(SidecarReadiness(sup.ready))
-        if sup.state is sidecar_process.State.FATAL and not self.ctx.stopping:
+        if sup.state is State.FATAL and not self.ctx.stopping:
             raise FatalError(f"sidecar failed: {sup.reason}")
 
-
-@dataclass(frozen=True)
-class _PackageDone:
-    error: str | None

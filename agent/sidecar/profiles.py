@@ -9,7 +9,7 @@ bootstrap and readiness is the admin `/ready` page.
 
 The profile builders touch nothing: the caller passes the files' contents, the host name and the
 address in. `read_spec()`, at the end, is the one helper that reads the two files a profile needs
-(sidecar.env, the bootstrap). `agent.sidecar.process.Supervisor` runs the resulting LaunchSpec.
+(sidecar.env, the bootstrap). `agent.sidecar.supervisor.Supervisor` runs the resulting LaunchSpec.
 """
 
 from __future__ import annotations

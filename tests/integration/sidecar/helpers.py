@@ -17,7 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from agent.config import BackoffConfig, SidecarConfig
-from agent.sidecar.process import SidecarStateChanged, Supervisor
+from agent.sidecar.machine import SidecarStateChanged
+from agent.sidecar.supervisor import Supervisor
 from agent.units import Duration
 from devkit.envoy import bootstrap, reachable_envoy
 from devkit.ports import free_port

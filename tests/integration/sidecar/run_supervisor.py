@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from agent.paths import Layout
-from agent.sidecar.process import SidecarStateChanged, Supervisor
+from agent.sidecar.machine import SidecarStateChanged
 from agent.sidecar.profiles import LaunchSpec, Policy
+from agent.sidecar.supervisor import Supervisor
 
 
 def main() -> int:

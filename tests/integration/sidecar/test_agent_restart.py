@@ -20,7 +20,7 @@ import pytest
 
 from agent.paths import Layout
 from agent.sidecar import profiles
-from agent.sidecar.process import read_pidfile
+from agent.sidecar.adopt import read_pidfile
 from devkit.envoy import bootstrap, sidecar_config
 from devkit.ports import free_port
 

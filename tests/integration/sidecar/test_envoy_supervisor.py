@@ -17,7 +17,9 @@ import pytest
 
 from agent.paths import Layout
 from agent.sidecar import profiles
-from agent.sidecar.process import SidecarStateChanged, State, Supervisor, read_pidfile
+from agent.sidecar.adopt import read_pidfile
+from agent.sidecar.machine import SidecarStateChanged, State
+from agent.sidecar.supervisor import Supervisor
 from devkit.envoy import bootstrap, sidecar_config
 from devkit.ports import free_port
 
@@ -59,7 +61,8 @@ def test_start_ready_sigkill_restart_and_stop(tmp_path: Path, layout: Layout) ->
         assert loop.run_until(sup, lambda: sup.state is State.RUNNING and sup.pid != first), sup.reason
         assert sup.restarts == 1
         assert sup.snapshot() == {"profile": "envoy", "state": "running", "ready": True, "pid": sup.pid,
-                                  "restarts": 1, "reason": "ready", "restart_epoch": 0}
+                                  "restarts": 1, "requested_restarts": 0, "reason": "ready",
+                                  "restart_epoch": 0}
         with urllib.request.urlopen(spec.readiness_url, timeout=2) as resp:
             assert resp.read().strip() == b"LIVE"
         states = loop.states(sup)
@@ -224,7 +227,7 @@ def test_output_goes_to_log_dir_when_asked(tmp_path: Path, layout: Layout) -> No
 
 
 def test_hot_restart_hands_over_without_failed_requests(tmp_path: Path, layout: Layout) -> None:
-    from agent.sidecar.process import server_epoch
+    from agent.sidecar.envoy_admin import server_epoch
 
     app = App(delay=0.05)
     # drain_timeout 1 s: the old epoch drains for 1 s and is told to exit 6 s after the hand-over.

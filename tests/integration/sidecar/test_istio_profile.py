@@ -10,7 +10,8 @@ import psutil
 import pytest
 
 from agent.paths import Layout
-from agent.sidecar.process import State, Supervisor
+from agent.sidecar.machine import State
+from agent.sidecar.supervisor import Supervisor
 
 from .helpers import CLUSTER_ENV, IstioStandIn, Loop
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import shutil
 import subprocess
 import threading
@@ -16,8 +17,9 @@ import pytest
 
 from agent.paths import Layout
 from agent.sidecar import profiles
-from agent.sidecar.package import Installer, PackageError, PackageSource
-from agent.sidecar.process import State, Supervisor
+from agent.sidecar.machine import State
+from agent.sidecar.package import Installer, PackageError, PackageFailed, PackageInstalled, PackageJob, PackageSource
+from agent.sidecar.supervisor import Supervisor
 from devkit.envoy import bootstrap, envoy_binary, sidecar_config
 from devkit.ports import free_port
 
@@ -160,3 +162,69 @@ def test_download_over_http_and_a_missing_package(root: Path, debs: dict[str, Pa
     with pytest.raises(PackageError, match="HTTP 404"):
         inst.ensure(PackageSource(f"{http_server}/nope.deb", "1.2.0", "1" * 64))
     assert inst.installed_version() == "1.1.0"
+
+
+class Posted:
+    """A post callback that also records which thread posted."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue[object] = queue.Queue()
+        self.threads: list[threading.Thread] = []
+
+    def __call__(self, event: object) -> None:
+        self.threads.append(threading.current_thread())
+        self.events.put(event)
+
+    def one(self) -> object:
+        event = self.events.get(timeout=150)
+        assert self.events.empty()
+        return event
+
+
+def test_package_job_installs_in_a_worker_thread_and_posts_installed(root: Path, debs: dict[str, Path]) -> None:
+    inst = Installer(Layout(root=root))
+    source = PackageSource(str(debs["1.0.0"]), "1.0.0", sha(debs["1.0.0"]))
+    posted = Posted()
+    job = PackageJob(inst, source, posted)
+    job.start()
+    job.start()   # once only
+    event = posted.one()
+    assert isinstance(event, PackageInstalled) and event.source == source
+    assert (event.outcome.action, event.outcome.version, event.outcome.previous) == ("installed", "1.0.0", None)
+    assert job.join(10) and not job.running
+    assert posted.threads and all(t is not threading.main_thread() for t in posted.threads)
+    assert posted.events.empty()
+    assert inst.installed_version() == "1.0.0"
+    assert (root / "usr/local/bin/envoy").exists()
+    assert not (root / "etc/systemd/system/multi-user.target.wants/istio.service").exists()
+
+    # The same version again: unchanged, still posted.
+    again = Posted()
+    PackageJob(inst, source, again).start()
+    event = again.one()
+    assert isinstance(event, PackageInstalled) and event.outcome.action == "unchanged"
+
+
+def test_package_job_posts_failed_and_installs_nothing(root: Path, debs: dict[str, Path]) -> None:
+    inst = Installer(Layout(root=root))
+    source = PackageSource(str(debs["1.1.0"]), "1.1.0", "0" * 64)
+    posted = Posted()
+    job = PackageJob(inst, source, posted)
+    job.start()
+    event = posted.one()
+    assert isinstance(event, PackageFailed) and event.source == source
+    assert "has sha256" in event.error and "expected 0000" in event.error and "refusing it" in event.error
+    assert job.join(10)
+    assert inst.installed_version() is None
+    assert list(inst.cache_dir.iterdir()) == []
+
+
+def test_package_job_reports_an_unexpected_error_too(tmp_path: Path, debs: dict[str, Path]) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("a file where the root should be\n")
+    source = PackageSource(str(debs["1.1.0"]), "1.1.0", sha(debs["1.1.0"]))
+    posted = Posted()
+    PackageJob(Installer(Layout(root=not_a_dir)), source, posted).start()
+    event = posted.one()
+    assert isinstance(event, PackageFailed)
+    assert event.error.startswith("ensuring istio-sidecar 1.1.0 failed: ") and "Not a directory" in event.error

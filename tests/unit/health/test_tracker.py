@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from agent.health.monitor import Schedule
-from agent.health.tracker import Cause, Damping, Health, Tracker, describe_exit
+from agent.health.tracker import Cause, Damping, Health, Tracker
 
 NO_DAMPING = Damping(min_dwell=0.0, max_transitions=1000, window=1.0)
 
@@ -197,12 +197,6 @@ def test_transitions_in_window_expire() -> None:
     assert probe(t, True, 2.0) is None      # cap reached: held
     assert t.next_deadline() == 11.0        # when the first transition leaves the window
     assert t.tick(11.0).state is Health.HEALTHY
-
-
-def test_describe_exit() -> None:
-    assert describe_exit(1, "", None) == "process 1 exited"
-    assert describe_exit(1, "x", 3) == "process 1 (x) exited with status 3"
-    assert describe_exit(1, "x", -15) == "process 1 (x) exited: killed by SIGTERM"
 
 
 def test_schedule_initial_delay_then_period() -> None:

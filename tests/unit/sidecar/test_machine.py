@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from agent.retry import Backoff
-from agent.sidecar.process import Action, Machine, State
+from agent.sidecar.machine import Action, Machine, State
 from agent.sidecar.profiles import Policy
 
 
@@ -127,7 +127,7 @@ def test_hot_restart_goes_back_to_starting_with_a_ready_deadline() -> None:
 
 
 def test_command_matching_ignores_the_restart_epoch_and_allows_an_interpreter() -> None:
-    from agent.sidecar.process import epoch_of, same_command, with_epoch
+    from agent.sidecar.adopt import epoch_of, same_command, with_epoch
 
     argv = ("/usr/local/bin/envoy", "-c", "/b.json", "--base-id", "3", "--restart-epoch", "0")
     assert with_epoch(argv, 4)[-1] == "4" and epoch_of(with_epoch(argv, 4)) == 4
@@ -137,3 +137,85 @@ def test_command_matching_ignores_the_restart_epoch_and_allows_an_interpreter() 
     assert not same_command(["/usr/local/bin/envoy", "-c", "/other.json", "--base-id", "3",
                              "--restart-epoch", "0"], argv)
     assert epoch_of(("pilot-agent", "proxy")) == 0 and with_epoch(("a",), 1) == ("a",)
+
+
+def test_an_asked_restart_is_not_a_crash() -> None:
+    m = machine(ready_timeout=5.0)
+    m.start(0.0)
+    m.ready(1.0)
+    assert m.restarting(2.0)
+    assert m.state is State.RESTARTING and m.deadline is None and m.reason == "restarting (asked)"
+    assert m.tick(1000.0) is Action.NONE                   # no timer while the old proxy stops
+    assert m.exited(3.0, "process 1 (envoy) exited with status 0") is Action.NONE   # the old proxy
+    assert m.state is State.RESTARTING and not m.exits
+    assert m.restart_stopped(4.0) is Action.SPAWN
+    assert m.state is State.STARTING and m.deadline == 9.0
+    m.ready(4.5)
+    assert m.state is State.RUNNING
+    assert (m.restarts, m.requested_restarts, m.backoff.attempts) == (0, 1, 0)
+
+
+def test_a_second_restart_while_one_runs_is_folded_into_it() -> None:
+    m = machine()
+    m.start(0.0)
+    m.ready(0.1)
+    assert m.restarting(1.0)
+    assert not m.restarting(1.1)
+    assert m.state is State.RESTARTING and m.requested_restarts == 1
+    assert m.restart_stopped(2.0) is Action.SPAWN
+    assert m.restart_stopped(2.1) is Action.NONE          # the one restart starts one proxy
+    assert m.state is State.STARTING
+
+
+def test_restart_from_backoff_keeps_the_crash_accounting() -> None:
+    m = machine(max_exits=3, window=60.0)
+    m.start(0.0)
+    m.exited(1.0, "exit")
+    m.tick(m.deadline or 0.0)
+    m.exited(2.0, "exit")
+    assert m.state is State.BACKOFF and m.backoff.attempts == 2
+    backoff_deadline = m.deadline
+    assert m.restarting(2.01)
+    assert m.tick(backoff_deadline or 0.0) is Action.NONE   # the backoff timer is gone: no spawn
+    assert m.restart_stopped(3.0) is Action.SPAWN
+    assert m.restarts == 1                                  # only the crash restart
+    m.exited(4.0, "exit")                                   # exits before the restart still count
+    assert m.state is State.BACKOFF and m.backoff.attempts == 3 and len(m.exits) == 3
+    m.tick(m.deadline or 0.0)
+    m.exited(5.0, "process 7 (envoy) exited with status 1")
+    assert m.state is State.FATAL and "4 exits within 60s" in m.reason
+
+
+def test_restart_replaces_a_proxy_killed_for_being_slow() -> None:
+    m = machine(ready_timeout=5.0)
+    m.start(0.0)
+    assert m.tick(5.0) is Action.KILL
+    assert m.restarting(5.1)
+    m.exited(5.2, "process 3 (envoy) exited: killed by SIGKILL")   # the killed one: not counted
+    assert not m.exits and m.state is State.RESTARTING
+    m.restart_stopped(6.0)
+    m.ready(6.5)                                                    # the new one may become ready
+    assert m.state is State.RUNNING
+
+
+def test_nothing_to_restart_when_stopped_stopping_or_fatal() -> None:
+    m = machine()
+    assert not m.restarting(0.0) and m.state is State.STOPPED
+    m.fatal("port 15000 is already in use by pid 1 (x)")
+    assert not m.restarting(1.0) and m.state is State.FATAL
+    m.start(2.0)
+    m.stopping()
+    assert not m.restarting(3.0) and m.state is State.STOPPING
+    assert m.requested_restarts == 0
+
+
+def test_a_stop_during_a_restart_wins() -> None:
+    m = machine()
+    m.start(0.0)
+    m.ready(0.5)
+    assert m.restarting(1.0)
+    m.stopping()
+    assert m.restart_stopped(2.0) is Action.NONE and m.state is State.STOPPING
+    m.stopped()
+    assert m.state is State.STOPPED
+    assert m.start(3.0) is Action.SPAWN
