@@ -3,6 +3,7 @@ delete, finalizers, namespaces, garbage collection, tokens and access reviews.""
 
 from __future__ import annotations
 
+import builtins
 import copy
 import datetime as dt
 import json
@@ -373,7 +374,7 @@ class Cluster:
             key = (rt.group, rt.plural)
             live = self.store.get(key, ns if rt.namespaced else "", name)
             creating = live is None
-            if creating:
+            if live is None:
                 self._ns_check(rt, ns, name)
                 live = {"apiVersion": want, "kind": rt.kind,
                         "metadata": {"name": name, **({"namespace": ns} if rt.namespaced else {})}}
@@ -402,8 +403,9 @@ class Cluster:
                 self._after_write(rt, stored)
                 return self._out(rt, version, stored)
             merged["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
-            return self._commit(rt, version, self.store.get(key, ns if rt.namespaced else "", name), merged,
-                                req, subresource, operation="Apply")
+            old = self.store.get(key, ns if rt.namespaced else "", name)
+            assert old is not None  # read above under the same lock, and not created here
+            return self._commit(rt, version, old, merged, req, subresource, operation="Apply")
 
     def _status_mode(self, rt: ResourceType, subresource: str) -> bool | None:
         if not rt.status_subresource:
@@ -445,10 +447,10 @@ class Cluster:
         candidate["apiVersion"], candidate["kind"] = rt.api_version(version), rt.kind
         cleaned = self._clean(rt, version, candidate, req.field_validation)
         m = cleaned["metadata"]
-        for key in ("uid", "creationTimestamp", "generation", "deletionTimestamp",
-                    "deletionGracePeriodSeconds"):
-            if key in old["metadata"]:
-                m[key] = old["metadata"][key]
+        for kept in ("uid", "creationTimestamp", "generation", "deletionTimestamp",
+                     "deletionGracePeriodSeconds"):
+            if kept in old["metadata"]:
+                m[kept] = old["metadata"][kept]
         m["namespace"] = old["metadata"].get("namespace", "")
         if not rt.namespaced:
             m.pop("namespace")
@@ -579,7 +581,7 @@ class Cluster:
 
     # --- RBAC ------------------------------------------------------------------------------------------
 
-    def rbac_rules(self, ident: Identity) -> list[Rule]:
+    def rbac_rules(self, ident: Identity) -> builtins.list[Rule]:  # Cluster.list shadows list here
         """The rules stored RoleBindings and ClusterRoleBindings give an identity."""
         def bound(binding: dict[str, Any]) -> bool:
             for subject in binding.get("subjects") or []:

@@ -25,6 +25,7 @@ import ssl
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,8 @@ API_VERSIONS = ("apiserver.config.k8s.io/v1alpha1", "apiserver.config.k8s.io/v1b
 CLOCK_SKEW = 300.0  # go-oidc's allowance for nbf
 MAX_TOKEN = 1024 * 1024
 
-_HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
 
 
 class ConfigError(ValueError):
@@ -205,7 +207,7 @@ class JWTAuthenticator:
             if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
                 return None
             uid = self._map(self.uid, claims) if self.uid else ""
-            user = {"username": username, "groups": groups, "uid": uid or "", "extra": {}}
+            user: dict[str, Any] = {"username": username, "groups": groups, "uid": uid or "", "extra": {}}
             for expr, _message in self.user_validation:
                 if expr(user=user) is not True:
                     return None
@@ -257,7 +259,7 @@ def _authenticator(raw: dict[str, Any], i: int) -> JWTAuthenticator:
         raise ConfigError(f"{where}.issuer.audienceMatchPolicy: Invalid value: "
                           f"{json.dumps(iss.get('audienceMatchPolicy', ''))}: audienceMatchPolicy must be "
                           "MatchAny for multiple audiences")
-    validation = []
+    validation: list[tuple[str | None, str | None, _Cel | None, str]] = []
     for j, rule in enumerate(raw.get("claimValidationRules") or []):
         w = f"{where}.claimValidationRules[{j}]"
         if rule.get("expression") and rule.get("claim"):

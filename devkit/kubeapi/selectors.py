@@ -34,34 +34,48 @@ def _split(text: str) -> list[str]:
     return parts
 
 
+def _requirement(part: str) -> Callable[[dict[str, str]], bool]:
+    """One requirement of a label selector, as a test of an object's labels."""
+    m = _REQ.match(part)
+    if not m:
+        raise SelectorError(f"unable to parse requirement: {part!r}")
+    key, op, val, neg = m["key"], (m["op"] or "").strip(), m["val"], m["neg"]
+    if neg:
+        if op:
+            raise SelectorError(f"unable to parse requirement: {part!r}")
+        return lambda labels: key not in labels
+    if not op:
+        return lambda labels: key in labels
+    if op in ("=", "=="):
+        return lambda labels: labels.get(key) == val
+    if op == "!=":
+        return lambda labels: labels.get(key) != val
+    if not val or not val.startswith("("):
+        raise SelectorError(f"unable to parse requirement: {part!r}")
+    values = {v.strip() for v in val[1:-1].split(",") if v.strip()}
+    if op == "in":
+        return lambda labels: labels.get(key) in values
+    return lambda labels: labels.get(key) not in values
+
+
 def label_selector(text: str | None) -> Predicate:
     if not text:
         return lambda obj: True
-    preds: list[Callable[[dict[str, str]], bool]] = []
-    for part in _split(text):
-        m = _REQ.match(part)
-        if not m:
-            raise SelectorError(f"unable to parse requirement: {part!r}")
-        key, op, val, neg = m["key"], (m["op"] or "").strip(), m["val"], m["neg"]
-        if neg:
-            if op:
-                raise SelectorError(f"unable to parse requirement: {part!r}")
-            preds.append(lambda labels, k=key: k not in labels)
-        elif not op:
-            preds.append(lambda labels, k=key: k in labels)
-        elif op in ("=", "=="):
-            preds.append(lambda labels, k=key, v=val: labels.get(k) == v)
-        elif op == "!=":
-            preds.append(lambda labels, k=key, v=val: labels.get(k) != v)
-        else:
-            if not val or not val.startswith("("):
-                raise SelectorError(f"unable to parse requirement: {part!r}")
-            values = {v.strip() for v in val[1:-1].split(",") if v.strip()}
-            if op == "in":
-                preds.append(lambda labels, k=key, vs=values: labels.get(k) in vs)
-            else:
-                preds.append(lambda labels, k=key, vs=values: labels.get(k) not in vs)
+    preds = [_requirement(part) for part in _split(text)]
     return lambda obj: all(p(obj.get("metadata", {}).get("labels") or {}) for p in preds)
+
+
+def _field_requirement(path: str, op: str, value: str) -> Predicate:
+    """One requirement of a field selector: the field at a dotted path compared with a value."""
+    def get(obj: dict[str, Any]) -> str:
+        node: Any = obj
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        return "" if node is None else str(node)
+
+    if op == "!=":
+        return lambda obj: get(obj) != value
+    return lambda obj: get(obj) == value
 
 
 def field_selector(text: str | None, supported: tuple[str, ...] = ("metadata.name", "metadata.namespace")
@@ -76,15 +90,5 @@ def field_selector(text: str | None, supported: tuple[str, ...] = ("metadata.nam
         field, op, value = m.groups()
         if field not in supported:
             raise SelectorError(f'field label not supported: {field}')
-
-        def get(obj: dict[str, Any], path: str = field) -> Any:
-            node: Any = obj
-            for key in path.split("."):
-                node = node.get(key) if isinstance(node, dict) else None
-            return "" if node is None else str(node)
-
-        if op == "!=":
-            preds.append(lambda obj, g=get, v=value: g(obj) != v)
-        else:
-            preds.append(lambda obj, g=get, v=value: g(obj) == v)
+        preds.append(_field_requirement(field, op, value))
     return lambda obj: all(p(obj) for p in preds)
