@@ -406,6 +406,10 @@ def test_a_missing_sidecar_user_stops_the_agent_at_78_instead_of_waiting(tmp_pat
 def test_status_tells_what_is_known_during_an_api_outage(r: Rig) -> None:
     r.start_agent()
     wait_for(r.entry, 60, "registration")
+    # The entry is in the API; wait until the agent has the answer too, or the outage below would cut
+    # its first confirmation short and status would rightly still show the earlier "withdrawn".
+    wait_for(lambda: json.loads(r.status_file.read_text())["registration"].get("known") == "registered", 30,
+             "the agent to see its entry confirmed")
     # Every request about the entry and its lease fails: the entry stays in the cluster meanwhile.
     r.api.faults.status(503, path="workloadentries|leases", times=None)
 
