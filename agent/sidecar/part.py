@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
-from typing import Any
 
 from agent import config, systemd
 from agent.bundle.model import Bundle
@@ -18,7 +16,7 @@ from agent.part import BundleInUse, BundleWaiting, Context, FatalError, PackageR
 from agent.sidecar import package as sidecar_package
 from agent.sidecar.machine import SidecarStateChanged, State
 from agent.sidecar.profiles import ProfileError, describe, read_spec
-from agent.sidecar.supervisor import Supervisor
+from agent.sidecar.supervisor import SidecarSnapshot, Supervisor
 
 log = logging.getLogger("agent.sidecar")
 
@@ -27,19 +25,6 @@ EXTEND_BY = 90.0
 
 # cluster.env and mesh.yaml are read by pilot-agent only when it starts.
 RESTART_ON = frozenset({"cluster.env", "mesh.yaml"})
-
-
-@dataclass(frozen=True)
-class SidecarSnapshot:
-    state: str = "stopped"
-    pid: int | None = None
-    restarts: int = 0
-    ready: bool = False
-    reason: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"state": self.state, "pid": self.pid, "restarts": self.restarts, "ready": self.ready,
-                "reason": self.reason}
 
 
 class SidecarPart:
@@ -83,8 +68,7 @@ class SidecarPart:
         if sup is None:
             state = "installing-package" if self.package == "installing" else "stopped"
             return SidecarSnapshot(state=state)
-        return SidecarSnapshot(state=sup.state.value, pid=sup.pid, restarts=sup.restarts, ready=sup.ready,
-                               reason=sup.reason)
+        return sup.snapshot()
 
     # --- events and timers ---
 

@@ -33,7 +33,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import psutil
 
@@ -57,6 +58,23 @@ class _RestartWork:
     thread: threading.Thread
     stopping: threading.Event      # set by stop(): prepare nothing, stop() takes over
     cut_drain: threading.Event     # set by stop(drain=False): end the old proxy's drain early
+
+
+@dataclass(frozen=True)
+class SidecarSnapshot:
+    """The sidecar in status.json."""
+
+    state: str = "stopped"
+    pid: int | None = None
+    restarts: int = 0  # after crashes
+    ready: bool = False
+    reason: str = ""
+    profile: str | None = None
+    requested_restarts: int = 0  # asked by the agent (a changed cluster.env), not crashes
+    restart_epoch: int | None = None  # envoy profile: Envoy's --restart-epoch
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class Supervisor:
@@ -103,11 +121,10 @@ class Supervisor:
     def ready(self) -> bool:
         return self.machine.state is State.RUNNING
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> SidecarSnapshot:
         """For the status file: what runs and how it is doing."""
-        return {"profile": self.spec.profile, "state": self.state.value, "ready": self.ready,
-                "pid": self.pid, "restarts": self.restarts, "requested_restarts": self.requested_restarts,
-                "reason": self.reason, "restart_epoch": self._epoch if self.spec.profile == "envoy" else None}
+        return SidecarSnapshot(self.state.value, self.pid, self.restarts, self.ready, self.reason, self.spec.profile,
+                               self.requested_restarts, self._epoch if self.spec.profile == "envoy" else None)
 
     # -- commands
     def start(self) -> None:

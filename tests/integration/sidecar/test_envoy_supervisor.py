@@ -60,7 +60,7 @@ def test_start_ready_sigkill_restart_and_stop(tmp_path: Path, layout: Layout) ->
         assert "SIGKILL" in sup.reason
         assert loop.run_until(sup, lambda: sup.state is State.RUNNING and sup.pid != first), sup.reason
         assert sup.restarts == 1
-        assert sup.snapshot() == {"profile": "envoy", "state": "running", "ready": True, "pid": sup.pid,
+        assert sup.snapshot().as_dict() == {"profile": "envoy", "state": "running", "ready": True, "pid": sup.pid,
                                   "restarts": 1, "requested_restarts": 0, "reason": "ready",
                                   "restart_epoch": 0}
         with urllib.request.urlopen(spec.readiness_url, timeout=2) as resp:
