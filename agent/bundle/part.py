@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import config
 from agent.bundle import accept
@@ -22,6 +22,9 @@ from agent.bundle import store as bundle_store
 from agent.bundle import update as bundle_update
 from agent.bundle import watch as bundle_watch
 from agent.part import BundleInUse, BundleWaiting, Context, FatalError, PackageReady
+
+if TYPE_CHECKING:
+    from agent.bundle.cluster_source import ClusterRefresher
 
 log = logging.getLogger("agent.bundle")
 
@@ -56,7 +59,7 @@ class BundlePart:
         self.ctx = ctx
         self.bundle: bundle_model.Bundle | None = None
         self.installed: bundle_store.InstalledBundle | None = None
-        self.fetcher: Any = None  # bundle_update.Refresher or cluster_source.ClusterRefresher
+        self.fetcher: bundle_update.Refresher | ClusterRefresher | None = None
         self.tamper_watch: bundle_watch.InstalledFilesWatcher | None = None
         self.package_ready = False
         self.pending: _Pending | None = None
@@ -108,8 +111,8 @@ class BundlePart:
         return None  # the fetch threads keep their own time
 
     def status(self) -> BundleSnapshot:
-        source = self.fetcher.status() if self.fetcher is not None and not isinstance(
-            self.fetcher, bundle_update.Refresher) else {}
+        f = self.fetcher
+        source = f.status() if f is not None and not isinstance(f, bundle_update.Refresher) else {}
         return BundleSnapshot(installed=self.installed.status() if self.installed else {},
                               warnings=tuple(self.bundle.warnings) if self.bundle else (),
                               source=source, error=self.error)
@@ -222,7 +225,7 @@ class BundlePart:
 
     # --- fetching ---
 
-    def make_fetcher(self) -> Any:
+    def make_fetcher(self) -> bundle_update.Refresher | ClusterRefresher:
         cfg = self.ctx.cfg
         if cfg.bundle.source.strip() == "kubernetes":
             from agent.bundle import cluster_source
