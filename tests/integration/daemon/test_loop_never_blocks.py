@@ -153,8 +153,8 @@ def test_the_watchdog_is_fed_while_the_proxy_restarts_slowly(tmp_path: Path) -> 
 
     import yaml
 
+    from devkit.envoy import reachable_envoy
     from devkit.rig import envoy_bootstrap
-    from tests.integration.sidecar.helpers import reachable_envoy
 
     shared = Path(tempfile.mkdtemp(prefix="mesh-agent-slow-"))  # the proxy's user (nobody) reads it
     shared.chmod(0o755)

@@ -24,8 +24,10 @@ from agent.sidecar.envoy_admin import active_requests
 from agent.sidecar.machine import State
 from agent.sidecar.profiles import LaunchSpec, Policy
 from agent.sidecar.supervisor import Supervisor
+from devkit.envoy import bootstrap, sidecar_config
+from devkit.ports import free_port
 
-from .helpers import App, Loop, bootstrap, free_port, sidecar_config
+from .helpers import App, Loop
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.timeout(120)]
 STUBBORN = Path(__file__).with_name("stubborn_proxy.py")
