@@ -222,7 +222,8 @@ class Agent:
         now = time.monotonic()
         taken = [part.handle(event, now) for part in self.parts]
         if not any(taken):
-            log.debug("event %r", event)
+            # The name only: an event may carry a whole bundle (and its token).
+            log.debug("event %s", type(event).__name__)
 
     def tick(self, now: float) -> None:
         deadlines = [d for d in (part.tick(now) for part in self.parts) if d is not None]

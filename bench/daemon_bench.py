@@ -53,6 +53,8 @@ def main() -> int:
         wait_for(r.entry, 120, "registration")
         total = time.monotonic() - t0
         print(f"start to entry registered: {total * 1000:.0f} ms (bundle local, app healthy)")
+        # The entry is visible at the API a moment before the agent has read the answer and logged it.
+        wait_for(lambda: re.search(STEPS[-1][1], r.log_text()), 10, "the agent to log its registration")
         log = r.log_text()
         stamps = _stamps(log)
         first = stamps[0][0] if stamps else 0.0
