@@ -35,13 +35,13 @@ from agent.bundle import watch as bundle_watch
 from agent.health import probes
 from agent.health.monitor import HealthChanged, Monitor
 from agent.health.tracker import Health
+from agent.kube.client import Kube
 from agent.maintenance import maintenance_requested
 from agent.metrics import Metrics
 from agent.paths import Layout
 from agent.registry import registrar as reg
 from agent.registry import service as registry_service
 from agent.registry.address import AddressError, detect_address
-from agent.registry.kube import Kube
 from agent.sidecar import package as sidecar_package
 from agent.sidecar import process as sidecar_process
 from agent.sidecar.profiles import ProfileError, describe, read_spec

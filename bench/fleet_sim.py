@@ -22,7 +22,7 @@ The API model:
   then: 429 with Retry-After. Retry-After follows kube-apiserver's dropped-request tracker: it starts
   at 1 s, doubles (up to 32 s) when at least 3 x its value requests were dropped in the last
   Retry-After seconds (at most once per Retry-After seconds), and decreases by 1 s when fewer than its
-  value were dropped. The agent caps what it honours at 30 s (agent.registry.kube);
+  value were dropped. The agent caps what it honours at 30 s (agent.kube.errors);
 - the client gives up after the agent's request timeout (`registry.timeout`);
 - an outage refuses connections and drops open ones (watches included) for `--outage` seconds, as the
   emulator's outage does.
@@ -63,15 +63,9 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.config import RegistryConfig
+from agent.kube.client import Kube, Resource
+from agent.kube.errors import RETRY_AFTER_CAP, ApiError, Conflict, Unavailable
 from agent.registry import entry as E
-from agent.registry.kube import (
-    RETRY_AFTER_CAP,
-    ApiError,
-    Conflict,
-    Kube,
-    Resource,
-    Unavailable,
-)
 from agent.registry.registrar import (
     GroupSeen,
     GroupWatcher,

@@ -27,8 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from agent.kube.auth import Credentials  # noqa: E402
+from agent.kube.client import Kube  # noqa: E402
 from agent.registry import entry as E  # noqa: E402
-from agent.registry.kube import Credentials, Kube  # noqa: E402
 from agent.registry.manifests import AGENT_RULES  # noqa: E402
 from agent.registry.registrar import Driver, Settings, State  # noqa: E402
 from tests.kubeapi.auth import Rule  # noqa: E402

@@ -32,8 +32,10 @@ from typing import Any
 
 from agent import jwtclaims
 from agent.bundle import generate as G
+from agent.kube.client import GROUPS, Kube
+from agent.kube.core import CoreCalls
+from agent.kube.errors import ApiError, Unauthorized, map_error
 from agent.redact import register_secret
-from agent.registry.kube import GROUPS, ApiError, Kube, NotFound, Unauthorized, map_error
 from agent.retry import Backoff
 from agent.safeload import LoadError, load_json, load_yaml
 
@@ -114,67 +116,6 @@ def _parse_time(text: str | None) -> float | None:
         return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
-
-
-class CoreCalls:
-    """The core/v1 calls the source makes, through the registry's client; dicts in, dicts out."""
-
-    def __init__(self, kube: Kube) -> None:
-        from kubernetes import client
-
-        self.kube = kube
-        self.core = client.CoreV1Api(kube.api_client)
-
-    def _call(self, verb: str, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("_request_timeout", (min(5.0, self.kube.timeout), self.kube.timeout))
-        try:
-            resp = fn(*args, _preload_content=False, **kwargs)
-            return json.loads(resp.data)
-        except Exception as exc:  # every client failure is mapped to the registry's errors
-            raise map_error(exc, verb, what) from exc
-
-    def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self._call("get", f'configmaps "{name}" in namespace {namespace}',
-                              self.core.read_namespaced_config_map, name, namespace)
-        except NotFound:
-            return None
-
-    def get_service(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self._call("get", f'services "{name}" in namespace {namespace}',
-                              self.core.read_namespaced_service, name, namespace)
-        except NotFound:
-            return None
-
-    def create_token(self, namespace: str, service_account: str, seconds: int,
-                     audiences: list[str] | None) -> dict[str, Any]:
-        spec: dict[str, Any] = {"expirationSeconds": int(seconds)}
-        if audiences:
-            spec["audiences"] = audiences
-        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
-        return self._call("create", f'serviceaccounts/token "{service_account}" in namespace {namespace}',
-                          self.core.create_namespaced_service_account_token, service_account, namespace, body)
-
-    def watch_configmap(self, namespace: str, name: str, resource_version: str | None,
-                        timeout_seconds: int) -> Any:
-        """Yields (type, object) for one ConfigMap until the server ends the watch."""
-        from kubernetes import watch
-
-        w = watch.Watch()
-        kwargs: dict[str, Any] = {"field_selector": f"metadata.name={name}", "timeout_seconds": timeout_seconds,
-                                  "_request_timeout": (min(5.0, self.kube.timeout), timeout_seconds + 10)}
-        if resource_version:
-            kwargs["resource_version"] = resource_version
-        try:
-            for event in w.stream(self.core.list_namespaced_config_map, namespace, **kwargs):
-                yield event["type"], event.get("raw_object") or {}
-        except ApiError:
-            raise
-        except Exception as exc:
-            raise map_error(exc, "watch", f'configmaps "{name}" in namespace {namespace}') from exc
-        finally:
-            w.stop()
 
 
 def mint_token(core: CoreCalls, namespace: str, service_account: str, seconds: int,

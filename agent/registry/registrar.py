@@ -30,19 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from agent.kube.client import ENTRIES, GROUPS, LEASES, Kube
+from agent.kube.errors import ApiError, Conflict, Invalid, NotFound, Unauthorized, Unavailable
 from agent.registry import entry as E
-from agent.registry.kube import (
-    ENTRIES,
-    GROUPS,
-    LEASES,
-    ApiError,
-    Conflict,
-    Invalid,
-    Kube,
-    NotFound,
-    Unauthorized,
-    Unavailable,
-)
 from agent.retry import Backoff
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.kube.auth import Credentials
+from agent.kube.client import Kube
 from agent.registry import entry as E
-from agent.registry.kube import Credentials, Kube
 from agent.registry.registrar import GroupWatcher, Registrar, RegistryWorker, Settings
 
 

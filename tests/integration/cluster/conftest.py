@@ -17,8 +17,9 @@ pytest.importorskip("tests.kubeapi.server", reason="the Kubernetes API emulator 
 
 from agent.bundle.cluster_source import ClusterRefresher, ClusterSource, Settings
 from agent.config import BundleConfig, KubernetesSourceConfig
+from agent.kube.auth import Credentials
+from agent.kube.client import Kube
 from agent.paths import Layout
-from agent.registry.kube import Credentials, Kube
 from agent.registry.manifests import build_manifests
 from agent.retry import Backoff
 from tests.kubeapi.auth import Rule

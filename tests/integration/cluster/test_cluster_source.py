@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from agent.bundle.cluster_source import ClusterBundleFetched, ClusterFetchFailed, SourceError, install_files
+from agent.kube.client import GROUPS
+from agent.kube.errors import Unauthorized
 from agent.registry.credentials import read_claims, renew_own_token
-from agent.registry.kube import GROUPS, Unauthorized
 from agent.retry import Backoff
 from tests.integration.cluster.conftest import (
     AGENT_USER,

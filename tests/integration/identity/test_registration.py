@@ -19,8 +19,9 @@ from agent.identity.common import Provider
 from agent.identity.gcp import GcpProvider
 from agent.identity.oidc_file import OidcFileProvider
 from agent.identity.refresh import IdentityRefresher, instance_key
+from agent.kube.auth import Credentials
+from agent.kube.client import Kube
 from agent.registry import entry as E
-from agent.registry.kube import Credentials, Kube
 from agent.registry.manifests import (
     authentication_configuration,
     build_manifests,

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from agent.kube.auth import Credentials
+from agent.kube.client import Kube
 from agent.registry import entry as E
-from agent.registry.kube import Credentials, Kube
 from agent.registry.manifests import build_manifests
 from agent.registry.registrar import Driver, Settings
 

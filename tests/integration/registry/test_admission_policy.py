@@ -170,7 +170,8 @@ def test_an_agent_refused_by_the_policy_says_why_and_writes_nothing(cluster: Clu
                                                                      drivers: list[Driver]) -> None:
     """A misconfigured VM (registry.labels overriding the group's `app` label) is REFUSED with the
     policy's words, and retries later; nothing is written in its name."""
-    from agent.registry.kube import Credentials, Kube
+    from agent.kube.auth import Credentials
+    from agent.kube.client import Kube
     from agent.registry.registrar import Settings, State
 
     kube = Kube.from_credentials(Credentials(kubeconfig=str(cluster.agent_kubeconfig)), timeout=3.0)

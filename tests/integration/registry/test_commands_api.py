@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.registry.kube import Credentials, Kube, Unauthorized
+from agent.kube.auth import Credentials
+from agent.kube.client import Kube
+from agent.kube.errors import Unauthorized
 from agent.registry.registrar import Driver, State
 from tests.integration.registry.conftest import NS, Cluster, wait_for
 

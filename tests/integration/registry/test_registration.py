@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import time
 
+from agent.kube.auth import Credentials
+from agent.kube.client import GROUPS, LEASES
 from agent.registry import entry as E
-from agent.registry.kube import GROUPS, LEASES, Credentials
 from agent.registry.registrar import Driver, State
 from tests.integration.registry.conftest import ENTRY, GROUP, NS, Cluster, group_obj, wait_for
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
+from agent.kube.errors import Conflict, Unauthorized, Unavailable
 from agent.registry import entry as E
-from agent.registry.kube import Conflict, Unauthorized, Unavailable
 from agent.registry.registrar import (
     GroupGone,
     GroupSeen,
