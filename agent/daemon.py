@@ -34,7 +34,7 @@ from agent.bundle import update as bundle_update
 from agent.bundle import watch as bundle_watch
 from agent.health import probes
 from agent.health.monitor import HealthChanged, Monitor
-from agent.health.tracker import Health
+from agent.health.state import Health
 from agent.kube.client import Kube
 from agent.maintenance import maintenance_requested
 from agent.metrics import Metrics
@@ -557,10 +557,9 @@ class Agent:
             return None
 
     def health_changed(self, event: HealthChanged) -> None:
-        healthy = {Health.HEALTHY: True, Health.UNHEALTHY: False}.get(event.state)
         if self.registrar is not None:
-            self.registrar.set_health(healthy, event.reason)
-        self.metrics.set("app_healthy", 1 if healthy else 0)
+            self.registrar.set_health(event.state, event.reason)
+        self.metrics.set("app_healthy", 1 if event.state is Health.HEALTHY else 0)
         self.health_snapshot()
 
     def health_snapshot(self) -> None:
@@ -680,7 +679,7 @@ class Agent:
             self.registrar.set_group(dict(bundle.workload_group))
         if self.monitor is not None:
             state = self.monitor.snapshot().state
-            self.registrar.set_health({Health.HEALTHY: True, Health.UNHEALTHY: False}.get(state))
+            self.registrar.set_health(state)
         s = plan.settings
         log.info("registering as %s in %s/%s (instance %s)", self.address, s.namespace, s.group, s.instance)
 

@@ -21,7 +21,7 @@ from agent.kube import apply as KP
 from agent.kube import auth as KA
 from agent.kube import client as KC
 from agent.registry import entry as E
-from agent.registry.registrar import Spec, Want, converge, renew
+from agent.registry.converge import Spec, Want, converge, renew
 
 RESOURCES = {"ENTRIES": KC.ENTRIES, "GROUPS": KC.GROUPS, "LEASES": KC.LEASES}
 

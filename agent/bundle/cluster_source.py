@@ -21,6 +21,7 @@ sidecar goes on with the last good bundle (istio-agent renews its certificate wi
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import threading
@@ -35,6 +36,7 @@ from agent.bundle import generate as G
 from agent.kube.client import GROUPS, Kube
 from agent.kube.core import CoreCalls
 from agent.kube.errors import ApiError, Unauthorized, map_error
+from agent.kube.follow import Follower, Target, version_of
 from agent.redact import register_secret
 from agent.retry import Backoff
 from agent.safeload import LoadError, load_json, load_yaml
@@ -346,19 +348,21 @@ class ClusterRefresher:
         self._reason = "initial"
         self._status = _Status()
         self._threads: list[threading.Thread] = []
+        self._watchers: list[Follower] = []
 
     # --- control (any thread) ---
 
     def start(self) -> ClusterRefresher:
         self._spawn(self._loop, "bundle-refresh")
         if self.watch:
-            self._spawn(self._watch_root_cert, "bundle-watch-root-cert")
-            self._spawn(self._watch_group, "bundle-watch-group")
+            self._start_watches()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()
+        for f in self._watchers:
+            f.stop()
         for t in self._threads:
             t.join(timeout)
 
@@ -451,50 +455,43 @@ class ClusterRefresher:
                                      retryable=retryable))
         return delay
 
-    def _watch_loop(self, name: str, stream: Callable[[str | None], Any],
-                    version: Callable[[], str], reason: str) -> None:
-        """Follow one object; a change it did not already build from triggers a rebuild."""
-        backoff = Backoff(initial=0.5, max=30.0)
-        rv: str | None = None
+    def _start_watches(self) -> None:
+        """Follow the root certificate ConfigMap and the WorkloadGroup, each from the version the last
+        build read (watched only: the agent's RBAC may get and watch them, not list them)."""
+        s, core, kube = self.source.s, self.source.core, self.source.kube
+        cm = Target(f"ConfigMap {s.namespace}/{G.ROOT_CERT_CONFIGMAP}",
+                    lambda rv, timeout: core.watch_configmap(s.namespace, G.ROOT_CERT_CONFIGMAP, rv, timeout))
+        group = Target(f"WorkloadGroup {s.namespace}/{s.group}",
+                       lambda rv, timeout: kube.watch(GROUPS, s.namespace, s.group, rv, timeout))
+        for name, target, version, reason in (
+                ("bundle-watch-root-cert", cm, lambda: self._status.root_cert_version, "root cert changed"),
+                ("bundle-watch-group", group, lambda: self._status.group_version, "group changed")):
+            follower = self._follower(target, version, reason)
+            self._watchers.append(follower)
+            self._spawn(functools.partial(self._follow, follower, version), name)
+
+    def _follower(self, target: Target, version: Callable[[], str], reason: str) -> Follower:
+        """A change (or deletion) the last build did not read triggers a rebuild."""
+
+        def seen(obj: dict[str, Any]) -> None:
+            if version_of(obj) != version():
+                log.info("%s changed: rebuilding the bundle", target.what)
+                self.refresh_now(reason)
+
+        def gone() -> None:
+            log.info("%s deleted: rebuilding the bundle", target.what)
+            self.refresh_now(reason)
+
+        return Follower(target, seen=seen, gone=gone, watch_timeout=self.watch_timeout,
+                        backoff=Backoff(initial=0.5, max=30.0), resume=True)
+
+    def _follow(self, follower: Follower, version: Callable[[], str]) -> None:
         # Start from what the first build read, so the watch's initial events are not news.
         while not version():
             if self._stop.wait(0.2):
                 return
-        while not self._stop.is_set():
-            rv = rv or version() or None
-            try:
-                for etype, obj in stream(rv):
-                    if self._stop.is_set():
-                        return
-                    new_rv = str((obj.get("metadata") or {}).get("resourceVersion", "")) or rv
-                    if etype in ("ADDED", "MODIFIED", "DELETED") and new_rv != version():
-                        log.info("%s changed (%s): rebuilding the bundle", name, etype.lower())
-                        self.refresh_now(reason)
-                    if etype == "ERROR":
-                        rv = None  # expired resourceVersion: start again from the current one
-                        break
-                    rv = new_rv
-                backoff.reset()
-            except ApiError as exc:
-                if getattr(exc, "status", 0) == 410:
-                    rv = None
-                delay = backoff.next_delay(getattr(exc, "retry_after", None))
-                log.debug("watch of %s failed (%s); again in %.1fs", name, exc, delay)
-                if self._stop.wait(delay):
-                    return
-
-    def _watch_root_cert(self) -> None:
-        s = self.source.s
-        self._watch_loop(f"ConfigMap {s.namespace}/{G.ROOT_CERT_CONFIGMAP}",
-                         lambda rv: self.source.core.watch_configmap(s.namespace, G.ROOT_CERT_CONFIGMAP, rv,
-                                                                     self.watch_timeout),
-                         lambda: self._status.root_cert_version, "root cert changed")
-
-    def _watch_group(self) -> None:
-        s = self.source.s
-        self._watch_loop(f"WorkloadGroup {s.namespace}/{s.group}",
-                         lambda rv: self.source.kube.watch(GROUPS, s.namespace, s.group, rv, self.watch_timeout),
-                         lambda: self._status.group_version, "group changed")
+        follower.version = version()
+        follower.run()
 
 
 # --- for the daemon: metrics and doctor -----------------------------------------------------------

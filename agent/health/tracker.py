@@ -28,11 +28,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-
-class Health(enum.Enum):
-    UNKNOWN = "unknown"
-    HEALTHY = "healthy"
-    UNHEALTHY = "unhealthy"
+from agent.health.state import Health
 
 
 class Cause(enum.Enum):

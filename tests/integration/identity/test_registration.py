@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.health.state import Health
 from agent.identity.aws import AwsProvider
 from agent.identity.azure import AzureProvider
 from agent.identity.common import Provider
@@ -28,11 +29,12 @@ from agent.registry.manifests import (
     identity_authenticator,
     identity_bindings,
 )
-from agent.registry.registrar import Driver, Settings, State
+from agent.registry.registrar import Settings, State
 from tests.identitykit import FakeAzure, FakeGcp, FakeSts, Instance, TestIssuer
 from tests.kubeapi.fixtures import kubeapi  # noqa: F401
 from tests.kubeapi.oidc import install
 from tests.kubeapi.server import KubeAPI
+from tests.registrykit import Driver
 from tests.waiting import wait_for
 
 NS, GROUP, SA = "vm-apps", "billing", "billing-vm"
@@ -78,7 +80,7 @@ def start_vm(api: KubeAPI, provider: Provider, tmp: Path, *, address: str = "10.
         return E.build_entry(E.EntryInputs(group=group, address=address, instance=instance))
 
     driver = Driver(kube, settings, build, watch_timeout=5).start()
-    driver.do(lambda r, now: r.set_health(True, ""))
+    driver.do(lambda r, now: r.set_health(Health.HEALTHY, ""))
     return VM(refresher.start(), driver, instance, token_file)
 
 

@@ -13,7 +13,8 @@ from agent.kube.auth import Credentials
 from agent.kube.client import Kube
 from agent.registry import entry as E
 from agent.registry.manifests import build_manifests
-from agent.registry.registrar import Driver, Settings
+from agent.registry.registrar import Settings
+from tests.registrykit import Driver
 
 pytest.importorskip("tests.kubeapi.server", reason="the Kubernetes API emulator is not in this tree")
 
