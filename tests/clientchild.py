@@ -102,7 +102,8 @@ class Child:
 
     def op_access_checks(self, settings: dict[str, Any], service_account: str) -> list[list[Any]]:
         """The cluster source's SelfSubjectAccessReviews."""
-        from agent.bundle.cluster_source import Settings, access_checks
+        from agent.bundle.cluster_inputs import Settings
+        from agent.bundle.cluster_source import access_checks
 
         assert self.kube is not None
         return [[c.what, c.allowed] for c in access_checks(self.kube, Settings(**settings), service_account)]
@@ -117,7 +118,8 @@ class Child:
 
     def op_fetch(self, settings: dict[str, Any]) -> dict[str, Any]:
         """The `kubernetes` bundle source's fetch: the bundle's files built from the cluster."""
-        from agent.bundle.cluster_source import ClusterSource, Settings
+        from agent.bundle.cluster_inputs import Settings
+        from agent.bundle.cluster_source import ClusterSource
 
         assert self.kube is not None
         got = ClusterSource(self.kube, Settings(**settings)).fetch()

@@ -15,7 +15,8 @@ import yaml
 
 pytest.importorskip("tests.kubeapi.server", reason="the Kubernetes API emulator is not in this tree")
 
-from agent.bundle.cluster_source import ClusterRefresher, ClusterSource, Settings
+from agent.bundle.cluster_inputs import Settings
+from agent.bundle.cluster_source import ClusterRefresher, ClusterSource
 from agent.config import BundleConfig, KubernetesSourceConfig
 from agent.kube.auth import Credentials
 from agent.kube.client import Kube

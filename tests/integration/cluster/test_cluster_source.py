@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from agent.bundle.cluster_source import ClusterBundleFetched, ClusterFetchFailed, SourceError, install_files
+from agent.bundle.cluster_inputs import SourceError
+from agent.bundle.cluster_source import ClusterBundleFetched, ClusterFetchFailed, install_files
 from agent.kube.client import GROUPS
 from agent.kube.errors import Unauthorized
 from agent.registry.credentials import read_claims, renew_own_token
