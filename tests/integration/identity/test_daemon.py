@@ -12,12 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.registry.manifests import (
-    authentication_configuration,
-    build_manifests,
-    identity_authenticator,
-    identity_bindings,
-)
+from agent.registry.identity_manifests import authentication_configuration, identity_authenticator, identity_bindings
+from agent.registry.manifests import build_manifests
 from tests import bundlekit
 from tests.agentkit import NS, REPO, agent_env, free_port, rig, wait_for
 from tests.identitykit import FakeGcp, Instance, TestIssuer

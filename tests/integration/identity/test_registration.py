@@ -23,12 +23,8 @@ from agent.identity.refresh import IdentityRefresher, instance_key
 from agent.kube.auth import Credentials
 from agent.kube.client import Kube
 from agent.registry import entry as E
-from agent.registry.manifests import (
-    authentication_configuration,
-    build_manifests,
-    identity_authenticator,
-    identity_bindings,
-)
+from agent.registry.identity_manifests import authentication_configuration, identity_authenticator, identity_bindings
+from agent.registry.manifests import build_manifests
 from agent.registry.registrar import Settings, State
 from tests.identitykit import FakeAzure, FakeGcp, FakeSts, Instance, TestIssuer
 from tests.kubeapi.fixtures import kubeapi  # noqa: F401
