@@ -67,8 +67,7 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
-# --- events ---------------------------------------------------------------------------------------
-
+# --- what it reports -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class RegistrationStatus:
