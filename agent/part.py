@@ -29,7 +29,7 @@ from agent.paths import Layout
 
 if TYPE_CHECKING:
     from agent.bundle.model import Bundle
-    from agent.registry.kube import Kube
+    from agent.kube.client import Kube
 
 log = logging.getLogger("agent.part")
 
@@ -164,8 +164,8 @@ class Context:
     def api(self) -> Kube:
         """The API client of the parts that read the cluster (the `kubernetes` bundle source)."""
         if self._kube is None:
+            from agent.kube.client import Kube
             from agent.registry import service
-            from agent.registry.kube import Kube
 
             try:
                 creds = service.credentials(self.cfg.registry, self.shipped_kubeconfig(), self.identity_token())

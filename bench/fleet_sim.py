@@ -22,7 +22,7 @@ The API model:
   then: 429 with Retry-After. Retry-After follows kube-apiserver's dropped-request tracker: it starts
   at 1 s, doubles (up to 32 s) when at least 3 x its value requests were dropped in the last
   Retry-After seconds (at most once per Retry-After seconds), and decreases by 1 s when fewer than its
-  value were dropped. The agent caps what it honours at 30 s (agent.registry.kube);
+  value were dropped. The agent caps what it honours at 30 s (agent.kube.errors);
 - the client gives up after the agent's request timeout (`registry.timeout`);
 - an outage refuses connections and drops open ones (watches included) for `--outage` seconds, as the
   emulator's outage does.
@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import collections
 import heapq
-import inspect
 import logging
 import math
 import os
@@ -63,38 +62,27 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.config import RegistryConfig
+from agent.health.state import Health
+from agent.kube.client import Kube, Resource
+from agent.kube.errors import RETRY_AFTER_CAP, ApiError, Conflict, Unavailable
 from agent.registry import entry as E
-from agent.registry.kube import (
-    RETRY_AFTER_CAP,
-    ApiError,
-    Conflict,
-    Kube,
-    Resource,
-    Unavailable,
-)
-from agent.registry.registrar import (
-    GroupSeen,
-    GroupWatcher,
-    Outcome,
-    Registrar,
-    RegistryResult,
-    Settings,
-    State,
-)
+from agent.registry.converge import Outcome
+from agent.registry.group import BACKOFF, WATCH_TIMEOUT, GroupSeen
+from agent.registry.registrar import Registrar, Settings, State
+from agent.registry.worker import RegistryResult
 from agent.retry import Backoff
 
 NS, GROUP = "fleet", "app"
 REFUSED_TIME = 0.001          # a refused connection answers at once
-WATCHER_BACKOFF = (0.5, 30.0)  # what GroupWatcher uses when given none
+WATCHER_BACKOFF = BACKOFF  # what the agent's group follower uses
 
 
 def agent_defaults() -> dict[str, float]:
     """The registry timings an agent runs with when agent.yaml says nothing."""
     reg = RegistryConfig()
-    watch = inspect.signature(GroupWatcher.__init__).parameters["watch_timeout"].default
     return {"lease": float(reg.lease.duration), "renew": float(reg.lease.renew), "resync": float(reg.resync),
             "backoff_initial": float(reg.backoff.initial), "backoff_max": float(reg.backoff.max),
-            "timeout": float(reg.timeout), "watch_timeout": float(watch)}
+            "timeout": float(reg.timeout), "watch_timeout": float(WATCH_TIMEOUT)}
 
 
 # --- latency ------------------------------------------------------------------------------------------
@@ -441,7 +429,7 @@ class Sim:
             elif kind == GROUP_SEEN:
                 a.reg.handle(payload, t)
             elif kind == START:
-                a.reg.set_health(True)
+                a.reg.set_health(Health.HEALTHY)
                 self.push(t, LIST, idx, None)
             elif kind == LIST:
                 self._list(a, t, bool(payload))

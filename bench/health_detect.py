@@ -40,7 +40,7 @@ from agent.health.listeners import (
 )
 from agent.health.monitor import HealthChanged, Monitor
 from agent.health.probe_spec import probe_from_istio
-from agent.health.tracker import Health
+from agent.health.state import Health
 
 NO_DAMPING = FlapConfig(min_dwell=0.0, max_transitions=1000, window=1.0)
 

@@ -27,12 +27,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from agent.health.state import Health  # noqa: E402
+from agent.kube.auth import Credentials  # noqa: E402
+from agent.kube.client import Kube  # noqa: E402
 from agent.registry import entry as E  # noqa: E402
-from agent.registry.kube import Credentials, Kube  # noqa: E402
 from agent.registry.manifests import AGENT_RULES  # noqa: E402
-from agent.registry.registrar import Driver, Settings, State  # noqa: E402
+from agent.registry.registrar import Settings, State  # noqa: E402
 from devkit.kubeapi.auth import Rule  # noqa: E402
 from devkit.kubeapi.server import KubeAPI  # noqa: E402
+from devkit.registrydriver import Driver  # noqa: E402
 
 NS, GROUP = "fleet", "app"
 
@@ -248,7 +251,7 @@ def child(args: argparse.Namespace) -> int:
         settings = Settings(NS, GROUP, instance, args.lease, args.renew, args.resync,
                             backoff_initial=args.backoff_initial, backoff_max=args.backoff_max)
         d = Driver(kube, settings, build).start()
-        d.do(lambda r, now: r.set_health(True))
+        d.do(lambda r, now: r.set_health(Health.HEALTHY))
         drivers.append(d)
         time.sleep(args.ramp / max(1, count))
     done = threading.Event()

@@ -17,16 +17,18 @@ from typing import Any
 
 import kubernetes
 
+from agent.kube import apply as KP
+from agent.kube import auth as KA
+from agent.kube import client as KC
 from agent.registry import entry as E
-from agent.registry import kube as K
-from agent.registry.registrar import Spec, Want, converge, renew
+from agent.registry.converge import Spec, Want, converge, renew
 
-RESOURCES = {"ENTRIES": K.ENTRIES, "GROUPS": K.GROUPS, "LEASES": K.LEASES}
+RESOURCES = {"ENTRIES": KC.ENTRIES, "GROUPS": KC.GROUPS, "LEASES": KC.LEASES}
 
 
 class Child:
     def __init__(self) -> None:
-        self.kube: K.Kube | None = None
+        self.kube: KC.Kube | None = None
 
     def op_open(self, creds: dict[str, Any] | None = None, in_cluster: dict[str, Any] | None = None,
                 timeout: float = 5.0) -> dict[str, Any]:
@@ -34,13 +36,13 @@ class Child:
         if self.kube is not None:
             self.kube.close()
         if in_cluster is not None:
-            c = K.in_cluster_credentials(env=in_cluster["env"], sa_dir=in_cluster["sa_dir"])
+            c = KA.in_cluster_credentials(env=in_cluster["env"], sa_dir=in_cluster["sa_dir"])
             if c is None:
                 raise RuntimeError("no in-cluster credentials found")
         else:
-            c = K.Credentials(**(creds or {}))
-        self.kube = K.Kube.from_credentials(c, timeout=timeout)
-        return {"version": kubernetes.__version__, "apply_style": K.apply_style()}
+            c = KA.Credentials(**(creds or {}))
+        self.kube = KC.Kube.from_credentials(c, timeout=timeout)
+        return {"version": kubernetes.__version__, "apply_style": KP.apply_style()}
 
     def op_kube(self, method: str, args: list[Any], kwargs: dict[str, Any] | None = None) -> Any:
         """One Kube method; a resource is named ENTRIES, GROUPS or LEASES."""
@@ -54,7 +56,7 @@ class Child:
     def _spec(self, namespace: str, group: str, instance: str, address: str,
               condition_mode: bool) -> Spec:
         assert self.kube is not None
-        group_obj = self.kube.get(K.GROUPS, namespace, group)
+        group_obj = self.kube.get(KC.GROUPS, namespace, group)
         entry = E.build_entry(E.EntryInputs(group=group_obj, address=address, instance=instance,
                                             condition_mode=condition_mode))
         return Spec(entry=entry, instance=instance, lease_duration=30, condition_mode=condition_mode)
@@ -71,7 +73,7 @@ class Child:
         """The registrar's lease renewal, with the lease as the server has it now."""
         assert self.kube is not None
         spec = self._spec(namespace, group, instance, address, False)
-        lease = self.kube.get(K.LEASES, namespace, spec.entry["metadata"]["name"])
+        lease = self.kube.get(KC.LEASES, namespace, spec.entry["metadata"]["name"])
         out = renew(self.kube, lease, spec)
         return {"lost_lease": out.lost_lease, "wrote": list(out.wrote), "lease": out.lease}
 
@@ -90,7 +92,7 @@ class Child:
 
     def op_core(self, method: str, args: list[Any]) -> Any:
         """A call of the cluster bundle source's core/v1 layer (watch_configmap: its events)."""
-        from agent.bundle.cluster_source import CoreCalls
+        from agent.kube.core import CoreCalls
 
         assert self.kube is not None
         out = getattr(CoreCalls(self.kube), method)(*args)
@@ -100,7 +102,8 @@ class Child:
 
     def op_access_checks(self, settings: dict[str, Any], service_account: str) -> list[list[Any]]:
         """The cluster source's SelfSubjectAccessReviews."""
-        from agent.bundle.cluster_source import Settings, access_checks
+        from agent.bundle.cluster_inputs import Settings
+        from agent.bundle.cluster_source import access_checks
 
         assert self.kube is not None
         return [[c.what, c.allowed] for c in access_checks(self.kube, Settings(**settings), service_account)]
@@ -116,7 +119,8 @@ class Child:
 
     def op_fetch(self, settings: dict[str, Any]) -> dict[str, Any]:
         """The `kubernetes` bundle source's fetch: the bundle's files built from the cluster."""
-        from agent.bundle.cluster_source import ClusterSource, Settings
+        from agent.bundle.cluster_inputs import Settings
+        from agent.bundle.cluster_source import ClusterSource
 
         assert self.kube is not None
         got = ClusterSource(self.kube, Settings(**settings)).fetch()

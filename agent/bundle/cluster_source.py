@@ -6,6 +6,7 @@ the group's namespace), the mesh config (ConfigMap istio[-<rev>] in the istio na
 east-west gateway's address (optional), and mints an istio token with TokenRequest for the group's
 service account; agent.bundle.generate turns them into the five files. The files then go through the
 same validation and atomic install as a downloaded bundle: this module never writes the live layout.
+The reads themselves (and the source's Settings and SourceError) are agent.bundle.cluster_inputs'.
 
 Where the agent may not read the istio namespace (403/404), `static_dir` (an admin-made bundle
 directory) supplies mesh.yaml and hosts (and cluster.env, if it has one): only the token and the root
@@ -13,62 +14,42 @@ certificate then come from the cluster.
 
 ClusterRefresher runs fetch() in its own thread: first at once, then at `refresh_fraction` of the
 token's real lifetime (from the server's answer, not the configured one), and at once when a watch sees
-the root certificate or the group change. It only posts events (ClusterBundleFetched,
-ClusterFetchFailed); on failure it retries with agent.retry's backoff and keeps reporting, while the
-sidecar goes on with the last good bundle (istio-agent renews its certificate with the one it holds).
+the root certificate or the group change (each followed by agent.kube.follow from the version the last
+build read, watched on from where it was, and from the current version after 410 Gone). It only posts
+events (ClusterBundleFetched, ClusterFetchFailed); on failure it retries with agent.retry's backoff and
+keeps reporting, while the sidecar goes on with the last good bundle (istio-agent renews its
+certificate with the one it holds).
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import functools
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from agent import jwtclaims
 from agent.bundle import generate as G
-from agent.redact import register_secret
-from agent.registry.kube import GROUPS, ApiError, Kube, NotFound, Unauthorized, map_error
+from agent.bundle.cluster_inputs import (
+    INJECTOR_CONFIGMAP,
+    ControlPlane,
+    Settings,
+    SourceError,
+    mint_token,
+    read_required,
+)
+from agent.kube.client import GROUPS, Kube
+from agent.kube.core import CoreCalls
+from agent.kube.errors import map_error
+from agent.kube.follow import Follower, Target, version_of
 from agent.retry import Backoff
-from agent.safeload import LoadError, load_json, load_yaml
 
 log = logging.getLogger(__name__)
 
 Post = Callable[[object], None]
-INJECTOR_CONFIGMAP = "istio-sidecar-injector"
-DEFAULT_CLUSTER_ID = "Kubernetes"
-
-
-class SourceError(Exception):
-    """A fetch failed; `retryable` is False for problems a retry alone will not fix (RBAC, bad group)."""
-
-    def __init__(self, message: str, retryable: bool = True, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.retry_after = retry_after
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the source needs, from agent.yaml's bundle.kubernetes (see from_config)."""
-
-    namespace: str
-    group: str
-    istio_namespace: str = "istio-system"
-    revision: str = ""
-    cluster_id: str | None = None          # None: from the injector ConfigMap, else "Kubernetes"
-    gateway_address: str | None = None     # None: from the gateway Service
-    gateway_service: str = G.EAST_WEST_GATEWAY
-    token_lifetime: int = 3600
-    read_istio_config: bool = True
-    static_dir: str | None = None
-    dns_capture: bool = True
-    svc_ip: str | None = None              # ISTIO_SVC_IP, when the agent knows the VM's address
 
 
 def settings_from_config(bundle_cfg: Any, svc_ip: str | None = None) -> Settings:
@@ -98,100 +79,6 @@ class Fetched:
         return max(0.0, self.token_expiry - self.token_issued)
 
 
-def token_times(token: str) -> tuple[float | None, float | None]:
-    """(iat, exp) claims of a JWT, unverified (only to schedule renewals); None where absent."""
-    try:
-        tok = jwtclaims.read(token)
-    except jwtclaims.TokenError:
-        return None, None
-    return tok.issued_at, tok.expiry
-
-
-def _parse_time(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-class CoreCalls:
-    """The core/v1 calls the source makes, through the registry's client; dicts in, dicts out."""
-
-    def __init__(self, kube: Kube) -> None:
-        from kubernetes import client
-
-        self.kube = kube
-        self.core = client.CoreV1Api(kube.api_client)
-
-    def _call(self, verb: str, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("_request_timeout", (min(5.0, self.kube.timeout), self.kube.timeout))
-        try:
-            resp = fn(*args, _preload_content=False, **kwargs)
-            return json.loads(resp.data)
-        except Exception as exc:  # every client failure is mapped to the registry's errors
-            raise map_error(exc, verb, what) from exc
-
-    def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self._call("get", f'configmaps "{name}" in namespace {namespace}',
-                              self.core.read_namespaced_config_map, name, namespace)
-        except NotFound:
-            return None
-
-    def get_service(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self._call("get", f'services "{name}" in namespace {namespace}',
-                              self.core.read_namespaced_service, name, namespace)
-        except NotFound:
-            return None
-
-    def create_token(self, namespace: str, service_account: str, seconds: int,
-                     audiences: list[str] | None) -> dict[str, Any]:
-        spec: dict[str, Any] = {"expirationSeconds": int(seconds)}
-        if audiences:
-            spec["audiences"] = audiences
-        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
-        return self._call("create", f'serviceaccounts/token "{service_account}" in namespace {namespace}',
-                          self.core.create_namespaced_service_account_token, service_account, namespace, body)
-
-    def watch_configmap(self, namespace: str, name: str, resource_version: str | None,
-                        timeout_seconds: int) -> Any:
-        """Yields (type, object) for one ConfigMap until the server ends the watch."""
-        from kubernetes import watch
-
-        w = watch.Watch()
-        kwargs: dict[str, Any] = {"field_selector": f"metadata.name={name}", "timeout_seconds": timeout_seconds,
-                                  "_request_timeout": (min(5.0, self.kube.timeout), timeout_seconds + 10)}
-        if resource_version:
-            kwargs["resource_version"] = resource_version
-        try:
-            for event in w.stream(self.core.list_namespaced_config_map, namespace, **kwargs):
-                yield event["type"], event.get("raw_object") or {}
-        except ApiError:
-            raise
-        except Exception as exc:
-            raise map_error(exc, "watch", f'configmaps "{name}" in namespace {namespace}') from exc
-        finally:
-            w.stop()
-
-
-def mint_token(core: CoreCalls, namespace: str, service_account: str, seconds: int,
-               audiences: list[str] | None, clock: Callable[[], float] = time.time) -> tuple[str, float, float]:
-    """TokenRequest; returns (token, issued, expiry) in wall-clock seconds."""
-    asked = clock()
-    answer = core.create_token(namespace, service_account, seconds, audiences)
-    status = answer.get("status") or {}
-    token = status.get("token") or ""
-    if not token:
-        raise SourceError(f"TokenRequest for {namespace}/{service_account} returned no token")
-    register_secret(token)
-    iat, exp = token_times(token)
-    expiry = _parse_time(status.get("expirationTimestamp")) or exp or asked + seconds
-    return token, iat or asked, expiry
-
-
 class ClusterSource:
     """Builds the bundle from the cluster. fetch() blocks (each call has the client's timeout)."""
 
@@ -202,48 +89,28 @@ class ClusterSource:
         self.core = CoreCalls(kube)
         self.s = settings
         self.clock = clock
-        self._static_cluster_id: str | None = None
-
-    def _read(self, what: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Unauthorized as exc:
-            raise SourceError(f"{exc} (RBAC: see `mesh-agent manifests`)", retryable=False) from exc
-        except ApiError as exc:
-            raise SourceError(str(exc), retryable=True, retry_after=getattr(exc, "retry_after", None)) from exc
-
-    def _optional(self, fn: Callable[[], Any], warnings: list[str], what: str) -> tuple[bool, Any]:
-        """(readable, value) for a read the bundle can do without (403/404 -> not readable)."""
-        try:
-            return True, fn()
-        except Unauthorized as exc:
-            warnings.append(f"cannot read {what}: {exc.status} {exc.detail}")
-            return False, None
-        except ApiError as exc:
-            raise SourceError(str(exc), retry_after=getattr(exc, "retry_after", None)) from exc
 
     def fetch(self) -> Fetched:
         s = self.s
-        warnings: list[str] = []
-        group = self._read("group", lambda: self.kube.get(GROUPS, s.namespace, s.group))
+        group = read_required(lambda: self.kube.get(GROUPS, s.namespace, s.group))
         if group is None:
             raise SourceError(f'WorkloadGroup "{s.group}" not found in namespace {s.namespace}',
                               retryable=False)
-        cm = self._read("root cert", lambda: self.core.get_configmap(s.namespace, G.ROOT_CERT_CONFIGMAP))
+        cm = read_required(lambda: self.core.get_configmap(s.namespace, G.ROOT_CERT_CONFIGMAP))
         root_cert = ((cm or {}).get("data") or {}).get(G.ROOT_CERT_KEY)
         if not root_cert:
             raise SourceError(f"ConfigMap {G.ROOT_CERT_CONFIGMAP} in namespace {s.namespace} has no "
                               f"{G.ROOT_CERT_KEY} (is the namespace part of the mesh?)")
 
-        mesh_text, mesh_from, static = self._mesh_config(warnings)
-        cluster_id = s.cluster_id or self._cluster_id(warnings, mesh_from == "cluster")
-        gateway = s.gateway_address or (self._gateway(warnings) if mesh_from == "cluster" else None)
+        control = ControlPlane(self.core, s)
+        mesh_text, mesh_from, static = control.mesh_config()
+        cluster_id = s.cluster_id or control.cluster_id(mesh_from == "cluster")
+        gateway = s.gateway_address or (control.gateway() if mesh_from == "cluster" else None)
 
         try:
             sa = G.service_account(group)
-            token, issued, expiry = self._read(
-                "token", lambda: mint_token(self.core, s.namespace, sa, s.token_lifetime,
-                                            [G.TOKEN_AUDIENCE], self.clock))
+            token, issued, expiry = read_required(lambda: mint_token(self.core, s.namespace, sa, s.token_lifetime,
+                                                                [G.TOKEN_AUDIENCE], self.clock))
             files = G.generate(G.Inputs(
                 group=group, mesh=mesh_text, istio_namespace=s.istio_namespace, revision=s.revision,
                 cluster_id=cluster_id, gateway_address=gateway, token=token, root_cert=root_cert,
@@ -255,93 +122,7 @@ class ClusterSource:
         return Fetched(files=files, token_issued=issued, token_expiry=expiry,
                        root_cert_version=str(((cm or {}).get("metadata") or {}).get("resourceVersion", "")),
                        group_version=str((group.get("metadata") or {}).get("resourceVersion", "")),
-                       mesh_from=mesh_from, warnings=tuple(warnings))
-
-    def _mesh_config(self, warnings: list[str]) -> tuple[str | None, str, dict[str, bytes]]:
-        """(mesh config text, where it came from, static files that replace generated ones)."""
-        s = self.s
-        name = G.istio_configmap(s.revision)
-        if s.read_istio_config:
-            readable, cm = self._optional(lambda: self.core.get_configmap(s.istio_namespace, name), warnings,
-                                          f"ConfigMap {name} in namespace {s.istio_namespace}")
-            if readable and cm is not None:
-                return ((cm.get("data") or {}).get("mesh")), "cluster", {}
-            if readable:
-                warnings.append(f"ConfigMap {name} not found in namespace {s.istio_namespace}")
-        if s.static_dir:
-            static = self._static_files()
-            return self._mesh_from_static(static["mesh.yaml"]), "static", static
-        if s.read_istio_config:
-            raise SourceError(f"cannot read the mesh config (ConfigMap {name} in namespace "
-                              f"{s.istio_namespace}) and bundle.kubernetes.static_dir is not set",
-                              retryable=False)
-        return None, "none", {}
-
-    def _mesh_from_static(self, mesh_yaml: bytes) -> str:
-        """A mesh config equivalent to the one an istioctl-made mesh.yaml came from, so cluster.env
-        gets the same values (the trust domain and cluster are only in its proxyMetadata)."""
-        import yaml
-
-        try:
-            doc = load_yaml(mesh_yaml, f"{self.s.static_dir}/mesh.yaml") or {}
-        except LoadError as exc:
-            raise SourceError(str(exc), retryable=False) from None
-        default = doc.get("defaultConfig") if isinstance(doc, dict) else None
-        if not isinstance(default, dict):
-            raise SourceError(f"{self.s.static_dir}/mesh.yaml has no defaultConfig map", retryable=False)
-        metadata = default.get("proxyMetadata") or {}
-        mesh: dict[str, Any] = {"defaultConfig": default}
-        if isinstance(metadata, dict):
-            mesh["trustDomain"] = metadata.get("TRUST_DOMAIN") or ""
-            self._static_cluster_id = metadata.get("ISTIO_META_CLUSTER_ID") or None
-        return yaml.safe_dump(mesh)
-
-    def _static_files(self) -> dict[str, bytes]:
-        d = Path(self.s.static_dir or "")
-        out = {}
-        for name in ("mesh.yaml", "hosts", "cluster.env"):
-            try:
-                out[name] = (d / name).read_bytes()
-            except FileNotFoundError:
-                if name == "mesh.yaml":
-                    raise SourceError(f"{d / name} is missing (bundle.kubernetes.static_dir)",
-                                      retryable=False) from None
-            except OSError as exc:
-                raise SourceError(f"cannot read {d / name}: {exc.strerror}", retryable=False) from None
-        return out
-
-    def _cluster_id(self, warnings: list[str], istio_readable: bool) -> str:
-        s = self.s
-        if not istio_readable:
-            return self._static_cluster_id or DEFAULT_CLUSTER_ID
-        name = INJECTOR_CONFIGMAP + (f"-{s.revision}" if G.is_revisioned(s.revision) else "")
-        readable, cm = self._optional(lambda: self.core.get_configmap(s.istio_namespace, name), warnings,
-                                      f"ConfigMap {name} in namespace {s.istio_namespace}")
-        if not readable or cm is None:
-            return DEFAULT_CLUSTER_ID
-        try:
-            values = load_json((cm.get("data") or {}).get("values") or "{}", f"ConfigMap {name} values")
-            cluster = ((values.get("global") or {}).get("multiCluster") or {}).get("clusterName")
-        except (LoadError, AttributeError):
-            cluster = None
-        return cluster if isinstance(cluster, str) and cluster else DEFAULT_CLUSTER_ID
-
-    def _gateway(self, warnings: list[str]) -> str | None:
-        s = self.s
-        name, _, ns = s.gateway_service.partition(".")
-        ns = ns or s.istio_namespace
-        readable, svc = self._optional(lambda: self.core.get_service(ns, name), warnings,
-                                       f"Service {name} in namespace {ns}")
-        if not readable or svc is None:
-            return None
-        ingress = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
-        address = (ingress[0].get("ip") if ingress else None) or \
-            next(iter((svc.get("spec") or {}).get("externalIPs") or []), None)
-        if not address:
-            warnings.append(f"Service {ns}/{name} has no load-balancer IP or external IP: hosts is empty; "
-                            "set bundle.kubernetes.gateway_address")
-        return address
-
+                       mesh_from=mesh_from, warnings=tuple(control.warnings))
 
 # --- refreshing -----------------------------------------------------------------------------------
 
@@ -405,19 +186,21 @@ class ClusterRefresher:
         self._reason = "initial"
         self._status = _Status()
         self._threads: list[threading.Thread] = []
+        self._watchers: list[Follower] = []
 
     # --- control (any thread) ---
 
     def start(self) -> ClusterRefresher:
         self._spawn(self._loop, "bundle-refresh")
         if self.watch:
-            self._spawn(self._watch_root_cert, "bundle-watch-root-cert")
-            self._spawn(self._watch_group, "bundle-watch-group")
+            self._start_watches()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()
+        for f in self._watchers:
+            f.stop()
         for t in self._threads:
             t.join(timeout)
 
@@ -510,50 +293,43 @@ class ClusterRefresher:
                                      retryable=retryable))
         return delay
 
-    def _watch_loop(self, name: str, stream: Callable[[str | None], Any],
-                    version: Callable[[], str], reason: str) -> None:
-        """Follow one object; a change it did not already build from triggers a rebuild."""
-        backoff = Backoff(initial=0.5, max=30.0)
-        rv: str | None = None
+    def _start_watches(self) -> None:
+        """Follow the root certificate ConfigMap and the WorkloadGroup, each from the version the last
+        build read (watched only: the agent's RBAC may get and watch them, not list them)."""
+        s, core, kube = self.source.s, self.source.core, self.source.kube
+        cm = Target(f"ConfigMap {s.namespace}/{G.ROOT_CERT_CONFIGMAP}",
+                    lambda rv, timeout: core.watch_configmap(s.namespace, G.ROOT_CERT_CONFIGMAP, rv, timeout))
+        group = Target(f"WorkloadGroup {s.namespace}/{s.group}",
+                       lambda rv, timeout: kube.watch(GROUPS, s.namespace, s.group, rv, timeout))
+        for name, target, version, reason in (
+                ("bundle-watch-root-cert", cm, lambda: self._status.root_cert_version, "root cert changed"),
+                ("bundle-watch-group", group, lambda: self._status.group_version, "group changed")):
+            follower = self._follower(target, version, reason)
+            self._watchers.append(follower)
+            self._spawn(functools.partial(self._follow, follower, version), name)
+
+    def _follower(self, target: Target, version: Callable[[], str], reason: str) -> Follower:
+        """A change (or deletion) the last build did not read triggers a rebuild."""
+
+        def seen(obj: dict[str, Any]) -> None:
+            if version_of(obj) != version():
+                log.info("%s changed: rebuilding the bundle", target.what)
+                self.refresh_now(reason)
+
+        def gone() -> None:
+            log.info("%s deleted: rebuilding the bundle", target.what)
+            self.refresh_now(reason)
+
+        return Follower(target, seen=seen, gone=gone, watch_timeout=self.watch_timeout,
+                        backoff=Backoff(initial=0.5, max=30.0), resume=True)
+
+    def _follow(self, follower: Follower, version: Callable[[], str]) -> None:
         # Start from what the first build read, so the watch's initial events are not news.
         while not version():
             if self._stop.wait(0.2):
                 return
-        while not self._stop.is_set():
-            rv = rv or version() or None
-            try:
-                for etype, obj in stream(rv):
-                    if self._stop.is_set():
-                        return
-                    new_rv = str((obj.get("metadata") or {}).get("resourceVersion", "")) or rv
-                    if etype in ("ADDED", "MODIFIED", "DELETED") and new_rv != version():
-                        log.info("%s changed (%s): rebuilding the bundle", name, etype.lower())
-                        self.refresh_now(reason)
-                    if etype == "ERROR":
-                        rv = None  # expired resourceVersion: start again from the current one
-                        break
-                    rv = new_rv
-                backoff.reset()
-            except ApiError as exc:
-                if getattr(exc, "status", 0) == 410:
-                    rv = None
-                delay = backoff.next_delay(getattr(exc, "retry_after", None))
-                log.debug("watch of %s failed (%s); again in %.1fs", name, exc, delay)
-                if self._stop.wait(delay):
-                    return
-
-    def _watch_root_cert(self) -> None:
-        s = self.source.s
-        self._watch_loop(f"ConfigMap {s.namespace}/{G.ROOT_CERT_CONFIGMAP}",
-                         lambda rv: self.source.core.watch_configmap(s.namespace, G.ROOT_CERT_CONFIGMAP, rv,
-                                                                     self.watch_timeout),
-                         lambda: self._status.root_cert_version, "root cert changed")
-
-    def _watch_group(self) -> None:
-        s = self.source.s
-        self._watch_loop(f"WorkloadGroup {s.namespace}/{s.group}",
-                         lambda rv: self.source.kube.watch(GROUPS, s.namespace, s.group, rv, self.watch_timeout),
-                         lambda: self._status.group_version, "group changed")
+        follower.version = version()
+        follower.run()
 
 
 # --- for the daemon: metrics and doctor -----------------------------------------------------------

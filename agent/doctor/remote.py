@@ -126,7 +126,7 @@ def check_api(ctx: Context, timeout: float) -> list[Check]:
         return [Check("API", SKIP, "registry.enabled is false"),
                 Check("clock", SKIP, "no API server configured to compare with (registry.enabled is false)")]
     from agent.bundle.store import last_good_file
-    from agent.registry.kube import Kube
+    from agent.kube.client import Kube
     from agent.registry.service import PlanError, credentials
 
     r = ctx.cfg.registry
@@ -220,7 +220,8 @@ def _cluster_source_access(ctx: Context) -> list[Check]:
 def check_group(ctx: Context, _t: float) -> list[Check]:
     if ctx.kube is None or not ctx.namespace or not ctx.group:
         return [Check("WorkloadGroup", SKIP, "API not reachable or group unknown")]
-    from agent.registry.kube import GROUPS, ApiError
+    from agent.kube.client import GROUPS
+    from agent.kube.errors import ApiError
 
     try:
         group = ctx.kube.get(GROUPS, ctx.namespace, ctx.group)

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from agent.health import probes
 from agent.health.config import AppConfig, FlapConfig, ProbeConfig
 from agent.health.portwatch import ListenerDown, ListenerUp, OwnerExited, PortWatch
-from agent.health.tracker import Cause, Damping, Health, Tracker, Transition
+from agent.health.state import Health
+from agent.health.tracker import Cause, Damping, Tracker, Transition
 
 log = logging.getLogger(__name__)
 

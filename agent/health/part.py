@@ -11,7 +11,7 @@ from agent import config
 from agent.bundle.model import Bundle
 from agent.health import inputs
 from agent.health.monitor import HealthChanged, Monitor, probe_host
-from agent.health.tracker import Health
+from agent.health.state import Health
 from agent.part import BundleInUse, Context, FatalError, SidecarReadiness
 
 log = logging.getLogger("agent.health")
@@ -56,7 +56,7 @@ class HealthPart:
         return AppSnapshot(self.monitor.snapshot().to_dict() if self.monitor is not None else {})
 
     def handle(self, event: object, now: float) -> bool:
-        from agent.registry.registrar import GroupSeen
+        from agent.registry.group import GroupSeen
 
         if isinstance(event, BundleInUse):
             self.bundle = event.bundle

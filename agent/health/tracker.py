@@ -27,13 +27,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from agent.health.state import Health
 from agent.proc import describe_exit
-
-
-class Health(enum.Enum):
-    UNKNOWN = "unknown"
-    HEALTHY = "healthy"
-    UNHEALTHY = "unhealthy"
 
 
 class Cause(enum.Enum):

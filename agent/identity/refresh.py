@@ -1,7 +1,7 @@
 """Keep a fresh identity token where the Kubernetes client reads it.
 
 The registry's client re-reads its bearer token file whenever the file changes
-(agent.registry.kube.TokenFile), so the refresher only has to write each new token over it
+(agent.kube.auth.TokenFile), so the refresher only has to write each new token over it
 atomically (0600, under the run directory: never in a golden image). It fetches at once, then at
 `fraction` of each token's lifetime, measured from the fetch on this VM's monotonic clock (a skewed
 wall clock cannot make it fetch in a loop); failures are retried with agent.retry's backoff while the

@@ -2,7 +2,7 @@
 
 A bound token (TokenRequest) expires; an agent that holds one and may `create serviceaccounts/token`
 for its own service account mints the next one before the current one expires, and writes it over
-registry.token_file atomically. The registry's client (agent.registry.kube.TokenFile) reads the file
+registry.token_file atomically. The registry's client (agent.kube.auth.TokenFile) reads the file
 again whenever it changes, so the new token is used from the next request on.
 
 Who the agent is comes from the token itself (its `kubernetes.io` claims: namespace and service
@@ -90,7 +90,7 @@ def renew_own_token(api_client: Any, token_file: str, *, lifetime: int | None = 
     """
     from kubernetes import client
 
-    from agent.registry.kube import map_error
+    from agent.kube.errors import map_error
 
     try:
         with open(token_file, encoding="utf-8") as f:

@@ -10,7 +10,6 @@ prints.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from typing import Any
@@ -18,6 +17,14 @@ from typing import Any
 import yaml
 
 from agent.registry.entry import API_VERSION, FIELD_MANAGER, INSTANCE_ANNOTATION, MANAGED_BY_LABEL
+from agent.registry.identity_manifests import (
+    IDENTITY_PROVIDERS,
+    authentication_configuration,
+    cel_str,
+    identity_authenticator,
+    identity_bindings,
+    identity_group,
+)
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -90,14 +97,9 @@ def parse_probe(text: str) -> dict[str, Any]:
     return {"tcpSocket": {"port": int(port)}, "periodSeconds": 5, "failureThreshold": 3}
 
 
-def _lit(value: str) -> str:
-    """A CEL string literal (a JSON string is one)."""
-    return json.dumps(value)
-
-
 def _has_labels(path: str, labels: dict[str, str]) -> str:
     """CEL: the map at `path` exists and holds every one of `labels` (more are allowed)."""
-    terms = [f"{_lit(k)} in {path} && {path}[{_lit(k)}] == {_lit(v)}" for k, v in sorted(labels.items())]
+    terms = [f"{cel_str(k)} in {path} && {path}[{cel_str(k)}] == {cel_str(v)}" for k, v in sorted(labels.items())]
     return f"has({path}) && " + " && ".join(terms)
 
 
@@ -119,10 +121,10 @@ def admission_policy(*, group: str, namespace: str, service_account: str, select
     name = policy_name(namespace, group)
     agent_user = f"system:serviceaccount:{namespace}:{service_account}"
     reaper_user = f"system:serviceaccount:{namespace}:mesh-agent-reaper-{group}"
-    who = f"request.userInfo.username == {_lit(agent_user)}"
+    who = f"request.userInfo.username == {cel_str(agent_user)}"
     if identity:
-        who += f" || {_lit(identity_group(namespace, group))} in request.userInfo.groups"
-    prefix = _lit(f"{group}-")
+        who += f" || {cel_str(identity_group(namespace, group))} in request.userInfo.groups"
+    prefix = cel_str(f"{group}-")
     obj, old = "variables.obj", "oldObject"
     managed = {MANAGED_BY_LABEL: FIELD_MANAGER}
     shown = ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
@@ -134,15 +136,15 @@ def admission_policy(*, group: str, namespace: str, service_account: str, select
         return {"expression": f"variables.isEntry || ({expression})", "message": message}
 
     def sa_check(o: str) -> str:
-        return f"has({o}.spec.serviceAccount) && {o}.spec.serviceAccount == {_lit(service_account)}"
+        return f"has({o}.spec.serviceAccount) && {o}.spec.serviceAccount == {cel_str(service_account)}"
 
-    annotation = _lit(INSTANCE_ANNOTATION)
+    annotation = cel_str(INSTANCE_ANNOTATION)
     validations = [
         entry_rule(f"{obj}.metadata.name.startsWith({prefix})",
                    f"a VM of group {group} may only write WorkloadEntries named {group}-..."),
         entry_rule(sa_check(obj), f"the WorkloadEntry's spec.serviceAccount must be {service_account}"),
         entry_rule(f"!has({obj}.metadata.ownerReferences) || {obj}.metadata.ownerReferences.all(r, "
-                   f"r.kind == 'WorkloadGroup' && r.name == {_lit(group)} && "
+                   f"r.kind == 'WorkloadGroup' && r.name == {cel_str(group)} && "
                    "r.apiVersion.startsWith('networking.istio.io/'))",
                    f"the WorkloadEntry may be owned only by WorkloadGroup {group}"),
         entry_rule(_has_labels(f"{obj}.spec.labels", selector),
@@ -179,7 +181,7 @@ def admission_policy(*, group: str, namespace: str, service_account: str, select
                  "operations": ["CREATE", "UPDATE", "DELETE"], "resources": ["leases"]}]},
             "matchConditions": [
                 {"name": "group-agents", "expression": who},
-                {"name": "not-the-reaper", "expression": f"request.userInfo.username != {_lit(reaper_user)}"}],
+                {"name": "not-the-reaper", "expression": f"request.userInfo.username != {cel_str(reaper_user)}"}],
             "variables": [
                 {"name": "obj", "expression": "request.operation == 'DELETE' ? oldObject : object"},
                 {"name": "isEntry", "expression": "request.resource.resource == 'workloadentries'"}],
@@ -270,117 +272,6 @@ def build_manifests(*, group: str, namespace: str, service_account: str, ports: 
         *admission_policy(group=group, namespace=namespace, service_account=service_account, selector=sel,
                           identity=identity),
     ]
-
-
-# --- cloud identities (docs/identity.md) ----------------------------------------------------------
-
-IDENTITY_PROVIDERS = ("gcp", "azure", "aws", "oidc")
-GCP_ISSUER = "https://accounts.google.com"
-AWS_CLAIMS = "claims['https://sts.amazonaws.com/']"
-
-
-def identity_group(namespace: str, group: str) -> str:
-    """The Kubernetes group every VM of this WorkloadGroup authenticates into."""
-    return f"mesh-vm:{namespace}:{group}"
-
-
-def identity_authenticator(*, provider: str, namespace: str, group: str, audience: str,
-                           issuer: str | None = None, project: str | None = None, tenant: str | None = None,
-                           resource_group: str | None = None, image: str | None = None,
-                           role: str | None = None, tags: dict[str, str] | None = None,
-                           require: dict[str, str] | None = None, username_claim: str = "sub",
-                           issuer_ca: str | None = None) -> dict[str, Any]:
-    """One `jwt` authenticator of the API server's AuthenticationConfiguration: the cloud's issuer and
-    this audience; rules pinning the project (subscription, account) and, where the cloud's token
-    says it, the image or a tag; username mesh-vm:<instance id>; group mesh-vm:<namespace>:<group>."""
-    if not audience:
-        raise ValueError("--audience is needed with --identity (the audience the agents ask for)")
-    rules: list[dict[str, str]] = []
-
-    def rule(expression: str, message: str) -> None:
-        rules.append({"expression": expression, "message": message})
-
-    if provider == "gcp":
-        if not project:
-            raise ValueError("--identity gcp needs --project (the VMs' project id)")
-        url = issuer or GCP_ISSUER
-        gce = "claims.google.compute_engine"
-        rule(f"{gce}.project_id == {_lit(project)}", f"the VM must be in project {project}")
-        if image:
-            rule(f"{_lit(image)} in {gce}.license_id", f"the VM must run the image with licence {image}")
-        username = f"'mesh-vm:' + {gce}.instance_id"
-        uid = f"{gce}.instance_id"
-    elif provider == "azure":
-        if not (tenant and project):
-            raise ValueError("--identity azure needs --tenant and --project (the subscription id)")
-        url = issuer or f"https://sts.windows.net/{tenant}/"
-        rule(f"claims.tid == {_lit(tenant)}", f"the identity must belong to tenant {tenant}")
-        scope = f"/subscriptions/{project.lower()}/"
-        if resource_group:
-            scope += f"resourcegroups/{resource_group.lower()}/"
-        rule(f"claims.xms_mirid.lowerAscii().startsWith({_lit(scope)})", f"the VM must be under {scope}")
-        username = "'mesh-vm:' + claims.oid"
-        uid = "claims.oid"
-    elif provider == "aws":
-        if not (issuer and project):
-            raise ValueError("--identity aws needs --issuer (the account's outbound federation issuer URL) "
-                             "and --project (the account id)")
-        url = issuer
-        rule(f"{AWS_CLAIMS}.aws_account == {_lit(project)}", f"the role must be in account {project}")
-        if role:
-            arn = f"arn:aws:iam::{project}:role/{role}"
-            rule(f"claims.sub == {_lit(arn)}", f"the token must be the role {role}'s")
-        for key, value in sorted((tags or {}).items()):
-            rule(f"{AWS_CLAIMS}.principal_tags[{_lit(key)}] == {_lit(value)}", f"the role must have tag {key}={value}")
-        username = f"'mesh-vm:' + {AWS_CLAIMS}.ec2_source_instance_arn.split('/')[1]"
-        uid = f"{AWS_CLAIMS}.ec2_source_instance_arn"
-    elif provider == "oidc":
-        if not issuer:
-            raise ValueError("--identity oidc needs --issuer")
-        url = issuer
-        for key, value in sorted((require or {}).items()):
-            rule(f"claims.{key} == {_lit(value)}" if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key)
-                 else f"claims[{_lit(key)}] == {_lit(value)}", f"the token's {key} must be {value}")
-        username = f"'mesh-vm:' + claims.{username_claim}" if re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", username_claim) \
-            else f"'mesh-vm:' + claims[{_lit(username_claim)}]"
-        uid = None
-    else:
-        raise ValueError(f"--identity must be one of {', '.join(IDENTITY_PROVIDERS)}, got {provider!r}")
-    if not url.startswith("https://"):
-        raise ValueError(f"the issuer URL must be https://, got {url!r}")
-    issuer_doc: dict[str, Any] = {"url": url, "audiences": [audience]}
-    if issuer_ca:
-        issuer_doc["certificateAuthority"] = issuer_ca
-    mappings: dict[str, Any] = {"username": {"expression": username},
-                                "groups": {"expression": f"[{_lit(identity_group(namespace, group))}]"}}
-    if uid:
-        mappings["uid"] = {"expression": uid}
-    return {"issuer": issuer_doc, "claimValidationRules": rules, "claimMappings": mappings}
-
-
-def authentication_configuration(*authenticators: dict[str, Any]) -> dict[str, Any]:
-    """The file the API server reads with --authentication-config. An issuer may appear only once: the
-    VM groups of one cloud project share one authenticator (see docs/identity.md)."""
-    return {"apiVersion": "apiserver.config.k8s.io/v1beta1", "kind": "AuthenticationConfiguration",
-            "jwt": list(authenticators)}
-
-
-def identity_bindings(docs: list[dict[str, Any]], namespace: str, group: str) -> list[dict[str, Any]]:
-    """RoleBindings giving the group's VM identity group exactly what the service account's bindings give
-    (the same Roles: least privilege is the same on both paths)."""
-    out = []
-    subject = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": identity_group(namespace, group)}
-    agent_role = f"mesh-agent-{group}"
-    for doc in docs:
-        if doc["kind"] != "RoleBinding" or doc["roleRef"]["name"].startswith("mesh-agent-reaper-"):
-            continue
-        if doc["roleRef"]["name"] != agent_role and doc["metadata"]["namespace"] == namespace:
-            continue
-        binding = json.loads(json.dumps(doc))
-        binding["metadata"]["name"] = f"{doc['metadata']['name']}-identity"
-        binding["subjects"] = [dict(subject)]
-        out.append(binding)
-    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:

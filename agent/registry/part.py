@@ -12,10 +12,13 @@ from typing import Any
 from agent import config
 from agent.bundle.model import Bundle
 from agent.health.monitor import HealthChanged
-from agent.health.tracker import Health
+from agent.health.state import Health
 from agent.part import BundleInUse, Context, FatalError, MaintenanceChanged
 from agent.registry import registrar as reg
 from agent.registry import service
+from agent.registry.converge import Outcome
+from agent.registry.group import GroupSeen
+from agent.registry.worker import RegistryResult
 
 log = logging.getLogger("agent.registry")
 
@@ -104,7 +107,7 @@ class RegistryPart:
         if isinstance(event, HealthChanged):
             self.health = event.state
             if self.registrar is not None:
-                self.registrar.set_health(_as_bool(event.state), event.reason)
+                self.registrar.set_health(event.state, event.reason)
             return False
         if isinstance(event, MaintenanceChanged):
             self.maintenance = event.on
@@ -113,9 +116,9 @@ class RegistryPart:
             return False
         if self.registrar is None or not self.registrar.handle(event, now):
             return False
-        if isinstance(event, reg.RegistryResult):
+        if isinstance(event, RegistryResult):
             self.result(event.outcome)
-        return not isinstance(event, reg.GroupSeen)  # the health part follows the group too
+        return not isinstance(event, GroupSeen)  # the health part follows the group too
 
     def tick(self, now: float) -> float | None:
         if self.registrar is None:
@@ -145,12 +148,12 @@ class RegistryPart:
         self.registrar = self.service.registrar
         if bundle.workload_group:
             self.registrar.set_group(dict(bundle.workload_group))
-        self.registrar.set_health(_as_bool(self.health))
+        self.registrar.set_health(self.health)
         self.registrar.set_maintenance(self.maintenance)
         s = plan.settings
         log.info("registering as %s in %s/%s (instance %s)", address, s.namespace, s.group, s.instance)
 
-    def result(self, outcome: reg.Outcome) -> None:
+    def result(self, outcome: Outcome) -> None:
         """Remember the last write and the lease, for status and metrics."""
         if outcome.wrote:
             self.last_write = {"last_write": time.time(), "last_action": ", ".join(outcome.wrote)}
@@ -165,6 +168,3 @@ class RegistryPart:
             self.lease = {"lease": meta.get("name"), "lease_renewed_text": spec.get("renewTime"),
                           "lease_renewed": time.time()}
 
-
-def _as_bool(health: Health) -> bool | None:
-    return {Health.HEALTHY: True, Health.UNHEALTHY: False}.get(health)

@@ -15,16 +15,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from agent.kube.auth import Credentials, in_cluster_credentials
+from agent.kube.client import ENTRIES, LEASES, Kube
+from agent.kube.errors import ApiError, Conflict
 from agent.registry import entry as E
-from agent.registry.kube import (
-    ENTRIES,
-    LEASES,
-    ApiError,
-    Conflict,
-    Credentials,
-    Kube,
-    in_cluster_credentials,
-)
 from agent.units import parse_duration
 
 

@@ -1,11 +1,12 @@
-"""Keeps the VM's WorkloadEntry as it should be: the registration state machine and its API worker.
+"""Keeps the VM's WorkloadEntry as it should be: the registration state machine. Pure: no threads, no
+I/O, no clock of its own; the daemon's loop owns it.
 
-Threading: the daemon's loop owns the Registrar and calls it (set_* inputs, handle(event), tick(now));
-every API call runs in one worker thread (RegistryWorker) that executes one operation at a time and
-posts its Outcome back through `post`. The loop therefore never blocks on the API (a slow or dead API
-server cannot starve probes or the watchdog), and since operations never overlap there is no race
-between a renewal and a withdrawal of the same entry. An operation is a short script of calls with a
-timeout each, so it always ends.
+The loop calls it (set_* inputs, handle(event), tick(now)); it hands each API operation (a closure over
+agent.registry.converge) to `submit`, which runs it in the worker thread (agent.registry.worker) and
+posts the Outcome back as RegistryResult. The loop therefore never blocks on the API (a slow or dead API
+server cannot starve probes or the watchdog), and since one operation runs at a time there is no race
+between a renewal and a withdrawal of the same entry. The WorkloadGroup comes in as GroupSeen /
+GroupGone (agent.registry.group).
 
 The decisions:
 - what we want (decide_want): register when healthy, withdraw (or mark Healthy=False in condition
@@ -22,48 +23,24 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
-import queue
 import random
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from agent.health.state import Health
+from agent.kube.client import Kube
+from agent.kube.errors import ApiError, Conflict, Invalid, Unauthorized, Unavailable
 from agent.registry import entry as E
-from agent.registry.kube import (
-    ENTRIES,
-    GROUPS,
-    LEASES,
-    ApiError,
-    Conflict,
-    Invalid,
-    Kube,
-    NotFound,
-    Unauthorized,
-    Unavailable,
-)
+from agent.registry.converge import Outcome, Spec, Want, converge, renew
+from agent.registry.group import GroupGone, GroupSeen, GroupUnavailable
+from agent.registry.worker import RegistryResult
 from agent.retry import Backoff
 
 log = logging.getLogger(__name__)
 
-Post = Callable[[object], None]
-
 
 # --- inputs and the wanted outcome ----------------------------------------------------------------
-
-class Health(enum.Enum):
-    UNKNOWN = "unknown"
-    HEALTHY = "healthy"
-    UNHEALTHY = "unhealthy"
-
-
-class Want(enum.Enum):
-    HOLD = "hold"                      # not known yet: keep whatever we own, change nothing
-    REGISTER = "register"              # entry present (Healthy=True in condition mode)
-    MARK_UNHEALTHY = "mark-unhealthy"  # entry present with Healthy=False (condition mode)
-    WITHDRAW = "withdraw"              # entry absent
-
 
 def decide_want(health: Health, maintenance: bool, group_known: bool, group_deleted: bool,
                 condition_mode: bool, shutting_down: bool, withdraw_on_shutdown: bool = True) -> Want:
@@ -90,43 +67,7 @@ class State(enum.Enum):
     STOPPED = "stopped"
 
 
-# --- events ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Outcome:
-    """What an operation found and did. Posted by the worker as RegistryResult."""
-
-    present: bool | None = None            # entry exists and is ours after the operation
-    healthy: bool | None = None            # its Healthy condition, in condition mode
-    lease: dict[str, Any] | None = None    # the lease as the server returned it
-    conflict_holder: str | None = None
-    conflict_until: dt.datetime | None = None
-    error: ApiError | None = None
-    lost_lease: bool = False               # a renewal found the lease changed: converge again
-    wrote: tuple[str, ...] = ()            # what was written, for logs and tests
-
-
-@dataclass(frozen=True)
-class RegistryResult:
-    seq: int
-    outcome: Outcome
-
-
-@dataclass(frozen=True)
-class GroupSeen:
-    group: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class GroupGone:
-    namespace: str
-    name: str
-
-
-@dataclass(frozen=True)
-class GroupUnavailable:
-    error: ApiError
-
+# --- what it reports -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class RegistrationStatus:
@@ -143,132 +84,6 @@ class RegistrationStatus:
     known: State | None = None
     confirmed_at: float | None = None
     unknown_since: float | None = None
-
-
-# --- operations (run in the worker) ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Spec:
-    """What the worker needs to converge: the entry to apply and how to lease it."""
-
-    entry: dict[str, Any]
-    instance: str
-    lease_duration: float
-    condition_mode: bool
-    message: str = ""
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def _owner_ref(entry_obj: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The lease is owned by the entry, so deleting the entry (or its group) takes the lease along."""
-    meta = (entry_obj or {}).get("metadata") or {}
-    if not meta.get("uid"):
-        return None
-    return {"apiVersion": E.API_VERSION, "kind": "WorkloadEntry", "name": meta["name"], "uid": meta["uid"]}
-
-
-def converge(kube: Kube, want: Want, spec: Spec, now: Callable[[], dt.datetime] = _now) -> Outcome:
-    """Read the entry and its lease, decide, and write what differs. Raises ApiError."""
-    desired = spec.entry
-    ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
-    actual = kube.get(ENTRIES, ns, name)
-    lease = kube.get(LEASES, ns, name)
-    own = E.ownership(actual, lease, spec.instance, now())
-    if own.conflict:
-        return Outcome(present=False, conflict_holder=own.holder, conflict_until=own.expires)
-    wrote: list[str] = []
-
-    if want is Want.WITHDRAW or (want is Want.HOLD and (actual is None or not own.mine)):
-        if want is Want.HOLD:
-            return Outcome(present=False)
-        if actual is not None:
-            meta = actual["metadata"]
-            kube.delete(ENTRIES, ns, name, uid=meta.get("uid"), resource_version=meta.get("resourceVersion"))
-            wrote.append("delete entry")
-        if lease is not None:
-            kube.delete(LEASES, ns, name, uid=(lease.get("metadata") or {}).get("uid"))
-            wrote.append("delete lease")
-        return Outcome(present=False, wrote=tuple(wrote))
-
-    # The lease first: a live lease is what makes the entry ours before we write the entry.
-    new_lease = E.build_lease(name, ns, spec.instance, spec.lease_duration, now(), previous=lease,
-                              owner=_owner_ref(actual))
-    # A new lease is created, not applied: if another instance created it meanwhile, that is a 409
-    # (read again) rather than a silent takeover. An existing one carries its resourceVersion.
-    lease = kube.apply(LEASES, new_lease) if lease is not None else kube.create(LEASES, new_lease)
-    wrote.append("lease")
-    if want is Want.HOLD:
-        return Outcome(present=True, healthy=_cond(actual), lease=lease, wrote=tuple(wrote))
-
-    if E.drifted(desired, actual):
-        body = desired
-        if actual is not None:
-            body = {**desired, "metadata": {**desired["metadata"],
-                                            "resourceVersion": actual["metadata"].get("resourceVersion")}}
-        actual = kube.apply(ENTRIES, body)
-        wrote.append("entry")
-        if _owner_ref(actual) and not (lease.get("metadata") or {}).get("ownerReferences"):
-            lease = kube.apply(LEASES, E.build_lease(name, ns, spec.instance, spec.lease_duration, now(),
-                                                     previous=lease, owner=_owner_ref(actual)))
-    healthy = None
-    if spec.condition_mode:
-        healthy = want is Want.REGISTER
-        if E.condition_of(actual) != ("True" if healthy else "False"):
-            cond = E.healthy_condition(healthy, now(), actual, spec.message)
-            actual = kube.apply(ENTRIES, E.status_patch(desired, cond), subresource="status")
-            wrote.append("status")
-    return Outcome(present=True, healthy=healthy, lease=lease, wrote=tuple(wrote))
-
-
-def _cond(entry_obj: dict[str, Any] | None) -> bool | None:
-    c = E.condition_of(entry_obj)
-    return None if c is None else c == "True"
-
-
-def renew(kube: Kube, lease: dict[str, Any], spec: Spec, now: Callable[[], dt.datetime] = _now) -> Outcome:
-    """Renew our lease with its resourceVersion as precondition: one request at steady state."""
-    meta = lease["metadata"]
-    new = E.build_lease(meta["name"], meta["namespace"], spec.instance, spec.lease_duration, now(),
-                        previous=lease, owner=(meta.get("ownerReferences") or [None])[0])
-    try:
-        return Outcome(present=True, lease=kube.apply(LEASES, new), wrote=("lease",))
-    except (Conflict, NotFound):
-        return Outcome(lost_lease=True)
-
-
-class RegistryWorker:
-    """One thread running one operation at a time; posts RegistryResult(seq, outcome)."""
-
-    def __init__(self, kube: Kube, post: Post) -> None:
-        self.kube, self.post = kube, post
-        self._q: queue.Queue[tuple[int, Callable[[Kube], Outcome]] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="registry-worker", daemon=True)
-        self._thread.start()
-
-    def submit(self, seq: int, op: Callable[[Kube], Outcome]) -> None:
-        self._q.put((seq, op))
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._q.put(None)
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            seq, op = item
-            try:
-                outcome = op(self.kube)
-            except ApiError as exc:
-                outcome = Outcome(error=exc)
-            except Exception as exc:  # a bug must not kill the worker: report it as an unknown failure
-                log.exception("registry operation failed unexpectedly")
-                outcome = Outcome(error=Unavailable("run", "registry operation", 0, repr(exc)))
-            self.post(RegistryResult(seq, outcome))
 
 
 # --- the state machine (runs in the loop) ---------------------------------------------------------
@@ -333,8 +148,8 @@ class Registrar:
         self._unknown_since: float | None = None   # first failure since that confirmation
 
     # inputs ----------------------------------------------------------------------------------------
-    def set_health(self, healthy: bool | None, message: str = "") -> None:
-        health = Health.UNKNOWN if healthy is None else Health.HEALTHY if healthy else Health.UNHEALTHY
+    def set_health(self, health: Health, message: str = "") -> None:
+        """The app's health (agent.health.state) and why; UNKNOWN holds what we have."""
         if health is not self.inputs.health:
             self.inputs.health, self.inputs.message = health, message
             self._dirty = True
@@ -472,7 +287,7 @@ class Registrar:
             until = out.conflict_until
             wait = self.s.resync
             if until is not None:
-                wait = min(wait, max(1.0, (until - _now()).total_seconds() + 1.0))
+                wait = min(wait, max(1.0, (until - dt.datetime.now(dt.UTC)).total_seconds() + 1.0))
             self._next_converge = now + wait
             self._set(State.CONFLICT, f"entry {self._name()} belongs to instance {out.conflict_holder}, "
                                       "whose lease is live: not touching it")
@@ -585,119 +400,3 @@ class Registrar:
 def _meta_of(group: dict[str, Any]) -> Any:
     return (group.get("metadata") or {}).get("uid")
 
-
-# --- the WorkloadGroup watcher --------------------------------------------------------------------
-
-class GroupWatcher:
-    """Lists (by name), then watches one WorkloadGroup in its own thread; posts GroupSeen / GroupGone /
-    GroupUnavailable. Lists again after every watch ends or fails (with backoff on failures).
-    The watch starts from the list's resourceVersion, never the object's own: that one may be older
-    than the server's watch history on a busy cluster."""
-
-    def __init__(self, kube: Kube, namespace: str, name: str, post: Post, watch_timeout: int = 300,
-                 backoff: Backoff | None = None) -> None:
-        self.kube, self.namespace, self.name, self.post = kube, namespace, name, post
-        self.watch_timeout = watch_timeout
-        self.backoff = backoff or Backoff(0.5, 30.0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="group-watcher", daemon=True)
-
-    def start(self) -> GroupWatcher:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                group, rv = self.kube.get_for_watch(GROUPS, self.namespace, self.name)
-                if group is None:
-                    self.post(GroupGone(self.namespace, self.name))
-                else:
-                    if group.get("kind") is None:  # list items carry no kind
-                        group = {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup", **group}
-                    self.post(GroupSeen(group))
-                expired = False
-                for kind, obj in self.kube.watch(GROUPS, self.namespace, self.name, rv or None,
-                                                 self.watch_timeout):
-                    if self._stop.is_set():
-                        return
-                    if kind in ("ADDED", "MODIFIED"):
-                        self.post(GroupSeen(obj))
-                    elif kind == "DELETED":
-                        self.post(GroupGone(self.namespace, self.name))
-                    elif kind == "ERROR":
-                        expired = True  # e.g. 410 Gone: read again, after a pause
-                        break
-                if expired:
-                    self._stop.wait(self.backoff.next_delay())
-                else:
-                    self.backoff.reset()
-            except ApiError as exc:
-                self.post(GroupUnavailable(exc))
-                self._stop.wait(self.backoff.next_delay(getattr(exc, "retry_after", None)))
-
-
-# --- a minimal loop, for the reaper-free standalone use, tests and the benchmark -------------------
-
-class Driver:
-    """Runs a Registrar with its worker the way the daemon does: one queue, one loop thread."""
-
-    def __init__(self, kube: Kube, settings: Settings, build: Callable[[dict[str, Any]], dict[str, Any]],
-                 watch_group: bool = True, watch_timeout: int = 300) -> None:
-        self.events: queue.Queue[object] = queue.Queue()
-        self.worker = RegistryWorker(kube, self.events.put)
-        self.registrar = Registrar(settings, build, self.worker.submit)
-        self.watcher = GroupWatcher(kube, settings.namespace, settings.group, self.events.put,
-                                    watch_timeout) if watch_group else None
-        self.calls: queue.Queue[Callable[[Registrar, float], None]] = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="registry-loop", daemon=True)
-
-    def start(self) -> Driver:
-        if self.watcher:
-            self.watcher.start()
-        self._thread.start()
-        return self
-
-    def do(self, fn: Callable[[Registrar, float], None]) -> None:
-        """Run fn(registrar, now) on the loop thread (inputs must come from there)."""
-        self.calls.put(fn)
-        self.events.put(_Wake())
-
-    def _loop(self) -> None:
-        deadline = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                ev = self.events.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
-            except queue.Empty:
-                ev = None
-            now = time.monotonic()
-            while not self.calls.empty():
-                self.calls.get()(self.registrar, now)
-            if ev is not None and not isinstance(ev, _Wake):
-                self.registrar.handle(ev, now)
-            deadline = self.registrar.tick(time.monotonic())
-
-    def stop(self, withdraw: bool = True, timeout: float = 15.0) -> bool:
-        """Shut down like the daemon; True when the registrar finished within timeout."""
-        self.do(lambda r, now: r.shutdown(now, timeout, withdraw))
-        end = time.monotonic() + timeout + 2
-        while time.monotonic() < end and not self.registrar.finished:
-            time.sleep(0.05)
-        self.kill()
-        return self.registrar.finished
-
-    def kill(self) -> None:
-        """Stop every thread without any API call (as if the VM died)."""
-        self._stop.set()
-        if self.watcher:
-            self.watcher.stop()
-        self.worker.stop(timeout=1.0)
-        self._thread.join(2.0)
-
-
-class _Wake:
-    pass

@@ -1,9 +1,9 @@
 """What the daemon calls: turn configuration + cluster.env into a running registry (registrar, API
-worker, group watcher), all reporting through the daemon's `post`.
+worker, group follower), all reporting through the daemon's `post`.
 
     plan = make_plan(cfg.registry, cluster_env, machine_id=..., address=..., bundle_kubeconfig=...)
     registry = RegistryService.start(plan, post)
-    # in the loop:  registry.registrar.set_health(...), .set_maintenance(...), .handle(ev, now),
+    # in the loop:  registry.registrar.set_health(Health, reason), .set_maintenance(...), .handle(ev, now),
     #               deadline = registry.registrar.tick(now)
     # on stop:      registry.registrar.shutdown(now, timeout, withdraw=...); loop until .finished;
     #               registry.stop()
@@ -16,9 +16,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.kube.auth import Credentials
+from agent.kube.client import Kube
+from agent.kube.follow import Follower
 from agent.registry import entry as E
-from agent.registry.kube import Credentials, Kube
-from agent.registry.registrar import GroupWatcher, Registrar, RegistryWorker, Settings
+from agent.registry.group import follow_group
+from agent.registry.registrar import Registrar, Settings
+from agent.registry.worker import RegistryWorker
 
 
 class PlanError(ValueError):
@@ -91,7 +95,7 @@ class RegistryService:
     """The registry's running parts. Only `registrar` is touched from the loop; stop() ends threads."""
 
     def __init__(self, kube: Kube, registrar: Registrar, worker: RegistryWorker,
-                 watcher: GroupWatcher) -> None:
+                 watcher: Follower) -> None:
         self.kube, self.registrar, self.worker, self.watcher = kube, registrar, worker, watcher
 
     @classmethod
@@ -102,7 +106,7 @@ class RegistryService:
             raise PlanError(f"registry: cannot use the API credentials: {exc}") from exc
         worker = RegistryWorker(kube, post)
         registrar = Registrar(plan.settings, plan.build, worker.submit)
-        watcher = GroupWatcher(kube, plan.settings.namespace, plan.settings.group, post).start()
+        watcher = follow_group(kube, plan.settings.namespace, plan.settings.group, post).start()
         return cls(kube, registrar, worker, watcher)
 
     def stop(self) -> None:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from agent import jwtclaims
-from agent.bundle.cluster_source import token_times
+from agent.bundle.cluster_inputs import token_times
 from agent.bundle.model import BundleError, parse_bundle
 from agent.registry.credentials import CredentialError, read_claims
 from devkit import bundles as kit

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from agent.kube.auth import Credentials
+from agent.kube.client import GROUPS, LEASES, Kube
 from agent.registry import entry as E
-from agent.registry.kube import GROUPS, LEASES, Credentials, Kube
 from devkit.kubeapi.auth import Rule
 from tests.clientgen import RemoteError
 from tests.integration.clients.conftest import AGENT_USER, GROUP, NS, SA, Setup

@@ -15,10 +15,12 @@ import yaml
 
 pytest.importorskip("devkit.kubeapi.server", reason="the Kubernetes API emulator is not in this tree")
 
-from agent.bundle.cluster_source import ClusterRefresher, ClusterSource, Settings
+from agent.bundle.cluster_inputs import Settings
+from agent.bundle.cluster_source import ClusterRefresher, ClusterSource
 from agent.config import BundleConfig, KubernetesSourceConfig
+from agent.kube.auth import Credentials
+from agent.kube.client import Kube
 from agent.paths import Layout
-from agent.registry.kube import Credentials, Kube
 from agent.registry.manifests import build_manifests
 from agent.retry import Backoff
 from devkit.kubeapi.auth import Rule

@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 
 from agent.bundle import accept
-from agent.bundle.cluster_source import SOURCE_NAME, ClusterBundleFetched, ClusterFetchFailed, SourceError
+from agent.bundle.cluster_inputs import SourceError
+from agent.bundle.cluster_source import SOURCE_NAME, ClusterBundleFetched, ClusterFetchFailed
 from agent.bundle.store import last_good
+from agent.kube.client import GROUPS
+from agent.kube.errors import Unauthorized
 from agent.paths import Layout
 from agent.registry.credentials import read_claims, renew_own_token
-from agent.registry.kube import GROUPS, Unauthorized
 from agent.retry import Backoff
 from tests.integration.cluster.conftest import (
     AGENT_USER,
@@ -93,6 +95,31 @@ def test_rotated_root_cert_is_picked_up_by_the_watch(world: World) -> None:
     install(world, layout, first.files)
     install(world, layout, ev.files)
     assert layout.root_cert.read_text() == new_pem
+
+
+def test_root_cert_rotated_as_the_watch_history_goes_is_picked_up(world: World) -> None:
+    """The root certificate changes and the server's watch history is compacted before the open watch
+    saw the change: the watch ends with 410 Gone. Watching again from the version the build read would
+    only get 410 again; the refresher watches from the current version and rebuilds."""
+    from devkit.kubeapi.auth import Identity, Rule
+    from devkit.kubeapi.cluster import Request
+
+    world.api.cluster.auth.grant(AGENT_USER, [Rule(("watch",), ("",), ("configmaps",), (NS,))])
+    world.refresher(world.source(), watch_timeout=30)
+    assert world.next_event(ClusterBundleFetched).reason == "initial"
+    wait_for(lambda: any("watch=" in r.query and r.path.endswith("/configmaps") for r in list(world.api.requests)),
+             10)
+    new_pem = root_cert("second")
+    api = world.api
+    cm = api.get("ConfigMap", NS, "istio-ca-root-cert")
+    cm["data"] = {"root-cert.pem": new_pem}
+    with api.cluster.store.lock:  # the open watch cannot see the change before its history is gone
+        api.cluster.update(api.cluster.by_kind("ConfigMap"), "v1", NS, "istio-ca-root-cert", cm,
+                           Request(Identity("admin")))
+        api.compact()
+    ev = world.next_event(ClusterBundleFetched)
+    assert ev.reason == "root cert changed"
+    assert ev.files["root-cert.pem"].decode() == new_pem
 
 
 def test_outage_keeps_last_good_reports_and_recovers(world: World, short_istio_tokens: int) -> None:

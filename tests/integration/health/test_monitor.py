@@ -15,7 +15,8 @@ from agent.health.config import FlapConfig, ProbeConfig
 from agent.health.monitor import HealthChanged, Monitor
 from agent.health.portwatch import ListenerDown, ListenerUp, OwnerExited, PortWatch
 from agent.health.probe_spec import probe_from_istio
-from agent.health.tracker import Cause, Health
+from agent.health.state import Health
+from agent.health.tracker import Cause
 
 from .conftest import Apps, Events
 

@@ -12,12 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.registry.manifests import (
-    authentication_configuration,
-    build_manifests,
-    identity_authenticator,
-    identity_bindings,
-)
+from agent.registry.identity_manifests import authentication_configuration, identity_authenticator, identity_bindings
+from agent.registry.manifests import build_manifests
 from devkit import bundles
 from devkit.identity import FakeGcp, Instance, TestIssuer
 from devkit.kubeapi.oidc import install

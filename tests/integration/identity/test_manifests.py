@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.registry.manifests import build_manifests, identity_authenticator, identity_bindings
+from agent.registry.identity_manifests import identity_authenticator, identity_bindings
+from agent.registry.manifests import build_manifests
 from devkit.identity import FakeAzure, TestIssuer
 from devkit.kubeapi.oidc import OIDCAuthenticators
 

@@ -13,25 +13,24 @@ from typing import Any
 
 import pytest
 
+from agent.health.state import Health
 from agent.identity.aws import AwsProvider
 from agent.identity.azure import AzureProvider
 from agent.identity.common import Provider
 from agent.identity.gcp import GcpProvider
 from agent.identity.oidc_file import OidcFileProvider
 from agent.identity.refresh import IdentityRefresher, instance_key
+from agent.kube.auth import Credentials
+from agent.kube.client import Kube
 from agent.registry import entry as E
-from agent.registry.kube import Credentials, Kube
-from agent.registry.manifests import (
-    authentication_configuration,
-    build_manifests,
-    identity_authenticator,
-    identity_bindings,
-)
-from agent.registry.registrar import Driver, Settings, State
+from agent.registry.identity_manifests import authentication_configuration, identity_authenticator, identity_bindings
+from agent.registry.manifests import build_manifests
+from agent.registry.registrar import Settings, State
 from devkit.identity import FakeAzure, FakeGcp, FakeSts, Instance, TestIssuer
 from devkit.kubeapi.fixtures import kubeapi  # noqa: F401
 from devkit.kubeapi.oidc import install
 from devkit.kubeapi.server import KubeAPI
+from devkit.registrydriver import Driver
 from devkit.waiting import wait_for
 
 NS, GROUP, SA = "vm-apps", "billing", "billing-vm"
@@ -77,7 +76,7 @@ def start_vm(api: KubeAPI, provider: Provider, tmp: Path, *, address: str = "10.
         return E.build_entry(E.EntryInputs(group=group, address=address, instance=instance))
 
     driver = Driver(kube, settings, build, watch_timeout=5).start()
-    driver.do(lambda r, now: r.set_health(True, ""))
+    driver.do(lambda r, now: r.set_health(Health.HEALTHY, ""))
     return VM(refresher.start(), driver, instance, token_file)
 
 

@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 
+from agent.health.state import Health
 from agent.registry import entry as E
 from agent.registry.manifests import build_manifests, policy_name
-from agent.registry.registrar import Driver
+from devkit.registrydriver import Driver
 from tests.integration.registry.conftest import ENTRY, GROUP, NS, Cluster, wait_for
 from tests.integration.registry.test_commands_api import mesh_agent
 
@@ -143,7 +144,7 @@ def test_the_agents_life_and_the_reaper_work_under_the_policy(cluster: Cluster, 
                                                               stolen: client.ApiClient) -> None:
     d = cluster.agent("inst-a", lease=3.0, condition_mode=True)
     drivers.append(d)
-    d.do(lambda r, now: r.set_health(True))
+    d.do(lambda r, now: r.set_health(Health.HEALTHY))
     wait_for(lambda: E.condition_of(cluster.entry()) == "True", what="registered, with its status")
     renewed = cluster.lease()["spec"]["renewTime"]
     wait_for(lambda: cluster.lease()["spec"]["renewTime"] != renewed, what="a renewal")
@@ -154,7 +155,7 @@ def test_the_agents_life_and_the_reaper_work_under_the_policy(cluster: Cluster, 
 
     dying = cluster.agent("inst-b", lease=2.0)
     drivers.append(dying)
-    dying.do(lambda r, now: r.set_health(True))
+    dying.do(lambda r, now: r.set_health(Health.HEALTHY))
     wait_for(cluster.entry, what="registered again")
     dying.kill()  # lost power: no withdraw
     time.sleep(2.0 + 1.2)
@@ -170,7 +171,8 @@ def test_an_agent_refused_by_the_policy_says_why_and_writes_nothing(cluster: Clu
                                                                      drivers: list[Driver]) -> None:
     """A misconfigured VM (registry.labels overriding the group's `app` label) is REFUSED with the
     policy's words, and retries later; nothing is written in its name."""
-    from agent.registry.kube import Credentials, Kube
+    from agent.kube.auth import Credentials
+    from agent.kube.client import Kube
     from agent.registry.registrar import Settings, State
 
     kube = Kube.from_credentials(Credentials(kubeconfig=str(cluster.agent_kubeconfig)), timeout=3.0)
@@ -181,7 +183,7 @@ def test_an_agent_refused_by_the_policy_says_why_and_writes_nothing(cluster: Clu
     d = Driver(kube, Settings(namespace=NS, group=GROUP, instance="inst-a", lease_duration=3.0, lease_renew=0.5,
                               backoff_initial=0.2, backoff_max=2.0), build, watch_timeout=5).start()
     drivers.append(d)
-    d.do(lambda r, now: r.set_health(True))
+    d.do(lambda r, now: r.set_health(Health.HEALTHY))
     wait_for(lambda: d.registrar.state is State.REFUSED, what="REFUSED")
     assert f"ValidatingAdmissionPolicy '{POLICY}'" in d.registrar.message
     assert "spec.labels must carry the group's labels app=billing" in d.registrar.message

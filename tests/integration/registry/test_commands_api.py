@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.registry.kube import Credentials, Kube, Unauthorized
-from agent.registry.registrar import Driver, State
+from agent.health.state import Health
+from agent.kube.auth import Credentials
+from agent.kube.client import Kube
+from agent.kube.errors import Unauthorized
+from agent.registry.registrar import State
+from devkit.registrydriver import Driver
 from tests.integration.registry.conftest import NS, Cluster, wait_for
 
 REPO = Path(__file__).resolve().parents[3]
@@ -31,7 +35,7 @@ def test_killed_agent_is_reaped_after_lease_and_grace(cluster: Cluster, drivers:
     dying = cluster.agent("inst-dying", address="10.0.0.5", lease=3.0)
     drivers += [live, dying]
     for d in (live, dying):
-        d.do(lambda r, now: r.set_health(True))
+        d.do(lambda r, now: r.set_health(Health.HEALTHY))
     wait_for(lambda: cluster.entry("billing-10.0.0.5") and cluster.entry("billing-10.0.0.6"), what="entries")
     dying.kill()  # no withdraw: as if the VM lost power
     killed_at = time.monotonic()
@@ -79,8 +83,8 @@ def test_manifests_applied_then_used_with_exactly_that_rbac(cluster: Cluster, dr
     kc = cluster.api.write_kubeconfig(cluster.tmp / "cart.kubeconfig", token)
 
     from agent.registry import entry as E
-    from agent.registry.registrar import Driver as D
     from agent.registry.registrar import Settings
+    from devkit.registrydriver import Driver as D
 
     kube = Kube.from_credentials(Credentials(kubeconfig=str(kc)), timeout=3.0)
 
@@ -90,7 +94,7 @@ def test_manifests_applied_then_used_with_exactly_that_rbac(cluster: Cluster, dr
     d = D(kube, Settings(ns, group, "cart-1", lease_duration=3, lease_renew=0.5, condition_mode=True), build,
           watch_timeout=5).start()
     drivers.append(d)
-    d.do(lambda r, now: r.set_health(True))
+    d.do(lambda r, now: r.set_health(Health.HEALTHY))
     entry = wait_for(lambda: E.condition_of(cluster.api.get("WorkloadEntry", ns, "cart-10.1.0.9")) == "True"
                      and cluster.api.get("WorkloadEntry", ns, "cart-10.1.0.9"), what="the entry")
     assert entry["spec"]["serviceAccount"] == sa

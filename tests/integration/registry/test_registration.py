@@ -5,14 +5,18 @@ from __future__ import annotations
 import datetime as dt
 import time
 
+from agent.health.state import Health
+from agent.kube.auth import Credentials
+from agent.kube.client import GROUPS, LEASES
 from agent.registry import entry as E
-from agent.registry.kube import GROUPS, LEASES, Credentials
-from agent.registry.registrar import Driver, State
+from agent.registry.registrar import State
+from devkit.registrydriver import Driver
 from tests.integration.registry.conftest import ENTRY, GROUP, NS, Cluster, group_obj, wait_for
 
 
 def healthy(d: Driver, value: bool | None = True) -> None:
-    d.do(lambda r, now: r.set_health(value, "" if value else "probe failed"))
+    health = Health.UNKNOWN if value is None else Health.HEALTHY if value else Health.UNHEALTHY
+    d.do(lambda r, now: r.set_health(health, "" if value else "probe failed"))
 
 
 def state_is(d: Driver, *states: State) -> bool:

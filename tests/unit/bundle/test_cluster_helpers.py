@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundle.cluster_source import ClusterBundleFetched, ClusterFetchFailed, observe, token_times
+from agent.bundle.cluster_inputs import token_times
+from agent.bundle.cluster_source import ClusterBundleFetched, ClusterFetchFailed, observe
 from agent.metrics import Metrics
 from agent.registry.credentials import CredentialError, read_claims, renew_at, write_atomically
 

@@ -7,7 +7,8 @@ import pytest
 from agent.health.config import AppConfig, FlapConfig
 from agent.health.monitor import HealthSnapshot, damping, probe_host
 from agent.health.probes import ProbeResult
-from agent.health.tracker import Cause, Damping, Health
+from agent.health.state import Health
+from agent.health.tracker import Cause, Damping
 
 
 def test_probe_host() -> None:

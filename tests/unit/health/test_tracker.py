@@ -7,7 +7,8 @@ import itertools
 import pytest
 
 from agent.health.monitor import Schedule
-from agent.health.tracker import Cause, Damping, Health, Tracker
+from agent.health.state import Health
+from agent.health.tracker import Cause, Damping, Tracker
 
 NO_DAMPING = Damping(min_dwell=0.0, max_transitions=1000, window=1.0)
 

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import random
 
+from agent.health.state import Health
+from agent.kube.errors import Conflict, Unauthorized, Unavailable
 from agent.registry import entry as E
-from agent.registry.kube import Conflict, Unauthorized, Unavailable
-from agent.registry.registrar import (
-    GroupGone,
-    GroupSeen,
-    Health,
-    Outcome,
-    Registrar,
-    RegistryResult,
-    Settings,
-    State,
-    Want,
-    decide_want,
-)
+from agent.registry.converge import Outcome, Want
+from agent.registry.group import GroupGone, GroupSeen
+from agent.registry.registrar import Registrar, Settings, State, decide_want
+from agent.registry.worker import RegistryResult
 
 GROUP = {"metadata": {"name": "g", "namespace": "ns", "uid": "u"},
          "spec": {"template": {"ports": {"http": 80}}}}
@@ -61,7 +54,7 @@ def test_decide_want_table() -> None:
 def test_register_renew_and_resync() -> None:
     r, rec = make()
     r.handle(GroupSeen(GROUP), 0)
-    r.set_health(True)
+    r.set_health(Health.HEALTHY)
     r.tick(0)
     assert r._in_flight_want is Want.REGISTER
     assert r.tick(0.1) > 0.1 and len(rec.ops) == 1  # nothing more while one is in flight
@@ -80,7 +73,7 @@ def test_register_renew_and_resync() -> None:
 def test_outage_never_deletes_and_backs_off() -> None:
     r, rec = make()
     r.handle(GroupSeen(GROUP), 0)
-    r.set_health(True)
+    r.set_health(Health.HEALTHY)
     r.tick(0)
     result(r, 0, error=Unavailable("patch", "x", 503, "down", retry_after=4.0))
     assert r.state is State.RETRYING
@@ -94,12 +87,12 @@ def test_outage_never_deletes_and_backs_off() -> None:
 def test_unhealthy_withdraws_or_marks() -> None:
     r, _ = make()
     r.handle(GroupSeen(GROUP), 0)
-    r.set_health(False)
+    r.set_health(Health.UNHEALTHY)
     r.tick(0)
     assert r._in_flight_want is Want.WITHDRAW
     r2, _ = make(condition_mode=True)
     r2.handle(GroupSeen(GROUP), 0)
-    r2.set_health(False)
+    r2.set_health(Health.UNHEALTHY)
     r2.tick(0)
     assert r2._in_flight_want is Want.MARK_UNHEALTHY
 
@@ -116,7 +109,7 @@ def test_unknown_health_holds() -> None:
 def test_conflict_hands_off_until_the_other_lease_expires() -> None:
     r, rec = make()
     r.handle(GroupSeen(GROUP), 0)
-    r.set_health(True)
+    r.set_health(Health.HEALTHY)
     r.tick(0)
     result(r, 0, present=False, conflict_holder="other")
     assert r.state is State.CONFLICT and r.conflict_holder == "other"
@@ -127,7 +120,7 @@ def test_conflict_hands_off_until_the_other_lease_expires() -> None:
 def test_stale_resource_version_reads_again_at_once() -> None:
     r, rec = make()
     r.handle(GroupSeen(GROUP), 0)
-    r.set_health(True)
+    r.set_health(Health.HEALTHY)
     r.tick(0)
     result(r, 0, error=Conflict("patch", "x", 409, "stale"))
     r.tick(0)
@@ -137,7 +130,7 @@ def test_stale_resource_version_reads_again_at_once() -> None:
 def test_refused_is_reported_with_verb_and_resource() -> None:
     r, _ = make()
     r.handle(GroupSeen(GROUP), 0)
-    r.set_health(True)
+    r.set_health(Health.HEALTHY)
     r.tick(0)
     result(r, 0, error=Unauthorized("patch", 'workloadentries.networking.istio.io "g-10.0.0.1"', 403, "no"))
     assert r.state is State.REFUSED
@@ -147,7 +140,7 @@ def test_refused_is_reported_with_verb_and_resource() -> None:
 def test_group_deleted_withdraws_and_says_why() -> None:
     r, _ = make()
     r.handle(GroupSeen(GROUP), 0)
-    r.set_health(True)
+    r.set_health(Health.HEALTHY)
     r.tick(0)
     result(r, 0, present=True, lease=LEASE)
     r.handle(GroupGone("ns", "g"), 1)
@@ -160,7 +153,7 @@ def test_group_deleted_withdraws_and_says_why() -> None:
 def test_shutdown_finishes_after_withdraw_or_timeout() -> None:
     r, _ = make()
     r.handle(GroupSeen(GROUP), 0)
-    r.set_health(True)
+    r.set_health(Health.HEALTHY)
     r.tick(0)
     result(r, 0, present=True, lease=LEASE)
     r.shutdown(1, timeout=5)
@@ -170,7 +163,7 @@ def test_shutdown_finishes_after_withdraw_or_timeout() -> None:
     assert r.finished
     r2, _ = make()
     r2.handle(GroupSeen(GROUP), 0)
-    r2.set_health(True)
+    r2.set_health(Health.HEALTHY)
     r2.tick(0)
     r2.shutdown(0, timeout=5)
     r2.tick(6)  # the registration is still in flight and the API never answers
@@ -184,14 +177,14 @@ def test_bad_entry_inputs_are_refused_not_crashing() -> None:
         raise E.EntryError("bad network name")
     r = Registrar(Settings("ns", "g", "me"), build, rec)
     r.handle(GroupSeen(GROUP), 0)
-    r.set_health(True)
+    r.set_health(Health.HEALTHY)
     r.tick(0)
     assert r.state is State.REFUSED and not rec.ops
 
 
 def test_without_the_group_it_holds_and_can_still_withdraw() -> None:
     r, _ = make()
-    r.set_health(True)
+    r.set_health(Health.HEALTHY)
     r.tick(0)  # the group could not be read yet
     assert r._in_flight_want is Want.HOLD
     result(r, 0, present=True, lease=LEASE)
@@ -206,7 +199,7 @@ def test_without_the_group_it_holds_and_can_still_withdraw() -> None:
 def test_status_tells_what_the_api_last_confirmed_through_an_outage() -> None:
     r, _ = make()
     r.handle(GroupSeen(GROUP), 0)
-    r.set_health(True)
+    r.set_health(Health.HEALTHY)
     r.tick(0)
     assert r.status().known is None and r.status().unknown_since is None  # nothing confirmed yet
     result(r, 1, present=True, lease=LEASE, wrote=("lease", "entry"))
@@ -230,13 +223,13 @@ def test_status_tells_what_the_api_last_confirmed_through_an_outage() -> None:
 def test_a_confirmed_withdrawal_and_an_unhealthy_mark_are_known_as_such() -> None:
     r, _ = make()
     r.handle(GroupSeen(GROUP), 0)
-    r.set_health(False)
+    r.set_health(Health.UNHEALTHY)
     r.tick(0)
     result(r, 2, present=False, wrote=("delete",))
     assert (r.status().known, r.status().confirmed_at) == (State.WITHDRAWN, 2)
     r2, _ = make(condition_mode=True)
     r2.handle(GroupSeen(GROUP), 0)
-    r2.set_health(False)
+    r2.set_health(Health.UNHEALTHY)
     r2.tick(0)
     result(r2, 3, present=True, healthy=False, lease=LEASE)
     assert r2.status().known is State.UNHEALTHY

@@ -1,4 +1,4 @@
-"""Error mapping and token files: pure parts of kube.py."""
+"""Error mapping and token files: the pure parts of agent.kube (errors, auth)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from agent.registry import kube as K
+from agent.kube import auth as KA
+from agent.kube import errors as KE
 
 
 def api_exc(status: int, body: dict | None = None, headers: dict | None = None) -> ApiException:
@@ -20,54 +21,54 @@ def api_exc(status: int, body: dict | None = None, headers: dict | None = None) 
 
 
 def test_refusals_name_verb_and_resource() -> None:
-    err = K.map_error(api_exc(403, {"message": 'leases is forbidden: User "x" cannot patch'}), "patch",
+    err = KE.map_error(api_exc(403, {"message": 'leases is forbidden: User "x" cannot patch'}), "patch",
                       'leases.coordination.k8s.io "e" in namespace ns')
-    assert isinstance(err, K.Unauthorized)
+    assert isinstance(err, KE.Unauthorized)
     assert str(err).startswith('patch leases.coordination.k8s.io "e" in namespace ns: 403')
 
 
 def test_invalid_lists_causes() -> None:
     body = {"message": "invalid", "details": {"causes": [{"field": "spec.address", "message": "Required"}]}}
-    err = K.map_error(api_exc(422, body), "patch", "x")
-    assert isinstance(err, K.Invalid) and err.causes == ["spec.address: Required"]
+    err = KE.map_error(api_exc(422, body), "patch", "x")
+    assert isinstance(err, KE.Invalid) and err.causes == ["spec.address: Required"]
     assert "spec.address: Required" in str(err)
 
 
-@pytest.mark.parametrize("status,cls", [(404, K.NotFound), (409, K.Conflict), (500, K.Unavailable),
-                                        (503, K.Unavailable), (429, K.Unavailable)])
+@pytest.mark.parametrize("status,cls", [(404, KE.NotFound), (409, KE.Conflict), (500, KE.Unavailable),
+                                        (503, KE.Unavailable), (429, KE.Unavailable)])
 def test_status_classes(status: int, cls: type) -> None:
-    assert isinstance(K.map_error(api_exc(status), "get", "x"), cls)
+    assert isinstance(KE.map_error(api_exc(status), "get", "x"), cls)
 
 
 def test_retry_after_is_honoured_and_capped() -> None:
-    assert K.map_error(api_exc(429, headers={"Retry-After": "3"}), "get", "x").retry_after == 3.0
-    assert K.map_error(api_exc(429, headers={"Retry-After": "900"}), "get", "x").retry_after == 30.0
-    assert K.map_error(api_exc(503, headers={"Retry-After": "soon"}), "get", "x").retry_after is None
+    assert KE.map_error(api_exc(429, headers={"Retry-After": "3"}), "get", "x").retry_after == 3.0
+    assert KE.map_error(api_exc(429, headers={"Retry-After": "900"}), "get", "x").retry_after == 30.0
+    assert KE.map_error(api_exc(503, headers={"Retry-After": "soon"}), "get", "x").retry_after is None
 
 
 def test_unreachable_is_retryable() -> None:
-    err = K.map_error(ConnectionRefusedError(111, "refused"), "get", "x")
-    assert isinstance(err, K.Unavailable) and "unreachable" in str(err)
+    err = KE.map_error(ConnectionRefusedError(111, "refused"), "get", "x")
+    assert isinstance(err, KE.Unavailable) and "unreachable" in str(err)
 
 
 def test_token_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text("first-token-value\n")
-    tf = K.TokenFile(str(path))
+    tf = KA.TokenFile(str(path))
     assert tf.current() == "first-token-value"
     new = tmp_path / "token.new"
     new.write_text("second-token-value")
     os.replace(new, path)
     assert tf.current() == "second-token-value"
     path.unlink()
-    with pytest.raises(K.Unauthorized, match="token file"):
+    with pytest.raises(KE.Unauthorized, match="token file"):
         tf.current()
 
 
 def test_in_cluster_credentials(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("t" * 20)
-    creds = K.in_cluster_credentials({"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"},
+    creds = KA.in_cluster_credentials({"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"},
                                      sa_dir=str(tmp_path))
     assert creds is not None and creds.server == "https://[fd00::1]:443"
     assert creds.token_file == str(tmp_path / "token")
-    assert K.in_cluster_credentials({}, sa_dir=str(tmp_path)) is None
+    assert KA.in_cluster_credentials({}, sa_dir=str(tmp_path)) is None

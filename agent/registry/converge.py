@@ -1,0 +1,133 @@
+"""The registry's operations against the API: converge (read the entry and its lease, decide whose
+they are, write what differs) and renew (the lease alone). Each is a short script of calls with a
+timeout each, run in the registry's worker thread (agent.registry.worker); each returns an Outcome or
+raises ApiError.
+
+Ownership (entry.ownership): never touch an entry held by another instance with a live lease. Nothing
+is deleted on uncertainty: a failed call raises, and the registrar retries later.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.kube.client import ENTRIES, LEASES, Kube
+from agent.kube.errors import ApiError, Conflict, NotFound
+from agent.registry import entry as E
+
+
+class Want(enum.Enum):
+    HOLD = "hold"                      # not known yet: keep whatever we own, change nothing
+    REGISTER = "register"              # entry present (Healthy=True in condition mode)
+    MARK_UNHEALTHY = "mark-unhealthy"  # entry present with Healthy=False (condition mode)
+    WITHDRAW = "withdraw"              # entry absent
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an operation found and did (posted by the worker inside a RegistryResult)."""
+
+    present: bool | None = None            # entry exists and is ours after the operation
+    healthy: bool | None = None            # its Healthy condition, in condition mode
+    lease: dict[str, Any] | None = None    # the lease as the server returned it
+    conflict_holder: str | None = None
+    conflict_until: dt.datetime | None = None
+    error: ApiError | None = None
+    lost_lease: bool = False               # a renewal found the lease changed: converge again
+    wrote: tuple[str, ...] = ()            # what was written, for logs and tests
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the worker needs to converge: the entry to apply and how to lease it."""
+
+    entry: dict[str, Any]
+    instance: str
+    lease_duration: float
+    condition_mode: bool
+    message: str = ""
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _owner_ref(entry_obj: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The lease is owned by the entry, so deleting the entry (or its group) takes the lease along."""
+    meta = (entry_obj or {}).get("metadata") or {}
+    if not meta.get("uid"):
+        return None
+    return {"apiVersion": E.API_VERSION, "kind": "WorkloadEntry", "name": meta["name"], "uid": meta["uid"]}
+
+
+def converge(kube: Kube, want: Want, spec: Spec, now: Callable[[], dt.datetime] = now) -> Outcome:
+    """Read the entry and its lease, decide, and write what differs. Raises ApiError."""
+    desired = spec.entry
+    ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+    actual = kube.get(ENTRIES, ns, name)
+    lease = kube.get(LEASES, ns, name)
+    own = E.ownership(actual, lease, spec.instance, now())
+    if own.conflict:
+        return Outcome(present=False, conflict_holder=own.holder, conflict_until=own.expires)
+    wrote: list[str] = []
+
+    if want is Want.WITHDRAW or (want is Want.HOLD and (actual is None or not own.mine)):
+        if want is Want.HOLD:
+            return Outcome(present=False)
+        if actual is not None:
+            meta = actual["metadata"]
+            kube.delete(ENTRIES, ns, name, uid=meta.get("uid"), resource_version=meta.get("resourceVersion"))
+            wrote.append("delete entry")
+        if lease is not None:
+            kube.delete(LEASES, ns, name, uid=(lease.get("metadata") or {}).get("uid"))
+            wrote.append("delete lease")
+        return Outcome(present=False, wrote=tuple(wrote))
+
+    # The lease first: a live lease is what makes the entry ours before we write the entry.
+    new_lease = E.build_lease(name, ns, spec.instance, spec.lease_duration, now(), previous=lease,
+                              owner=_owner_ref(actual))
+    # A new lease is created, not applied: if another instance created it meanwhile, that is a 409
+    # (read again) rather than a silent takeover. An existing one carries its resourceVersion.
+    lease = kube.apply(LEASES, new_lease) if lease is not None else kube.create(LEASES, new_lease)
+    wrote.append("lease")
+    if want is Want.HOLD:
+        return Outcome(present=True, healthy=_cond(actual), lease=lease, wrote=tuple(wrote))
+
+    if E.drifted(desired, actual):
+        body = desired
+        if actual is not None:
+            body = {**desired, "metadata": {**desired["metadata"],
+                                            "resourceVersion": actual["metadata"].get("resourceVersion")}}
+        actual = kube.apply(ENTRIES, body)
+        wrote.append("entry")
+        if _owner_ref(actual) and not (lease.get("metadata") or {}).get("ownerReferences"):
+            lease = kube.apply(LEASES, E.build_lease(name, ns, spec.instance, spec.lease_duration, now(),
+                                                     previous=lease, owner=_owner_ref(actual)))
+    healthy = None
+    if spec.condition_mode:
+        healthy = want is Want.REGISTER
+        if E.condition_of(actual) != ("True" if healthy else "False"):
+            cond = E.healthy_condition(healthy, now(), actual, spec.message)
+            actual = kube.apply(ENTRIES, E.status_patch(desired, cond), subresource="status")
+            wrote.append("status")
+    return Outcome(present=True, healthy=healthy, lease=lease, wrote=tuple(wrote))
+
+
+def _cond(entry_obj: dict[str, Any] | None) -> bool | None:
+    c = E.condition_of(entry_obj)
+    return None if c is None else c == "True"
+
+
+def renew(kube: Kube, lease: dict[str, Any], spec: Spec, now: Callable[[], dt.datetime] = now) -> Outcome:
+    """Renew our lease with its resourceVersion as precondition: one request at steady state."""
+    meta = lease["metadata"]
+    new = E.build_lease(meta["name"], meta["namespace"], spec.instance, spec.lease_duration, now(),
+                        previous=lease, owner=(meta.get("ownerReferences") or [None])[0])
+    try:
+        return Outcome(present=True, lease=kube.apply(LEASES, new), wrote=("lease",))
+    except (Conflict, NotFound):
+        return Outcome(lost_lease=True)

@@ -1,0 +1,50 @@
+"""The registry's WorkloadGroup follower (agent.kube.follow): what it sees, posted to the loop as
+GroupSeen / GroupGone / GroupUnavailable. It lists the group by name, watches it until the server ends
+the watch (WATCH_TIMEOUT), and lists again; failures are backed off (BACKOFF) and reported."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.kube.client import GROUPS, Kube
+from agent.kube.errors import ApiError
+from agent.kube.follow import Follower, custom_object
+from agent.retry import Backoff
+
+WATCH_TIMEOUT = 300         # seconds: the watch's timeoutSeconds
+BACKOFF = (0.5, 30.0)       # seconds: the first and the longest wait after a failure
+
+
+@dataclass(frozen=True)
+class GroupSeen:
+    group: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GroupGone:
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class GroupUnavailable:
+    error: ApiError
+
+
+def follow_group(kube: Kube, namespace: str, name: str, post: Callable[[object], None],
+                 watch_timeout: int = WATCH_TIMEOUT, backoff: Backoff | None = None) -> Follower:
+    """A follower of the group (not started) posting what it sees."""
+
+    def seen(group: dict[str, Any]) -> None:
+        if group.get("kind") is None:  # list items carry no kind
+            group = {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup", **group}
+        post(GroupSeen(group))
+
+    def failed(error: ApiError) -> None:
+        post(GroupUnavailable(error))
+
+    return Follower(custom_object(kube, GROUPS, namespace, name, f"WorkloadGroup {namespace}/{name}"),
+                    seen=seen, gone=lambda: post(GroupGone(namespace, name)), failed=failed,
+                    watch_timeout=watch_timeout, backoff=backoff or Backoff(*BACKOFF), name="group-watcher")
