@@ -145,6 +145,10 @@ def test_a_group_with_another_service_account_is_refused_and_the_other_app_runs(
     reg = wait_for(refused, 30, "ledger refused")
     assert 'runs as service account "ledger-vm"' in reg["message"] and "billing-vm" in reg["message"]
     assert two.entry("ledger") is None
+    doctor = mesh_agent(r, "doctor").stdout
+    assert f"{NS}/billing exists" in doctor, doctor
+    assert "WorkloadGroup (ledger)" in doctor and "runs as service account ledger-vm, the shared sidecar as " \
+        "billing-vm" in doctor, doctor
     assert r.stop_agent() == 0
 
 
