@@ -181,7 +181,11 @@ def test_the_watchdog_is_fed_while_the_proxy_restarts_slowly(tmp_path: Path) -> 
             r.write_config()
             r.start_app()
             r.start_agent({"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000"})
-            wait_for(r.entry, 60, "registration")
+            try:
+                wait_for(r.entry, 60, "registration")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\nagent log:\n{r.log_text()[-6000:]}\nstand-in record:\n"
+                                     f"{record.read_text()}") from None
 
             def lines(word: str) -> list[tuple[float, int]]:
                 return [(float(t), int(p)) for w, t, p in (line.split() for line in record.read_text().splitlines())
