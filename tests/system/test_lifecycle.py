@@ -11,6 +11,7 @@ the file tree and /etc/hosts as they were before the install.
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import time
 from collections.abc import Iterator
@@ -103,7 +104,10 @@ def _inputs(w: World, app_at_boot: bool = False) -> None:
         m.write(f"{INPUTS}/bundle/{name}", data.decode(), mode=0o600)
     w.good_config = yaml.safe_dump({
         "bundle": {"source": f"{INPUTS}/bundle"},
+        # Envoy's shared-memory and domain-socket names come from its base id, in the network namespace the
+        # machine shares with the host: another machine's Envoy beside this one must not collide.
         "sidecar": {"profile": "envoy", "envoy_binary": ENVOY, "bootstrap": f"{INPUTS}/envoy.yaml",
+                    "base_id": random.randint(1000, 60000),
                     "admin_address": f"127.0.0.1:{w.admin_port}", "drain_timeout": "3s"},
         "app": {"ports": [w.app_port], "probe": {"tcp_socket": {"port": w.app_port}, "period": "1s",
                                                  "failure_threshold": 1}},

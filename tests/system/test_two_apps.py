@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import time
 from collections.abc import Iterator
@@ -82,7 +83,10 @@ def _inputs(v: VM) -> None:
         m.write(f"{INPUTS}/bundle/{name}", data.decode(), mode=0o600)
     m.write(CONFIG, yaml.safe_dump({
         "bundle": {"source": f"{INPUTS}/bundle"},
+        # Envoy's shared-memory and domain-socket names come from its base id, in the network namespace the
+        # machine shares with the host: another machine's Envoy beside this one must not collide.
         "sidecar": {"profile": "envoy", "envoy_binary": ENVOY, "bootstrap": f"{INPUTS}/envoy.yaml",
+                    "base_id": random.randint(1000, 60000),
                     "admin_address": f"127.0.0.1:{admin}", "drain_timeout": "3s"},
         "apps": [{"name": app, "ports": [port], "flap": {"min_dwell": "0s"},
                   "probe": {"tcp_socket": {"port": port}, "period": "1s", "failure_threshold": 1}}

@@ -85,10 +85,12 @@ def test_each_app_has_its_own_entry_and_only_the_dead_one_leaves(two: TwoApps) -
     assert ledger["spec"]["ports"] == {"http": two.ledger_port}
     billing = two.entry("billing")
     assert billing is not None and "tier" not in billing["spec"]["labels"]
-    # One sidecar for both.
-    st = two.status()
+    # One sidecar for both. The entries are at the API a moment before the agent has read the answers.
+    def both_confirmed() -> dict[str, Any] | None:
+        st = two.status()
+        return st if all(a["registration"].get("registered") for a in st.get("apps", {}).values()) else None
+    st = wait_for(both_confirmed, 15, "the agent to see both entries confirmed")
     assert set(st["apps"]) == {"billing", "ledger"} and st["sidecar"]["ready"] is True
-    assert all(a["registration"]["registered"] for a in st["apps"].values())
 
     two.kill_ledger()
     wait_for(lambda: two.entry("ledger") is None, 15, "ledger's entry withdrawn")
