@@ -107,7 +107,7 @@ class RegistryPart:
         if isinstance(event, HealthChanged):
             self.health = event.state
             if self.registrar is not None:
-                self.registrar.set_health(event.state, event.reason)
+                self.registrar.set_health(event.state, event.reason, event.cause.value)
             return False
         if isinstance(event, MaintenanceChanged):
             self.maintenance = event.on
@@ -124,6 +124,8 @@ class RegistryPart:
         if self.registrar is None:
             return None
         self.due = self.registrar.tick(now)  # retries, lease renewal, resync
+        if self.service is not None:
+            self.service.report()  # what changed, as Kubernetes Events
         self.ctx.metrics.set("registered", 1 if self.status().registered else 0)
         return self.due
 
@@ -142,7 +144,8 @@ class RegistryPart:
             plan = service.make_plan(self.ctx.cfg.registry, bundle.env_map, machine_id=machine_id, address=address,
                                      bundle_kubeconfig=self.ctx.shipped_kubeconfig(),
                                      identity_token=self.ctx.identity_token())
-            self.service = service.RegistryService.start(plan, self.ctx.post)
+            self.service = service.RegistryService.start(plan, self.ctx.post,
+                                                         lambda result: self.ctx.metrics.inc("events", result))
         except service.PlanError as exc:
             raise FatalError(str(exc), config.EX_CONFIG) from exc
         self.registrar = self.service.registrar

@@ -44,11 +44,14 @@ def test_manifests_rbac_is_least_privilege() -> None:
     role = docs[2]
     resources = {r for rule in role["rules"] for r in rule["resources"]}
     assert resources == {"workloadentries", "workloadentries/status", "leases", "workloadgroups",
-                         "serviceaccounts/token", "configmaps"}
+                         "serviceaccounts/token", "configmaps", "events"}
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
         if rule["resources"] == ["workloadgroups"]:
             assert set(rule["verbs"]) == {"get", "list", "watch"}
+        if rule["resources"] == ["events"]:
+            # Events: written only (created, then their series patched) and only the new API group.
+            assert rule["apiGroups"] == ["events.k8s.io"] and sorted(rule["verbs"]) == ["create", "patch"]
     se = docs[4]["spec"]
     assert se["workloadSelector"]["labels"] == docs[0]["spec"]["metadata"]["labels"]
     assert [p["protocol"] for p in se["ports"]] == ["HTTP", "GRPC"]
