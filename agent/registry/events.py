@@ -120,8 +120,8 @@ def notice(c: Change) -> Notice | None:
         return Notice(_entry_ref(c), _unhealthy_reason(c.health_cause), "MarkUnhealthy",
                       f"{why}; entry kept with Healthy=False", WARNING)
     if c.after is State.WITHDRAWN:
-        if c.before is None and not c.deleted:
-            return None  # nothing was there and nothing was done
+        if not c.deleted and c.before not in (State.REGISTERED, State.UNHEALTHY):
+            return None  # there was no entry (or another instance's) and nothing was done
         return _withdrawal(c)
     return None
 

@@ -115,6 +115,8 @@ class Change:
 
 # --- the state machine (runs in the loop) ---------------------------------------------------------
 
+MAX_CHANGES = 64
+
 @dataclass
 class Settings:
     namespace: str
@@ -191,7 +193,11 @@ class Registrar:
             self.inputs.maintenance = on
             self._dirty = True
             if self._seq:  # a switch while running, not the state found at start
-                self._changes.append(self._change(self._known, self._known, maintenance_changed=on))
+                self._note(self._change(self._known, self._known, maintenance_changed=on))
+
+    def _note(self, change: Change) -> None:
+        # Bounded, for a caller that never takes them: the newest matter most.
+        self._changes = [*self._changes[-(MAX_CHANGES - 1):], change]
 
     def take_changes(self) -> list[Change]:
         """The changes since the last call (for agent.registry.events), oldest first."""
@@ -339,7 +345,7 @@ class Registrar:
                                       "whose lease is live: not touching it")
             self._entry_uid = out.entry_uid
             if self._known is not State.CONFLICT:
-                self._changes.append(self._change(self._known, State.CONFLICT, holder=out.conflict_holder,
+                self._note(self._change(self._known, State.CONFLICT, holder=out.conflict_holder,
                                                   holder_until=out.conflict_until))
             self._confirmed(State.CONFLICT, now)
             if self.inputs.shutting_down:
@@ -378,7 +384,7 @@ class Registrar:
         if known is not self._known or deleted:
             if out.present:
                 self._entry_uid = out.entry_uid
-            self._changes.append(self._change(self._known, known, want, deleted=deleted,
+            self._note(self._change(self._known, known, want, deleted=deleted,
                                               adopted_from=out.adopted_from))
         if not out.present:
             self._entry_uid = None

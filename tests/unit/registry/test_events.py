@@ -134,6 +134,13 @@ def test_nothing_to_say_when_nothing_was_there() -> None:
     r.handle(GroupSeen(GROUP), 0)
     r.set_maintenance(True)
     assert answer(r, 0, present=False) == []
+    # Another instance held the entry, then let it go while this app is unhealthy: nothing withdrawn here.
+    c = Change(State.CONFLICT, State.WITHDRAWN, Want.WITHDRAW, "ns", "g", "me", health_cause="probe-failed")
+    assert EV.notice(c) is None
+    # The entry vanished without us (the group's deletion took it along): still worth saying why.
+    gone = Change(State.REGISTERED, State.WITHDRAWN, Want.WITHDRAW, "ns", "g", "me", group_deleted=True)
+    n = EV.notice(gone)
+    assert n is not None and n.reason == "GroupDeleted"
 
 
 def test_condition_mode_marks_and_heals() -> None:
@@ -210,3 +217,12 @@ def test_spam_filter_per_object() -> None:
     other = EV.Notice(EV.Ref("WorkloadEntry", "ns", "g-1"), "Registered", "Register", "up")
     assert agg.record(other, T0 + dt.timedelta(seconds=5)) is not None
     assert agg.record(NOTICE, T0 + dt.timedelta(seconds=70)) is not None
+
+
+def test_changes_nobody_takes_stay_bounded() -> None:
+    r = registered()
+    for i in range(100):
+        r.set_maintenance(i % 2 == 0)
+    changes = r.take_changes()
+    assert len(changes) == 64 and changes[-1].maintenance_changed is False  # the newest are kept
+    assert r.take_changes() == []
