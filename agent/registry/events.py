@@ -6,11 +6,13 @@ Two steps:
 - `notice(change)`: the registrar's confirmed changes (agent.registry.registrar.Change) to a Notice
   (reason, type, action, note, the object it is about). The reasons are listed in docs/registry.md.
 - `Aggregator`: what Kubernetes' own recorders do before writing (client-go tools/events and
-  tools/record): an event whose regarding object, action, reason and reporting controller match one
-  written less than SERIES_WINDOW ago is not a new object but the next of a series: a PATCH of
-  `series.count` and `series.lastObservedTime` (the note of the first stays, as the API keeps it
-  immutable). A token bucket per regarding object (burst SPAM_BURST, one token every SPAM_REFILL
-  seconds, as tools/record's spam filter) drops the excess.
+  tools/record): an event whose regarding object, type, action, reason and reporting controller and
+  instance match one observed less than SERIES_WINDOW ago is not a new object but the next of a series:
+  a PATCH of `series.count` and `series.lastObservedTime` (the note of the first stays, as the API
+  keeps it immutable). Each repeat is patched at once, where tools/events batches them on a 30 s
+  heartbeat: the registry's changes are rare, and the spam filter bounds them. A token bucket per
+  regarding object (burst SPAM_BURST, one token every SPAM_REFILL seconds, as tools/record's spam
+  filter) drops the excess.
 """
 
 from __future__ import annotations
@@ -219,7 +221,7 @@ class Aggregator:
         if not self._take(n.regarding, now):
             self.filtered += 1
             return None
-        key = (n.regarding, n.action, n.reason, REPORTING_CONTROLLER)
+        key = (n.regarding, n.type, n.action, n.reason, REPORTING_CONTROLLER, self.instance)
         cached = self._cache.get(key)
         if cached is not None and (now - cached.last).total_seconds() <= self.window:
             cached.count += 1
