@@ -89,6 +89,9 @@ def test_plan_from_config_and_cluster_env() -> None:
     assert plan.settings.namespace == "vm-apps" and plan.settings.group == "billing"
     assert plan.settings.lease_duration == 40 and plan.settings.lease_renew == 10
     assert plan.settings.condition_mode and plan.credentials.kubeconfig == "/b/kc"
+    assert plan.events  # Kubernetes Events by default
+    quiet = C.parse("bundle: {source: /b}\nregistry: {events: false}\n")
+    assert not make_plan(quiet.registry, env, machine_id="m" * 32, address="10.0.0.5", bundle_kubeconfig="/kc").events
     group = {"metadata": {"name": "billing", "namespace": "vm-apps", "uid": "u"}, "spec": {}}
     obj = plan.build(group)
     assert obj["metadata"]["name"] == "billing-10.0.0.5-net1"
