@@ -230,6 +230,8 @@ class RegistryConfig:
     resync: Duration = field(_d("5m"), min=5.0, max=86400.0, help="re-read and fix the entry this often")
     timeout: Duration = field(_d("10s"), min=0.5, max=300.0, help="per API request")
     backoff: BackoffConfig = field(factory=lambda: BackoffConfig(_d("500ms"), _d("30s")))
+    events: bool = field(True, help="record Kubernetes Events (events.k8s.io/v1) on the entry: why it was "
+                         "registered, withdrawn or left alone")
 
     @staticmethod
     def checks(c: RegistryConfig) -> list[tuple[str, str]]:

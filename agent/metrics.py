@@ -34,6 +34,8 @@ class Metrics:
         self.sidecar_restarts = prom.Counter("mesh_agent_sidecar_restarts", "proxy restarts", registry=r)
         self.writes = prom.Counter("mesh_agent_registration_writes", "API writes by action and result",
                                    ["action", "result"], registry=r)
+        self.events = prom.Counter("mesh_agent_events", "Kubernetes Events about the app's entry by outcome "
+                                   "(created, patched, failed, dropped, filtered)", ["app", "result"], registry=r)
         self.errors = prom.Counter("mesh_agent_errors", "errors by where they happened", ["where"], registry=r)
         self.expiry = prom.Gauge("mesh_agent_expiry_timestamp_seconds",
                                  "when the bundle's token and root cert expire (unix time)", ["what"],

@@ -23,12 +23,13 @@ from agent.kube import client as KC
 from agent.registry import entry as E
 from agent.registry.converge import Spec, Want, converge, renew
 
-RESOURCES = {"ENTRIES": KC.ENTRIES, "GROUPS": KC.GROUPS, "LEASES": KC.LEASES}
+RESOURCES = {"ENTRIES": KC.ENTRIES, "GROUPS": KC.GROUPS, "LEASES": KC.LEASES, "EVENTS": KC.EVENTS}
 
 
 class Child:
     def __init__(self) -> None:
         self.kube: KC.Kube | None = None
+        self.events: Any = None
 
     def op_open(self, creds: dict[str, Any] | None = None, in_cluster: dict[str, Any] | None = None,
                 timeout: float = 5.0) -> dict[str, Any]:
@@ -83,6 +84,21 @@ class Child:
         assert self.kube is not None
         out = renew(self.kube, lease, self._spec(namespace, group, instance, address, False))
         return {"lost_lease": out.lost_lease, "wrote": list(out.wrote), "lease": out.lease}
+
+    def op_event(self, regarding: dict[str, str], reason: str, note: str, at: str, instance: str = "vm-1",
+                 action: str = "Withdraw", type: str = "Warning") -> dict[str, Any]:
+        """One notice through the registry's aggregator and the writer's send (create or series patch)."""
+        from agent.registry import events as EV
+        from agent.registry.recorder import send
+
+        assert self.kube is not None
+        if self.events is None:
+            self.events = EV.Aggregator(instance)
+        ref = EV.Ref(regarding["kind"], regarding["namespace"], regarding["name"], regarding.get("uid"))
+        write = self.events.record(EV.Notice(ref, reason, action, note, type), E.parse_time(at))
+        if write is None:
+            return {"result": "filtered"}
+        return {"result": send(self.kube, write), "name": write.name, "op": write.op}
 
     def op_renew_own_token(self, token_file: str) -> float:
         from agent.registry.credentials import renew_own_token

@@ -22,6 +22,8 @@ from agent.kube.errors import ApiError, NotFound, Unavailable, map_error
 ENTRIES = ("networking.istio.io", "v1", "workloadentries")
 GROUPS = ("networking.istio.io", "v1", "workloadgroups")
 LEASES = ("coordination.k8s.io", "v1", "leases")
+EVENTS = ("events.k8s.io", "v1", "events")
+MERGE_PATCH = "application/merge-patch+json"
 Resource = tuple[str, str, str]
 
 
@@ -123,6 +125,13 @@ class Kube:
         return self._call("create", res, meta["namespace"], meta["name"],
                           self.custom.create_namespaced_custom_object, *res[:2], meta["namespace"], res[2],
                           obj, field_manager="mesh-agent")
+
+    def merge_patch(self, res: Resource, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch (RFC 7386). The older client generations send merge-patch for this call
+        whatever they are told; the regenerated one is told per call."""
+        extra = {"_content_type": MERGE_PATCH} if self._apply_style == PER_CALL else {}
+        return self._call("patch", res, namespace, name, self.custom.patch_namespaced_custom_object,
+                          *res[:2], namespace, res[2], name, patch, **extra)
 
     def delete(self, res: Resource, namespace: str, name: str, uid: str | None = None,
                resource_version: str | None = None) -> bool:

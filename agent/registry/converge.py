@@ -39,6 +39,10 @@ class Outcome:
     error: ApiError | None = None
     lost_lease: bool = False               # a renewal found the lease changed: converge again
     wrote: tuple[str, ...] = ()            # what was written, for logs and tests
+    entry_uid: str | None = None           # the entry's uid, when it is (or was, for a conflict) there
+    # When an entry that was already there is kept as ours: its instance annotation ("" when it had
+    # none: written by hand). None when the entry was created or is absent.
+    adopted_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,11 @@ def converge(kube: Kube, want: Want, spec: Spec, now: Callable[[], dt.datetime] 
     actual = kube.get(ENTRIES, ns, name)
     lease = kube.get(LEASES, ns, name)
     own = E.ownership(actual, lease, spec.instance, now())
+    found_uid = _uid(actual)
     if own.conflict:
-        return Outcome(present=False, conflict_holder=own.holder, conflict_until=own.expires)
+        return Outcome(present=False, conflict_holder=own.holder, conflict_until=own.expires, entry_uid=found_uid)
+    adopted = None if actual is None else str(
+        ((actual.get("metadata") or {}).get("annotations") or {}).get(E.INSTANCE_ANNOTATION) or "")
     wrote: list[str] = []
 
     if want is Want.WITHDRAW or (want is Want.HOLD and (actual is None or not own.mine)):
@@ -95,7 +102,8 @@ def converge(kube: Kube, want: Want, spec: Spec, now: Callable[[], dt.datetime] 
     lease = kube.apply(LEASES, new_lease) if lease is not None else kube.create(LEASES, new_lease)
     wrote.append("lease")
     if want is Want.HOLD:
-        return Outcome(present=True, healthy=_cond(actual), lease=lease, wrote=tuple(wrote))
+        return Outcome(present=True, healthy=_cond(actual), lease=lease, wrote=tuple(wrote), entry_uid=found_uid,
+                       adopted_from=adopted)
 
     if E.drifted(desired, actual):
         body = desired
@@ -114,7 +122,12 @@ def converge(kube: Kube, want: Want, spec: Spec, now: Callable[[], dt.datetime] 
             cond = E.healthy_condition(healthy, now(), actual, spec.message)
             actual = kube.apply(ENTRIES, E.status_patch(desired, cond), subresource="status")
             wrote.append("status")
-    return Outcome(present=True, healthy=healthy, lease=lease, wrote=tuple(wrote))
+    return Outcome(present=True, healthy=healthy, lease=lease, wrote=tuple(wrote), entry_uid=_uid(actual),
+                   adopted_from=adopted)
+
+
+def _uid(entry_obj: dict[str, Any] | None) -> str | None:
+    return ((entry_obj or {}).get("metadata") or {}).get("uid") or None
 
 
 def _cond(entry_obj: dict[str, Any] | None) -> bool | None:

@@ -39,6 +39,8 @@ AGENT_RULES: list[dict[str, Any]] = [
      "verbs": ["get", "create", "patch", "delete"]},
     {"apiGroups": ["networking.istio.io"], "resources": ["workloadgroups"],
      "verbs": ["get", "list", "watch"]},
+    # Events about the entry (registry.events): created, then a series patched; never read.
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
 
 REAPER_RULES: list[dict[str, Any]] = [

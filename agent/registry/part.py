@@ -132,7 +132,7 @@ class RegistryPart:
         if isinstance(event, HealthChanged):
             self.health = event.state
             if self.registrar is not None:
-                self.registrar.set_health(event.state, event.reason)
+                self.registrar.set_health(event.state, event.reason, event.cause.value)
             return False
         if self.registrar is None or not self.registrar.handle(event, now):
             return False
@@ -144,6 +144,8 @@ class RegistryPart:
         if self.registrar is None:
             return None
         self.due = self.registrar.tick(now)  # retries, lease renewal, resync
+        if self.service is not None:
+            self.service.report()  # what changed, as Kubernetes Events
         self.ctx.metrics.set("registered", 1 if self.status().registered else 0, self.app)
         return self.due
 
@@ -163,7 +165,9 @@ class RegistryPart:
             plan = service.make_plan(apps.registry_config(self.ctx.cfg, app), bundle.env_map, machine_id=machine_id,
                                      address=address, bundle_kubeconfig=self.ctx.shipped_kubeconfig(),
                                      identity_token=self.ctx.identity_token(), several_apps=app.several)
-            self.service = service.RegistryService.start(plan, lambda ev: self.ctx.post(ForApp(self.app, ev)))
+            self.service = service.RegistryService.start(
+                plan, lambda ev: self.ctx.post(ForApp(self.app, ev)),
+                lambda result: self.ctx.metrics.inc("events", self.app, result))
         except service.PlanError as exc:
             raise FatalError(str(exc), config.EX_CONFIG) from exc
         self.registrar = self.service.registrar

@@ -86,7 +86,36 @@ class RegistrationStatus:
     unknown_since: float | None = None
 
 
+@dataclass(frozen=True)
+class Change:
+    """A change the API confirmed (or an input an operator set), with what explains it; taken with
+    take_changes() and turned into a Kubernetes Event by agent.registry.events."""
+
+    before: State | None                 # what the API had confirmed before (None: nothing yet)
+    after: State | None                  # REGISTERED, UNHEALTHY, WITHDRAWN or CONFLICT: confirmed now
+    want: Want
+    namespace: str
+    group: str
+    instance: str
+    entry: str | None = None
+    entry_uid: str | None = None
+    group_uid: str | None = None
+    address: str = ""
+    health_cause: str = ""               # agent.health.tracker.Cause value
+    health_reason: str = ""
+    maintenance: bool = False
+    group_deleted: bool = False
+    shutting_down: bool = False
+    deleted: bool = False                # this convergence deleted the entry
+    adopted_from: str | None = None      # Outcome.adopted_from
+    holder: str | None = None            # CONFLICT: the instance holding the entry
+    holder_until: dt.datetime | None = None
+    maintenance_changed: bool | None = None  # set for a maintenance switch: on (True) or off (False)
+
+
 # --- the state machine (runs in the loop) ---------------------------------------------------------
+
+MAX_CHANGES = 64
 
 @dataclass
 class Settings:
@@ -106,6 +135,7 @@ class Settings:
 class _Inputs:
     health: Health = Health.UNKNOWN
     message: str = ""
+    cause: str = ""
     maintenance: bool = False
     group: dict[str, Any] | None = None
     group_deleted: bool = False
@@ -146,18 +176,39 @@ class Registrar:
         self._known: State | None = None           # the state the API last confirmed
         self._confirmed_at: float | None = None
         self._unknown_since: float | None = None   # first failure since that confirmation
+        self._changes: list[Change] = []
+        self._entry_uid: str | None = None
+        self._address = ""
 
     # inputs ----------------------------------------------------------------------------------------
-    def set_health(self, health: Health, message: str = "") -> None:
-        """The app's health (agent.health.state) and why; UNKNOWN holds what we have."""
+    def set_health(self, health: Health, message: str = "", cause: str = "") -> None:
+        """The app's health (agent.health.state) and why (the tracker's cause and reason); UNKNOWN holds
+        what we have."""
         if health is not self.inputs.health:
-            self.inputs.health, self.inputs.message = health, message
+            self.inputs.health, self.inputs.message, self.inputs.cause = health, message, cause
             self._dirty = True
 
     def set_maintenance(self, on: bool) -> None:
         if on != self.inputs.maintenance:
             self.inputs.maintenance = on
             self._dirty = True
+            if self._seq:  # a switch while running, not the state found at start
+                self._note(self._change(self._known, self._known, maintenance_changed=on))
+
+    def _note(self, change: Change) -> None:
+        # Bounded, for a caller that never takes them: the newest matter most.
+        self._changes = [*self._changes[-(MAX_CHANGES - 1):], change]
+
+    def take_changes(self) -> list[Change]:
+        """The changes since the last call (for agent.registry.events), oldest first."""
+        out, self._changes = self._changes, []
+        return out
+
+    def _change(self, before: State | None, after: State | None, want: Want | None = None, **kw: Any) -> Change:
+        i = self.inputs
+        return Change(before, after, want or self.want, self.s.namespace, self.s.group, self.s.instance,
+                      self._entry_name, self._entry_uid, (_meta_of(i.group) if i.group else None), self._address,
+                      i.cause, i.message, i.maintenance, i.group_deleted, i.shutting_down, **kw)
 
     def set_group(self, group: dict[str, Any] | None) -> None:
         """The WorkloadGroup as read or watched; None when it was deleted."""
@@ -240,6 +291,7 @@ class Registrar:
             self._dirty = False
             return
         self._entry_name = desired["metadata"]["name"]
+        self._address = str((desired.get("spec") or {}).get("address") or "")
         spec = Spec(desired, self.s.instance, self.s.lease_duration, self.s.condition_mode,
                     self.inputs.message)
         self._dirty = False
@@ -291,6 +343,10 @@ class Registrar:
             self._next_converge = now + wait
             self._set(State.CONFLICT, f"entry {self._name()} belongs to instance {out.conflict_holder}, "
                                       "whose lease is live: not touching it")
+            self._entry_uid = out.entry_uid
+            if self._known is not State.CONFLICT:
+                self._note(self._change(self._known, State.CONFLICT, holder=out.conflict_holder,
+                                                  holder_until=out.conflict_until))
             self._confirmed(State.CONFLICT, now)
             if self.inputs.shutting_down:
                 self._finish("the entry is another instance's")
@@ -322,9 +378,17 @@ class Registrar:
         else:
             self._set(State.REGISTERED, "registered")
         # What the mesh sees: an entry (kept while held, too), one marked unhealthy, or none.
-        self._confirmed(State.WITHDRAWN if not out.present else
-                        State.UNHEALTHY if out.healthy is False or want is Want.MARK_UNHEALTHY else State.REGISTERED,
-                        now)
+        known = State.WITHDRAWN if not out.present else \
+            State.UNHEALTHY if out.healthy is False or want is Want.MARK_UNHEALTHY else State.REGISTERED
+        deleted = "delete entry" in out.wrote
+        if known is not self._known or deleted:
+            if out.present:
+                self._entry_uid = out.entry_uid
+            self._note(self._change(self._known, known, want, deleted=deleted,
+                                              adopted_from=out.adopted_from))
+        if not out.present:
+            self._entry_uid = None
+        self._confirmed(known, now)
         if self.want is not want:
             self._dirty = True
 

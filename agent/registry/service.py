@@ -4,7 +4,7 @@ worker, group follower), all reporting through the daemon's `post`.
     plan = make_plan(cfg.registry, cluster_env, machine_id=..., address=..., bundle_kubeconfig=...)
     registry = RegistryService.start(plan, post)
     # in the loop:  registry.registrar.set_health(Health, reason), .set_maintenance(...), .handle(ev, now),
-    #               deadline = registry.registrar.tick(now)
+    #               deadline = registry.registrar.tick(now); registry.report()  (Kubernetes Events)
     # on stop:      registry.registrar.shutdown(now, timeout, withdraw=...); loop until .finished;
     #               registry.stop()
 """
@@ -22,6 +22,7 @@ from agent.kube.client import Kube
 from agent.kube.follow import Follower
 from agent.registry import entry as E
 from agent.registry.group import follow_group
+from agent.registry.recorder import Recorder
 from agent.registry.registrar import Registrar, Settings
 from agent.registry.worker import RegistryWorker
 
@@ -36,6 +37,7 @@ class Plan:
     credentials: Credentials
     timeout: float
     build: Callable[[dict[str, Any]], dict[str, Any]]
+    events: bool = True
 
 
 def credentials(reg: Any, bundle_kubeconfig: str | None, identity_token: str | None = None) -> Credentials:
@@ -97,18 +99,21 @@ def make_plan(reg: Any, cluster_env: Mapping[str, str], *, machine_id: str, addr
                         lease_duration=float(reg.lease.duration), lease_renew=float(reg.lease.renew),
                         resync=float(reg.resync), condition_mode=condition,
                         backoff_initial=float(reg.backoff.initial), backoff_max=float(reg.backoff.max))
-    return Plan(settings, creds, float(reg.timeout), build)
+    return Plan(settings, creds, float(reg.timeout), build, bool(reg.events))
 
 
 class RegistryService:
     """The registry's running parts. Only `registrar` is touched from the loop; stop() ends threads."""
 
     def __init__(self, kube: Kube, registrar: Registrar, worker: RegistryWorker,
-                 watcher: Follower) -> None:
+                 watcher: Follower, recorder: Recorder | None = None) -> None:
         self.kube, self.registrar, self.worker, self.watcher = kube, registrar, worker, watcher
+        self.recorder = recorder
 
     @classmethod
-    def start(cls, plan: Plan, post: Callable[[object], None]) -> RegistryService:
+    def start(cls, plan: Plan, post: Callable[[object], None],
+              count: Callable[[str], None] = lambda result: None) -> RegistryService:
+        """`count(result)` counts the Events' writes (agent.registry.recorder)."""
         try:
             kube = Kube.from_credentials(plan.credentials, plan.timeout)
         except Exception as exc:  # the client's loaders raise their own types; all mean the same here
@@ -116,9 +121,19 @@ class RegistryService:
         worker = RegistryWorker(kube, post)
         registrar = Registrar(plan.settings, plan.build, worker.submit)
         watcher = follow_group(kube, plan.settings.namespace, plan.settings.group, post).start()
-        return cls(kube, registrar, worker, watcher)
+        recorder = Recorder(kube, plan.settings.instance, count) if plan.events else None
+        return cls(kube, registrar, worker, watcher, recorder)
+
+    def report(self) -> None:
+        """Record the registrar's changes as Kubernetes Events (handed to the writer thread)."""
+        changes = self.registrar.take_changes()
+        if self.recorder is not None:
+            self.recorder.record(changes)
 
     def stop(self) -> None:
+        self.report()
         self.watcher.stop()
         self.worker.stop()
+        if self.recorder is not None:
+            self.recorder.stop()
         self.kube.close()

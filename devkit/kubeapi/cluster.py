@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from devkit.kubeapi import admission, fieldmanager, meta, openapi
+from devkit.kubeapi import admission, events, fieldmanager, meta, openapi
 from devkit.kubeapi.auth import API_AUDIENCE, Authenticator, Identity, Rule
 from devkit.kubeapi.patch import PatchError, json_patch, merge_patch, strategic_merge_patch
 from devkit.kubeapi.resources import ResourceType, builtin_types, crd_type
@@ -90,6 +90,8 @@ class Cluster:
 
     def _out(self, rt: ResourceType, version: str, obj: dict[str, Any]) -> dict[str, Any]:
         obj = copy.deepcopy(obj)
+        if rt.view is not None:
+            obj = rt.view(obj)
         obj["apiVersion"] = rt.api_version(version)
         obj["kind"] = rt.kind
         return obj
@@ -123,8 +125,10 @@ class Cluster:
         if body.get("metadata") is not None and not isinstance(body.get("metadata"), dict):
             raise bad_request("metadata must be an object")
 
-    def _clean(self, rt: ResourceType, version: str, obj: dict[str, Any], fv: str) -> dict[str, Any]:
-        """Prune undeclared fields (warn or refuse per fieldValidation), validate, or raise 422."""
+    def _clean(self, rt: ResourceType, version: str, obj: dict[str, Any], fv: str,
+               old: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Prune undeclared fields (warn or refuse per fieldValidation), validate, or raise 422. `old`:
+        the stored object, for an update."""
         schema = rt.schema(version)
         body = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}
         unknown = openapi.find_unknown(schema, body)
@@ -157,6 +161,9 @@ class Cluster:
         errors = meta.metadata_errors(m, rt.name_rule) + openapi.check(schema, pruned)
         if rt.group == admission.GROUP:
             errors += admission.policy_errors(rt.plural, pruned)
+        if rt.group == events.GROUP:
+            ns = (old or obj)["metadata"].get("namespace", "")
+            errors += events.create_errors(pruned, ns) if old is None else events.update_errors(pruned, old, ns)
         if errors:
             raise unprocessable(rt.kind, rt.group, m.get("name", ""), errors)
         out = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "metadata": m, **pruned}
@@ -248,7 +255,7 @@ class Cluster:
     # --- read --------------------------------------------------------------------------------------
 
     def get(self, rt: ResourceType, version: str, ns: str, name: str) -> dict[str, Any]:
-        obj = self.store.get((rt.group, rt.plural), ns if rt.namespaced else "", name)
+        obj = self.store.get(rt.store_key, ns if rt.namespaced else "", name)
         if obj is None:
             raise not_found(rt.plural, rt.group, name)
         return self._out(rt, version, obj)
@@ -258,7 +265,7 @@ class Cluster:
         match = self.selector(rt, label, field)
         with self.store.lock:
             rv = self.store.rv
-            items = [o for o in self.store.items((rt.group, rt.plural), ns) if match(o)]
+            items = [o for o in self.store.items(rt.store_key, ns) if match(o)]
         start = 0
         if cont:
             try:
@@ -281,11 +288,12 @@ class Cluster:
     def selector(self, rt: ResourceType, label: str | None, field: str | None) -> Any:
         try:
             by_label = label_selector(label)
-            by_field = field_selector(field, ("metadata.name", "metadata.namespace") if rt.namespaced
-                                      else ("metadata.name",))
+            by_field = field_selector(field, (("metadata.name", "metadata.namespace") if rt.namespaced
+                                              else ("metadata.name",)) + rt.field_labels)
         except SelectorError as exc:
             raise bad_request(str(exc)) from exc
-        return lambda o: by_label(o) and by_field(o)
+        core_events = rt.stored_as == (events.GROUP, "events")
+        return lambda o: by_label(o) and by_field(events.selectable(core_events, o))
 
     # --- update, patch, apply --------------------------------------------------------------------------
 
@@ -445,7 +453,7 @@ class Cluster:
                 else:
                     candidate.pop("status", None)
         candidate["apiVersion"], candidate["kind"] = rt.api_version(version), rt.kind
-        cleaned = self._clean(rt, version, candidate, req.field_validation)
+        cleaned = self._clean(rt, version, candidate, req.field_validation, old)
         m = cleaned["metadata"]
         for kept in ("uid", "creationTimestamp", "generation", "deletionTimestamp",
                      "deletionGracePeriodSeconds"):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from devkit.kubeapi import events
 from devkit.kubeapi.openapi import CRD, Schema
 
 _STR = {"type": "string"}
@@ -239,10 +241,18 @@ class ResourceType:
     categories: tuple[str, ...] = ()
     printer_columns: dict[str, tuple[dict[str, Any], ...]] = field(default_factory=dict)
     verbs: tuple[str, ...] = tuple(ALL_VERBS)
+    # Another resource's objects under other field names (core/v1 events: events.k8s.io's, viewed).
+    stored_as: tuple[str, str] | None = None
+    view: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    field_labels: tuple[str, ...] = ()  # field selectors beyond metadata.name/namespace
 
     @property
     def list_kind(self) -> str:
         return self.kind + "List"
+
+    @property
+    def store_key(self) -> tuple[str, str]:
+        return self.stored_as or (self.group, self.plural)
 
     @property
     def storage_version(self) -> str:
@@ -293,6 +303,13 @@ def builtin_types() -> list[ResourceType]:
         ResourceType("admissionregistration.k8s.io", ("v1",), "validatingadmissionpolicybindings",
                      "validatingadmissionpolicybinding", "ValidatingAdmissionPolicyBinding", False,
                      {"v1": VAPB_SCHEMA}, categories=("api-extensions",)),
+        ResourceType(events.GROUP, ("v1",), "events", "event", "Event", True, {"v1": events.EVENT_V1_SCHEMA},
+                     short_names=("ev",), field_labels=events.V1_FIELDS,
+                     printer_columns={"v1": events.printer_columns()}),
+        ResourceType("", ("v1",), "events", "event", "Event", True, {"v1": events.EVENT_CORE_SCHEMA},
+                     short_names=("ev",), verbs=("get", "list", "watch"), stored_as=(events.GROUP, "events"),
+                     view=events.core_view, field_labels=events.CORE_FIELDS,
+                     printer_columns={"v1": events.printer_columns()}),
         ResourceType("coordination.k8s.io", ("v1",), "leases", "lease", "Lease", True,
                      {"v1": LEASE_SCHEMA},
                      printer_columns={"v1": (_column("Holder", ".spec.holderIdentity"), _AGE)}),

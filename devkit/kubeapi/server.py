@@ -269,6 +269,8 @@ class _Handler(BaseHTTPRequestHandler):
             msg = forbidden_message(ident, verb, rt.group, rt.plural, route.namespace, route.name,
                                     route.subresource)
             raise ApiError(403, "Forbidden", msg, {"name": route.name, "group": rt.group, "kind": rt.plural})
+        if verb not in rt.verbs and not route.subresource:
+            raise method_not_allowed()
         manager = query.get("fieldManager") or (self.headers.get("User-Agent") or "unknown").split("/")[0]
         if len(manager) > 128:
             raise bad_request("fieldManager: Too long: must have at most 128 bytes")
@@ -381,7 +383,7 @@ class _Handler(BaseHTTPRequestHandler):
         bookmarks = _flag(query.get("allowWatchBookmarks"))
         timeout = float(query.get("timeoutSeconds") or 1800)
         deadline = time.monotonic() + timeout
-        key = (rt.group, rt.plural)
+        key = rt.store_key
         changed = store.changed_for(key)
         rv_param = query.get("resourceVersion", "")
         initial: list[dict[str, Any]] = []

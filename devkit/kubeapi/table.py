@@ -46,7 +46,7 @@ def human_age(stamp: str | None, now: dt.datetime | None = None) -> str | None:
 
 
 def _cell(column: dict[str, Any], obj: dict[str, Any]) -> Any:
-    value = _lookup(obj, column["jsonPath"])
+    value = column["value"](obj) if "value" in column else _lookup(obj, column["jsonPath"])
     if column.get("type") == "date":
         return human_age(value)
     if isinstance(value, (dict, list)):
@@ -57,14 +57,17 @@ def _cell(column: dict[str, Any], obj: dict[str, Any]) -> Any:
 def table(rt: ResourceType, version: str, objects: list[dict[str, Any]], resource_version: str,
           include_object: str = "Metadata") -> dict[str, Any]:
     columns = list(rt.printer_columns.get(version, ())) or [AGE]
-    definitions = [{"name": "Name", "type": "string", "format": "name", "priority": 0,
-                    "description": "Name must be unique within a namespace."}]
+    # The name comes first, unless the type places it itself (events: a wide column at the end).
+    named = any(c["name"] == "Name" for c in columns)
+    definitions = [] if named else [{"name": "Name", "type": "string", "format": "name", "priority": 0,
+                                     "description": "Name must be unique within a namespace."}]
     definitions += [{"name": c["name"], "type": c.get("type", "string"), "format": c.get("format", ""),
                      "description": c.get("description", ""), "priority": c.get("priority", 0)}
                     for c in columns]
     rows = []
     for obj in objects:
-        row: dict[str, Any] = {"cells": [obj["metadata"]["name"], *(_cell(c, obj) for c in columns)]}
+        cells = [_cell(c, obj) for c in columns]
+        row: dict[str, Any] = {"cells": cells if named else [obj["metadata"]["name"], *cells]}
         if include_object == "Object":
             row["object"] = obj
         elif include_object != "None":

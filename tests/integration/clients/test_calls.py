@@ -1,7 +1,8 @@
 """Every call the agent makes, through each client generation (tests/clientgen.py), against the emulator:
 server-side apply (create, unchanged, stale), the status patch, leases (create, renew, stale renew,
-delete), delete with preconditions, watch (events and 410), TokenRequest, SelfSubjectAccessReview.
-The agent posts no Events. A failure's test id names the generation."""
+delete), delete with preconditions, watch (events and 410), TokenRequest, SelfSubjectAccessReview,
+Kubernetes Events (create, the series patch, create again when the event is gone). A failure's test id
+names the generation."""
 
 from __future__ import annotations
 
@@ -224,3 +225,30 @@ def test_reaper_deletes_what_an_expired_lease_left(setup: Setup) -> None:
     assert setup.api.get("WorkloadEntry", NS, ENTRY) is None
     assert setup.api.get("Lease", NS, ENTRY) is None
     assert setup.api.get("WorkloadEntry", NS, f"{GROUP}-10.0.0.8") is not None
+
+
+def test_events_create_then_series_patch(setup: Setup) -> None:
+    agent = opened(setup)
+    ref = {"kind": "WorkloadGroup", "namespace": NS, "name": GROUP, "uid": "group-uid"}
+    first = agent.call("event", regarding=ref, reason="AppExited", note="process 41 exited",
+                       at="2026-01-02T03:04:05Z")
+    assert first["result"] == "created" and first["op"] == "create"
+    for n, at in enumerate(["2026-01-02T03:04:15Z", "2026-01-02T03:04:25Z"], start=2):
+        again = agent.call("event", regarding=ref, reason="AppExited", note=f"process {n} exited", at=at)
+        assert again == {"result": "patched", "name": first["name"], "op": "patch"}
+    events = setup.api.objects("Event", NS)
+    assert len(events) == 1
+    ev = events[0]
+    assert ev["series"] == {"count": 3, "lastObservedTime": "2026-01-02T03:04:25.000000Z"}
+    assert ev["note"] == "process 41 exited" and ev["eventTime"] == "2026-01-02T03:04:05.000000Z"
+    assert ev["reportingController"] == "mesh-agent.io/registry" and ev["reportingInstance"] == "vm-1"
+    assert ev["regarding"]["uid"] == "group-uid"
+    # Sent by the service account with exactly the manifests' RBAC.
+    patches = [r for r in setup.api.requests if r.method == "PATCH" and "/events/" in r.path]
+    assert len(patches) == 2 and all(r.user == AGENT_USER and r.code == 200 for r in patches)
+    # The event was removed meanwhile (its TTL ran out): the next of the series creates it again.
+    setup.api.delete("Event", NS, first["name"])
+    back = agent.call("event", regarding=ref, reason="AppExited", note="process 4 exited",
+                      at="2026-01-02T03:04:35Z")
+    assert back["result"] == "created"
+    assert setup.api.get("Event", NS, first["name"])["series"]["count"] == 4

@@ -44,11 +44,14 @@ def test_manifests_rbac_is_least_privilege() -> None:
     role = docs[2]
     resources = {r for rule in role["rules"] for r in rule["resources"]}
     assert resources == {"workloadentries", "workloadentries/status", "leases", "workloadgroups",
-                         "serviceaccounts/token", "configmaps"}
+                         "serviceaccounts/token", "configmaps", "events"}
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
         if rule["resources"] == ["workloadgroups"]:
             assert set(rule["verbs"]) == {"get", "list", "watch"}
+        if rule["resources"] == ["events"]:
+            # Events: written only (created, then their series patched) and only the new API group.
+            assert rule["apiGroups"] == ["events.k8s.io"] and sorted(rule["verbs"]) == ["create", "patch"]
     se = docs[4]["spec"]
     assert se["workloadSelector"]["labels"] == docs[0]["spec"]["metadata"]["labels"]
     assert [p["protocol"] for p in se["ports"]] == ["HTTP", "GRPC"]
@@ -86,6 +89,9 @@ def test_plan_from_config_and_cluster_env() -> None:
     assert plan.settings.namespace == "vm-apps" and plan.settings.group == "billing"
     assert plan.settings.lease_duration == 40 and plan.settings.lease_renew == 10
     assert plan.settings.condition_mode and plan.credentials.kubeconfig == "/b/kc"
+    assert plan.events  # Kubernetes Events by default
+    quiet = C.parse("bundle: {source: /b}\nregistry: {events: false}\n")
+    assert not make_plan(quiet.registry, env, machine_id="m" * 32, address="10.0.0.5", bundle_kubeconfig="/kc").events
     group = {"metadata": {"name": "billing", "namespace": "vm-apps", "uid": "u"}, "spec": {}}
     obj = plan.build(group)
     assert obj["metadata"]["name"] == "billing-10.0.0.5-net1"
