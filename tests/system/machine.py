@@ -8,7 +8,8 @@
 
 Each boot runs on a throw-away overlay of the cached root file system (rootfs.py), so tests start
 from a clean image and never change the cache. The machine shares the host's network namespace:
-a server the test runs on the host's 127.0.0.1 is reachable from inside as 127.0.0.1.
+a server the test runs on the host's 127.0.0.1 is reachable from inside as 127.0.0.1 (unless it is
+booted in a network namespace of its own: netns.py).
 Needs root, util-linux (unshare, nsenter) and overlayfs.
 """
 
