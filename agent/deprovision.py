@@ -1,8 +1,9 @@
 """`mesh-agent deprovision`: clear this instance's state before an image is captured.
 
-What goes: the last good bundle and every stored copy of a bundle, the installed istio token and the workload certificate and key
-issued to this instance, the cloud identity token it kept, the managed block in /etc/hosts, the
-status and pid files, and a pending maintenance request. What stays: the configuration (so clones
+What goes: the last good bundle and every stored copy of a bundle (each holds a copy of the istio
+token), the installed istio token and the workload certificate and key issued to this instance, the
+cloud identity token it kept, the managed block in /etc/hosts, the status and pid files, and a
+pending maintenance request. What stays: the configuration (so clones
 start with it) and the mesh-wide files (root certificate, mesh config, cluster.env), which the next
 agent re-installs anyway; with --all those go too: every file in the agent's manifest of what it
 wrote (agent.manifest), as on `apt purge`, except files changed since the agent wrote them and files

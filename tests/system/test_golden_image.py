@@ -28,6 +28,7 @@ import json
 import mmap
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -216,6 +217,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, deb: Path) -> Iterator[World
     """The cluster, and the golden image: installed and configured, then booted once as a test VM
     (registered, stopped, deprovisioned) and powered off."""
     require_root()
+    if shutil.which("ip", path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
+        pytest.skip("the clones' network namespaces need iproute2 (ip)")
     tmp = tmp_path_factory.mktemp("golden")
     with ExitStack() as stack:
         issuer = stack.enter_context(TestIssuer())
