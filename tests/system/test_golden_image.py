@@ -165,7 +165,7 @@ def _config(api: KubeAPI, md_port: int) -> str:
                      "group": GROUP, "lease": {"duration": f"{LEASE}s", "renew": "3s"}},
         "identity": {"provider": "gcp", "audience": AUD, "endpoint": f"http://127.0.0.1:{md_port}",
                      "timeout": "3s"},
-        "shutdown": {"propagation": "1s"},
+        "shutdown": {"propagation": "1s", "timeout": "15s"},
         "metrics": {"port": METRICS_PORT},
     })
 
@@ -359,8 +359,13 @@ def test_two_clones_register_as_two_fenced_instances(world: World, clones: list[
     assert instance("8101") != instance("8102")
     machine_ids = {vm.m.read("/etc/machine-id").strip() for vm in clones}
     assert len(machine_ids) == 2 and "" not in machine_ids  # systemd gave each clone its own
-    writers = {r.user for r in list(world.api.requests) if r.method in ("POST", "PATCH", "PUT", "DELETE")}
-    assert {"mesh-vm:8101", "mesh-vm:8102"} <= writers
+    writes = [r for r in list(world.api.requests) if r.method in ("POST", "PATCH", "PUT", "DELETE")]
+    assert {"mesh-vm:8101", "mesh-vm:8102"} <= {r.user for r in writes}
+    # Fenced: each instance wrote only its own entry and lease (a create names the object in its body).
+    for vm in clones:
+        named = {m.group(1) for r in writes if r.user == f"mesh-vm:{vm.cloud_id}"
+                 and (m := re.search(r"/(?:workloadentries|leases)/([^/]+)(?:/status)?$", r.path))}
+        assert named == {vm.entry_name}, named
 
 
 def test_they_stay_registered_across_several_token_lifetimes(world: World, clones: list[Vm]) -> None:
