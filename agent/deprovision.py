@@ -1,8 +1,9 @@
 """`mesh-agent deprovision`: clear this instance's state before an image is captured.
 
-What goes: the last good bundle, the installed istio token and the workload certificate and key
-issued to this instance, the cloud identity token it kept, the managed block in /etc/hosts, the
-status and pid files, and a pending maintenance request. What stays: the configuration (so clones
+What goes: the last good bundle and every stored copy of a bundle (each holds a copy of the istio
+token), the installed istio token and the workload certificate and key issued to this instance, the
+cloud identity token it kept, the managed block in /etc/hosts, the status and pid files, and a
+pending maintenance request. What stays: the configuration (so clones
 start with it) and the mesh-wide files (root certificate, mesh config, cluster.env), which the next
 agent re-installs anyway; with --all those go too: every file in the agent's manifest of what it
 wrote (agent.manifest), as on `apt purge`, except files changed since the agent wrote them and files
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import manifest, proc
+from agent.bundle import store
 from agent.bundle.hosts import DamagedBlock, strip_block
 from agent.paths import Layout
 
@@ -40,6 +42,9 @@ def instance_files(layout: Layout) -> list[Step]:
     """The per-instance files and directories deprovision removes (the hosts block aside)."""
     return [
         Step(layout.last_good_bundle, "last good bundle"),
+        # The link above points into the stored copies, which hold the istio token's persistent copy.
+        Step(store.pending_link(layout), "bundle install in progress"),
+        Step(store.bundles_dir(layout), "stored bundles"),
         Step(layout.istio_token, "istio token"),
         Step(layout.certs_dir / "key.pem", "workload key"),
         Step(layout.certs_dir / "cert-chain.pem", "workload certificate"),

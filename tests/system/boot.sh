@@ -2,10 +2,12 @@
 # PID 1 of a test machine, before it becomes systemd. Run as
 #   setsid unshare --pid --fork --mount --uts --propagation private \
 #       sh boot.sh LOWER UPPER WORK ROOT ARCHIVES ARCHIVES_UPPER ARCHIVES_WORK CGROUP
-# The tree ROOT is an overlay of the cached root file system LOWER with a throw-away UPPER, so the
+# The tree ROOT is an overlay of the cached root file system LOWER (with, for a clone of an earlier
+# machine's disk, that machine's upper layers first: "a:b:cache") with a throw-away UPPER, so the
 # cache is never written. ARCHIVES is one shared .deb cache, or several joined by ":" (overlay's
 # lowerdir list, first on top). Everything mounted here lives in this mount namespace and goes with it.
-# The network namespace is the host's: a server on the host's 127.0.0.1 is reachable from inside.
+# The network namespace is the caller's (the host's unless the test made one): a server on the host's
+# 127.0.0.1 is then reachable from inside.
 set -eu
 lower=$1 upper=$2 work=$3 root=$4 archives=$5 archives_upper=$6 archives_work=$7 cgroup=$8
 

@@ -8,7 +8,8 @@
 
 Each boot runs on a throw-away overlay of the cached root file system (rootfs.py), so tests start
 from a clean image and never change the cache. The machine shares the host's network namespace:
-a server the test runs on the host's 127.0.0.1 is reachable from inside as 127.0.0.1.
+a server the test runs on the host's 127.0.0.1 is reachable from inside as 127.0.0.1 (unless it is
+booted in a network namespace of its own: netns.py).
 Needs root, util-linux (unshare, nsenter) and overlayfs.
 """
 
@@ -55,24 +56,27 @@ class Machine:
 
     @classmethod
     @contextmanager
-    def boot(cls, suite: str, workdir: Path, timeout: float = 90.0,
-             archives: Sequence[str] = ()) -> Iterator[Machine]:
+    def boot(cls, suite: str, workdir: Path, timeout: float = 90.0, archives: Sequence[str] = (), *,
+             image: Sequence[Path] = (), netns: str | None = None) -> Iterator[Machine]:
         """Boot `suite` (e.g. "bookworm"), wait for `systemctl is-system-running`, power off after.
 
         A workdir booted before boots as that machine left it (its overlay's upper layer is kept): a
         reboot of the same root file system. `archives` names the shared .deb caches apt reads (default:
         the suite's own); what the machine downloads is added to the first of them at power-off.
-        """
-        lower = rootfs.ensure(suite)
+        `image`: earlier machines' `upper` layers (topmost first), stacked on the cached root file
+        system: a clone of the disk those machines left. `netns`: boot in that network namespace
+        (a name under /run/netns) instead of the host's."""
+        lower = ":".join(str(layer) for layer in (*image, rootfs.ensure(suite)))
         caches = list(archives) or [suite]
         dirs = {name: workdir / name for name in ("upper", "work", "root", "debs", "debs-work")}
         for d in dirs.values():
             d.mkdir(parents=True, exist_ok=True)
         cgroup = f"mesh-agent-test-{os.getpid()}-{next(_serial)}"
         console = open(workdir / "console.log", "wb")  # noqa: SIM115 - closed after power-off
+        enter = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
         process = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--mount", "--uts", "--propagation", "private",
-             "sh", str(BOOT_SCRIPT), str(lower), str(dirs["upper"]), str(dirs["work"]),
+            [*enter, "unshare", "--pid", "--fork", "--mount", "--uts", "--propagation", "private",
+             "sh", str(BOOT_SCRIPT), lower, str(dirs["upper"]), str(dirs["work"]),
              str(dirs["root"]), ":".join(str(rootfs.apt_archive(c)) for c in caches), str(dirs["debs"]),
              str(dirs["debs-work"]),
              cgroup],
@@ -116,6 +120,12 @@ class Machine:
             except subprocess.TimeoutExpired:
                 _stop(self._process)
 
+    @property
+    def upper(self) -> Path:
+        """What this machine changed on its disk (the overlay's upper layer); after power-off, a layer
+        for `boot(image=...)`."""
+        return self.workdir / "upper"
+
     def console_log(self, tail: int = 60) -> str:
         lines = (self.workdir / "console.log").read_text(errors="replace").splitlines()
         return "\n".join(lines[-tail:])
@@ -124,12 +134,13 @@ class Machine:
 
     def run(self, argv: Sequence[str] | str, *, check: bool = True, timeout: float = 60.0,
             input: str | None = None, env: dict[str, str] | None = None) -> Result:
-        """Run a command inside (a string goes to `sh -c`), as root, in the machine's namespaces."""
+        """Run a command inside (a string goes to `sh -c`), as root, in the machine's namespaces (its
+        network namespace too: the host's unless it was booted in another)."""
         cmd = ["sh", "-c", argv] if isinstance(argv, str) else list(argv)
         full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "SYSTEMD_PAGER": "",
                     "DEBIAN_FRONTEND": "noninteractive", "SYSTEMD_COLORS": "0", **(env or {})}
         envargs = [f"{k}={v}" for k, v in full_env.items()]
-        nsenter = ["nsenter", "-t", str(self.pid), "-m", "-u", "-p", "-r", "-w",
+        nsenter = ["nsenter", "-t", str(self.pid), "-m", "-u", "-p", "-n", "-r", "-w",
                    "env", "-i", *envargs, *cmd]
         try:
             p = subprocess.run(nsenter, input=input, capture_output=True, text=True, timeout=timeout)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
 
 from agent import deprovision
+from agent.bundle import store
 from agent.bundle.hosts import HOSTS_BEGIN as BEGIN_MARKER
 from agent.bundle.hosts import HOSTS_END as END_MARKER
 from agent.bundle.hosts import DamagedBlock
@@ -61,6 +63,26 @@ def test_removes_instance_state_and_keeps_config_and_mesh_files(tmp_path: Path) 
     assert layout.etc_hosts.stat().st_ino == hosts_inode  # rewritten in place (bind mounts, owner, mode)
     assert layout.etc_hosts.stat().st_mode & 0o777 == 0o644
     assert len(done) == 8
+
+
+def test_the_stored_bundles_go_with_the_link_to_the_last_good_one(tmp_path: Path) -> None:
+    """As the installer keeps them: `bundle` links to a stored copy under bundles/, which holds the
+    istio token's persistent copy. Nothing of the token may stay behind for an image."""
+    layout = Layout(root=tmp_path)
+    token = b"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ2bSJ9.c2lnbmF0dXJl\n"
+    older = store.save(layout, {"istio-token": token, "cluster.env": b"A=1\n"}, {"version": "0123456789ab"})
+    stored = store.save(layout, {"istio-token": token, "cluster.env": b"A=1\n"}, {"version": "0123456789ab"})
+    store.commit(layout, stored)
+    store.set_link(store.pending_link(layout), older)
+    assert layout.last_good_bundle.is_symlink()
+
+    done = deprovision.deprovision(layout)
+
+    assert not os.path.lexists(layout.last_good_bundle) and not os.path.lexists(store.pending_link(layout))
+    assert not store.bundles_dir(layout).exists()
+    left = [p for p in layout.state.rglob("*") if p.is_file() and token.strip() in p.read_bytes()]
+    assert left == [] and layout.state.is_dir()
+    assert any("stored bundles" in line for line in done)
 
 
 def test_second_run_has_nothing_to_do(tmp_path: Path) -> None:
