@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -147,10 +148,24 @@ def entry(r: Rig, group: str) -> dict | None:
 
 
 def why(r: Rig) -> None:
-    """What the agent says about the withdrawn app, as an operator would read it on the VM."""
-    status = json.loads(r.status_file.read_text())
-    ledger = status["apps"]["ledger"]
-    say(f"    mesh-agent status: ledger {ledger['app'].get('state')}: {ledger['app'].get('reason')}")
+    """Why ledger left the mesh: the Event the agent recorded on its WorkloadGroup, as an operator reads
+    it from the cluster without logging in to the VM; and what the agent says on the VM."""
+    def exited() -> dict | None:
+        return next((e for e in r.api.objects("Event", NS)
+                     if e["reason"] == "AppExited" and e["regarding"]["name"] == "ledger"), None)
+    wait_for(exited, 15, "the Event")
+    if shutil.which("kubectl"):
+        say(f"    $ kubectl describe workloadgroup ledger -n {NS}   (its Events:)")
+        out = subprocess.run(["kubectl", "--kubeconfig", str(r.api.kubeconfig), "describe", "workloadgroup",
+                              "ledger", "-n", NS], capture_output=True, text=True, timeout=60).stdout
+        for line in textwrap.dedent(out.split("Events:", 1)[-1].strip("\n")).splitlines():
+            say(f"      {line}")
+    else:
+        event = exited()
+        assert event is not None
+        say(f"    Event on WorkloadGroup ledger: {event['type']} {event['reason']}: {event['note']}")
+    ledger = json.loads(r.status_file.read_text())["apps"]["ledger"]
+    say(f"    $ mesh-agent status (on the VM): ledger {ledger['app'].get('state')}: {ledger['app'].get('reason')}")
 
 
 def _mkdir(path: Path) -> Path:
