@@ -3,7 +3,7 @@
 threads, no I/O; the writer (agent.registry.recorder) sends what this decides.
 
 Two steps:
-- `notice(change)`: the registrar's confirmed changes (agent.registry.registrar.Change) to a Notice
+- `notice(change)`: the registrar's confirmed changes (agent.registry.states.Change) to a Notice
   (reason, type, action, note, the object it is about). The reasons are listed in docs/registry.md.
 - `Aggregator`: what Kubernetes' own recorders do before writing (client-go tools/events and
   tools/record): an event whose regarding object, type, action, reason and reporting controller and
@@ -24,7 +24,7 @@ from typing import Any
 
 from agent.registry import entry as E
 from agent.registry.converge import Want
-from agent.registry.registrar import Change, State
+from agent.registry.states import Change, State
 
 API_VERSION = "events.k8s.io/v1"
 # Validated as a qualified name by the API server ([prefix/]name).

@@ -19,6 +19,7 @@ from agent.registry import registrar as reg
 from agent.registry import service
 from agent.registry.converge import Outcome
 from agent.registry.group import GroupSeen
+from agent.registry.states import RegistrationStatus, State
 from agent.registry.worker import RegistryResult
 
 log = logging.getLogger("agent.registry")
@@ -26,14 +27,14 @@ log = logging.getLogger("agent.registry")
 
 @dataclass(frozen=True)
 class RegistrationSnapshot:
-    registrar: reg.RegistrationStatus | None = None
+    registrar: RegistrationStatus | None = None
     wall_offset: float = 0.0  # wall clock minus the loop's monotonic clock, for the times below
     last_write: dict[str, Any] = field(default_factory=dict)
     lease: dict[str, Any] = field(default_factory=dict)
 
     @property
     def registered(self) -> bool:
-        return self.registrar is not None and self.registrar.known is reg.State.REGISTERED
+        return self.registrar is not None and self.registrar.known is State.REGISTERED
 
     def as_dict(self) -> dict[str, Any]:
         st = self.registrar
@@ -50,7 +51,7 @@ class RegistrationSnapshot:
                              "confirmed_at": wall(st.confirmed_at), "unknown_since": wall(st.unknown_since)}
         if st.conflict_holder:
             d["conflict"] = f"entry held by instance {st.conflict_holder}"
-        if st.state is reg.State.RETRYING:
+        if st.state is State.RETRYING:
             d["error"] = st.message
         return {**d, **self.last_write, **self.lease}
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from agent.kube.client import EVENTS, Kube
 from agent.kube.errors import ApiError, NotFound
 from agent.registry import events
-from agent.registry.registrar import Change
+from agent.registry.states import Change
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from agent.health.state import Health
 from agent.kube.auth import Credentials
 from agent.kube.client import Kube
 from agent.kube.errors import Unauthorized
-from agent.registry.registrar import State
+from agent.registry.states import State
 from devkit.registrydriver import Driver
 from tests.integration.registry.conftest import NS, Cluster, wait_for
 

@@ -11,7 +11,7 @@ from agent.kube.auth import Credentials
 from agent.kube.client import Kube
 from agent.registry.converge import Want
 from agent.registry.recorder import Recorder
-from agent.registry.registrar import Change, State
+from agent.registry.states import Change, State
 from devkit.registrydriver import Driver
 from tests.integration.registry.conftest import ENTRY, GROUP, NS, Cluster, wait_for
 from tests.integration.registry.test_registration import _foreign, healthy, state_is

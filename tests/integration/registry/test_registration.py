@@ -9,7 +9,7 @@ from agent.health.state import Health
 from agent.kube.auth import Credentials
 from agent.kube.client import GROUPS, LEASES
 from agent.registry import entry as E
-from agent.registry.registrar import State
+from agent.registry.states import State
 from devkit.registrydriver import Driver
 from tests.integration.registry.conftest import ENTRY, GROUP, NS, Cluster, group_obj, wait_for
 

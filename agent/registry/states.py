@@ -1,0 +1,68 @@
+"""What the registration state machine (agent.registry.registrar) reports: its states, its status for
+`mesh-agent status`, and the changes the API confirmed, which agent.registry.events turns into Events."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from dataclasses import dataclass
+
+from agent.registry.converge import Want
+
+
+class State(enum.Enum):
+    STARTING = "starting"        # not reconciled with the API yet
+    REGISTERED = "registered"    # entry present and ours (Healthy=True in condition mode)
+    UNHEALTHY = "unhealthy"      # entry present with Healthy=False (condition mode)
+    WITHDRAWN = "withdrawn"      # no entry
+    HELD = "held"                # waiting for health/group; an entry we own is kept leased
+    CONFLICT = "conflict"        # another live instance owns the entry: hands off
+    RETRYING = "retrying"        # the API failed; backing off, nothing deleted
+    REFUSED = "refused"          # 401/403/422: needs an admin; retried slowly
+    STOPPED = "stopped"
+
+
+# --- what it reports -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RegistrationStatus:
+    """For `mesh-agent status` and metrics."""
+
+    state: State
+    want: Want
+    entry: str | None
+    namespace: str | None
+    message: str
+    conflict_holder: str | None = None
+    # What the API last confirmed, when, and since when nothing is confirmed (clock times of the loop):
+    # during an outage the entry stays as it was last seen, so that is what status reports.
+    known: State | None = None
+    confirmed_at: float | None = None
+    unknown_since: float | None = None
+
+
+@dataclass(frozen=True)
+class Change:
+    """A change the API confirmed (or an input an operator set), with what explains it; taken with
+    take_changes() and turned into a Kubernetes Event by agent.registry.events."""
+
+    before: State | None                 # what the API had confirmed before (None: nothing yet)
+    after: State | None                  # REGISTERED, UNHEALTHY, WITHDRAWN or CONFLICT: confirmed now
+    want: Want
+    namespace: str
+    group: str
+    instance: str
+    entry: str | None = None
+    entry_uid: str | None = None
+    group_uid: str | None = None
+    address: str = ""
+    health_cause: str = ""               # agent.health.tracker.Cause value
+    health_reason: str = ""
+    maintenance: bool = False
+    group_deleted: bool = False
+    shutting_down: bool = False
+    deleted: bool = False                # this convergence deleted the entry
+    adopted_from: str | None = None      # Outcome.adopted_from
+    holder: str | None = None            # CONFLICT: the instance holding the entry
+    holder_until: dt.datetime | None = None
+    maintenance_changed: bool | None = None  # set for a maintenance switch: on (True) or off (False)
