@@ -31,6 +31,7 @@ from agent.maintenance import MaintenancePart
 from agent.metrics import Metrics
 from agent.part import Context, FatalError, Part, Wake
 from agent.paths import Layout
+from agent.registry.address_part import AddressPart
 from agent.registry.part import RegistryPart
 from agent.sidecar.part import SidecarPart
 from agent.state import Phase, PhaseMachine, Status, StatusWriter, summarize
@@ -105,8 +106,9 @@ class Agent:
         self.sidecar = SidecarPart(self.ctx)
         self.health = HealthPart(self.ctx)
         self.registry = RegistryPart(self.ctx)
+        self.address = AddressPart(self.ctx)  # follows the address the first bundle let the others decide
         self.parts: list[Part] = [self.identity, self.bundle, self.maintenance, self.sidecar, self.health,
-                                  self.registry]
+                                  self.registry, self.address]
 
     @property
     def cfg(self) -> config.Config:

@@ -31,6 +31,8 @@ class Metrics:
                                      registry=r)
         self.sidecar_ready = prom.Gauge("mesh_agent_sidecar_ready", "1 when the proxy is ready", registry=r)
         self.sidecar_restarts = prom.Counter("mesh_agent_sidecar_restarts", "proxy restarts", registry=r)
+        self.address_changes = prom.Counter("mesh_agent_address_changes",
+                                            "changes of the VM's mesh address noticed while running", registry=r)
         self.writes = prom.Counter("mesh_agent_registration_writes", "API writes by action and result",
                                    ["action", "result"], registry=r)
         self.errors = prom.Counter("mesh_agent_errors", "errors by where they happened", ["where"], registry=r)

@@ -16,6 +16,7 @@ from agent.health.state import Health
 from agent.part import BundleInUse, Context, FatalError, MaintenanceChanged
 from agent.registry import registrar as reg
 from agent.registry import service
+from agent.registry.address_part import AddressChanged
 from agent.registry.converge import Outcome
 from agent.registry.group import GroupSeen
 from agent.registry.worker import RegistryResult
@@ -109,6 +110,9 @@ class RegistryPart:
             if self.registrar is not None:
                 self.registrar.set_health(event.state, event.reason)
             return False
+        if isinstance(event, AddressChanged):
+            self.address_changed(event.new)
+            return False
         if isinstance(event, MaintenanceChanged):
             self.maintenance = event.on
             if self.registrar is not None:
@@ -152,6 +156,21 @@ class RegistryPart:
         self.registrar.set_maintenance(self.maintenance)
         s = plan.settings
         log.info("registering as %s in %s/%s (instance %s)", address, s.namespace, s.group, s.instance)
+
+    def address_changed(self, address: str) -> None:
+        """The VM's address changed (agent.registry.address_part): the registrar moves the entry."""
+        if self.registrar is None or self.bundle is None:
+            return
+        try:
+            machine_id = self.ctx.instance_key or self.ctx.layout.machine_id.read_text()
+            plan = service.make_plan(self.ctx.cfg.registry, self.bundle.env_map, machine_id=machine_id,
+                                     address=address, bundle_kubeconfig=self.ctx.shipped_kubeconfig(),
+                                     identity_token=self.ctx.identity_token())
+        except (OSError, service.PlanError) as exc:
+            self.ctx.record_error("registry", f"cannot move the entry to {address}: {exc}")
+            return
+        log.info("moving the entry to %s", address)
+        self.registrar.move(plan.build)
 
     def result(self, outcome: Outcome) -> None:
         """Remember the last write and the lease, for status and metrics."""
