@@ -2,12 +2,12 @@
 
 Reading order: `main` loads the config (exit 78 when it is bad) and runs `Agent.run`: start, then the
 loop, then the draining stop, top to bottom. The parts (agent.part: identity, bundle, maintenance,
-sidecar, health, registry) hold the state and share one shape; the loop hands every event to every part,
+address, sidecar, health, registry) hold the state and share one shape; the loop hands every event to every part,
 runs their timers, and writes status.json from their snapshots. What one part learns that another needs
 travels as an event (agent.part), so the loop itself decides nothing about the mesh. Threads (the bundle
 fetch, the package install, the proxy's waiter and its restarts, probes and the port watch, file watches,
-the API worker and group watch, the identity refresh) only post events to `self.events`; signal handlers
-only record. Nothing on the loop waits on the network, a child process or dpkg, so WATCHDOG=1 keeps coming.
+the API worker and group watch, the identity refresh, the address watch) only post events to
+`self.events`; signal handlers only record. Nothing on the loop waits on the network, a child process or dpkg, so WATCHDOG=1 keeps coming.
 """
 
 from __future__ import annotations
@@ -106,9 +106,10 @@ class Agent:
         self.sidecar = SidecarPart(self.ctx)
         self.health = HealthPart(self.ctx)
         self.registry = RegistryPart(self.ctx)
-        self.address = AddressPart(self.ctx)  # follows the address the first bundle let the others decide
-        self.parts: list[Part] = [self.identity, self.bundle, self.maintenance, self.sidecar, self.health,
-                                  self.registry, self.address]
+        # The address part before the parts that use the address: it has ctx.address current for them.
+        self.address = AddressPart(self.ctx)
+        self.parts: list[Part] = [self.identity, self.bundle, self.maintenance, self.address, self.sidecar,
+                                  self.health, self.registry]
 
     @property
     def cfg(self) -> config.Config:

@@ -13,6 +13,7 @@ from agent.health import inputs
 from agent.health.monitor import HealthChanged, Monitor, probe_host
 from agent.health.state import Health
 from agent.part import BundleInUse, Context, FatalError, SidecarReadiness
+from agent.registry.address_part import AddressChanged
 
 log = logging.getLogger("agent.health")
 
@@ -71,6 +72,10 @@ class HealthPart:
             self.sidecar_ready = event.ready
             if self.monitor is not None:
                 self.monitor.set_sidecar_ready(event.ready)
+        elif isinstance(event, AddressChanged):
+            if self.ctx.cfg.app.probe_host == "instance":
+                self.watching = None  # probes that connect to the instance address use the new one
+                self.follow_inputs()
         elif isinstance(event, HealthChanged):
             self.ctx.metrics.set("app_healthy", 1 if event.state is Health.HEALTHY else 0)
             return True

@@ -1,7 +1,9 @@
 """The address part: notices when this VM's mesh address changes while the agent runs (a DHCP lease
 renewed with another address, an interface replaced, the cloud's public address reassigned) and tells
-the loop, as AddressChanged(old, new). The registry part moves the entry, the sidecar part restarts
-the proxy when its launch spec carries the address.
+the loop, as AddressChanged(old, new). This part comes before the others in the loop's list, so
+ctx.address is the new one when they see the event: the registry part moves the entry, the sidecar
+part restarts the proxy when its launch spec carries the address, the health part points probes
+that connect to the instance address (app.probe_host: instance) at the new one.
 
 The watcher polls: every `registry.address.watch` seconds it decides the address again the way the
 start did (agent.registry.address.decide, psutil's interface list and /proc), with the address in use
