@@ -2,12 +2,13 @@
 
 Reading order: `main` loads the config (exit 78 when it is bad) and runs `Agent.run`: start, then the
 loop, then the draining stop, top to bottom. The parts (agent.part: identity, bundle, maintenance,
-address, sidecar, health, registry) hold the state and share one shape; the loop hands every event to every part,
-runs their timers, and writes status.json from their snapshots. What one part learns that another needs
-travels as an event (agent.part), so the loop itself decides nothing about the mesh. Threads (the bundle
-fetch, the package install, the proxy's waiter and its restarts, probes and the port watch, file watches,
-the API worker and group watch, the identity refresh, the address watch) only post events to
-`self.events`; signal handlers only record. Nothing on the loop waits on the network, a child process or dpkg, so WATCHDOG=1 keeps coming.
+address, sidecar, health, registry) hold the state and share one shape; the loop hands every event to
+every part, runs their timers, and writes status.json from their snapshots. What one part learns that
+another needs travels as an event (agent.part), so the loop itself decides nothing about the mesh.
+Threads (the bundle fetch, the package install, the proxy's waiter and its restarts, probes and the
+port watch, file watches, the API worker and group watch, the identity refresh, the address watch)
+only post events to `self.events`; signal handlers only record. Nothing on the loop waits on the
+network, a child process or dpkg, so WATCHDOG=1 keeps coming.
 """
 
 from __future__ import annotations
