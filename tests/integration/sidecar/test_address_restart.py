@@ -45,9 +45,11 @@ class Loop:
         end = time.monotonic() + timeout
         while time.monotonic() < end and not done():
             try:
-                self.part.handle(self.events.get(timeout=0.05), time.monotonic())
+                event: object | None = self.events.get(timeout=0.05)
             except queue.Empty:
-                pass
+                event = None
+            if event is not None:
+                self.part.handle(event, time.monotonic())
             self.part.tick(time.monotonic())
         return done()
 
