@@ -179,6 +179,8 @@ class MetadataAddressConfig:
     endpoint: str | None = field(None, help="metadata service base URL; default: the cloud's own")
     timeout: Duration = field(_d("5s"), min=0.5, max=60.0, help="per request to the metadata service")
     tries: int = field(3, min=1, max=10, help="attempts per lookup before it counts as failed")
+    every: Duration = field(_d("60s"), min=1.0, max=86400.0,
+                            help="ask again this often, to follow a reassigned address (with watch not 0)")
 
     @staticmethod
     def checks(c: MetadataAddressConfig) -> list[tuple[str, str]]:
@@ -202,7 +204,7 @@ class AddressConfig:
         "IPv4 address), else IPv6")
     watch: Duration = field(_d("5s"), min=0.0, max=3600.0,
                             help="look for a changed address this often and move the entry (0: never); "
-                            "the metadata service is asked at most once a minute")
+                            "the metadata service is asked every metadata.every instead")
 
     @staticmethod
     def checks(c: AddressConfig) -> list[tuple[str, str]]:

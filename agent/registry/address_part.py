@@ -11,8 +11,12 @@ kept while it still qualifies. Polling a few dozen bytes of /proc every few seco
 simpler than following netlink, and it cannot miss an event. A new address counts only when two looks
 in a row see it, so an interface briefly holding both addresses, or none, during a renewal never
 moves the entry twice. No address at all is logged and changes nothing: the entry stays where it is.
-The metadata service is asked at most once a minute. An address fixed by ISTIO_SVC_IP or
+The metadata service is asked every registry.address.metadata.every (a minute). An address fixed by ISTIO_SVC_IP or
 registry.address.value is not watched.
+
+The metadata service is never asked from the loop's thread: the first answer is had in start(),
+before the loop runs (as the identity part's first token is), and a reload that turns to it leaves
+the question to the watcher, whose first look then counts at once.
 """
 
 from __future__ import annotations
@@ -30,8 +34,6 @@ from agent.registry.address import AddressError, decide, fixed
 
 log = logging.getLogger("agent.address")
 
-METADATA_EVERY = 60.0  # seconds: the least time between two questions to the metadata service
-
 
 @dataclass(frozen=True)
 class AddressChanged:
@@ -46,8 +48,10 @@ class AddressWatcher:
     one is seen twice in a row."""
 
     def __init__(self, detect: Callable[[str], str], current: str, interval: float,
-                 post: Callable[[object], None]) -> None:
+                 post: Callable[[object], None], *, trust_first: bool = False) -> None:
         self.detect, self.current, self.interval, self.post = detect, current, interval, post
+        # A new configuration: its first answer is no flicker and counts without a second look.
+        self._trust_first = trust_first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="address-watch", daemon=True)
         self._candidate: str | None = None
@@ -63,6 +67,8 @@ class AddressWatcher:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        if self._trust_first:
+            self.look()
         while not self._stop.wait(self.interval):
             self.look()
 
@@ -79,10 +85,11 @@ class AddressWatcher:
             log.exception("address: the look failed unexpectedly")
             return None
         self._problem = None
+        trusted, self._trust_first = self._trust_first, False
         if new == self.current:
             self._candidate = None
             return None
-        if new != self._candidate:
+        if new != self._candidate and not trusted:
             self._candidate = new  # seen once: confirmed by the next look
             return None
         change = AddressChanged(self.current, new)
@@ -108,9 +115,23 @@ class AddressPart:
         self.bundle: Bundle | None = None
         self.watcher: AddressWatcher | None = None
         self.changes = 0
+        self.from_metadata = False  # ctx.address came from the metadata service in start()
 
     def start(self, now: float) -> None:
-        pass  # the first bundle may fix the address (ISTIO_SVC_IP)
+        """With `metadata`, ask the cloud now, before the loop runs (bounded by its tries and timeout);
+        the first bundle may still fix the address with ISTIO_SVC_IP."""
+        a = self.ctx.cfg.registry.address
+        if not self.ctx.cfg.registry.enabled or a.value is not None or a.metadata.provider == "none":
+            return
+        from agent.registry.cloud_address import metadata_address
+
+        try:
+            self.ctx.address = metadata_address(a.metadata, a.family)
+            self.from_metadata = True
+        except AddressError as exc:
+            log.error("%s", exc)
+            self.ctx.record_error("registry", str(exc))
+        self.ctx.address_known = True
 
     def stop(self) -> None:
         if self.watcher is not None:
@@ -126,6 +147,15 @@ class AddressPart:
     def handle(self, event: object, now: float) -> bool:
         if isinstance(event, BundleInUse):
             self.bundle = event.bundle
+            svc_ip = event.bundle.env_map.get("ISTIO_SVC_IP") or None
+            if self.from_metadata and svc_ip:
+                # ISTIO_SVC_IP comes first, as everywhere; deciding it asks nobody.
+                self.from_metadata = False
+                try:
+                    self.ctx.address = decide(self.ctx.cfg.registry.address, svc_ip)
+                except AddressError as exc:
+                    self.ctx.record_error("registry", str(exc))
+                    self.ctx.address = None
             if self.watcher is None and self.ctx.cfg.registry.enabled:
                 self.watch(self.ctx.cfg)
             return False
@@ -143,8 +173,14 @@ class AddressPart:
         self.stop()
         svc_ip = self.bundle.env_map.get("ISTIO_SVC_IP") or None
         current = self.ctx.address
+        a = new.registry.address
+        if not fixed(a, svc_ip) and a.metadata.provider != "none":
+            # Not on the loop: the watcher asks at once and its first answer counts.
+            if current is not None:
+                self.watch(new, current, trust_first=True)
+            return
         try:
-            address = decide(new.registry.address, svc_ip)
+            address = decide(a, svc_ip)
         except AddressError as exc:
             log.error("registry.address: %s; keeping %s", exc, current)
             self.ctx.record_error("address", str(exc))
@@ -155,14 +191,16 @@ class AddressPart:
                 current = address
         self.watch(new, current)
 
-    def watch(self, cfg: config.Config, current: str | None = None) -> None:
+    def watch(self, cfg: config.Config, current: str | None = None, trust_first: bool = False) -> None:
         assert self.bundle is not None
         a = cfg.registry.address
         svc_ip = self.bundle.env_map.get("ISTIO_SVC_IP") or None
         current = current or self.ctx.address_for(self.bundle)
-        if current is None or fixed(a, svc_ip) or not a.watch:
+        if current is None or fixed(a, svc_ip) or not (a.watch or trust_first):
             return
-        interval = max(float(a.watch), METADATA_EVERY) if a.metadata.provider != "none" else float(a.watch)
+        interval = float(a.metadata.every) if a.metadata.provider != "none" else float(a.watch)
+        if not a.watch:
+            interval = 365 * 86400.0  # one look for the reload, then none
         self.watcher = AddressWatcher(lambda keep: decide(a, svc_ip, keep=keep), current, interval,
-                                      self.ctx.post).start()
+                                      self.ctx.post, trust_first=trust_first).start()
         log.info("watching the address %s every %gs", current, interval)

@@ -56,3 +56,12 @@ def test_the_thread_posts_and_stops() -> None:
     finally:
         w.stop()
     assert not w._thread.is_alive()
+
+
+def test_after_a_reload_the_first_answer_counts_at_once() -> None:
+    posted: list[object] = []
+    seen = Seen("203.0.113.7", "203.0.113.8", "203.0.113.8")
+    w = AddressWatcher(seen, "10.0.0.1", 60.0, posted.append, trust_first=True)
+    assert w.look() == AddressChanged("10.0.0.1", "203.0.113.7")
+    assert w.look() is None  # later changes need their second look again
+    assert w.look() == AddressChanged("203.0.113.7", "203.0.113.8")
