@@ -286,6 +286,8 @@ class Agent:
         s.sidecar = self.sidecar.status().as_dict()
         s.app = self.health.status().as_dict()
         s.registration = self.registry.status().as_dict()
+        if s.registration:  # the address registered, and how often it changed while running
+            s.registration.update(self.address.status().as_dict())
         s.maintenance = self.maintenance.status().on
         s.identity = self.identity.status().as_dict()
         s.summary = summarize(self.phase.phase, s.sidecar, s.app, s.registration, s.maintenance)

@@ -56,6 +56,8 @@ def test_a_new_address_moves_the_entry_without_a_restart(r: Rig) -> None:
     assert f"address changed: {OLD} -> {NEW}" in log
     wait_for(lambda: json.loads(r.status_file.read_text())["registration"].get("entry") == new, 10,
              "status naming the new entry")
+    registration = json.loads(r.status_file.read_text())["registration"]
+    assert registration["address"] == NEW and registration["address_changes"] == 1
 
     # A reload that fixes the address moves it again (and stops watching).
     ns.ip("addr", "add", f"{RELOADED}/24", "dev", "eth0")
