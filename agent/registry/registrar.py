@@ -151,7 +151,7 @@ class Registrar:
         self._known: State | None = None           # the state the API last confirmed
         self._confirmed_at: float | None = None
         self._unknown_since: float | None = None   # first failure since that confirmation
-        self._retiring: dict[str, Any] | None = None  # the entry at the old address, to withdraw
+        self._retiring: list[dict[str, Any]] = []  # entries at earlier addresses, to withdraw in turn
         self._retire_ready = False                # the entry at the new address was converged
         self._retire_seq: int | None = None
         self._retire_at = 0.0
@@ -193,8 +193,12 @@ class Registrar:
             new_name = build(group)["metadata"]["name"]
         except ValueError:
             new_name = None
-        if old is not None and old["metadata"]["name"] != new_name and self._retiring is None:
-            self._retiring = old
+        # Back at an earlier address: that entry is wanted again. Several moves in a row: each earlier
+        # entry is withdrawn in turn.
+        self._retiring = [e for e in self._retiring if e["metadata"]["name"] != new_name]
+        if old is not None and old["metadata"]["name"] != new_name and \
+                all(e["metadata"]["name"] != old["metadata"]["name"] for e in self._retiring):
+            self._retiring.append(old)
         self._retire_ready = False
         # The lease is named after the old entry: renewing it would keep the old entry alive.
         self._lease, self._next_renew = None, None
@@ -245,7 +249,7 @@ class Registrar:
         if self._in_flight is not None:
             later = now + self.s.lease_renew
             return min(later, self._shutdown_deadline) if self._shutdown_deadline is not None else later
-        if self._retiring is not None and self._retire_ready and now >= self._retire_at:
+        if self._retiring and self._retire_ready and now >= self._retire_at:
             self._start_retire()
             return now + self.s.lease_renew
         if self._dirty and self._next_converge > now and self.state not in (State.RETRYING, State.REFUSED,
@@ -262,7 +266,7 @@ class Registrar:
             deadlines.append(self._next_renew)
         if self._shutdown_deadline is not None:
             deadlines.append(self._shutdown_deadline)
-        if self._retiring is not None and self._retire_ready:
+        if self._retiring and self._retire_ready:
             deadlines.append(self._retire_at)
         return min(deadlines)
 
@@ -290,15 +294,13 @@ class Registrar:
                 "metadata": {"name": self.s.group, "namespace": self.s.namespace}, "spec": {}}
 
     def _start_retire(self) -> None:
-        old = self._retiring
-        assert old is not None
+        old = self._retiring[0]
         spec = Spec(old, self.s.instance, self.s.lease_duration, self.s.condition_mode)
         self._dispatch(Want.WITHDRAW, lambda kube: converge(kube, Want.WITHDRAW, spec))
         self._retire_seq = self._seq
 
     def _on_retired(self, out: Outcome, now: float) -> None:
-        old = self._retiring
-        name = old["metadata"]["name"] if old else "?"
+        name = self._retiring[0]["metadata"]["name"] if self._retiring else "?"
         if out.error is not None:
             delay = self._backoff.next_delay(getattr(out.error, "retry_after", None))
             log.warning("registry: withdrawing %s (the old address) failed: %s; retrying in %.1fs",
@@ -310,8 +312,8 @@ class Registrar:
         else:
             log.info("registry: moved; %s (the old address) %s", name,
                      "withdrawn (" + ", ".join(out.wrote) + ")" if out.wrote else "was already gone")
-        self._retiring, self._retire_ready, self._retire_at = None, False, 0.0
-        if self._finish_pending is not None:
+        self._retiring, self._retire_at = self._retiring[1:], 0.0
+        if not self._retiring and self._finish_pending is not None:
             self._finish(self._finish_pending)
 
     def _start_renew(self) -> None:
@@ -447,7 +449,7 @@ class Registrar:
 
     def _finish_or_retire(self, why: str) -> None:
         """Shutdown is done with the entry; withdraw the one at an old address first, if any."""
-        if self._retiring is not None:
+        if self._retiring:
             self._finish_pending = why
             return
         self._finish(why)

@@ -79,7 +79,7 @@ def test_old_entry_another_instance_holds_is_left_alone(cluster: Cluster, driver
     wait_for(lambda: d2.registrar.state is State.CONFLICT, what="CONFLICT on the old address")
     d2.do(lambda r, now: r.move(build_at(NEW_ADDRESS)))
     wait_for(lambda: cluster.entry(NEW_ENTRY), what="the entry at the new address")
-    wait_for(lambda: d2.registrar.state is State.REGISTERED and d2.registrar._retiring is None,
+    wait_for(lambda: d2.registrar.state is State.REGISTERED and not d2.registrar._retiring,
              what="the move finished")
     still = cluster.entry(ENTRY)
     assert still is not None and still["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
@@ -99,3 +99,24 @@ def test_stop_right_after_a_move_withdraws_both(cluster: Cluster, drivers: list[
     assert cluster.entry(ENTRY) is None and cluster.lease(ENTRY) is None
     assert cluster.entry(NEW_ENTRY) is None and cluster.lease(NEW_ENTRY) is None
     d.kill()
+
+
+def test_moves_in_a_row_leave_only_the_last_entry(cluster: Cluster, drivers: list[Driver]) -> None:
+    d = cluster.agent()
+    drivers.append(d)
+    registered(cluster, d)
+    d.do(lambda r, now: r.move(build_at(NEW_ADDRESS)))
+    wait_for(lambda: cluster.entry(NEW_ENTRY), what="the entry at the second address")
+    last = f"{GROUP}-10.0.0.7"
+
+    def twice(r: Any, now: float) -> None:  # two changes before the API has seen either
+        r.move(build_at("10.0.0.7"))
+        r.move(build_at("10.0.0.8"))
+        r.move(build_at("10.0.0.7"))  # and back: that one is wanted again
+    d.do(twice)
+    wait_for(lambda: cluster.entry(last) and d.registrar.state is State.REGISTERED and not d.registrar._retiring,
+             what="the moves finished")
+    names = sorted(e["metadata"]["name"] for e in cluster.api.objects("WorkloadEntry", NS))
+    assert names == [last]
+    assert sorted(x["metadata"]["name"] for x in cluster.api.objects("Lease", NS)) == [last]
+    assert d.stop(withdraw=True)
