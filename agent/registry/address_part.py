@@ -29,7 +29,7 @@ from typing import Any
 
 from agent import config
 from agent.bundle.model import Bundle
-from agent.part import BundleInUse, Context
+from agent.part import BundleInUse, Context, FatalError
 from agent.registry.address import AddressError, decide, fixed
 
 log = logging.getLogger("agent.address")
@@ -127,10 +127,11 @@ class AddressPart:
 
         try:
             self.ctx.address = metadata_address(a.metadata, a.family)
-            self.from_metadata = True
         except AddressError as exc:
-            log.error("%s", exc)
-            self.ctx.record_error("registry", str(exc))
+            # Not a configuration problem (exit 1, not 78): the unit starts the agent again, and the
+            # metadata service may answer then.
+            raise FatalError(f"no address for this VM: {exc}") from None
+        self.from_metadata = True
         self.ctx.address_known = True
 
     def stop(self) -> None:

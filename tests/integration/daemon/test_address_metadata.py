@@ -50,3 +50,13 @@ def test_the_public_address_from_imds_is_registered_and_followed(r: Rig, imds: F
              10, "status naming the new entry")
     assert r.stop_agent() == 0
     assert r.entry(r.entry_at(SECOND)) is None
+
+
+def test_no_answer_at_start_exits_1_so_the_unit_tries_again(tmp_path: Path) -> None:
+    address = {"metadata": {"provider": "gcp", "endpoint": "http://127.0.0.1:9", "timeout": "1s", "tries": 1}}
+    with rig(tmp_path, registry={"address": address}) as rg:
+        rg.svc_ip = None
+        rg.prepare()
+        agent = rg.start_agent()
+        assert agent.wait(60) == 1
+        assert "no address for this VM: registry.address.metadata (gcp)" in rg.log_text()
