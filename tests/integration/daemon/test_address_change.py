@@ -70,3 +70,27 @@ def test_a_new_address_moves_the_entry_without_a_restart(r: Rig) -> None:
 
     assert r.stop_agent() == 0
     assert r.entry(third) is None and r.lease(third) is None
+
+
+def test_ipv6_only_the_fit_address_is_registered_and_followed(tmp_path: Path) -> None:
+    """family: ipv6 on a dual-stack eth0: a deprecated address is never taken; a renumbering moves it."""
+    with NetNs() as ns:
+        ns.ip("addr", "add", f"{OLD}/24", "dev", "eth0")
+        ns.ip("-6", "addr", "add", "2001:db8:77::4/64", "dev", "eth0", "nodad", "preferred_lft", "0")
+        ns.ip("-6", "addr", "add", "2001:db8:77::5/64", "dev", "eth0", "nodad")
+        ns.set_default_route(4)
+        ns.set_default_route(6)
+        with ns.entered(), rig(tmp_path, registry={"address": {"family": "ipv6", "watch": "300ms"}}) as r:
+            r.svc_ip = None
+            r.prepare()
+            r.start_app()
+            r.start_agent()
+            first = wait_for(lambda: r.entry(r.entry_at("2001:db8:77::5")), 60, "registration at the IPv6 address")
+            assert first["spec"]["address"] == "2001:db8:77::5"
+            assert first["metadata"]["name"] == "billing-2001-db8-77--5"
+            ns.ip("-6", "addr", "add", "2001:db8:78::6/64", "dev", "eth0", "nodad")
+            ns.ip("-6", "addr", "del", "2001:db8:77::5/64", "dev", "eth0")
+            wait_for(lambda: r.entry(r.entry_at("2001:db8:78::6")), 30, "the entry at the new IPv6 address")
+            wait_for(lambda: r.entry(r.entry_at("2001:db8:77::5")) is None, 30, "the old entry withdrawn")
+            assert r.entry(r.entry_at("2001:db8:77::4")) is None  # deprecated: never
+            assert r.stop_agent() == 0
