@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agent.health.config import AppConfig
+from agent.health.config import AppConfig, NamedAppConfig
 from agent.identity.config import IdentityConfig
 from agent.schema import MAX_BYTES, Loader, SchemaError, SchemaErrors, decode, field
 from agent.units import Duration, Size
@@ -330,6 +330,8 @@ class Config:
     bundle: BundleConfig = field()
     sidecar: SidecarConfig = field(factory=SidecarConfig)
     app: AppConfig = field(factory=AppConfig)
+    apps: tuple[NamedAppConfig, ...] = field((), help="several apps on this VM, each with its own WorkloadGroup "
+                                             "and entry (instead of app: and registry.group)")
     registry: RegistryConfig = field(factory=RegistryConfig)
     shutdown: ShutdownConfig = field(factory=ShutdownConfig)
     status: StatusConfig = field(factory=StatusConfig)
@@ -355,7 +357,7 @@ class Config:
         if ident != "none" and r.renew_token:
             out.append(("registry.renew_token", "renew_token is for service-account tokens, not an identity "
                         "provider's"))
-        return out
+        return out + _apps_checks(c)
 
 
 class ConfigError(Exception):
@@ -411,3 +413,33 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def _apps_checks(c: Config) -> list[tuple[str, str]]:
+    """Several apps share one address and one sidecar: Istio then builds the proxy's inbound listeners
+    from every entry with that address, so two apps must not claim one port, nor one WorkloadGroup
+    (their entries would have one name)."""
+    if not c.apps:
+        return []
+    out = []
+    if c.app != AppConfig():
+        out.append(("app", "use either app: (one app) or apps: (several), not both"))
+    if c.registry.group:
+        out.append(("registry.group", "with apps:, each app names its WorkloadGroup (apps[].group)"))
+    names: dict[str, int] = {}
+    groups: dict[str, int] = {}
+    ports: dict[int, str] = {}
+    for i, a in enumerate(c.apps):
+        if a.name in names:
+            out.append((f"apps[{i}].name", f"{a.name!r} is also apps[{names[a.name]}]'s name"))
+        names.setdefault(a.name, i)
+        if a.group_name in groups:
+            out.append((f"apps[{i}].group", f"WorkloadGroup {a.group_name!r} is also apps[{groups[a.group_name]}]'s: "
+                                            "one group, one entry per VM"))
+        groups.setdefault(a.group_name, i)
+        for port in a.ports:
+            if port in ports and ports[port] != a.name:
+                out.append((f"apps[{i}].ports", f"port {port} is also {ports[port]}'s: apps on one VM share its "
+                                                "address, so each port belongs to one app"))
+            ports.setdefault(port, a.name)
+    return out

@@ -82,6 +82,9 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[KeyDoc]:
             continue
         default = "required" if default_value is dataclasses.MISSING else _show_default(default_value)
         out.append(KeyDoc(path, _doc_type(tp), default, f.metadata.get("help", "")))
+        item = get_args(tp)[0] if get_origin(tp) in (tuple, list) and get_args(tp) else None
+        if isinstance(item, type) and dataclasses.is_dataclass(item) and len(dataclasses.fields(item)) > 2:
+            out.extend(describe(item, path + "[]."))  # each element's keys (not for pairs like headers)
     return out
 
 

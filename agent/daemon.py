@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent import __version__, config, logs, systemd
+from agent import __version__, apps, config, logs, systemd
 from agent import reload as reload_verb
 from agent.bundle.part import BundlePart
 from agent.health.part import HealthPart
@@ -105,12 +105,14 @@ class Agent:
         self.bundle = BundlePart(self.ctx)
         self.maintenance = MaintenancePart(self.ctx)
         self.sidecar = SidecarPart(self.ctx)
-        self.health = HealthPart(self.ctx)
-        self.registry = RegistryPart(self.ctx)
+        # A health and a registry part for each app (agent.apps): one, or several sharing the sidecar.
+        self.app_names = [a.name for a in apps.apps(cfg)]
+        self.health = {name: HealthPart(self.ctx, name) for name in self.app_names}
+        self.registry = {name: RegistryPart(self.ctx, name) for name in self.app_names}
         # The address part before the parts that use the address: it has ctx.address current for them.
         self.address = AddressPart(self.ctx)
         self.parts: list[Part] = [self.identity, self.bundle, self.maintenance, self.address, self.sidecar,
-                                  self.health, self.registry]
+                                  *self.health.values(), *self.registry.values()]
 
     @property
     def cfg(self) -> config.Config:
@@ -190,11 +192,13 @@ class Agent:
             return
         systemd.stopping("withdrawing from the mesh")
         self.publish()
-        if self.registry.registrar is not None:
-            self.registry.withdraw(time.monotonic(), timeout=max(1.0, s.timeout / 3))
-            self.pump_until(lambda: self.registry.finished, deadline)
-            if self.registry.finished or not self.registry.status().registered:
-                log.info("entry withdrawn; waiting %.1fs for the mesh to stop sending traffic", s.propagation)
+        registries = [r for r in self.registry.values() if r.registrar is not None]
+        for r in registries:
+            r.withdraw(time.monotonic(), timeout=max(1.0, s.timeout / 3))
+        if registries:
+            self.pump_until(lambda: all(r.finished for r in registries), deadline)
+            if all(r.finished or not r.status().registered for r in registries):
+                log.info("withdrawn; waiting %.1fs for the mesh to stop sending traffic", s.propagation)
                 self.pump_until(lambda: False, min(deadline, time.monotonic() + s.propagation))
         if self.sidecar.supervisor is not None:
             systemd.extend_timeout(max(deadline - time.monotonic(), 1.0) + 5)
@@ -264,6 +268,10 @@ class Agent:
         else:
             old, self.ctx.cfg = self.cfg, new
             logs.setup(new.logging.level, new.logging.target)
+            if [a.name for a in apps.apps(new)] != self.app_names:
+                log.warning("apps added, removed or renamed: that takes effect at the next restart of mesh-agent")
+                new = _keep_apps(new, old)
+                self.ctx.cfg = new
             for part in self.parts:
                 part.reconfigure(old, new)
             log.info("configuration reloaded")
@@ -284,13 +292,21 @@ class Agent:
         s = self.status
         s.bundle = self.bundle.status().as_dict()
         s.sidecar = self.sidecar.status().as_dict()
-        s.app = self.health.status().as_dict()
-        s.registration = self.registry.status().as_dict()
-        if s.registration:  # the address registered, and how often it changed while running
-            s.registration.update(self.address.status().as_dict())
-        s.maintenance = self.maintenance.status().on
+        maintenance = self.maintenance.status()
+        s.maintenance = maintenance.on
         s.identity = self.identity.status().as_dict()
-        s.summary = summarize(self.phase.phase, s.sidecar, s.app, s.registration, s.maintenance)
+        per_app: dict[str, dict[str, Any]] = {name: {"app": self.health[name].status().as_dict(),
+                                                     "registration": self.registry[name].status().as_dict(),
+                                                     "maintenance": maintenance.on or name in maintenance.apps}
+                                              for name in self.app_names}
+        address = self.address.status().as_dict()  # the address registered, how often it changed
+        for one in per_app.values():
+            if one["registration"]:
+                one["registration"].update(address)
+        first = per_app[self.app_names[0]]
+        s.app, s.registration = first["app"], first["registration"]  # the one app's (the first of several)
+        s.apps = per_app if len(per_app) > 1 else {}
+        s.summary = summarize(self.phase.phase, s.sidecar, per_app)
         self.maybe_ready()
         self.status_writer.write(s)
         if s.summary != self.last_summary:
@@ -299,14 +315,20 @@ class Agent:
             log.info("status: %s", s.summary)
 
     def maybe_ready(self) -> None:
-        """READY=1 once registered, or once the app is known unhealthy (so `systemctl start` ends)."""
+        """READY=1 once every app is registered, known unhealthy or in maintenance (so `systemctl start`
+        ends)."""
         if self.ready_sent or self.phase.phase is not Phase.RUNNING:
             return
-        r, a = self.status.registration, self.status.app
-        known_sick = a.get("healthy") is False and a.get("cause") != "sidecar-not-ready" \
-            and self.cfg.status.ready_when_unhealthy
+        maintenance = self.maintenance.status()
+
+        def settled(name: str) -> bool:  # registered, known sick, or withdrawn on purpose
+            a, r = self.health[name].status().as_dict(), self.registry[name].status()
+            known_sick = a.get("healthy") is False and a.get("cause") != "sidecar-not-ready" \
+                and self.cfg.status.ready_when_unhealthy
+            return r.registered or known_sick or maintenance.on or name in maintenance.apps
+
         without_registry = not self.cfg.registry.enabled and self.sidecar.ready
-        if r.get("registered") or known_sick or self.status.maintenance or without_registry:
+        if without_registry or all(settled(name) for name in self.app_names):
             systemd.ready(self.status.summary)
             self.ready_sent = True
             log.info("ready")
@@ -326,3 +348,10 @@ class Agent:
         except OSError as exc:
             log.warning("metrics off: cannot listen on %s:%d: %s", self.cfg.metrics.address,
                         self.cfg.metrics.port, exc.strerror)
+
+
+def _keep_apps(new: config.Config, old: config.Config) -> config.Config:
+    """A reload keeps the running set of apps (their parts are made at start); the rest applies."""
+    import dataclasses
+
+    return dataclasses.replace(new, app=old.app, apps=old.apps)

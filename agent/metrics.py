@@ -26,9 +26,10 @@ class Metrics:
             return
         r = self.registry = prom.CollectorRegistry(auto_describe=True)
         self.phase = prom.Gauge("mesh_agent_phase", "1 for the agent's current phase", ["phase"], registry=r)
-        self.app_healthy = prom.Gauge("mesh_agent_app_healthy", "1 when the app is healthy", registry=r)
-        self.registered = prom.Gauge("mesh_agent_registered", "1 while the WorkloadEntry is registered",
-                                     registry=r)
+        # `app`: the app's name (`app` for the one app of an `app:` configuration; apps[].name otherwise).
+        self.app_healthy = prom.Gauge("mesh_agent_app_healthy", "1 when the app is healthy", ["app"], registry=r)
+        self.registered = prom.Gauge("mesh_agent_registered", "1 while the app's WorkloadEntry is registered",
+                                     ["app"], registry=r)
         self.sidecar_ready = prom.Gauge("mesh_agent_sidecar_ready", "1 when the proxy is ready", registry=r)
         self.sidecar_restarts = prom.Counter("mesh_agent_sidecar_restarts", "proxy restarts", registry=r)
         self.address_changes = prom.Counter("mesh_agent_address_changes",

@@ -1,7 +1,7 @@
 """The shape every part of the running agent has, and what the parts tell each other.
 
-The daemon holds a list of parts (identity, bundle, maintenance, sidecar, health, registry) and drives
-them all the same way, from the loop's one thread:
+The daemon holds a list of parts (identity, bundle, maintenance, sidecar, and a health and a registry
+part for each app) and drives them all the same way, from the loop's one thread:
 
     part.start(now)               bring up what the part can before the first bundle
     part.handle(event, now)       every event goes to every part; True when it was the part's own
@@ -101,6 +101,16 @@ class SidecarReadiness:
 @dataclass(frozen=True)
 class MaintenanceChanged:
     on: bool
+    app: str | None = None  # None: the whole VM
+
+
+@dataclass(frozen=True)
+class ForApp:
+    """An event of one app's own threads (its monitor, its API worker and group watch), tagged with the
+    app's name so that only that app's parts take it (agent.apps: a VM may run several)."""
+
+    app: str
+    event: object
 
 
 # --- what the parts share ------------------------------------------------------------------------

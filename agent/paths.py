@@ -75,6 +75,10 @@ class Layout:
         """Admin requests (maintenance) that survive restarts: see `mesh-agent deregister`."""
         return self.state / "maintenance"
 
+    def app_control_file(self, app: str | None) -> Path:
+        """Maintenance of one app of several (`mesh-agent deregister --app NAME`); None: the whole VM."""
+        return self.control_file if app is None else self.state / f"maintenance.{app}"
+
     @property
     def machine_id(self) -> Path:
         return self.under("/etc/machine-id")

@@ -353,7 +353,7 @@ class Loader:
             return obj  # cross-field checks on half-read values would only add noise
         for key, message in getattr(cls, "checks", lambda _o: [])(obj):
             sub = f"{path}.{key}" if path else key
-            self.error(key_nodes.get(key.split(".")[0], node), sub, message)
+            self.error(_node_at(node, key), sub, message)
         return obj
 
     def bounds(self, node: yaml.Node, path: str, f: dataclasses.Field, value: Any) -> None:
@@ -398,3 +398,22 @@ def field(default: Any = dataclasses.MISSING, *, help: str = "", min: Any = None
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def _node_at(node: yaml.Node, key: str) -> yaml.Node:
+    """The node a check's key (`registry.group`, `apps[1].ports`) names, as deep as the file has it, so
+    the error's line is that key's; a key the file does not have is reported at its parent's key."""
+    import re
+
+    found, at = node, node
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+        if part.startswith("[") and isinstance(found, yaml.SequenceNode) and int(part[1:-1]) < len(found.value):
+            found = at = found.value[int(part[1:-1])]
+        elif isinstance(found, yaml.MappingNode) and not part.startswith("["):
+            match = next(((k, v) for k, v in found.value if isinstance(k, yaml.ScalarNode) and k.value == part), None)
+            if match is None:
+                break
+            at, found = match
+        else:
+            break
+    return at

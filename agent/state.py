@@ -66,6 +66,7 @@ class Status:
     app: dict[str, Any] = field(default_factory=dict)      # healthy, reason, last probe
     registration: dict[str, Any] = field(default_factory=dict)  # entry, registered, last write, lease
     maintenance: bool = False
+    apps: dict[str, dict[str, Any]] = field(default_factory=dict)  # several: name -> app, registration, maintenance
     identity: dict[str, Any] = field(default_factory=dict)  # provider, who, token expiry, error
     reload: dict[str, Any] = field(default_factory=dict)  # the last reload's outcome (agent.reload.record)
     errors: list[dict[str, Any]] = field(default_factory=list)  # recent errors: at, where, message
@@ -74,11 +75,22 @@ class Status:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
 
-def summarize(phase: Phase, sidecar: dict[str, Any], app: dict[str, Any], registration: dict[str, Any],
-              maintenance: bool) -> str:
-    """One line saying what the agent is doing for the mesh, and why."""
+def summarize(phase: Phase, sidecar: dict[str, Any], apps: dict[str, dict[str, Any]]) -> str:
+    """One line saying what the agent is doing for the mesh, and why: for each app (`apps`: name ->
+    {app, registration, maintenance}), prefixed with its name when there are several."""
     if phase in (Phase.STOPPING, Phase.STOPPED, Phase.FAILED):
         return phase.value
+    if len(apps) == 1:
+        (one,) = apps.values()
+        return _summarize_app(sidecar, one["app"], one["registration"], one["maintenance"])
+    if apps and all(a["maintenance"] for a in apps.values()):
+        return "maintenance: entries withdrawn until `mesh-agent register`"
+    return "; ".join(f"{name}: {_summarize_app(sidecar, a['app'], a['registration'], a['maintenance'])}"
+                     for name, a in apps.items())
+
+
+def _summarize_app(sidecar: dict[str, Any], app: dict[str, Any], registration: dict[str, Any],
+                   maintenance: bool) -> str:
     if maintenance:
         return "maintenance: entry withdrawn until `mesh-agent register`"
     entry = registration.get("entry") or "entry"

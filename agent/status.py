@@ -138,24 +138,14 @@ def render(d: dict[str, Any], running: bool, now: float) -> str:
     if s:
         lines.append(f"  sidecar:      {s.get('state', '?')} pid {s.get('pid') or '-'} "
                      f"restarts {s.get('restarts', 0)} ready {'yes' if s.get('ready') else 'no'}")
-    a = d.get("app") or {}
-    if a:
-        health = {True: "healthy", False: "unhealthy", None: "unknown"}[a.get("healthy")]
-        reason = f" ({a['reason']})" if a.get("reason") else ""
-        lines.append(f"  app:          {health}{reason}")
-        last = a.get("last_probe")
-        if isinstance(last, dict):
-            result = "ok" if last.get("ok") else "failed"
-            lines.append(f"  last probe:   {result}: {last.get('reason', '')} ({last.get('latency_ms', '?')} ms, "
-                         f"{_ago(last.get('at'), now)}) {a.get('probe', '')}".rstrip())
-    r = d.get("registration") or {}
-    if r:
-        lines.append(f"  entry:        {r.get('namespace', '?')}/{r.get('entry', '?')} {_known(r, now)}")
-        lines.append(f"  last write:   {_when(r.get('last_write'), now)} {r.get('last_action', '')}".rstrip())
-        if r.get("lease"):
-            lines.append(f"  lease:        {r['lease']} renewed {_ago(r.get('lease_renewed'), now)}")
-        if r.get("conflict"):
-            lines.append(f"  CONFLICT:     {r['conflict']}")
+    several = d.get("apps") or {}
+    if several:
+        for name, one in several.items():
+            lines.append(f"  app {name}:" + (" maintenance (`mesh-agent register --app " + name + "` ends it)"
+                                              if one.get("maintenance") and not d.get("maintenance") else ""))
+            lines.extend("  " + line for line in _app_lines(one.get("app") or {}, one.get("registration") or {}, now))
+    else:
+        lines.extend(_app_lines(d.get("app") or {}, d.get("registration") or {}, now))
     i = d.get("identity") or {}
     if i:
         who = f" ({i['who']})" if i.get("who") else ""
@@ -174,3 +164,25 @@ def render(d: dict[str, Any], running: bool, now: float) -> str:
         for e in errors[-5:]:
             lines.append(f"    {_ago(e.get('at'), now)}: {e.get('where', '')}: {e.get('message', '')}")
     return "\n".join(lines)
+
+
+def _app_lines(a: dict[str, Any], r: dict[str, Any], now: float) -> list[str]:
+    """One app's health and entry."""
+    lines = []
+    if a:
+        health = {True: "healthy", False: "unhealthy", None: "unknown"}[a.get("healthy")]
+        reason = f" ({a['reason']})" if a.get("reason") else ""
+        lines.append(f"  app:          {health}{reason}")
+        last = a.get("last_probe")
+        if isinstance(last, dict):
+            result = "ok" if last.get("ok") else "failed"
+            lines.append(f"  last probe:   {result}: {last.get('reason', '')} ({last.get('latency_ms', '?')} ms, "
+                         f"{_ago(last.get('at'), now)}) {a.get('probe', '')}".rstrip())
+    if r:
+        lines.append(f"  entry:        {r.get('namespace', '?')}/{r.get('entry', '?')} {_known(r, now)}")
+        lines.append(f"  last write:   {_when(r.get('last_write'), now)} {r.get('last_action', '')}".rstrip())
+        if r.get("lease"):
+            lines.append(f"  lease:        {r['lease']} renewed {_ago(r.get('lease_renewed'), now)}")
+        if r.get("conflict"):
+            lines.append(f"  CONFLICT:     {r['conflict']}")
+    return lines

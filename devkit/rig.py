@@ -38,11 +38,12 @@ def envoy_bootstrap(admin_port: int, listener_port: int, app_port: int) -> dict[
     return bootstrap_doc(admin_port, listener_port, app_port, node="vm", cluster=GROUP, route_timeout="5s")
 
 
-def group_object(labels: dict[str, str] | None = None, port: int = 8080) -> dict[str, Any]:
+def group_object(labels: dict[str, str] | None = None, port: int = 8080, name: str = GROUP,
+                 service_account: str = SA) -> dict[str, Any]:
     return {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup",
-            "metadata": {"name": GROUP, "namespace": NS},
-            "spec": {"metadata": {"labels": labels or {"app": GROUP, "version": "v1"}},
-                     "template": {"serviceAccount": SA, "ports": {"http": port}}}}
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"metadata": {"labels": labels or {"app": name, "version": "v1"}},
+                     "template": {"serviceAccount": service_account, "ports": {"http": port}}}}
 
 
 def agent_env() -> dict[str, str]:
@@ -153,10 +154,7 @@ class Rig:
     # --- processes -------------------------------------------------------------------------------
 
     def start_app(self) -> subprocess.Popen[bytes]:
-        self.app = subprocess.Popen([sys.executable, "-m", "demo.app", "--port", str(self.app_port),
-                                     "--name", "billing"], env=agent_env(), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-        wait_for(lambda: listening(self.app_port), 10, "the app to listen")
+        self.app = start_sample_app(self.app_port, "billing")
         return self.app
 
     def kill_app(self) -> None:
@@ -199,6 +197,14 @@ class Rig:
     def log_text(self) -> str:
         path = self.tmp / "agent.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def start_sample_app(port: int, name: str) -> subprocess.Popen[bytes]:
+    """demo/app.py on a loopback port, listening when this returns."""
+    app = subprocess.Popen([sys.executable, "-m", "demo.app", "--port", str(port), "--name", name],
+                           env=agent_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    wait_for(lambda: listening(port), 10, f"the app {name} to listen")
+    return app
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -218,19 +218,40 @@ def _cluster_source_access(ctx: Context) -> list[Check]:
 
 
 def check_group(ctx: Context, _t: float) -> list[Check]:
-    if ctx.kube is None or not ctx.namespace or not ctx.group:
-        return [Check("WorkloadGroup", SKIP, "API not reachable or group unknown")]
+    """Each app's WorkloadGroup exists (several apps: one line each), and runs as the service account of
+    the sidecar the apps share."""
+    if ctx.kube is None or not ctx.namespace:
+        return [Check("WorkloadGroup", SKIP, "API not reachable or namespace unknown")]
+    from agent import apps
     from agent.kube.client import GROUPS
     from agent.kube.errors import ApiError
 
-    try:
-        group = ctx.kube.get(GROUPS, ctx.namespace, ctx.group)
-    except ApiError as exc:
-        return [Check("WorkloadGroup", FAIL, str(exc))]
-    if group is None:
-        return [Check("WorkloadGroup", FAIL, f"{ctx.namespace}/{ctx.group} does not exist",
-                      "apply the WorkloadGroup that `mesh-agent manifests` prints")]
-    return [Check("WorkloadGroup", PASS, f"{ctx.namespace}/{ctx.group} exists")]
+    several = ctx.cfg is not None and bool(ctx.cfg.apps)
+    wanted = [(a.name, a.group) for a in apps.apps(ctx.cfg)] if several and ctx.cfg is not None \
+        else [(None, ctx.group)]
+    sa = ctx.bundle.env_map.get("SERVICE_ACCOUNT") if ctx.bundle is not None else None
+    out = []
+    for app, name in wanted:
+        what = f"WorkloadGroup ({app})" if app else "WorkloadGroup"
+        if not name:
+            out.append(Check(what, SKIP, "group unknown (no registry.group, no bundle yet)"))
+            continue
+        try:
+            group = ctx.kube.get(GROUPS, ctx.namespace, name)
+        except ApiError as exc:
+            out.append(Check(what, FAIL, str(exc)))
+            continue
+        if group is None:
+            out.append(Check(what, FAIL, f"{ctx.namespace}/{name} does not exist",
+                             "apply the WorkloadGroup that `mesh-agent manifests` prints"))
+            continue
+        runs_as = ((group.get("spec") or {}).get("template") or {}).get("serviceAccount")
+        if several and sa and runs_as and runs_as != sa:
+            out.append(Check(what, FAIL, f"{ctx.namespace}/{name} runs as service account {runs_as}, the shared "
+                             f"sidecar as {sa}", "give the groups of the apps on one VM the same serviceAccount"))
+            continue
+        out.append(Check(what, PASS, f"{ctx.namespace}/{name} exists"))
+    return out
 
 
 def _server(ctx: Context) -> str:

@@ -102,3 +102,25 @@ class AppConfig:
     flap: FlapConfig = field(factory=FlapConfig)
     watch_process: bool = field(True, help="watch the process owning the port; its exit is "
                                 "Unhealthy at once")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NamedAppConfig(AppConfig):
+    """One of several apps on this VM (`apps:`): its own WorkloadGroup, entry, health and maintenance,
+    sharing the VM's one sidecar and the bundle's service account."""
+
+    name: str = field(help="a DNS label naming the app: in status, metrics, `deregister --app` and Events")
+    group: str | None = field(None, help="its WorkloadGroup (in registry.namespace); default: the name")
+    labels: dict[str, str] = field(factory=dict, help="extra labels on this app's entry, over registry.labels")
+
+    @property
+    def group_name(self) -> str:
+        return self.group or self.name
+
+    @staticmethod
+    def checks(c: NamedAppConfig) -> list[tuple[str, str]]:
+        import re
+
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", c.name):
+            return [("name", f"{c.name!r} is not a DNS label (lower case letters, digits and '-', at most 63)")]
+        return []

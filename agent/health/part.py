@@ -1,5 +1,6 @@
-"""The health part: the app monitor, fed with the probe and ports agent.health.inputs decides, and told
-when the sidecar is ready (the app counts as healthy only behind a ready proxy)."""
+"""The health part of one app: its monitor, fed with the probe and ports agent.health.inputs decides,
+and told when the sidecar is ready (the app counts as healthy only behind a ready proxy). A VM with
+several apps (agent.apps) has one health part each; their monitors' events come back tagged (ForApp)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import config
+from agent import apps, config
 from agent.bundle.model import Bundle
 from agent.health import inputs
 from agent.health.monitor import HealthChanged, Monitor, probe_host
 from agent.health.state import Health
-from agent.part import BundleInUse, Context, FatalError, SidecarReadiness
+from agent.part import BundleInUse, Context, FatalError, ForApp, SidecarReadiness
 from agent.registry.address_part import AddressChanged
 
 log = logging.getLogger("agent.health")
@@ -29,10 +30,10 @@ class AppSnapshot:
 
 
 class HealthPart:
-    name = "health"
-
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, app: str = apps.SINGLE) -> None:
         self.ctx = ctx
+        self.app = app
+        self.name = f"health:{app}"
         self.monitor: Monitor | None = None
         self.bundle: Bundle | None = None
         self.group: dict[str, Any] | None = None  # the WorkloadGroup as the API last showed it
@@ -56,41 +57,57 @@ class HealthPart:
     def status(self) -> AppSnapshot:
         return AppSnapshot(self.monitor.snapshot().to_dict() if self.monitor is not None else {})
 
+    @property
+    def app_config(self) -> apps.App:
+        found = apps.find(self.ctx.cfg, self.app)
+        assert found is not None, self.app  # the daemon makes the parts from the configuration
+        return found
+
+    def post(self, event: object) -> None:
+        self.ctx.post(ForApp(self.app, event))
+
     def handle(self, event: object, now: float) -> bool:
         from agent.registry.group import GroupSeen
 
+        if isinstance(event, ForApp):
+            if event.app != self.app:
+                return False
+            event = event.event
+            if isinstance(event, GroupSeen):
+                self.group = event.group  # it may carry a new probe or ports
+                self.follow_inputs()
+            elif isinstance(event, HealthChanged):
+                self.ctx.metrics.set("app_healthy", 1 if event.state is Health.HEALTHY else 0, self.app)
+                return True
+            return False
         if isinstance(event, BundleInUse):
             self.bundle = event.bundle
             if self.monitor is None:
                 self.start_monitor(event.bundle)
             else:
                 self.follow_inputs()
-        elif isinstance(event, GroupSeen):
-            self.group = event.group  # it may carry a new probe or ports
-            self.follow_inputs()
         elif isinstance(event, SidecarReadiness):
             self.sidecar_ready = event.ready
             if self.monitor is not None:
                 self.monitor.set_sidecar_ready(event.ready)
-        elif isinstance(event, AddressChanged):
-            if self.ctx.cfg.app.probe_host == "instance":
-                self.watching = None  # probes that connect to the instance address use the new one
-                self.follow_inputs()
-        elif isinstance(event, HealthChanged):
-            self.ctx.metrics.set("app_healthy", 1 if event.state is Health.HEALTHY else 0)
-            return True
+        elif isinstance(event, AddressChanged) and self.app_config.health.probe_host == "instance":
+            self.watching = None  # probes that connect to the instance address use the new one
+            self.follow_inputs()
         return False
 
     def reconfigure(self, old: config.Config, new: config.Config) -> None:
-        if new.app != old.app:
+        before = apps.find(old, self.app)
+        if before is None or before.health != self.app_config.health:
             self.watching = None  # the flap settings or probe host may have changed too
             self.follow_inputs()
 
     def decide(self) -> inputs.HealthInputs:
-        cfg, bundle = self.ctx.cfg, self.bundle
-        group = self.group or (dict(bundle.workload_group) if bundle and bundle.workload_group else None)
-        decided = inputs.resolve(cfg.app, group=group, mesh_readiness=bundle.probe if bundle else None,
-                                 inbound_ports=bundle.env_map.get("ISTIO_INBOUND_PORTS") if bundle else None,
+        cfg, bundle, app = self.ctx.cfg, self.bundle, self.app_config
+        # The bundle's group, probe and inbound ports are the app's only if the bundle was made for its group.
+        own = bundle is not None and apps.owns_bundle_group(app, apps.bundle_group(bundle.env_map))
+        group = self.group or (dict(bundle.workload_group) if own and bundle and bundle.workload_group else None)
+        decided = inputs.resolve(app.health, group=group, mesh_readiness=bundle.probe if own and bundle else None,
+                                 inbound_ports=bundle.env_map.get("ISTIO_INBOUND_PORTS") if own and bundle else None,
                                  allow_exec=cfg.bundle.allow_exec_probe, user=cfg.sidecar.user)
         for problem in decided.problems:
             log.error("%s", problem)
@@ -100,10 +117,11 @@ class HealthPart:
     def start_monitor(self, bundle: Bundle) -> None:
         decided = self.decide()
         if not decided.usable:
-            raise FatalError("app: no probe and no app port to check: set app.ports or app.probe",
-                             config.EX_CONFIG)
-        app = self.ctx.cfg.app
-        self.monitor = Monitor(decided.probe, ports=decided.ports, post=self.ctx.post, flap=app.flap,
+            where = "app" if self.app == apps.SINGLE else f"apps: {self.app}"
+            raise FatalError(f"{where}: no probe and no app port to check: set its ports or probe, or give its "
+                             "WorkloadGroup a probe or ports", config.EX_CONFIG)
+        app = self.app_config.health
+        self.monitor = Monitor(decided.probe, ports=decided.ports, post=self.post, flap=app.flap,
                                probe_host=probe_host(app, self.ctx.address_for(bundle)),
                                watch_process=app.watch_process, sidecar_ready=self.sidecar_ready)
         self.watching = decided
@@ -121,6 +139,7 @@ class HealthPart:
                                             "set app.ports or app.probe")
             return
         self.watching = decided
-        app = self.ctx.cfg.app
+        app = self.app_config.health
         self.monitor.reconfigure(decided.probe, ports=decided.ports, flap=app.flap,
                                  probe_host=probe_host(app, self.ctx.address_for(self.bundle)))
+

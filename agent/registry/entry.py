@@ -61,6 +61,9 @@ class EntryInputs:
     service_account: str | None = None    # default: the template's, else none
     workload_labels: dict[str, str] = field(default_factory=dict)  # ISTIO_METAJSON_LABELS
     extra_labels: dict[str, str] = field(default_factory=dict)     # registry.labels
+    # Several apps on one VM share its one sidecar, whose identity is the bundle's service account: an
+    # entry naming another would make Istio expect a workload identity this proxy cannot present.
+    sidecar_service_account: str | None = None
     condition_mode: bool = False          # on_unhealthy: condition
 
 
@@ -140,6 +143,11 @@ def build_entry(inp: EntryInputs) -> dict[str, Any]:
         spec["labels"] = dict(labels)
     else:
         spec.pop("labels", None)
+    wanted = inp.service_account or template.get("serviceAccount")
+    if inp.sidecar_service_account and wanted and wanted != inp.sidecar_service_account:
+        raise EntryError(f'WorkloadGroup {gname} runs as service account "{wanted}", but this VM\'s sidecar is '
+                         f'"{inp.sidecar_service_account}" (the bundle\'s): give the groups of the apps on one VM '
+                         "the same serviceAccount, or run this app on its own VM")
     for key, value in (("network", network), ("locality", inp.locality), ("weight", inp.weight),
                        ("serviceAccount", inp.service_account)):
         if value is not None and value != "":

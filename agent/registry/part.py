@@ -1,6 +1,7 @@
-"""The registry part: this VM's WorkloadEntry, registered while the app is healthy behind a ready sidecar
-and not in maintenance, withdrawn otherwise. The registrar (a pure state machine) decides; its API
-worker and group watch run in threads and post back."""
+"""The registry part of one app: its WorkloadEntry, registered while the app is healthy behind a ready
+sidecar and not in maintenance (the VM's or the app's), withdrawn otherwise. The registrar (a pure state
+machine) decides; its API worker and group watch run in threads and post back, tagged with the app
+(ForApp), since a VM may run several apps (agent.apps), each with a registry part of its own."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import config
+from agent import apps, config
 from agent.bundle.model import Bundle
 from agent.health.monitor import HealthChanged
 from agent.health.state import Health
-from agent.part import BundleInUse, Context, FatalError, MaintenanceChanged
+from agent.part import BundleInUse, Context, FatalError, ForApp, MaintenanceChanged
 from agent.registry import registrar as reg
 from agent.registry import service
 from agent.registry.address_part import AddressChanged
@@ -56,15 +57,16 @@ class RegistrationSnapshot:
 
 
 class RegistryPart:
-    name = "registry"
-
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, app: str = apps.SINGLE) -> None:
         self.ctx = ctx
+        self.app = app
+        self.name = f"registry:{app}"
         self.service: service.RegistryService | None = None
         self.registrar: reg.Registrar | None = None
         self.bundle: Bundle | None = None
         self.health = Health.UNKNOWN
-        self.maintenance = False
+        self.vm_maintenance = False
+        self.app_maintenance = False
         self.last_write: dict[str, Any] = {}
         self.lease: dict[str, Any] = {}
         self.due: float | None = None
@@ -89,8 +91,20 @@ class RegistryPart:
         return RegistrationSnapshot(self.registrar.status() if self.registrar is not None else None,
                                     time.time() - time.monotonic(), self.last_write, self.lease)
 
+    @property
+    def maintenance(self) -> bool:
+        return self.vm_maintenance or self.app_maintenance
+
+    def app_config(self, cfg: config.Config) -> apps.App:
+        found = apps.find(cfg, self.app)
+        assert found is not None, self.app  # the daemon makes the parts from the configuration
+        return found
+
     def reconfigure(self, old: config.Config, new: config.Config) -> None:
-        if new.registry != old.registry and self.registrar is not None and self.bundle is not None:
+        was = apps.find(old, self.app)
+        before = apps.registry_config(old, was) if was is not None else None
+        if before != apps.registry_config(new, self.app_config(new)) and self.registrar is not None \
+                and self.bundle is not None:
             log.info("registry settings changed: re-applying the entry")
             # A new registrar takes over; the old one does not withdraw.
             self.stop()
@@ -105,18 +119,24 @@ class RegistryPart:
             if self.registrar is None and self.ctx.cfg.registry.enabled:
                 self.start_registrar(event.bundle)
             return False
+        if isinstance(event, MaintenanceChanged):
+            if event.app is None:
+                self.vm_maintenance = event.on
+            elif event.app == self.app:
+                self.app_maintenance = event.on
+            if self.registrar is not None:
+                self.registrar.set_maintenance(self.maintenance)
+            return False
+        if isinstance(event, AddressChanged):  # the VM's: every app's entry moves
+            self.address_changed(event.new)
+            return False
+        if not isinstance(event, ForApp) or event.app != self.app:
+            return False
+        event = event.event
         if isinstance(event, HealthChanged):
             self.health = event.state
             if self.registrar is not None:
                 self.registrar.set_health(event.state, event.reason)
-            return False
-        if isinstance(event, AddressChanged):
-            self.address_changed(event.new)
-            return False
-        if isinstance(event, MaintenanceChanged):
-            self.maintenance = event.on
-            if self.registrar is not None:
-                self.registrar.set_maintenance(event.on)
             return False
         if self.registrar is None or not self.registrar.handle(event, now):
             return False
@@ -128,7 +148,7 @@ class RegistryPart:
         if self.registrar is None:
             return None
         self.due = self.registrar.tick(now)  # retries, lease renewal, resync
-        self.ctx.metrics.set("registered", 1 if self.status().registered else 0)
+        self.ctx.metrics.set("registered", 1 if self.status().registered else 0, self.app)
         return self.due
 
     # --- the registrar ---
@@ -142,15 +162,16 @@ class RegistryPart:
         except OSError as exc:
             raise FatalError(f"registry: {self.ctx.layout.machine_id}: {exc.strerror}") from exc
         machine_id = self.ctx.instance_key or machine_id  # a cloud instance tells clones of an image apart
+        app = self.app_config(self.ctx.cfg)
         try:
-            plan = service.make_plan(self.ctx.cfg.registry, bundle.env_map, machine_id=machine_id, address=address,
-                                     bundle_kubeconfig=self.ctx.shipped_kubeconfig(),
-                                     identity_token=self.ctx.identity_token())
-            self.service = service.RegistryService.start(plan, self.ctx.post)
+            plan = service.make_plan(apps.registry_config(self.ctx.cfg, app), bundle.env_map, machine_id=machine_id,
+                                     address=address, bundle_kubeconfig=self.ctx.shipped_kubeconfig(),
+                                     identity_token=self.ctx.identity_token(), several_apps=app.several)
+            self.service = service.RegistryService.start(plan, lambda ev: self.ctx.post(ForApp(self.app, ev)))
         except service.PlanError as exc:
             raise FatalError(str(exc), config.EX_CONFIG) from exc
         self.registrar = self.service.registrar
-        if bundle.workload_group:
+        if bundle.workload_group and apps.owns_bundle_group(app, apps.bundle_group(bundle.env_map)):
             self.registrar.set_group(dict(bundle.workload_group))
         self.registrar.set_health(self.health)
         self.registrar.set_maintenance(self.maintenance)
@@ -161,11 +182,13 @@ class RegistryPart:
         """The VM's address changed (agent.registry.address_part): the registrar moves the entry."""
         if self.registrar is None or self.bundle is None:
             return
+        app = self.app_config(self.ctx.cfg)
         try:
             machine_id = self.ctx.instance_key or self.ctx.layout.machine_id.read_text()
-            plan = service.make_plan(self.ctx.cfg.registry, self.bundle.env_map, machine_id=machine_id,
-                                     address=address, bundle_kubeconfig=self.ctx.shipped_kubeconfig(),
-                                     identity_token=self.ctx.identity_token())
+            plan = service.make_plan(apps.registry_config(self.ctx.cfg, app), self.bundle.env_map,
+                                     machine_id=machine_id, address=address,
+                                     bundle_kubeconfig=self.ctx.shipped_kubeconfig(),
+                                     identity_token=self.ctx.identity_token(), several_apps=app.several)
         except (OSError, service.PlanError) as exc:
             self.ctx.record_error("registry", f"cannot move the entry to {address}: {exc}")
             return

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent import apps
 from agent.kube.auth import Credentials
 from agent.kube.client import Kube
 from agent.kube.follow import Follower
@@ -53,17 +54,24 @@ def credentials(reg: Any, bundle_kubeconfig: str | None, identity_token: str | N
 
 
 def make_plan(reg: Any, cluster_env: Mapping[str, str], *, machine_id: str, address: str,
-              bundle_kubeconfig: str | None = None, identity_token: str | None = None) -> Plan:
-    """Pure: `reg` is config.RegistryConfig; `address` from address.detect_address()."""
+              bundle_kubeconfig: str | None = None, identity_token: str | None = None,
+              several_apps: bool = False) -> Plan:
+    """Pure: `reg` is config.RegistryConfig; `address` from address.detect_address().
+
+    `several_apps`: one of several apps on this VM (agent.yaml's `apps:`). Its group may not be the one
+    the bundle was made for: cluster.env's workload labels then are not its own, and its group must run
+    as the bundle's service account, the one identity the shared sidecar has."""
     namespace = reg.namespace or cluster_env.get("POD_NAMESPACE") or cluster_env.get("ISTIO_NAMESPACE")
     if not namespace:
         raise PlanError("registry.namespace: not set, and cluster.env has no POD_NAMESPACE")
-    group = reg.group or cluster_env.get("ISTIO_META_WORKLOAD_NAME") or \
-        (cluster_env.get("ISTIO_SERVICE") or "").split(".")[0] or None
+    bundle_group = apps.bundle_group(cluster_env)
+    group = reg.group or bundle_group
     if not group:
         raise PlanError("registry.group: not set, and cluster.env has no ISTIO_META_WORKLOAD_NAME")
     creds = credentials(reg, bundle_kubeconfig, identity_token)
     labels_text = cluster_env.get("ISTIO_METAJSON_LABELS") or "{}"
+    if several_apps and group != bundle_group:
+        labels_text = "{}"
     try:
         workload_labels = json.loads(labels_text)
         if not isinstance(workload_labels, dict):
@@ -79,7 +87,8 @@ def make_plan(reg: Any, cluster_env: Mapping[str, str], *, machine_id: str, addr
     inputs = dict(address=address, instance=instance, namespace=namespace, network=network,
                   locality=reg.locality, weight=reg.weight,
                   service_account=None, workload_labels={str(k): str(v) for k, v in workload_labels.items()},
-                  extra_labels=dict(reg.labels), condition_mode=condition)
+                  extra_labels=dict(reg.labels), condition_mode=condition,
+                  sidecar_service_account=(cluster_env.get("SERVICE_ACCOUNT") or None) if several_apps else None)
 
     def build(group_obj: dict[str, Any]) -> dict[str, Any]:
         return E.build_entry(E.EntryInputs(group=group_obj, **inputs))

@@ -3,7 +3,8 @@
 #   setsid unshare --pid --fork --mount --uts --propagation private \
 #       sh boot.sh LOWER UPPER WORK ROOT ARCHIVES ARCHIVES_UPPER ARCHIVES_WORK CGROUP
 # The tree ROOT is an overlay of the cached root file system LOWER with a throw-away UPPER, so the
-# cache is never written. Everything mounted here lives in this mount namespace and goes with it.
+# cache is never written. ARCHIVES is one shared .deb cache, or several joined by ":" (overlay's
+# lowerdir list, first on top). Everything mounted here lives in this mount namespace and goes with it.
 # The network namespace is the host's: a server on the host's 127.0.0.1 is reachable from inside.
 set -eu
 lower=$1 upper=$2 work=$3 root=$4 archives=$5 archives_upper=$6 archives_work=$7 cgroup=$8

@@ -55,9 +55,16 @@ class Machine:
 
     @classmethod
     @contextmanager
-    def boot(cls, suite: str, workdir: Path, timeout: float = 90.0) -> Iterator[Machine]:
-        """Boot `suite` (e.g. "bookworm"), wait for `systemctl is-system-running`, power off after."""
+    def boot(cls, suite: str, workdir: Path, timeout: float = 90.0,
+             archives: Sequence[str] = ()) -> Iterator[Machine]:
+        """Boot `suite` (e.g. "bookworm"), wait for `systemctl is-system-running`, power off after.
+
+        A workdir booted before boots as that machine left it (its overlay's upper layer is kept): a
+        reboot of the same root file system. `archives` names the shared .deb caches apt reads (default:
+        the suite's own); what the machine downloads is added to the first of them at power-off.
+        """
         lower = rootfs.ensure(suite)
+        caches = list(archives) or [suite]
         dirs = {name: workdir / name for name in ("upper", "work", "root", "debs", "debs-work")}
         for d in dirs.values():
             d.mkdir(parents=True, exist_ok=True)
@@ -66,7 +73,8 @@ class Machine:
         process = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount", "--uts", "--propagation", "private",
              "sh", str(BOOT_SCRIPT), str(lower), str(dirs["upper"]), str(dirs["work"]),
-             str(dirs["root"]), str(rootfs.apt_archive(suite)), str(dirs["debs"]), str(dirs["debs-work"]),
+             str(dirs["root"]), ":".join(str(rootfs.apt_archive(c)) for c in caches), str(dirs["debs"]),
+             str(dirs["debs-work"]),
              cgroup],
             stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
         machine = None
@@ -82,7 +90,7 @@ class Machine:
                 _stop(process)
             console.close()
             _remove_cgroup(cgroup)
-            rootfs.keep_downloads(suite, dirs["debs"])
+            rootfs.keep_downloads(caches[0], dirs["debs"])
 
     def wait_booted(self, timeout: float) -> str:
         """Wait until systemd finished booting; "running" or "degraded" (some unit failed) are fine."""

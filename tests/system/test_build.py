@@ -45,6 +45,10 @@ def test_contents_and_dependencies(deb: Path) -> None:
     top = {f.removeprefix("/usr/lib/mesh-agent/").split("/")[0] for f in files
            if f.startswith("/usr/lib/mesh-agent/")}
     assert {t for t in top if t and not t.endswith((".dist-info", ".egg-info"))} == {"agent"}
+    # A new /usr/bin/python3 (a release upgrade) restarts a running agent onto it (test_dist_upgrade.py).
+    triggers = subprocess.run(["dpkg-deb", "--info", str(deb), "triggers"], capture_output=True, text=True,
+                              check=True).stdout
+    assert "interest-noawait /usr/bin/python3" in triggers.splitlines()
 
 
 def test_lintian_clean(deb: Path) -> None:

@@ -86,8 +86,9 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         api.stop()
 
 
-def _inputs(w: World) -> None:
-    """The cluster side, the Envoy binary, the bundle and the sample app: what the admin brings."""
+def _inputs(w: World, app_at_boot: bool = False) -> None:
+    """The cluster side, the Envoy binary, the bundle and the sample app: what the admin brings. The app is
+    a transient unit, or with `app_at_boot` an enabled one that comes back when the machine reboots."""
     m, api = w.m, w.api
     api.create_namespace(rig.NS)
     api.create(rig.group_object(port=w.app_port))
@@ -111,8 +112,13 @@ def _inputs(w: World) -> None:
         "shutdown": {"propagation": "1s"},
         "metrics": {"port": w.metrics_port},
     })
-    m.run(["systemd-run", "--unit", "sample-app", "--", "python3", "-m", "http.server", str(w.app_port),
-           "--bind", "127.0.0.1"])
+    app = ["python3", "-m", "http.server", str(w.app_port), "--bind", "127.0.0.1"]
+    if not app_at_boot:
+        m.run(["systemd-run", "--unit", "sample-app", "--", *app])
+        return
+    m.write("/etc/systemd/system/sample-app.service",
+            f"[Service]\nExecStart=/usr/bin/{' '.join(app)}\n\n[Install]\nWantedBy=multi-user.target\n")
+    m.systemctl("enable", "--now", "sample-app.service")
 
 
 def _bad_config(w: World) -> str:

@@ -93,7 +93,7 @@ def test_oidc_file_is_read_where_it_is() -> None:
     ("identity:\n  provider: azure\n  audience: a\n  endpoint: 169.254.169.254\n",
      "agent.yaml:6: identity.endpoint: expected an http:// or https:// URL"),
     ("registry:\n  token_file: /t\nidentity:\n  provider: gcp\n  audience: a\n",
-     "agent.yaml:3: registry.token_file: identity provider gcp is the API credential"),
+     "agent.yaml:4: registry.token_file: identity provider gcp is the API credential"),
     ("registry:\n  server: https://k\n", "agent.yaml:3: registry.token_file: registry.server needs "
                                            "registry.token_file (or an identity provider)"),
 ])

@@ -142,3 +142,15 @@ def test_drift() -> None:
     assert E.drifted(desired, None)
     assert E.drifted(desired, {**live, "spec": {**live["spec"], "weight": 9}})
     assert E.drifted(desired, {**live, "metadata": {**live["metadata"], "ownerReferences": []}})
+
+
+def test_an_app_sharing_the_sidecar_must_run_as_its_service_account() -> None:
+    """Several apps share one sidecar, whose identity is the bundle's service account."""
+    assert E.build_entry(inputs(sidecar_service_account="billing-vm"))["spec"]["serviceAccount"] == "billing-vm"
+    with pytest.raises(E.EntryError, match='WorkloadGroup billing runs as service account "billing-vm", but '
+                                           'this VM\'s sidecar is "ledger-vm"'):
+        E.build_entry(inputs(sidecar_service_account="ledger-vm"))
+    # A group without a service account takes the sidecar's default: nothing to refuse.
+    g = group()
+    del g["spec"]["template"]["serviceAccount"]
+    assert "serviceAccount" not in E.build_entry(inputs(group=g, sidecar_service_account="ledger-vm"))["spec"]
