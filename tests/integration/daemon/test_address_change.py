@@ -94,3 +94,33 @@ def test_ipv6_only_the_fit_address_is_registered_and_followed(tmp_path: Path) ->
             wait_for(lambda: r.entry(r.entry_at("2001:db8:77::5")) is None, 30, "the old entry withdrawn")
             assert r.entry(r.entry_at("2001:db8:77::4")) is None  # deprecated: never
             assert r.stop_agent() == 0
+
+
+def test_with_two_apps_both_entries_move(tmp_path: Path) -> None:
+    from devkit.rig import group_object
+    from tests.integration.daemon.test_apps import TwoApps
+
+    with NetNs() as ns:
+        ns.ip("addr", "add", f"{OLD}/24", "dev", "eth0")
+        ns.set_default_route(4)
+        with ns.entered(), rig(tmp_path, registry={"address": {"watch": "300ms"}}) as r:
+            r.svc_ip = None
+            r.prepare()
+            two = TwoApps(r)
+            r.api.create(group_object(name="ledger", port=two.ledger_port))
+            two.write_config()
+            r.start_app()
+            two.start_ledger()
+            try:
+                r.start_agent()
+                for group in ("billing", "ledger"):
+                    wait_for(lambda g=group: r.entry(f"{g}-{OLD}"), 60, f"{group} registered at {OLD}")
+                ns.ip("addr", "add", f"{NEW}/24", "dev", "eth0")
+                ns.ip("addr", "del", f"{OLD}/24", "dev", "eth0")
+                for group in ("billing", "ledger"):
+                    moved = wait_for(lambda g=group: r.entry(f"{g}-{NEW}"), 30, f"{group} at {NEW}")
+                    assert moved["spec"]["address"] == NEW
+                    wait_for(lambda g=group: r.entry(f"{g}-{OLD}") is None, 30, f"{group}'s old entry withdrawn")
+                assert r.stop_agent() == 0
+            finally:
+                two.kill_ledger()
