@@ -170,30 +170,74 @@ class SidecarConfig:
 # --- registry -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class MetadataAddressConfig:
+    """The address as the cloud's metadata service tells it (GCP, Azure IMDS, AWS IMDSv2)."""
+    provider: Literal["none", "gcp", "azure", "aws"] = field(
+        "none", help="none: not from metadata; gcp, azure, aws: ask that cloud's metadata service")
+    which: Literal["private", "public", "ipv6"] = field(
+        "private", help="the first interface's private IPv4, its public (external) IPv4, or its IPv6 address")
+    endpoint: str | None = field(None, help="metadata service base URL; default: the cloud's own")
+    timeout: Duration = field(_d("5s"), min=0.5, max=60.0, help="per request to the metadata service")
+    tries: int = field(3, min=1, max=10, help="attempts per lookup before it counts as failed")
+    every: Duration = field(_d("60s"), min=1.0, max=86400.0,
+                            help="ask again this often, to follow a reassigned address (with watch not 0)")
+
+    @staticmethod
+    def checks(c: MetadataAddressConfig) -> list[tuple[str, str]]:
+        out = []
+        if c.endpoint is not None and not c.endpoint.startswith(("http://", "https://")):
+            out.append(("endpoint", f'expected an http:// or https:// URL, got "{c.endpoint}"'))
+        if c.provider == "none" and c.endpoint is not None:
+            out.append(("provider", "endpoint is set but provider is none"))
+        return out
+
+
+@dataclass(frozen=True)
 class AddressConfig:
     """The VM's address in the mesh. Default: ISTIO_SVC_IP, else the default route's interface."""
     value: str | None = field(None, help="a fixed address")
     interface: str | None = field(None, help="take the address of this interface")
     cidr: str | None = field(None, help="take the first local address inside this CIDR")
-    family: Literal["auto", "ipv4", "ipv6"] = field("auto", help="address family to detect")
+    metadata: MetadataAddressConfig = field(factory=MetadataAddressConfig)
+    family: Literal["auto", "ipv4", "ipv6"] = field(
+        "auto", help="address family; auto: IPv4 when the VM has one (a dual-stack VM registers its "
+        "IPv4 address), else IPv6")
+    watch: Duration = field(_d("5s"), min=0.0, max=3600.0,
+                            help="look for a changed address this often and move the entry (0: never); "
+                            "the metadata service is asked every metadata.every instead")
 
     @staticmethod
     def checks(c: AddressConfig) -> list[tuple[str, str]]:
         import ipaddress
 
         out = []
-        if sum(x is not None for x in (c.value, c.interface, c.cidr)) > 1:
-            out.append(("value", "set at most one of value, interface, cidr"))
+        chosen = [k for k, v in (("value", c.value), ("interface", c.interface), ("cidr", c.cidr),
+                                 ("metadata", c.metadata.provider if c.metadata.provider != "none" else None))
+                  if v is not None]
+        if len(chosen) > 1:
+            out.append((chosen[1], f"set at most one of value, interface, cidr, metadata (have {', '.join(chosen)})"))
+        want = {"ipv4": 4, "ipv6": 6}.get(c.family)
         if c.value is not None:
             try:
-                ipaddress.ip_address(c.value)
+                ip = ipaddress.ip_address(c.value)
+                if want is not None and ip.version != want:
+                    out.append(("value", f'"{c.value}" is not an {c.family} address (family: {c.family})'))
             except ValueError:
                 out.append(("value", f'expected an IP address, got "{c.value}"'))
+        if c.interface is not None and (not c.interface.strip() or "/" in c.interface or len(c.interface) > 15):
+            out.append(("interface", f'"{c.interface}" is not an interface name'))
         if c.cidr is not None:
             try:
-                ipaddress.ip_network(c.cidr, strict=False)
+                net = ipaddress.ip_network(c.cidr, strict=False)
+                if want is not None and net.version != want:
+                    out.append(("cidr", f'"{c.cidr}" is not an {c.family} network (family: {c.family})'))
             except ValueError:
                 out.append(("cidr", f'expected a CIDR like "10.0.0.0/8", got "{c.cidr}"'))
+        if c.metadata.provider != "none" and c.metadata.which == "ipv6" and c.family == "ipv4":
+            out.append(("metadata.which", "which: ipv6 contradicts family: ipv4"))
+        if c.metadata.provider != "none" and c.metadata.which in ("private", "public") and c.family == "ipv6":
+            out.append(("metadata.which", f"which: {c.metadata.which} is an IPv4 address; "
+                        "family: ipv6 needs which: ipv6"))
         return out
 
 

@@ -2,12 +2,13 @@
 
 Reading order: `main` loads the config (exit 78 when it is bad) and runs `Agent.run`: start, then the
 loop, then the draining stop, top to bottom. The parts (agent.part: identity, bundle, maintenance,
-sidecar, health, registry) hold the state and share one shape; the loop hands every event to every part,
-runs their timers, and writes status.json from their snapshots. What one part learns that another needs
-travels as an event (agent.part), so the loop itself decides nothing about the mesh. Threads (the bundle
-fetch, the package install, the proxy's waiter and its restarts, probes and the port watch, file watches,
-the API worker and group watch, the identity refresh) only post events to `self.events`; signal handlers
-only record. Nothing on the loop waits on the network, a child process or dpkg, so WATCHDOG=1 keeps coming.
+address, sidecar, health, registry) hold the state and share one shape; the loop hands every event to
+every part, runs their timers, and writes status.json from their snapshots. What one part learns that
+another needs travels as an event (agent.part), so the loop itself decides nothing about the mesh.
+Threads (the bundle fetch, the package install, the proxy's waiter and its restarts, probes and the
+port watch, file watches, the API worker and group watch, the identity refresh, the address watch)
+only post events to `self.events`; signal handlers only record. Nothing on the loop waits on the
+network, a child process or dpkg, so WATCHDOG=1 keeps coming.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from agent.maintenance import MaintenancePart
 from agent.metrics import Metrics
 from agent.part import Context, FatalError, Part, Wake
 from agent.paths import Layout
+from agent.registry.address_part import AddressPart
 from agent.registry.part import RegistryPart
 from agent.sidecar.part import SidecarPart
 from agent.state import Phase, PhaseMachine, Status, StatusWriter, summarize
@@ -107,7 +109,9 @@ class Agent:
         self.app_names = [a.name for a in apps.apps(cfg)]
         self.health = {name: HealthPart(self.ctx, name) for name in self.app_names}
         self.registry = {name: RegistryPart(self.ctx, name) for name in self.app_names}
-        self.parts: list[Part] = [self.identity, self.bundle, self.maintenance, self.sidecar,
+        # The address part before the parts that use the address: it has ctx.address current for them.
+        self.address = AddressPart(self.ctx)
+        self.parts: list[Part] = [self.identity, self.bundle, self.maintenance, self.address, self.sidecar,
                                   *self.health.values(), *self.registry.values()]
 
     @property
@@ -295,6 +299,10 @@ class Agent:
                                                      "registration": self.registry[name].status().as_dict(),
                                                      "maintenance": maintenance.on or name in maintenance.apps}
                                               for name in self.app_names}
+        address = self.address.status().as_dict()  # the address registered, how often it changed
+        for one in per_app.values():
+            if one["registration"]:
+                one["registration"].update(address)
         first = per_app[self.app_names[0]]
         s.app, s.registration = first["app"], first["registration"]  # the one app's (the first of several)
         s.apps = per_app if len(per_app) > 1 else {}

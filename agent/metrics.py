@@ -32,6 +32,8 @@ class Metrics:
                                      ["app"], registry=r)
         self.sidecar_ready = prom.Gauge("mesh_agent_sidecar_ready", "1 when the proxy is ready", registry=r)
         self.sidecar_restarts = prom.Counter("mesh_agent_sidecar_restarts", "proxy restarts", registry=r)
+        self.address_changes = prom.Counter("mesh_agent_address_changes",
+                                            "changes of the VM's mesh address noticed while running", registry=r)
         self.writes = prom.Counter("mesh_agent_registration_writes", "API writes by action and result",
                                    ["action", "result"], registry=r)
         self.events = prom.Counter("mesh_agent_events", "Kubernetes Events about the app's entry by outcome "

@@ -146,14 +146,13 @@ class Context:
         return self.cfg.sidecar.user if self.cfg.sidecar.profile == "istio" else None
 
     def address_for(self, bundle: Bundle) -> str | None:
-        """This VM's mesh address, decided once from agent.yaml and the first bundle's cluster.env."""
+        """This VM's mesh address, decided from agent.yaml and the first bundle's cluster.env; the
+        address part (agent.registry.address_part) follows its changes."""
         if not self.address_known:
-            from agent.registry.address import AddressError, detect_address
+            from agent.registry.address import AddressError, decide
 
-            a = self.cfg.registry.address
             try:
-                self.address = detect_address(svc_ip=bundle.env_map.get("ISTIO_SVC_IP") or None, value=a.value,
-                                              interface=a.interface, cidr=a.cidr, family=a.family)
+                self.address = decide(self.cfg.registry.address, bundle.env_map.get("ISTIO_SVC_IP") or None)
             except AddressError as exc:
                 self.record_error("registry", str(exc))
             self.address_known = True

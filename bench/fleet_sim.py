@@ -68,8 +68,8 @@ from agent.kube.errors import RETRY_AFTER_CAP, ApiError, Conflict, Unavailable
 from agent.registry import entry as E
 from agent.registry.converge import Outcome
 from agent.registry.group import BACKOFF, WATCH_TIMEOUT, GroupSeen
-from agent.registry.registrar import Registrar, Settings
-from agent.registry.states import State
+from agent.registry.registrar import Registrar
+from agent.registry.states import Settings, State
 from agent.registry.worker import RegistryResult
 from agent.retry import Backoff
 

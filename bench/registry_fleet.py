@@ -32,8 +32,7 @@ from agent.kube.auth import Credentials  # noqa: E402
 from agent.kube.client import Kube  # noqa: E402
 from agent.registry import entry as E  # noqa: E402
 from agent.registry.manifests import AGENT_RULES  # noqa: E402
-from agent.registry.registrar import Settings  # noqa: E402
-from agent.registry.states import State  # noqa: E402
+from agent.registry.states import Settings, State  # noqa: E402
 from devkit.kubeapi.auth import Rule  # noqa: E402
 from devkit.kubeapi.server import KubeAPI  # noqa: E402
 from devkit.registrydriver import Driver  # noqa: E402

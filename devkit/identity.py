@@ -1,6 +1,7 @@
 """Cloud identities on loopback: a test OIDC issuer (discovery document and JWKS over HTTPS with its own
 CA) and fake metadata services for GCP, Azure and AWS STS that hand out tokens it signs, in each cloud's
-wire format. Each fake serves one VM instance; two fakes are two clones of one image.
+wire format. Each fake serves one VM instance; two fakes are two clones of one image. The GCP and Azure
+fakes, and FakeImds (AWS's instance metadata service, IMDSv2), also tell the instance's addresses.
 
     issuer = TestIssuer().start()
     gcp = FakeGcp(issuer, Instance("inst-1")).start()
@@ -78,7 +79,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(out)
 
-    do_GET = do_POST = _serve
+    do_GET = do_POST = do_PUT = _serve
 
 
 class _Server(ThreadingHTTPServer):
@@ -239,6 +240,12 @@ class Instance:
     image: str = "5926592092274602096"  # GCP licence id of the golden image; AWS: tag; Azure: -
     lifetime: int = 3600
     principal: str = field(default_factory=lambda: str(uuid.uuid4()))  # Azure oid / GCP SA id
+    # The first network interface's addresses (documentation ranges: only data, never dialled);
+    # None: the instance has none of that kind.
+    private_ip: str = "10.128.0.7"
+    public_ip: str | None = "203.0.113.7"
+    ipv6: str | None = "2001:db8:4000::7"
+    mac: str = "0a:1b:2c:3d:4e:5f"
 
     def __post_init__(self) -> None:
         self.name = self.name or f"vm-{self.instance_id}"
@@ -276,8 +283,24 @@ class FakeGcp(_Fake):
         return {"aud": audience, "azp": i.principal, "iss": self.issuer.url, "sub": i.principal,
                 **times, "google": {"compute_engine": gce}}
 
+    NIC = "/computeMetadata/v1/instance/network-interfaces/0"
+
     def route(self, req: Request) -> Response:
         flavor = {"Metadata-Flavor": "Google"}
+        addresses = {self.NIC + "/ip": self.instance.private_ip,
+                     self.NIC + "/access-configs/0/external-ip": self.instance.public_ip,
+                     self.NIC + "/ipv6s": self.instance.ipv6}
+        if req.path in addresses:
+            if req.headers.get("Metadata-Flavor") != "Google":
+                return 403, {**flavor, "Content-Type": "text/html"}, b"Missing Metadata-Flavor:Google header."
+            if self.fail_next:
+                return self.fail_next.pop(0), flavor, b"unavailable"
+            value = addresses[req.path]
+            if value is None:
+                return 404, {**flavor, "Content-Type": "text/html"}, b"Not Found"
+            # ipv6s is a list: one address a line.
+            text = value + "\n" if req.path.endswith("/ipv6s") else value
+            return 200, {**flavor, "Content-Type": "application/text"}, text.encode()
         if req.path != self.PATH:
             return 404, {**flavor, "Content-Type": "text/html"}, b"Not Found"
         if req.headers.get("Metadata-Flavor") != "Google" or req.headers.get("X-Forwarded-For"):
@@ -314,7 +337,24 @@ class FakeAzure(_Fake):
                 "rh": "0.ARoAv4j5cvGGr0", "sub": i.principal, "tid": self.TENANT, "uti": uuid.uuid4().hex[:22],
                 "ver": "1.0", "xms_mirid": self.resource_id, "xms_az_rid": self.resource_id}
 
+    NETWORK_PATH = "/metadata/instance/network/interface"
+
+    def interfaces(self) -> list[dict[str, Any]]:
+        i = self.instance
+        return [{"ipv4": {"ipAddress": [{"privateIpAddress": i.private_ip, "publicIpAddress": i.public_ip or ""}],
+                          "subnet": [{"address": "10.128.0.0", "prefix": "20"}]},
+                 "ipv6": {"ipAddress": [{"privateIpAddress": i.ipv6}] if i.ipv6 else []},
+                 "macAddress": i.mac.replace(":", "").upper()}]
+
     def route(self, req: Request) -> Response:
+        if req.path == self.NETWORK_PATH:
+            if req.headers.get("Metadata") != "true":
+                return _json(400, {"error": "Bad request. Required metadata header not specified"})
+            if not req.query.get("api-version"):
+                return _json(400, {"error": "Bad request. api-version was not specified in the request"})
+            if self.fail_next:
+                return _json(self.fail_next.pop(0), {"error": "temporarily_unavailable"})
+            return _json(200, self.interfaces())
         if req.path != self.PATH:
             return _json(404, {"error": "not_found"})
         if req.headers.get("Metadata") != "true":
@@ -441,3 +481,36 @@ class FakeSts(_Fake):
                 f"</GetWebIdentityTokenResult><ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId>"
                 f"</ResponseMetadata></GetWebIdentityTokenResponse>")
         return 200, {"Content-Type": "text/xml"}, body.encode()
+
+
+class FakeImds(LoopbackServer):
+    """AWS's instance metadata service, IMDSv2 only: PUT /latest/api/token with a TTL header gives a
+    session token, which every GET must carry (401 without). Serves the instance's addresses."""
+
+    def __init__(self, instance: Instance) -> None:
+        super().__init__()
+        self.instance = instance
+        self.tokens: set[str] = set()
+        self.fail_next: list[int] = []
+
+    def route(self, req: Request) -> Response:
+        text = {"Content-Type": "text/plain"}
+        if self.fail_next:
+            return self.fail_next.pop(0), text, b"unavailable"
+        if req.path == "/latest/api/token":
+            ttl = req.headers.get("X-aws-ec2-metadata-token-ttl-seconds") or ""
+            if req.method != "PUT" or not ttl.isdigit() or not 1 <= int(ttl) <= 21600:
+                return 400, text, b"Bad Request"
+            token = uuid.uuid4().hex
+            self.tokens.add(token)
+            return 200, {**text, "X-aws-ec2-metadata-token-ttl-seconds": ttl}, token.encode()
+        if req.headers.get("X-aws-ec2-metadata-token") not in self.tokens:
+            return 401, text, b"Unauthorized"
+        i = self.instance
+        values = {"/latest/meta-data/local-ipv4": i.private_ip, "/latest/meta-data/public-ipv4": i.public_ip,
+                  "/latest/meta-data/mac": i.mac,
+                  f"/latest/meta-data/network/interfaces/macs/{i.mac}/ipv6s": i.ipv6}
+        value = values.get(req.path)
+        if value is None:
+            return 404, text, b"Not Found"
+        return 200, text, value.encode()

@@ -11,7 +11,8 @@ from typing import Any
 
 from agent.kube.client import Kube
 from agent.registry.group import WATCH_TIMEOUT, follow_group
-from agent.registry.registrar import Registrar, Settings
+from agent.registry.registrar import Registrar
+from agent.registry.states import Settings
 from agent.registry.worker import RegistryWorker
 
 

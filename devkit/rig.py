@@ -67,6 +67,7 @@ class Rig:
     app: subprocess.Popen[bytes] | None = None
     agent: subprocess.Popen[bytes] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    svc_ip: str | None = ADDRESS  # cluster.env's ISTIO_SVC_IP; None: the agent finds the address itself
 
     @property
     def root(self) -> Path:
@@ -82,7 +83,11 @@ class Rig:
 
     @property
     def entry_name(self) -> str:
-        return f"{GROUP}-{ADDRESS.replace(':', '-')}"
+        return self.entry_at(self.svc_ip or ADDRESS)
+
+    @staticmethod
+    def entry_at(address: str) -> str:
+        return f"{GROUP}-{address.replace(':', '-')}"
 
     @property
     def status_file(self) -> Path:
@@ -105,7 +110,8 @@ class Rig:
         return self
 
     def bundle_files(self, now: float | None = None) -> dict[str, bytes]:
-        env = bundles.CLUSTER_ENV_V4.replace("ISTIO_SVC_IP='10.0.0.5'", f"ISTIO_SVC_IP='{ADDRESS}'") \
+        svc_ip_line = f"ISTIO_SVC_IP='{self.svc_ip}'\n" if self.svc_ip else ""
+        env = bundles.CLUSTER_ENV_V4.replace("ISTIO_SVC_IP='10.0.0.5'\n", svc_ip_line) \
             .replace("ISTIO_INBOUND_PORTS='8080'", f"ISTIO_INBOUND_PORTS='{self.app_port}'")
         # istiod "is" on loopback, so that nothing (doctor's reachability check) dials elsewhere.
         env = env.replace("istiod.istio-system.svc:15012", f"istiod.istio-system.svc:{self.istiod_port}")
@@ -182,8 +188,11 @@ class Rig:
 
     # --- looking -----------------------------------------------------------------------------------
 
-    def entry(self) -> dict[str, Any] | None:
-        return self.api.get("WorkloadEntry", NS, self.entry_name)
+    def entry(self, name: str | None = None) -> dict[str, Any] | None:
+        return self.api.get("WorkloadEntry", NS, name or self.entry_name)
+
+    def lease(self, name: str | None = None) -> dict[str, Any] | None:
+        return self.api.get("Lease", NS, name or self.entry_name)
 
     def log_text(self) -> str:
         path = self.tmp / "agent.log"

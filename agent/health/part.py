@@ -14,6 +14,7 @@ from agent.health import inputs
 from agent.health.monitor import HealthChanged, Monitor, probe_host
 from agent.health.state import Health
 from agent.part import BundleInUse, Context, FatalError, ForApp, SidecarReadiness
+from agent.registry.address_part import AddressChanged
 
 log = logging.getLogger("agent.health")
 
@@ -89,6 +90,9 @@ class HealthPart:
             self.sidecar_ready = event.ready
             if self.monitor is not None:
                 self.monitor.set_sidecar_ready(event.ready)
+        elif isinstance(event, AddressChanged) and self.app_config.health.probe_host == "instance":
+            self.watching = None  # probes that connect to the instance address use the new one
+            self.follow_inputs()
         return False
 
     def reconfigure(self, old: config.Config, new: config.Config) -> None:

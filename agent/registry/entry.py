@@ -2,7 +2,8 @@
 
 The entry follows istiod's own auto-registration scheme so operators see familiar names and labels:
 name `<group>-<address with ':' -> '-'>[-<network>]`, spec = the group's template + this VM's
-address, labels merged template -> group metadata.labels -> workload labels -> config extras, and an
+address and network, labels merged template -> group metadata.labels -> workload labels -> config
+extras, plus topology.istio.io/network when the VM has a network, and an
 ownerReference to the WorkloadGroup so deleting the group deletes its entries. mesh-agent registers
 the VM itself, so instead of istiod's `istio.io/autoRegistrationGroup` it marks the entry with its
 own instance and lease annotations; those are what ownership decisions read.
@@ -31,6 +32,7 @@ INSTANCE_ANNOTATION = "mesh-agent.io/instance"
 LEASE_ANNOTATION = "mesh-agent.io/lease"
 HEALTH_CHECKS_ANNOTATION = "proxy.istio.io/health-checks-enabled"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+NETWORK_LABEL = "topology.istio.io/network"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
@@ -128,6 +130,12 @@ def build_entry(inp: EntryInputs) -> dict[str, Any]:
                          ("registry.labels", inp.extra_labels)):
         _check_labels(part, source)
         labels.update(part)
+
+    if network:
+        # istiod reads a workload's network from this label as well as from spec.network (multi-network
+        # meshes route to it through the network's gateway); both say the same.
+        _check_labels({NETWORK_LABEL: network}, "registry.network")
+        labels[NETWORK_LABEL] = network
 
     spec: dict[str, Any] = {k: v for k, v in template.items() if k != "address"}
     spec["address"] = address

@@ -17,6 +17,7 @@ from agent.health.state import Health
 from agent.part import BundleInUse, Context, FatalError, ForApp, MaintenanceChanged
 from agent.registry import registrar as reg
 from agent.registry import service
+from agent.registry.address_part import AddressChanged
 from agent.registry.converge import Outcome
 from agent.registry.group import GroupSeen
 from agent.registry.states import RegistrationStatus, State
@@ -127,6 +128,9 @@ class RegistryPart:
             if self.registrar is not None:
                 self.registrar.set_maintenance(self.maintenance)
             return False
+        if isinstance(event, AddressChanged):  # the VM's: every app's entry moves
+            self.address_changed(event.new)
+            return False
         if not isinstance(event, ForApp) or event.app != self.app:
             return False
         event = event.event
@@ -178,6 +182,23 @@ class RegistryPart:
         self.registrar.set_maintenance(self.maintenance)
         s = plan.settings
         log.info("registering as %s in %s/%s (instance %s)", address, s.namespace, s.group, s.instance)
+
+    def address_changed(self, address: str) -> None:
+        """The VM's address changed (agent.registry.address_part): the registrar moves the entry."""
+        if self.registrar is None or self.bundle is None:
+            return
+        app = self.app_config(self.ctx.cfg)
+        try:
+            machine_id = self.ctx.instance_key or self.ctx.layout.machine_id.read_text()
+            plan = service.make_plan(apps.registry_config(self.ctx.cfg, app), self.bundle.env_map,
+                                     machine_id=machine_id, address=address,
+                                     bundle_kubeconfig=self.ctx.shipped_kubeconfig(),
+                                     identity_token=self.ctx.identity_token(), several_apps=app.several)
+        except (OSError, service.PlanError) as exc:
+            self.ctx.record_error("registry", f"cannot move the entry to {address}: {exc}")
+            return
+        log.info("moving the entry to %s", address)
+        self.registrar.move(plan.build)
 
     def result(self, outcome: Outcome) -> None:
         """Remember the last write and the lease, for status and metrics."""

@@ -15,7 +15,12 @@ The decisions:
   restart or upgrade never drops the VM from the mesh;
 - who owns the entry (entry.ownership): never touch one held by another instance with a live lease;
 - failures: never delete on uncertainty; retry with agent.retry's backoff (Retry-After honoured, 30 s
-  cap) and converge with a full read when the API answers again; resync every `resync` seconds.
+  cap) and converge with a full read when the API answers again; resync every `resync` seconds;
+- a new address (move): the entry at the new address is converged first, then the one at the old
+  address is withdrawn with its lease (make before break: the VM stays in the mesh throughout). The
+  withdrawal is an ordinary convergence to WITHDRAW, so the old entry is left alone if another instance
+  now holds it with a live lease (its address went to another VM); failing, it is retried with backoff,
+  and an old entry never withdrawn loses its lease, which expires, and the reaper removes it.
 """
 
 from __future__ import annotations
@@ -33,45 +38,16 @@ from agent.kube.errors import ApiError, Conflict, Invalid, Unauthorized, Unavail
 from agent.registry import entry as E
 from agent.registry.converge import Outcome, Spec, Want, converge, renew
 from agent.registry.group import GroupGone, GroupSeen, GroupUnavailable
-from agent.registry.states import Change, RegistrationStatus, State
+from agent.registry.states import Change, RegistrationStatus, Settings, State, decide_want
 from agent.registry.worker import RegistryResult
 from agent.retry import Backoff
 
 log = logging.getLogger(__name__)
 
 
-# --- inputs and the wanted outcome ----------------------------------------------------------------
-
-def decide_want(health: Health, maintenance: bool, group_known: bool, group_deleted: bool,
-                condition_mode: bool, shutting_down: bool, withdraw_on_shutdown: bool = True) -> Want:
-    if shutting_down:
-        return Want.WITHDRAW if withdraw_on_shutdown else Want.HOLD
-    if maintenance or group_deleted:
-        return Want.WITHDRAW
-    if not group_known or health is Health.UNKNOWN:
-        return Want.HOLD
-    if health is Health.HEALTHY:
-        return Want.REGISTER
-    return Want.MARK_UNHEALTHY if condition_mode else Want.WITHDRAW
-
-
 # --- the state machine (runs in the loop) ---------------------------------------------------------
 
 MAX_CHANGES = 64
-
-@dataclass
-class Settings:
-    namespace: str
-    group: str
-    instance: str
-    lease_duration: float = 40.0
-    lease_renew: float = 10.0
-    resync: float = 300.0
-    condition_mode: bool = False
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
-    withdraw_on_shutdown: bool = True
-
 
 @dataclass
 class _Inputs:
@@ -121,6 +97,11 @@ class Registrar:
         self._changes: list[Change] = []
         self._entry_uid: str | None = None
         self._address = ""
+        self._retiring: list[dict[str, Any]] = []  # entries at earlier addresses, to withdraw in turn
+        self._retire_ready = False                # the entry at the new address was converged
+        self._retire_seq: int | None = None
+        self._retire_at = 0.0
+        self._finish_pending: str | None = None   # shutdown done but for the old entry
 
     # inputs ----------------------------------------------------------------------------------------
     def set_health(self, health: Health, message: str = "", cause: str = "") -> None:
@@ -163,6 +144,35 @@ class Registrar:
         if old is None or old.get("spec") != group.get("spec") or _meta_of(old) != _meta_of(group):
             self._dirty = True
 
+    def move(self, build: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """This VM's address changed: `build` now makes the entry (at the new address). The entry at
+        the old address is withdrawn once the new one is converged (see the module docstring)."""
+        group = self.inputs.group if self.inputs.group is not None else self._stub_group()
+        try:
+            old: dict[str, Any] | None = self.build(group)
+        except ValueError:
+            old = None
+        self.build = build
+        try:
+            new_name = build(group)["metadata"]["name"]
+        except ValueError:
+            new_name = None
+        # Back at an earlier address: that entry is wanted again. Several moves in a row: each earlier
+        # entry is withdrawn in turn.
+        self._retiring = [e for e in self._retiring if e["metadata"]["name"] != new_name]
+        if old is not None and old["metadata"]["name"] != new_name and \
+                all(e["metadata"]["name"] != old["metadata"]["name"] for e in self._retiring):
+            self._retiring.append(old)
+        self._retire_ready = False
+        # The lease is named after the old entry: renewing it would keep the old entry alive.
+        self._lease, self._next_renew = None, None
+        # An operation in flight concerns the old entry: its answer is ignored (the worker runs one
+        # operation at a time, so the next one waits for it anyway).
+        self._in_flight = self._in_flight_want = None
+        self._retire_seq = None
+        self._dirty, self._next_converge = True, 0.0
+        self._entry_name = new_name
+
     def shutdown(self, now: float, timeout: float, withdraw: bool = True) -> None:
         """Begin the stop: withdraw (unless `withdraw` is False, e.g. for an upgrade re-exec) and set
         `finished` when done or when `timeout` passed (the lease then expires and the reaper cleans)."""
@@ -203,6 +213,9 @@ class Registrar:
         if self._in_flight is not None:
             later = now + self.s.lease_renew
             return min(later, self._shutdown_deadline) if self._shutdown_deadline is not None else later
+        if self._retiring and self._retire_ready and now >= self._retire_at:
+            self._start_retire()
+            return now + self.s.lease_renew
         if self._dirty and self._next_converge > now and self.state not in (State.RETRYING, State.REFUSED,
                                                                              State.CONFLICT):
             self._next_converge = now
@@ -217,6 +230,8 @@ class Registrar:
             deadlines.append(self._next_renew)
         if self._shutdown_deadline is not None:
             deadlines.append(self._shutdown_deadline)
+        if self._retiring and self._retire_ready:
+            deadlines.append(self._retire_at)
         return min(deadlines)
 
     def _start_converge(self, now: float) -> None:
@@ -243,6 +258,29 @@ class Registrar:
         return {"apiVersion": E.API_VERSION, "kind": "WorkloadGroup",
                 "metadata": {"name": self.s.group, "namespace": self.s.namespace}, "spec": {}}
 
+    def _start_retire(self) -> None:
+        old = self._retiring[0]
+        spec = Spec(old, self.s.instance, self.s.lease_duration, self.s.condition_mode)
+        self._dispatch(Want.WITHDRAW, lambda kube: converge(kube, Want.WITHDRAW, spec))
+        self._retire_seq = self._seq
+
+    def _on_retired(self, out: Outcome, now: float) -> None:
+        name = self._retiring[0]["metadata"]["name"] if self._retiring else "?"
+        if out.error is not None:
+            delay = self._backoff.next_delay(getattr(out.error, "retry_after", None))
+            log.warning("registry: withdrawing %s (the old address) failed: %s; retrying in %.1fs",
+                        name, out.error, delay)
+            self._retire_at = now + delay
+            return
+        if out.conflict_holder is not None:
+            log.info("registry: %s (the old address) is now instance %s's: left alone", name, out.conflict_holder)
+        else:
+            log.info("registry: moved; %s (the old address) %s", name,
+                     "withdrawn (" + ", ".join(out.wrote) + ")" if out.wrote else "was already gone")
+        self._retiring, self._retire_at = self._retiring[1:], 0.0
+        if not self._retiring and self._finish_pending is not None:
+            self._finish(self._finish_pending)
+
     def _start_renew(self) -> None:
         lease = self._lease
         assert lease is not None
@@ -260,6 +298,12 @@ class Registrar:
             return
         want, self._in_flight, self._in_flight_want = self._in_flight_want, None, None
         out = ev.outcome
+        if ev.seq == self._retire_seq:
+            self._retire_seq = None
+            self._on_retired(out, now)
+            return
+        if want is not None and (out.error is None or out.conflict_holder is not None):
+            self._retire_ready = True  # the entry at the new address is as wanted: the old one may go
         if out.error is not None:
             self._on_error(out.error, now, want)
             return
@@ -291,7 +335,7 @@ class Registrar:
                                                   holder_until=out.conflict_until))
             self._confirmed(State.CONFLICT, now)
             if self.inputs.shutting_down:
-                self._finish("the entry is another instance's")
+                self._finish_or_retire("the entry is another instance's")
             return
         self.conflict_holder = None
         self._converged = want
@@ -309,12 +353,12 @@ class Registrar:
                                                   else "the app's health"))
             self._set(State.WITHDRAWN if want is not Want.HOLD else State.HELD, reason)
             if self.inputs.shutting_down:
-                self._finish("withdrawn")
+                self._finish_or_retire("withdrawn")
         elif want is Want.HOLD:
             self._set(State.HELD, "keeping our entry leased until "
                       + ("the WorkloadGroup can be read" if self.inputs.group is None else "health is known"))
             if self.inputs.shutting_down:
-                self._finish("left registered for the restart")
+                self._finish_or_retire("left registered for the restart")
         elif want is Want.MARK_UNHEALTHY:
             self._set(State.UNHEALTHY, "registered with Healthy=False")
         else:
@@ -379,6 +423,13 @@ class Registrar:
         if i.health is Health.UNHEALTHY:
             return f"withdrawn: the app is unhealthy{': ' + i.message if i.message else ''}"
         return "not registered"
+
+    def _finish_or_retire(self, why: str) -> None:
+        """Shutdown is done with the entry; withdraw the one at an old address first, if any."""
+        if self._retiring:
+            self._finish_pending = why
+            return
+        self._finish(why)
 
     def _finish(self, why: str) -> None:
         self.finished = True

@@ -23,7 +23,8 @@ from agent.kube.follow import Follower
 from agent.registry import entry as E
 from agent.registry.group import follow_group
 from agent.registry.recorder import Recorder
-from agent.registry.registrar import Registrar, Settings
+from agent.registry.registrar import Registrar
+from agent.registry.states import Settings
 from agent.registry.worker import RegistryWorker
 
 

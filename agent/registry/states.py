@@ -1,5 +1,6 @@
-"""What the registration state machine (agent.registry.registrar) reports: its states, its status for
-`mesh-agent status`, and the changes the API confirmed, which agent.registry.events turns into Events."""
+"""The registration state machine's (agent.registry.registrar) settings, the pure decision of what it
+wants, and what it reports: its states, its status for `mesh-agent status`, and the changes the API
+confirmed, which agent.registry.events turns into Events."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import datetime as dt
 import enum
 from dataclasses import dataclass
 
+from agent.health.state import Health
 from agent.registry.converge import Want
 
 
@@ -66,3 +68,32 @@ class Change:
     holder: str | None = None            # CONFLICT: the instance holding the entry
     holder_until: dt.datetime | None = None
     maintenance_changed: bool | None = None  # set for a maintenance switch: on (True) or off (False)
+
+
+@dataclass
+class Settings:
+    namespace: str
+    group: str
+    instance: str
+    lease_duration: float = 40.0
+    lease_renew: float = 10.0
+    resync: float = 300.0
+    condition_mode: bool = False
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    withdraw_on_shutdown: bool = True
+
+
+# --- inputs and the wanted outcome ----------------------------------------------------------------
+
+def decide_want(health: Health, maintenance: bool, group_known: bool, group_deleted: bool,
+                condition_mode: bool, shutting_down: bool, withdraw_on_shutdown: bool = True) -> Want:
+    if shutting_down:
+        return Want.WITHDRAW if withdraw_on_shutdown else Want.HOLD
+    if maintenance or group_deleted:
+        return Want.WITHDRAW
+    if not group_known or health is Health.UNKNOWN:
+        return Want.HOLD
+    if health is Health.HEALTHY:
+        return Want.REGISTER
+    return Want.MARK_UNHEALTHY if condition_mode else Want.WITHDRAW

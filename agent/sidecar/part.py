@@ -13,6 +13,7 @@ import socket
 from agent import config, systemd
 from agent.bundle.model import Bundle
 from agent.part import BundleInUse, BundleWaiting, Context, FatalError, PackageReady, SidecarReadiness
+from agent.registry.address_part import AddressChanged
 from agent.sidecar import package as sidecar_package
 from agent.sidecar.machine import SidecarStateChanged, State
 from agent.sidecar.profiles import ProfileError, describe, read_spec
@@ -73,6 +74,9 @@ class SidecarPart:
     # --- events and timers ---
 
     def handle(self, event: object, now: float) -> bool:
+        if isinstance(event, AddressChanged):
+            self.address_changed(event.new)
+            return False
         if isinstance(event, BundleWaiting | BundleInUse):
             self.bundle_seen(event, now)
             return False  # other parts' news too
@@ -148,6 +152,24 @@ class SidecarPart:
         log.info("sidecar: %s", describe(spec))
         self.supervisor = Supervisor(spec, self.ctx.layout, self.ctx.post)
         self.supervisor.start()
+        self.changed()
+
+    def address_changed(self, address: str) -> None:
+        """The istio profile gives the proxy the address as INSTANCE_IP (unless cluster.env fixes it as
+        ISTIO_SVC_IP): istiod knows the proxy by it, so the proxy restarts with the new one. A spec the
+        address does not enter (envoy) leaves the proxy be."""
+        if self.supervisor is None or self.bundle is None:
+            return
+        try:
+            spec = read_spec(self.ctx.cfg.sidecar, self.ctx.layout, cluster_env=self.bundle.env_map,
+                             hostname=socket.gethostname().split(".")[0], address=address)
+        except ProfileError as exc:
+            self.ctx.record_error("sidecar", f"address {address}: {exc}")
+            return
+        if spec.env.get("INSTANCE_IP") == self.supervisor.spec.env.get("INSTANCE_IP"):
+            return
+        log.info("the address changed to %s: restarting the proxy with it", address)
+        self.supervisor.restart(drain=True, spec=spec)  # in a worker: the loop goes on meanwhile
         self.changed()
 
     def changed(self) -> None:

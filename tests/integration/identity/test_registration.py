@@ -25,8 +25,7 @@ from agent.kube.client import Kube
 from agent.registry import entry as E
 from agent.registry.identity_manifests import authentication_configuration, identity_authenticator, identity_bindings
 from agent.registry.manifests import build_manifests
-from agent.registry.registrar import Settings
-from agent.registry.states import State
+from agent.registry.states import Settings, State
 from devkit.identity import FakeAzure, FakeGcp, FakeSts, Instance, TestIssuer
 from devkit.kubeapi.fixtures import kubeapi  # noqa: F401
 from devkit.kubeapi.oidc import install

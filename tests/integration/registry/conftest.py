@@ -13,7 +13,7 @@ from agent.kube.auth import Credentials
 from agent.kube.client import Kube
 from agent.registry import entry as E
 from agent.registry.manifests import build_manifests
-from agent.registry.registrar import Settings
+from agent.registry.states import Settings
 from devkit.registrydriver import Driver
 
 pytest.importorskip("devkit.kubeapi.server", reason="the Kubernetes API emulator is not in this tree")

@@ -173,8 +173,7 @@ def test_an_agent_refused_by_the_policy_says_why_and_writes_nothing(cluster: Clu
     policy's words, and retries later; nothing is written in its name."""
     from agent.kube.auth import Credentials
     from agent.kube.client import Kube
-    from agent.registry.registrar import Settings
-    from agent.registry.states import State
+    from agent.registry.states import Settings, State
 
     kube = Kube.from_credentials(Credentials(kubeconfig=str(cluster.agent_kubeconfig)), timeout=3.0)
 

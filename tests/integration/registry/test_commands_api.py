@@ -83,7 +83,7 @@ def test_manifests_applied_then_used_with_exactly_that_rbac(cluster: Cluster, dr
     kc = cluster.api.write_kubeconfig(cluster.tmp / "cart.kubeconfig", token)
 
     from agent.registry import entry as E
-    from agent.registry.registrar import Settings
+    from agent.registry.states import Settings
     from devkit.registrydriver import Driver as D
 
     kube = Kube.from_credentials(Credentials(kubeconfig=str(kc)), timeout=3.0)

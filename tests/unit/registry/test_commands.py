@@ -95,7 +95,22 @@ def test_plan_from_config_and_cluster_env() -> None:
     group = {"metadata": {"name": "billing", "namespace": "vm-apps", "uid": "u"}, "spec": {}}
     obj = plan.build(group)
     assert obj["metadata"]["name"] == "billing-10.0.0.5-net1"
-    assert obj["spec"]["labels"] == {"app": "billing", "version": "v1", "rack": "r1"}
+    assert obj["spec"]["labels"] == {"app": "billing", "version": "v1", "rack": "r1",
+                                     "topology.istio.io/network": "net1"}
+    # The network from cluster.env's ISTIO_META_NETWORK: spec.network and the label on the object.
+    assert obj["spec"]["network"] == "net1"
+    assert obj["metadata"]["labels"]["topology.istio.io/network"] == "net1"
+    # registry.network wins over the bundle's.
+    cfg2 = C.parse("bundle: {source: /b}\nregistry: {network: west}\n")
+    obj2 = make_plan(cfg2.registry, env, machine_id="m" * 32, address="10.0.0.5",
+                     bundle_kubeconfig="/b/kc").build(group)
+    assert obj2["metadata"]["name"] == "billing-10.0.0.5-west" and obj2["spec"]["network"] == "west"
+    assert obj2["metadata"]["labels"]["topology.istio.io/network"] == "west"
+    # Without a network anywhere: neither the field nor the label.
+    env3 = {k: v for k, v in env.items() if k != "ISTIO_META_NETWORK"}
+    obj3 = make_plan(cfg.registry, env3, machine_id="m" * 32, address="10.0.0.5",
+                     bundle_kubeconfig="/b/kc").build(group)
+    assert "network" not in obj3["spec"] and "topology.istio.io/network" not in obj3["metadata"]["labels"]
     with pytest.raises(PlanError, match=r"registry\.namespace"):
         make_plan(cfg.registry, {}, machine_id="m" * 32, address="10.0.0.5", bundle_kubeconfig="/kc")
     with pytest.raises(PlanError, match="no API credentials"):

@@ -12,8 +12,8 @@ from agent.registry import entry as E
 from agent.registry import events as EV
 from agent.registry.converge import Outcome, Want
 from agent.registry.group import GroupGone, GroupSeen
-from agent.registry.registrar import Registrar, Settings
-from agent.registry.states import Change, State
+from agent.registry.registrar import Registrar
+from agent.registry.states import Change, Settings, State
 from agent.registry.worker import RegistryResult
 
 GROUP = {"metadata": {"name": "g", "namespace": "ns", "uid": "group-uid"},

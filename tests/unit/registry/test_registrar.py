@@ -9,8 +9,8 @@ from agent.kube.errors import Conflict, Unauthorized, Unavailable
 from agent.registry import entry as E
 from agent.registry.converge import Outcome, Want
 from agent.registry.group import GroupGone, GroupSeen
-from agent.registry.registrar import Registrar, Settings, decide_want
-from agent.registry.states import State
+from agent.registry.registrar import Registrar
+from agent.registry.states import Settings, State, decide_want
 from agent.registry.worker import RegistryResult
 
 GROUP = {"metadata": {"name": "g", "namespace": "ns", "uid": "u"},

@@ -1,0 +1,207 @@
+"""The address part: notices when this VM's mesh address changes while the agent runs (a DHCP lease
+renewed with another address, an interface replaced, the cloud's public address reassigned) and tells
+the loop, as AddressChanged(old, new). This part comes before the others in the loop's list, so
+ctx.address is the new one when they see the event: the registry part moves the entry, the sidecar
+part restarts the proxy when its launch spec carries the address, the health part points probes
+that connect to the instance address (app.probe_host: instance) at the new one.
+
+The watcher polls: every `registry.address.watch` seconds it decides the address again the way the
+start did (agent.registry.address.decide, psutil's interface list and /proc), with the address in use
+kept while it still qualifies. Polling a few dozen bytes of /proc every few seconds is cheaper and
+simpler than following netlink, and it cannot miss an event. A new address counts only when two looks
+in a row see it, so an interface briefly holding both addresses, or none, during a renewal never
+moves the entry twice. No address at all is logged and changes nothing: the entry stays where it is.
+The metadata service is asked every registry.address.metadata.every (a minute). An address fixed by ISTIO_SVC_IP or
+registry.address.value is not watched.
+
+The metadata service is never asked from the loop's thread: the first answer is had in start(),
+before the loop runs (as the identity part's first token is), and a reload that turns to it leaves
+the question to the watcher, whose first look then counts at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent import config
+from agent.bundle.model import Bundle
+from agent.part import BundleInUse, Context, FatalError
+from agent.registry.address import AddressError, decide, fixed
+
+log = logging.getLogger("agent.address")
+
+
+@dataclass(frozen=True)
+class AddressChanged:
+    """This VM's mesh address is now `new` (it was `old`)."""
+
+    old: str
+    new: str
+
+
+class AddressWatcher:
+    """A thread that decides the address every `interval` seconds and posts AddressChanged when a new
+    one is seen twice in a row."""
+
+    def __init__(self, detect: Callable[[str], str], current: str, interval: float,
+                 post: Callable[[object], None], *, trust_first: bool = False) -> None:
+        self.detect, self.current, self.interval, self.post = detect, current, interval, post
+        # A new configuration: its first answer is no flicker and counts without a second look.
+        self._trust_first = trust_first
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="address-watch", daemon=True)
+        self._candidate: str | None = None
+        self._problem: str | None = None
+
+    def start(self) -> AddressWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        if self._trust_first:
+            self.look()
+        while not self._stop.wait(self.interval):
+            self.look()
+
+    def look(self) -> AddressChanged | None:
+        """One look; returns (and posts) the change it confirmed."""
+        try:
+            new = self.detect(self.current)
+        except AddressError as exc:
+            if str(exc) != self._problem:
+                log.warning("address: %s; keeping %s", exc, self.current)
+            self._problem, self._candidate = str(exc), None
+            return None
+        except Exception:  # a bug must not end the watch
+            log.exception("address: the look failed unexpectedly")
+            return None
+        self._problem = None
+        trusted, self._trust_first = self._trust_first, False
+        if new == self.current:
+            self._candidate = None
+            return None
+        if new != self._candidate and not trusted:
+            self._candidate = new  # seen once: confirmed by the next look
+            return None
+        change = AddressChanged(self.current, new)
+        self.current, self._candidate = new, None
+        self.post(change)
+        return change
+
+
+@dataclass(frozen=True)
+class AddressSnapshot:
+    address: str | None = None
+    changes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"address": self.address, "address_changes": self.changes} if self.address else {}
+
+
+class AddressPart:
+    name = "address"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.bundle: Bundle | None = None
+        self.watcher: AddressWatcher | None = None
+        self.changes = 0
+        self.from_metadata = False  # ctx.address came from the metadata service in start()
+
+    def start(self, now: float) -> None:
+        """With `metadata`, ask the cloud now, before the loop runs (bounded by its tries and timeout);
+        the first bundle may still fix the address with ISTIO_SVC_IP."""
+        a = self.ctx.cfg.registry.address
+        if not self.ctx.cfg.registry.enabled or a.value is not None or a.metadata.provider == "none":
+            return
+        from agent.registry.cloud_address import metadata_address
+
+        try:
+            self.ctx.address = metadata_address(a.metadata, a.family)
+        except AddressError as exc:
+            # Not a configuration problem (exit 1, not 78): the unit starts the agent again, and the
+            # metadata service may answer then.
+            raise FatalError(f"no address for this VM: {exc}") from None
+        self.from_metadata = True
+        self.ctx.address_known = True
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+
+    def status(self) -> AddressSnapshot:
+        return AddressSnapshot(self.ctx.address, self.changes)
+
+    def tick(self, now: float) -> float | None:
+        return None
+
+    def handle(self, event: object, now: float) -> bool:
+        if isinstance(event, BundleInUse):
+            self.bundle = event.bundle
+            svc_ip = event.bundle.env_map.get("ISTIO_SVC_IP") or None
+            if self.from_metadata and svc_ip:
+                # ISTIO_SVC_IP comes first, as everywhere; deciding it asks nobody.
+                self.from_metadata = False
+                try:
+                    self.ctx.address = decide(self.ctx.cfg.registry.address, svc_ip)
+                except AddressError as exc:
+                    self.ctx.record_error("registry", str(exc))
+                    self.ctx.address = None
+            if self.watcher is None and self.ctx.cfg.registry.enabled:
+                self.watch(self.ctx.cfg)
+            return False
+        if isinstance(event, AddressChanged):
+            log.info("address changed: %s -> %s", event.old, event.new)
+            self.ctx.address = event.new
+            self.changes += 1
+            self.ctx.metrics.inc("address_changes")
+            return False  # the registry and sidecar parts act on it too
+        return False
+
+    def reconfigure(self, old: config.Config, new: config.Config) -> None:
+        if new.registry.address == old.registry.address or self.bundle is None:
+            return
+        self.stop()
+        svc_ip = self.bundle.env_map.get("ISTIO_SVC_IP") or None
+        current = self.ctx.address
+        a = new.registry.address
+        if not fixed(a, svc_ip) and a.metadata.provider != "none":
+            # Not on the loop: the watcher asks at once and its first answer counts.
+            if current is not None:
+                self.watch(new, current, trust_first=True)
+            return
+        try:
+            address = decide(a, svc_ip)
+        except AddressError as exc:
+            log.error("registry.address: %s; keeping %s", exc, current)
+            self.ctx.record_error("address", str(exc))
+        else:
+            if current is not None and address != current:
+                # Through the queue, so the registry part's new registrar moves its entry.
+                self.ctx.post(AddressChanged(current, address))
+                current = address
+        self.watch(new, current)
+
+    def watch(self, cfg: config.Config, current: str | None = None, trust_first: bool = False) -> None:
+        assert self.bundle is not None
+        a = cfg.registry.address
+        svc_ip = self.bundle.env_map.get("ISTIO_SVC_IP") or None
+        current = current or self.ctx.address_for(self.bundle)
+        if current is None or fixed(a, svc_ip) or not (a.watch or trust_first):
+            return
+        interval = float(a.metadata.every) if a.metadata.provider != "none" else float(a.watch)
+        if not a.watch:
+            interval = 365 * 86400.0  # one look for the reload, then none
+        self.watcher = AddressWatcher(lambda keep: decide(a, svc_ip, keep=keep), current, interval,
+                                      self.ctx.post, trust_first=trust_first).start()
+        log.info("watching the address %s every %gs", current, interval)
