@@ -12,12 +12,16 @@ rotation are agent.kube.auth's.
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from agent.kube.apply import PER_CALL, apply_api, apply_args, apply_style
 from agent.kube.auth import Credentials, make_configuration
 from agent.kube.errors import ApiError, NotFound, Unavailable, map_error
+
+log = logging.getLogger(__name__)
 
 ENTRIES = ("networking.istio.io", "v1", "workloadentries")
 GROUPS = ("networking.istio.io", "v1", "workloadgroups")
@@ -35,6 +39,23 @@ def _describe(res: Resource, namespace: str | None, name: str | None = None) -> 
     if namespace:
         text += f" in namespace {namespace}"
     return text
+
+
+def preload() -> threading.Thread:
+    """Import the kubernetes client (about 250 ms of CPU and most of the agent's memory) in a thread,
+    so that the first registration finds it loaded instead of importing it on the loop after the
+    proxy is ready. Python's import lock makes the loop's own import wait for this one, never twice."""
+
+    def load() -> None:
+        try:
+            import kubernetes.client
+            import kubernetes.watch  # noqa: F401
+        except Exception:  # the real import, on first use, reports it
+            log.debug("preloading the kubernetes client failed", exc_info=True)
+
+    t = threading.Thread(target=load, name="kube-preload", daemon=True)
+    t.start()
+    return t
 
 
 class Kube:
