@@ -125,7 +125,7 @@ class Agent:
             self.serve_metrics()
         if self.cfg.registry.enabled:
             # The API client loads while the bundle is installed and the proxy starts, not after.
-            kube_client.preload()
+            kube_client.preload(self.ctx.post)
         try:
             self.start()
             self.enter(Phase.RUNNING)
