@@ -3,8 +3,9 @@
 Cheap at rest: once per `interval` (1 s) while every port listens, it asks the kernel for the
 listening TCP sockets (sock_diag over netlink, about 0.1 ms; reading /proc/net/tcp{,6} instead, the
 fallback, walks every socket and costs milliseconds on a busy host) to learn their inodes. While a
-watched port is not listening it asks every `down_interval` (50 ms; 250 ms on the /proc fallback)
-instead, so an app that comes back is seen at once; that cost is paid only while the app is down.
+watched port is not listening it asks every `down_interval` (50 ms) instead, so an app that comes
+back is seen at once; that cost (about 0.5 % of a core) is paid only while the app is down, and only
+for its first minute down (then every 250 ms; on the /proc fallback always 250 ms).
 Only when a new listening inode appears does it look for its owners in /proc/*/fd, the costly step,
 which it then skips until the listener changes. It waits on each owner's exit with a pidfd
 (os.pidfd_open + poll, where the kernel has it), so a dead app is reported within milliseconds, not
@@ -34,7 +35,8 @@ from agent.health.listeners import find_owners, pidfd_exit_status, pidfd_support
 log = logging.getLogger(__name__)
 
 _MAX_OWNERS = 64  # pidfds kept per listener (e.g. pre-forked workers sharing one socket)
-_PROC_DOWN_INTERVAL = 0.25  # the down pace when each scan walks /proc/net/tcp (milliseconds a scan)
+_SLOW_DOWN_INTERVAL = 0.25  # the down pace on the /proc fallback, and after a minute down
+_FAST_FOR = 60.0  # how long after a port went down it is looked at every down_interval
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class PortWatch:
         self._post = post
         self.interval = interval
         self.down_interval = min(down_interval, interval)
+        self._down_since: float | None = None  # since when a watched port has not been listening
         self.watch_process = watch_process
         self.fallback_interval = fallback_interval
         self.owner_retry = owner_retry
@@ -190,13 +193,18 @@ class PortWatch:
         return min(next_scan, time.monotonic() + self._interval_now())
 
     def _interval_now(self) -> float:
-        """Until the next scan: short while a watched port is down (its return is awaited), else long."""
+        """Until the next scan: short while a watched port is down (its return is awaited), else long.
+        A port down for more than a minute (an app stopped on purpose) is looked at every 250 ms."""
         with self._lock:
             down = any(state.listening is not True for state in self._ports.values())
+        now = time.monotonic()
         if not down:
+            self._down_since = None
             return self.interval
-        return self.down_interval if listeners.sock_diag_in_use() else min(self.interval, max(self.down_interval,
-                                                                                   _PROC_DOWN_INTERVAL))
+        if self._down_since is None:
+            self._down_since = now
+        fast = listeners.sock_diag_in_use() and now - self._down_since < _FAST_FOR
+        return self.down_interval if fast else min(self.interval, max(self.down_interval, _SLOW_DOWN_INTERVAL))
 
     def _scan(self) -> None:
         with self._lock:
