@@ -8,19 +8,29 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-prom: ModuleType | None
-try:
-    import prometheus_client as prom
-except ImportError:  # Debian: python3-prometheus-client is a Recommends, not a Depends
-    prom = None
+prom: ModuleType | None = None  # prometheus_client, imported by the first Metrics that is on
+
+
+def _load() -> ModuleType | None:
+    """prometheus_client (about 3 MiB and 40 ms), imported only when metrics are on."""
+    global prom
+    if prom is None:
+        try:
+            import prometheus_client
+        except ImportError:  # Debian: python3-prometheus-client is a Recommends, not a Depends
+            return None
+        prom = prometheus_client
+    return prom
 
 PHASES = ("starting", "running", "reloading", "stopping", "stopped", "failed")
 
 
 class Metrics:
-    """All metrics the agent exports. Without prometheus-client every method is a no-op."""
+    """All metrics the agent exports. Off (`on=False`, agent.yaml's metrics.enabled) or without
+    prometheus-client, every method is a no-op and prometheus-client is not even imported."""
 
-    def __init__(self) -> None:
+    def __init__(self, on: bool = True) -> None:
+        prom = _load() if on else None
         self.enabled = prom is not None
         if prom is None:
             return
@@ -51,7 +61,7 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
     def serve(self, address: str, port: int) -> bool:
-        if prom is None:
+        if prom is None or not self.enabled:
             log.warning("metrics are off: python3-prometheus-client is not installed")
             return False
         prom.start_http_server(port, addr=address, registry=self.registry)
@@ -78,4 +88,4 @@ class Metrics:
             self.probe_latency.labels("success" if ok else "failure").observe(seconds)
 
     def render(self) -> bytes:
-        return prom.generate_latest(self.registry) if prom is not None else b""
+        return prom.generate_latest(self.registry) if prom is not None and self.enabled else b""

@@ -136,6 +136,11 @@ def _diag_works() -> bool:
     return _diag_state.setdefault("ok", hasattr(socket, "AF_NETLINK"))
 
 
+def sock_diag_in_use() -> bool:
+    """True while read_listeners asks sock_diag (cheap) rather than walking /proc/net/tcp."""
+    return _diag_works()
+
+
 def read_listeners_proc(ports: Iterable[int], proc: str = "/proc") -> dict[int, set[int]]:
     ports = tuple(ports)
     out: dict[int, set[int]] = {}

@@ -1,12 +1,16 @@
 """Which app ports are listening, which processes own them, and the moment an owner dies.
 
-Cheap at rest: once per `interval` it asks the kernel for the listening TCP sockets (sock_diag over
-netlink, about 0.1 ms; reading /proc/net/tcp{,6} instead, the fallback, walks every socket and costs
-milliseconds on a busy host) to learn their inodes. Only when a new listening inode
-appears does it look for its owners in /proc/*/fd, the costly step, which it then skips until the
-listener changes. It waits on each owner's exit with a pidfd (os.pidfd_open + poll, where the kernel
-has it), so a dead app is reported within milliseconds, not at the next scan; where pidfds are not
-available it checks the owners' /proc entries every `fallback_interval` instead.
+Cheap at rest: once per `interval` (1 s) while every port listens, it asks the kernel for the
+listening TCP sockets (sock_diag over netlink, about 0.1 ms; reading /proc/net/tcp{,6} instead, the
+fallback, walks every socket and costs milliseconds on a busy host) to learn their inodes. While a
+watched port is not listening it asks every `down_interval` (50 ms) instead, so an app that comes
+back is seen at once; that cost (about 0.5 % of a core) is paid only while the app is down, and only
+for its first minute down (then every 250 ms; on the /proc fallback always 250 ms).
+Only when a new listening inode appears does it look for its owners in /proc/*/fd, the costly step,
+which it then skips until the listener changes. It waits on each owner's exit with a pidfd
+(os.pidfd_open + poll, where the kernel has it), so a dead app is reported within milliseconds, not
+at the next scan; where pidfds are not available it checks the owners' /proc entries every
+`fallback_interval` instead.
 
 An owner's exit is reported (OwnerExited) only when the port stopped listening with it: a worker
 that dies while its siblings keep the shared socket is not the app's death.
@@ -25,11 +29,14 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from agent.health import listeners
 from agent.health.listeners import find_owners, pidfd_exit_status, pidfd_supported, read_listeners, read_stat
 
 log = logging.getLogger(__name__)
 
 _MAX_OWNERS = 64  # pidfds kept per listener (e.g. pre-forked workers sharing one socket)
+_SLOW_DOWN_INTERVAL = 0.25  # the down pace on the /proc fallback, and after a minute down
+_FAST_FOR = 60.0  # how long after a port went down it is looked at every down_interval
 
 
 @dataclass(frozen=True)
@@ -77,10 +84,12 @@ class PortWatch:
     """Watches ports and their owners in one thread; `post` gets the events."""
 
     def __init__(self, ports: Iterable[int], post: Callable[[object], None], *, interval: float = 1.0,
-                 watch_process: bool = True, fallback_interval: float = 0.05,
+                 down_interval: float = 0.05, watch_process: bool = True, fallback_interval: float = 0.05,
                  owner_retry: float = 30.0, use_pidfd: bool | None = None) -> None:
         self._post = post
         self.interval = interval
+        self.down_interval = min(down_interval, interval)
+        self._down_since: float | None = None  # since when a watched port has not been listening
         self.watch_process = watch_process
         self.fallback_interval = fallback_interval
         self.owner_retry = owner_retry
@@ -157,8 +166,8 @@ class PortWatch:
             if self._rescan:
                 self._rescan, next_scan = False, now
         if now >= next_scan:
-            next_scan = now + self.interval
             self._scan()
+            next_scan = now + self._interval_now()
         with self._lock:
             polling = not self.use_pidfd and bool(self._owners)
         wait = max(0.0, next_scan - time.monotonic())
@@ -180,7 +189,22 @@ class PortWatch:
                     st = read_stat(owner.pid)
                     if st is None or st.state == "Z" or st.start_ticks != owner.start_ticks:
                         self._owner_gone(owner.pid)
-        return next_scan
+        # A port that went down with its owner is looked at again at the down pace from here on.
+        return min(next_scan, time.monotonic() + self._interval_now())
+
+    def _interval_now(self) -> float:
+        """Until the next scan: short while a watched port is down (its return is awaited), else long.
+        A port down for more than a minute (an app stopped on purpose) is looked at every 250 ms."""
+        with self._lock:
+            down = any(state.listening is not True for state in self._ports.values())
+        now = time.monotonic()
+        if not down:
+            self._down_since = None
+            return self.interval
+        if self._down_since is None:
+            self._down_since = now
+        fast = listeners.sock_diag_in_use() and now - self._down_since < _FAST_FOR
+        return self.down_interval if fast else min(self.interval, max(self.down_interval, _SLOW_DOWN_INTERVAL))
 
     def _scan(self) -> None:
         with self._lock:

@@ -16,7 +16,12 @@ Flap damping never delays a failure: an app that fails must leave the mesh at on
 the way back to Healthy: not before `min_dwell` after the previous transition, and only while fewer
 than `max_transitions - 1` transitions happened within `window` (keeping room for the failure that a
 flapping app will produce next), so an alternating probe yields at most `max_transitions` per
-window. A held return is not lost: `next_deadline()` says when to call `tick()`, which then emits it
+window. A sidecar restart is not an app flap: an Unhealthy caused by the proxy alone (the app stayed
+ok) is neither counted nor damped, so the app is Healthy again as soon as the proxy is ready (a proxy
+that keeps crashing is stopped by the supervisor's crash-loop budget, not here); if the app fails too
+while the proxy is down, that failure counts and its return is damped as any other.
+
+A held return is not lost: `next_deadline()` says when to call `tick()`, which then emits it
 if the inputs still call for it, so the final state is right once the inputs settle.
 """
 
@@ -80,6 +85,7 @@ class Tracker:
         self._sidecar_ready = sidecar_ready
         self._history: deque[float] = deque()  # times of emitted transitions within the window
         self._last_transition_at: float | None = None
+        self._sidecar_outage = False  # the emitted Unhealthy is the proxy's alone: not damped
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -198,6 +204,8 @@ class Tracker:
     def _healthy_allowed_at(self) -> float:
         """Earliest time a return to Healthy respects both the dwell time and the window cap."""
         at = float("-inf")
+        if self._sidecar_outage:
+            return at
         if self._last_transition_at is not None:
             at = self._last_transition_at + self.damping.min_dwell
         # Room must be left for one more transition (the next failure) within the cap.
@@ -211,6 +219,10 @@ class Tracker:
         state, cause, reason = self.desired()
         if state is self.state:
             if (cause, reason) != (self.cause, self.reason) and state is not Health.HEALTHY:
+                if self._sidecar_outage and cause is not Cause.SIDECAR_NOT_READY:
+                    # The app failed too while the proxy was down: from here on it is the app's flap.
+                    self._sidecar_outage = False
+                    self._record(now)
                 self.cause, self.reason = cause, reason  # same state, fresher explanation
             return None
         if state is Health.HEALTHY and now < self._healthy_allowed_at():
@@ -219,6 +231,12 @@ class Tracker:
             return None  # never go back to "no verdict"
         previous = self.state
         self.state, self.cause, self.reason, self.since = state, cause, reason, now
+        returning = self._sidecar_outage
+        self._sidecar_outage = state is Health.UNHEALTHY and cause is Cause.SIDECAR_NOT_READY
+        if not (returning or self._sidecar_outage):
+            self._record(now)
+        return Transition(previous, state, cause, reason, now)
+
+    def _record(self, now: float) -> None:
         self._history.append(now)
         self._last_transition_at = now
-        return Transition(previous, state, cause, reason, now)

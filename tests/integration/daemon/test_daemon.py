@@ -378,6 +378,23 @@ def test_bundle_built_from_the_cluster(r: Rig) -> None:
     assert r.stop_agent() == 0
 
 
+def test_a_proxy_restart_brings_the_entry_back_without_flap_damping(r: Rig) -> None:
+    """The proxy's crash withdraws the entry; its restart is no app flap, so the entry is back as soon
+    as the proxy is ready, though a return of the app itself would be held for an hour."""
+    r.overrides = {"app": {"flap": {"min_dwell": "1h"}}}
+    r.write_config()
+    r.start_agent()
+    first = wait_for(r.entry, 60, "registration")
+    pid = json.loads((r.root / "run/mesh-agent/sidecar.pid").read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    again = wait_for(lambda: (e := r.entry()) is not None and e["metadata"]["uid"] != first["metadata"]["uid"]
+                     and e, 30, "the entry to be registered again after the proxy's restart")
+    assert again["spec"]["address"] == "127.0.0.1"
+    log = r.log_text()
+    assert "sidecar not ready" in log
+    assert r.stop_agent() == 0
+
+
 def test_a_crash_looping_sidecar_makes_the_agent_exit_non_zero(r: Rig) -> None:
     """FATAL is for systemd to see: the agent gives up with status 1 (Restart=on-failure applies)."""
     r.overrides = {"sidecar": {"envoy_binary": "/bin/false", "crash_loop": {"max_exits": 3, "window": "60s"}}}

@@ -227,6 +227,36 @@ def _kernel_at_least(major: int, minor: int) -> bool:
     return (int(parts[0]), int(parts[1].split("-")[0])) >= (major, minor)
 
 
+def test_a_listener_that_comes_back_is_seen_within_a_scan_at_the_down_pace(apps: Apps, events: Events) -> None:
+    # The resting interval is far longer than the test: every scan seen here is the down pace's.
+    app = apps.start("tcp")
+    w = PortWatch([app.port], events.post, interval=3600.0, down_interval=0.05)
+    w.start()
+    try:
+        assert isinstance(events.next(3), ListenerUp)
+        scans_up = w.scans
+        os.kill(app.pid, signal.SIGKILL)
+        assert isinstance(events.next(3), OwnerExited)
+        app.proc.wait(5)
+        # While the port is down it is looked at again and again (the resting pace would not look at all).
+        deadline = time.monotonic() + 10
+        while w.scans < scans_up + 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w.scans >= scans_up + 3
+        apps.start("tcp", port=app.port)  # listening when this returns
+        scans_listening = w.scans
+        up = events.next(10)
+        assert isinstance(up, ListenerUp) and up.pids == (apps.started[-1].pid,)
+        # Seen by the scan under way when it started listening or the next one.
+        assert w.scans - scans_listening <= 2
+        # Up again: back to the resting pace, no more scans.
+        scans_after = w.scans
+        assert events.drain(0.5) == []
+        assert w.scans == scans_after
+    finally:
+        w.stop()
+
+
 def test_exit_status_of_an_app_its_parent_reaps_at_once(events: Events, tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -209,3 +209,45 @@ def test_schedule_initial_delay_then_period() -> None:
     assert s.due == 140.0
     s.now_if_allowed(133.0)
     assert s.due == 133.0
+
+
+DAMPED = Damping(min_dwell=5.0, max_transitions=4, window=60.0)
+
+
+def test_a_sidecar_restart_is_not_damped_nor_counted() -> None:
+    t = tracker(damping=DAMPED)
+    assert probe(t, True, 0.0).state is Health.HEALTHY
+    for crash in range(5):  # more proxy restarts than the window allows app flaps
+        at = 1.0 + crash
+        tr = t.sidecar(False, now=at)
+        assert tr.state is Health.UNHEALTHY and tr.cause is Cause.SIDECAR_NOT_READY
+        tr = t.sidecar(True, now=at + 0.1)  # well inside min_dwell: back at once
+        assert tr is not None and tr.state is Health.HEALTHY and tr.at == at + 0.1
+    assert t.transitions_in_window(6.0) == 1  # only the app's own first verdict
+    # An app flap afterwards is damped as before: the proxy's restarts did not use up its room.
+    assert probe(t, False, 7.0) is None and t.state is Health.HEALTHY  # failure threshold 3
+    probe(t, False, 7.1)
+    assert probe(t, False, 7.2).state is Health.UNHEALTHY
+    assert probe(t, True, 8.0) is None and t.next_deadline() == 12.2
+
+
+def test_an_app_that_fails_while_the_proxy_is_down_is_damped() -> None:
+    t = tracker(failure=1, damping=DAMPED)
+    probe(t, True, 0.0)
+    assert t.sidecar(False, now=10.0).cause is Cause.SIDECAR_NOT_READY
+    assert t.port_closed(8080, now=10.5) is None and t.cause is Cause.PORT_CLOSED  # already Unhealthy
+    t.listener_up(8080, now=11.0)
+    assert t.sidecar(True, now=11.0) is None
+    assert probe(t, True, 11.2) is None  # the app's own return waits min_dwell from its failure
+    assert t.held(11.2) and t.next_deadline() == 15.5
+    assert t.tick(15.5).state is Health.HEALTHY
+
+
+def test_a_proxy_crash_during_a_held_return_keeps_it_held() -> None:
+    t = tracker(failure=1, damping=DAMPED)
+    probe(t, True, 0.0)
+    probe(t, False, 10.0)
+    assert probe(t, True, 11.0) is None  # held until 15
+    assert t.sidecar(False, now=12.0) is None and t.cause is Cause.SIDECAR_NOT_READY
+    assert t.sidecar(True, now=12.5) is None  # the app's flap still holds it
+    assert t.next_deadline() == 15.0 and t.tick(15.0).state is Health.HEALTHY
