@@ -28,7 +28,6 @@ from agent import reload as reload_verb
 from agent.bundle.part import BundlePart
 from agent.health.part import HealthPart
 from agent.identity.part import IdentityPart
-from agent.kube import client as kube_client
 from agent.maintenance import MaintenancePart
 from agent.metrics import Metrics
 from agent.part import Context, FatalError, Part, Wake
@@ -127,9 +126,6 @@ class Agent:
         log.info("mesh-agent %s starting (config %s)", __version__, self.config_path)
         if self.cfg.metrics.enabled:
             self.serve_metrics()
-        if self.cfg.registry.enabled:
-            # The API client loads while the bundle is installed and the proxy starts, not after.
-            kube_client.preload(self.ctx.post)
         try:
             self.start()
             self.enter(Phase.RUNNING)

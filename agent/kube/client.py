@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from agent.kube.apply import PER_CALL, apply_api, apply_args, apply_style
@@ -40,41 +38,6 @@ def _describe(res: Resource, namespace: str | None, name: str | None = None) -> 
     if namespace:
         text += f" in namespace {namespace}"
     return text
-
-
-@dataclass(frozen=True)
-class ClientLoaded:
-    """The kubernetes client is imported (posted by preload's thread)."""
-
-
-_loading = threading.Event()  # set while preload's thread imports
-
-
-def loading() -> bool:
-    """True while preload's thread is still importing the kubernetes client."""
-    return _loading.is_set()
-
-
-def preload(post: Callable[[object], None]) -> threading.Thread:
-    """Import the kubernetes client (about 250 ms of CPU and most of the agent's memory) in a thread,
-    while the bundle is installed and the proxy starts, instead of on the loop after; posts
-    ClientLoaded when done, so that the registry builds its client without waiting on the loop.
-    Python's import lock makes any other import of it wait for this one, never load it twice."""
-
-    def load() -> None:
-        try:
-            import kubernetes.client
-            import kubernetes.watch  # noqa: F401
-        except Exception:  # the real import, on first use, reports it
-            log.debug("preloading the kubernetes client failed", exc_info=True)
-        finally:
-            _loading.clear()
-            post(ClientLoaded())
-
-    _loading.set()
-    t = threading.Thread(target=load, name="kube-preload", daemon=True)
-    t.start()
-    return t
 
 
 class Kube:

@@ -14,7 +14,6 @@ from agent import apps, config
 from agent.bundle.model import Bundle
 from agent.health.monitor import HealthChanged
 from agent.health.state import Health
-from agent.kube import client as kube_client
 from agent.part import BundleInUse, Context, FatalError, ForApp, MaintenanceChanged
 from agent.registry import registrar as reg
 from agent.registry import service
@@ -72,7 +71,6 @@ class RegistryPart:
         self.last_write: dict[str, Any] = {}
         self.lease: dict[str, Any] = {}
         self.due: float | None = None
-        self.waiting_for_client = False  # the first bundle came while the client was still loading
 
     def start(self, now: float) -> None:
         pass  # the first bundle names the group and the API
@@ -120,15 +118,7 @@ class RegistryPart:
         if isinstance(event, BundleInUse):
             self.bundle = event.bundle
             if self.registrar is None and self.ctx.cfg.registry.enabled:
-                # Not while the client loads in its thread: the loop would wait for the import.
-                self.waiting_for_client = kube_client.loading()
-                if not self.waiting_for_client:
-                    self.start_registrar(event.bundle)
-            return False
-        if isinstance(event, kube_client.ClientLoaded):
-            if self.waiting_for_client and self.registrar is None and self.bundle is not None:
-                self.waiting_for_client = False
-                self.start_registrar(self.bundle)
+                self.start_registrar(event.bundle)
             return False
         if isinstance(event, MaintenanceChanged):
             if event.app is None:

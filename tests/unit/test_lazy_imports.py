@@ -1,5 +1,5 @@
 """What the agent does not use it does not load: prometheus_client only with metrics on, and the
-kubernetes client only when asked for (the daemon's preload thread, or the first client)."""
+kubernetes client only when the registry builds its first client."""
 
 from __future__ import annotations
 
@@ -37,15 +37,3 @@ def test_metrics_on_imports_it_and_renders() -> None:
                "m.set('app_healthy', 1, 'billing')\n"
                "print(m.enabled, b'mesh_agent_app_healthy{app=\"billing\"} 1.0' in m.render())")
     assert out == "True True"
-
-
-@pytest.mark.subprocess
-def test_preload_imports_the_client_in_a_thread_and_says_so() -> None:
-    out = _run("import queue, sys\n"
-               "from agent.kube import client\n"
-               "q = queue.SimpleQueue()\n"
-               "t = client.preload(q.put)\n"
-               "ev = q.get(timeout=60)\n"
-               "t.join(5)\n"
-               "print(type(ev).__name__, client.loading(), 'kubernetes.client' in sys.modules)")
-    assert out == "ClientLoaded False True"
