@@ -127,8 +127,7 @@ class Context:
     metrics: Metrics
     errors: list[dict[str, Any]] = field(default_factory=list)
     stopping: bool = False
-    address: str | None = None
-    address_known: bool = False
+    address: str | None = None  # decided and followed by the address part (agent.registry.address_part)
     instance_key: str | None = None  # the cloud instance, from the identity part's token
     _kube: Kube | None = None
 
@@ -144,19 +143,6 @@ class Context:
     def file_owner(self) -> str | None:
         """Who owns the installed bundle files: the proxy's user (istio), or nobody special (envoy)."""
         return self.cfg.sidecar.user if self.cfg.sidecar.profile == "istio" else None
-
-    def address_for(self, bundle: Bundle) -> str | None:
-        """This VM's mesh address, decided from agent.yaml and the first bundle's cluster.env; the
-        address part (agent.registry.address_part) follows its changes."""
-        if not self.address_known:
-            from agent.registry.address import AddressError, decide
-
-            try:
-                self.address = decide(self.cfg.registry.address, bundle.env_map.get("ISTIO_SVC_IP") or None)
-            except AddressError as exc:
-                self.record_error("registry", str(exc))
-            self.address_known = True
-        return self.address
 
     def shipped_kubeconfig(self) -> str | None:
         from agent.bundle import store

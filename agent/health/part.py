@@ -15,6 +15,7 @@ from agent.health.monitor import HealthChanged, Monitor, probe_host
 from agent.health.state import Health
 from agent.part import BundleInUse, Context, FatalError, ForApp, SidecarReadiness
 from agent.registry.address_part import AddressChanged
+from agent.registry.group import GroupSeen
 
 log = logging.getLogger("agent.health")
 
@@ -67,8 +68,6 @@ class HealthPart:
         self.ctx.post(ForApp(self.app, event))
 
     def handle(self, event: object, now: float) -> bool:
-        from agent.registry.group import GroupSeen
-
         if isinstance(event, ForApp):
             if event.app != self.app:
                 return False
@@ -122,7 +121,7 @@ class HealthPart:
                              "WorkloadGroup a probe or ports", config.EX_CONFIG)
         app = self.app_config.health
         self.monitor = Monitor(decided.probe, ports=decided.ports, post=self.post, flap=app.flap,
-                               probe_host=probe_host(app, self.ctx.address_for(bundle)),
+                               probe_host=probe_host(app, self.ctx.address),
                                watch_process=app.watch_process, sidecar_ready=self.sidecar_ready)
         self.watching = decided
         self.monitor.start()
@@ -141,5 +140,5 @@ class HealthPart:
         self.watching = decided
         app = self.app_config.health
         self.monitor.reconfigure(decided.probe, ports=decided.ports, flap=app.flap,
-                                 probe_host=probe_host(app, self.ctx.address_for(self.bundle)))
+                                 probe_host=probe_host(app, self.ctx.address))
 

@@ -132,7 +132,6 @@ class AddressPart:
             # metadata service may answer then.
             raise FatalError(f"no address for this VM: {exc}") from None
         self.from_metadata = True
-        self.ctx.address_known = True
 
     def stop(self) -> None:
         if self.watcher is not None:
@@ -147,10 +146,12 @@ class AddressPart:
 
     def handle(self, event: object, now: float) -> bool:
         if isinstance(event, BundleInUse):
-            self.bundle = event.bundle
+            first, self.bundle = self.bundle is None, event.bundle
             svc_ip = event.bundle.env_map.get("ISTIO_SVC_IP") or None
-            if self.from_metadata and svc_ip:
-                # ISTIO_SVC_IP comes first, as everywhere; deciding it asks nobody.
+            # Decided once, from agent.yaml and the first bundle, before the parts after this one see it;
+            # an answer of the metadata service at start yields to ISTIO_SVC_IP, which comes first as
+            # everywhere (deciding it asks nobody).
+            if first and (not self.from_metadata or svc_ip):
                 self.from_metadata = False
                 try:
                     self.ctx.address = decide(self.ctx.cfg.registry.address, svc_ip)
@@ -196,7 +197,7 @@ class AddressPart:
         assert self.bundle is not None
         a = cfg.registry.address
         svc_ip = self.bundle.env_map.get("ISTIO_SVC_IP") or None
-        current = current or self.ctx.address_for(self.bundle)
+        current = current or self.ctx.address
         if current is None or fixed(a, svc_ip) or not (a.watch or trust_first):
             return
         interval = float(a.metadata.every) if a.metadata.provider != "none" else float(a.watch)

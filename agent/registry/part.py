@@ -70,7 +70,6 @@ class RegistryPart:
         self.app_maintenance = False
         self.last_write: dict[str, Any] = {}
         self.lease: dict[str, Any] = {}
-        self.due: float | None = None
 
     def start(self, now: float) -> None:
         pass  # the first bundle names the group and the API
@@ -148,34 +147,32 @@ class RegistryPart:
     def tick(self, now: float) -> float | None:
         if self.registrar is None:
             return None
-        self.due = self.registrar.tick(now)  # retries, lease renewal, resync
+        due = self.registrar.tick(now)  # retries, lease renewal, resync
         if self.service is not None:
             self.service.report()  # what changed, as Kubernetes Events
         self.ctx.metrics.set("registered", 1 if self.status().registered else 0, self.app)
-        return self.due
+        return due
 
     # --- the registrar ---
 
     def start_registrar(self, bundle: Bundle) -> None:
-        address = self.ctx.address_for(bundle)
+        address = self.ctx.address
         if address is None:
             raise FatalError("registry: no address for this VM: set registry.address", config.EX_CONFIG)
         try:
-            machine_id = self.ctx.layout.machine_id.read_text()
+            plan = self.plan(bundle, address)
         except OSError as exc:
             raise FatalError(f"registry: {self.ctx.layout.machine_id}: {exc.strerror}") from exc
-        machine_id = self.ctx.instance_key or machine_id  # a cloud instance tells clones of an image apart
-        app = self.app_config(self.ctx.cfg)
+        except service.PlanError as exc:
+            raise FatalError(str(exc), config.EX_CONFIG) from exc
         try:
-            plan = service.make_plan(apps.registry_config(self.ctx.cfg, app), bundle.env_map, machine_id=machine_id,
-                                     address=address, bundle_kubeconfig=self.ctx.shipped_kubeconfig(),
-                                     identity_token=self.ctx.identity_token(), several_apps=app.several)
             self.service = service.RegistryService.start(
                 plan, lambda ev: self.ctx.post(ForApp(self.app, ev)),
                 lambda result: self.ctx.metrics.inc("events", self.app, result))
         except service.PlanError as exc:
             raise FatalError(str(exc), config.EX_CONFIG) from exc
         self.registrar = self.service.registrar
+        app = self.app_config(self.ctx.cfg)
         if bundle.workload_group and apps.owns_bundle_group(app, apps.bundle_group(bundle.env_map)):
             self.registrar.set_group(dict(bundle.workload_group))
         self.registrar.set_health(self.health)
@@ -183,17 +180,23 @@ class RegistryPart:
         s = plan.settings
         log.info("registering as %s in %s/%s (instance %s)", address, s.namespace, s.group, s.instance)
 
+    def plan(self, bundle: Bundle, address: str) -> service.Plan:
+        """This app's entry at `address`: the one place its plan is made (at start and on a move).
+        Raises OSError (the machine-id) or service.PlanError."""
+        machine_id = self.ctx.layout.machine_id.read_text()
+        # A cloud instance tells clones of one image apart better than their machine-id.
+        machine_id = self.ctx.instance_key or machine_id
+        app = self.app_config(self.ctx.cfg)
+        return service.make_plan(apps.registry_config(self.ctx.cfg, app), bundle.env_map, machine_id=machine_id,
+                                 address=address, bundle_kubeconfig=self.ctx.shipped_kubeconfig(),
+                                 identity_token=self.ctx.identity_token(), several_apps=app.several)
+
     def address_changed(self, address: str) -> None:
         """The VM's address changed (agent.registry.address_part): the registrar moves the entry."""
         if self.registrar is None or self.bundle is None:
             return
-        app = self.app_config(self.ctx.cfg)
         try:
-            machine_id = self.ctx.instance_key or self.ctx.layout.machine_id.read_text()
-            plan = service.make_plan(apps.registry_config(self.ctx.cfg, app), self.bundle.env_map,
-                                     machine_id=machine_id, address=address,
-                                     bundle_kubeconfig=self.ctx.shipped_kubeconfig(),
-                                     identity_token=self.ctx.identity_token(), several_apps=app.several)
+            plan = self.plan(self.bundle, address)
         except (OSError, service.PlanError) as exc:
             self.ctx.record_error("registry", f"cannot move the entry to {address}: {exc}")
             return

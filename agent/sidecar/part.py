@@ -146,7 +146,7 @@ class SidecarPart:
     def start_proxy(self, bundle: Bundle) -> None:
         try:
             spec = read_spec(self.ctx.cfg.sidecar, self.ctx.layout, cluster_env=bundle.env_map,
-                             hostname=socket.gethostname().split(".")[0], address=self.ctx.address_for(bundle))
+                             hostname=socket.gethostname().split(".")[0], address=self.ctx.address)
         except ProfileError as exc:
             raise FatalError(f"sidecar: {exc}") from exc
         log.info("sidecar: %s", describe(spec))

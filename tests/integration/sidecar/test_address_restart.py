@@ -82,7 +82,7 @@ def test_a_new_address_restarts_the_istio_proxy_with_it(part: tuple[SidecarPart,
     p, loop, standin = part
     b = bundle(None)
     p.bundle = b
-    p.ctx.address, p.ctx.address_known = "10.77.0.5", True
+    p.ctx.address = "10.77.0.5"
     p.start_proxy(b)
     sup = p.supervisor
     assert sup is not None
