@@ -305,7 +305,8 @@ class StatusConfig:
     """What the agent reports to systemd and `mesh-agent status`."""
 
     ready_when_unhealthy: bool = field(True, help="tell systemd READY=1 when the app is known "
-                                       "unhealthy, so `systemctl start` does not hang")
+                                       "unhealthy or the VM has no address yet, so `systemctl start` "
+                                       "does not hang")
     recent_errors: int = field(20, min=0, max=1000, help="errors kept for `mesh-agent status`")
 
 

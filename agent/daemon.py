@@ -299,10 +299,14 @@ class Agent:
                                                      "registration": self.registry[name].status().as_dict(),
                                                      "maintenance": maintenance.on or name in maintenance.apps}
                                               for name in self.app_names}
-        address = self.address.status().as_dict()  # the address registered, how often it changed
+        where = self.address.status()
+        address = where.as_dict()  # the address registered, how often it changed
         for one in per_app.values():
             if one["registration"]:
                 one["registration"].update(address)
+            elif where.waiting and self.cfg.registry.enabled:
+                one["registration"] = {"state": "waiting", "registered": False,
+                                       "message": f"no address for this VM yet: {where.waiting}"}
         first = per_app[self.app_names[0]]
         s.app, s.registration = first["app"], first["registration"]  # the one app's (the first of several)
         s.apps = per_app if len(per_app) > 1 else {}
@@ -325,7 +329,9 @@ class Agent:
             a, r = self.health[name].status().as_dict(), self.registry[name].status()
             known_sick = a.get("healthy") is False and a.get("cause") != "sidecar-not-ready" \
                 and self.cfg.status.ready_when_unhealthy
-            return r.registered or known_sick or maintenance.on or name in maintenance.apps
+            # No address yet is, like a sick app, something the agent waits out without holding the start.
+            no_address = self.address.status().waiting is not None and self.cfg.status.ready_when_unhealthy
+            return r.registered or known_sick or no_address or maintenance.on or name in maintenance.apps
 
         without_registry = not self.cfg.registry.enabled and self.sidecar.ready
         if without_registry or all(settled(name) for name in self.app_names):

@@ -93,6 +93,8 @@ def _summarize_app(sidecar: dict[str, Any], app: dict[str, Any], registration: d
                    maintenance: bool) -> str:
     if maintenance:
         return "maintenance: entry withdrawn until `mesh-agent register`"
+    if registration.get("state") == "waiting":
+        return str(registration["message"])
     entry = registration.get("entry") or "entry"
     if registration.get("conflict"):
         return f"conflict: {registration['conflict']}"

@@ -178,7 +178,9 @@ def _app_lines(a: dict[str, Any], r: dict[str, Any], now: float) -> list[str]:
             result = "ok" if last.get("ok") else "failed"
             lines.append(f"  last probe:   {result}: {last.get('reason', '')} ({last.get('latency_ms', '?')} ms, "
                          f"{_ago(last.get('at'), now)}) {a.get('probe', '')}".rstrip())
-    if r:
+    if r.get("state") == "waiting":
+        lines.append(f"  entry:        none: {r.get('message', 'waiting')}")
+    elif r:
         lines.append(f"  entry:        {r.get('namespace', '?')}/{r.get('entry', '?')} {_known(r, now)}")
         lines.append(f"  last write:   {_when(r.get('last_write'), now)} {r.get('last_action', '')}".rstrip())
         if r.get("lease"):

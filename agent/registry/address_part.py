@@ -11,6 +11,10 @@ kept while it still qualifies. Polling a few dozen bytes of /proc every few seco
 simpler than following netlink, and it cannot miss an event. A new address counts only when two looks
 in a row see it, so an interface briefly holding both addresses, or none, during a renewal never
 moves the entry twice. No address at all is logged and changes nothing: the entry stays where it is.
+
+No address at start (DHCP still asking, the interface not up yet) is not an error: the agent runs, the
+sidecar starts, and the watcher looks every second until an address appears; that first address counts
+at once (AddressChanged with old None) and the registry parts register there.
 The metadata service is asked every registry.address.metadata.every (a minute). An address fixed by ISTIO_SVC_IP or
 registry.address.value is not watched.
 
@@ -37,19 +41,25 @@ log = logging.getLogger("agent.address")
 
 @dataclass(frozen=True)
 class AddressChanged:
-    """This VM's mesh address is now `new` (it was `old`)."""
+    """This VM's mesh address is now `new` (it was `old`, or None: the first address found after a start
+    without one)."""
 
-    old: str
+    old: str | None
     new: str
+
+
+WAITING_EVERY = 1.0  # seconds between looks while this VM has no address at all
 
 
 class AddressWatcher:
     """A thread that decides the address every `interval` seconds and posts AddressChanged when a new
-    one is seen twice in a row."""
+    one is seen twice in a row. Without a current address it looks every WAITING_EVERY seconds, and the
+    first address found counts at once; with `until_found`, the watch ends there."""
 
-    def __init__(self, detect: Callable[[str], str], current: str, interval: float,
-                 post: Callable[[object], None], *, trust_first: bool = False) -> None:
+    def __init__(self, detect: Callable[[str | None], str], current: str | None, interval: float,
+                 post: Callable[[object], None], *, trust_first: bool = False, until_found: bool = False) -> None:
         self.detect, self.current, self.interval, self.post = detect, current, interval, post
+        self._until_found = until_found
         # A new configuration: its first answer is no flicker and counts without a second look.
         self._trust_first = trust_first
         self._stop = threading.Event()
@@ -69,8 +79,9 @@ class AddressWatcher:
     def _run(self) -> None:
         if self._trust_first:
             self.look()
-        while not self._stop.wait(self.interval):
-            self.look()
+        while not self._stop.wait(self.interval if self.current is not None else WAITING_EVERY):
+            if self.look() is not None and self._until_found:
+                return
 
     def look(self) -> AddressChanged | None:
         """One look; returns (and posts) the change it confirmed."""
@@ -78,14 +89,16 @@ class AddressWatcher:
             new = self.detect(self.current)
         except AddressError as exc:
             if str(exc) != self._problem:
-                log.warning("address: %s; keeping %s", exc, self.current)
+                log.warning("address: %s; %s", exc,
+                            f"keeping {self.current}" if self.current else "still waiting for one")
             self._problem, self._candidate = str(exc), None
             return None
         except Exception:  # a bug must not end the watch
             log.exception("address: the look failed unexpectedly")
             return None
         self._problem = None
-        trusted, self._trust_first = self._trust_first, False
+        # Nothing to flicker away from yet: the first address counts at once.
+        trusted, self._trust_first = self._trust_first or self.current is None, False
         if new == self.current:
             self._candidate = None
             return None
@@ -102,6 +115,7 @@ class AddressWatcher:
 class AddressSnapshot:
     address: str | None = None
     changes: int = 0
+    waiting: str | None = None  # why there is no address yet, while the watcher looks for one
 
     def as_dict(self) -> dict[str, Any]:
         return {"address": self.address, "address_changes": self.changes} if self.address else {}
@@ -115,6 +129,7 @@ class AddressPart:
         self.bundle: Bundle | None = None
         self.watcher: AddressWatcher | None = None
         self.changes = 0
+        self.waiting: str | None = None  # no address yet: why
         self.from_metadata = False  # ctx.address came from the metadata service in start()
 
     def start(self, now: float) -> None:
@@ -139,7 +154,7 @@ class AddressPart:
             self.watcher = None
 
     def status(self) -> AddressSnapshot:
-        return AddressSnapshot(self.ctx.address, self.changes)
+        return AddressSnapshot(self.ctx.address, self.changes, self.waiting)
 
     def tick(self, now: float) -> float | None:
         return None
@@ -156,16 +171,20 @@ class AddressPart:
                 try:
                     self.ctx.address = decide(self.ctx.cfg.registry.address, svc_ip)
                 except AddressError as exc:
-                    self.ctx.record_error("registry", str(exc))
-                    self.ctx.address = None
+                    self.ctx.address, self.waiting = None, str(exc)
+                    log.warning("no address for this VM yet: %s; looking every %gs", exc, WAITING_EVERY)
+                    self.ctx.record_error("address", f"no address yet: {exc}")
             if self.watcher is None and self.ctx.cfg.registry.enabled:
                 self.watch(self.ctx.cfg)
             return False
         if isinstance(event, AddressChanged):
-            log.info("address changed: %s -> %s", event.old, event.new)
-            self.ctx.address = event.new
-            self.changes += 1
-            self.ctx.metrics.inc("address_changes")
+            if event.old is None:
+                log.info("address found: %s", event.new)
+            else:
+                log.info("address changed: %s -> %s", event.old, event.new)
+                self.changes += 1
+                self.ctx.metrics.inc("address_changes")
+            self.ctx.address, self.waiting = event.new, None
             return False  # the registry and sidecar parts act on it too
         return False
 
@@ -178,16 +197,15 @@ class AddressPart:
         a = new.registry.address
         if not fixed(a, svc_ip) and a.metadata.provider != "none":
             # Not on the loop: the watcher asks at once and its first answer counts.
-            if current is not None:
-                self.watch(new, current, trust_first=True)
+            self.watch(new, current, trust_first=True)
             return
         try:
             address = decide(a, svc_ip)
         except AddressError as exc:
-            log.error("registry.address: %s; keeping %s", exc, current)
+            log.error("registry.address: %s; %s", exc, f"keeping {current}" if current else "still waiting")
             self.ctx.record_error("address", str(exc))
         else:
-            if current is not None and address != current:
+            if address != current:
                 # Through the queue, so the registry part's new registrar moves its entry.
                 self.ctx.post(AddressChanged(current, address))
                 current = address
@@ -198,11 +216,14 @@ class AddressPart:
         a = cfg.registry.address
         svc_ip = self.bundle.env_map.get("ISTIO_SVC_IP") or None
         current = current or self.ctx.address
-        if current is None or fixed(a, svc_ip) or not (a.watch or trust_first):
+        waiting = current is None and self.waiting is not None
+        if fixed(a, svc_ip) or not (waiting or (current is not None and (a.watch or trust_first))):
             return
         interval = float(a.metadata.every) if a.metadata.provider != "none" else float(a.watch)
         if not a.watch:
             interval = 365 * 86400.0  # one look for the reload, then none
         self.watcher = AddressWatcher(lambda keep: decide(a, svc_ip, keep=keep), current, interval,
-                                      self.ctx.post, trust_first=trust_first).start()
-        log.info("watching the address %s every %gs", current, interval)
+                                      self.ctx.post, trust_first=trust_first,
+                                      until_found=waiting and not a.watch).start()
+        if current is not None:
+            log.info("watching the address %s every %gs", current, interval)

@@ -116,7 +116,8 @@ class RegistryPart:
     def handle(self, event: object, now: float) -> bool:
         if isinstance(event, BundleInUse):
             self.bundle = event.bundle
-            if self.registrar is None and self.ctx.cfg.registry.enabled:
+            # Without an address yet, the address part looks for one; its AddressChanged starts us.
+            if self.registrar is None and self.ctx.cfg.registry.enabled and self.ctx.address is not None:
                 self.start_registrar(event.bundle)
             return False
         if isinstance(event, MaintenanceChanged):
@@ -128,7 +129,10 @@ class RegistryPart:
                 self.registrar.set_maintenance(self.maintenance)
             return False
         if isinstance(event, AddressChanged):  # the VM's: every app's entry moves
-            self.address_changed(event.new)
+            if self.registrar is None and self.bundle is not None and self.ctx.cfg.registry.enabled:
+                self.start_registrar(self.bundle)  # the first address, after a start without one
+            else:
+                self.address_changed(event.new)
             return False
         if not isinstance(event, ForApp) or event.app != self.app:
             return False
@@ -157,8 +161,7 @@ class RegistryPart:
 
     def start_registrar(self, bundle: Bundle) -> None:
         address = self.ctx.address
-        if address is None:
-            raise FatalError("registry: no address for this VM: set registry.address", config.EX_CONFIG)
+        assert address is not None  # started only once the address part has one
         try:
             plan = self.plan(bundle, address)
         except OSError as exc:

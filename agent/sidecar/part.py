@@ -16,7 +16,7 @@ from agent.part import BundleInUse, BundleWaiting, Context, FatalError, PackageR
 from agent.registry.address_part import AddressChanged
 from agent.sidecar import package as sidecar_package
 from agent.sidecar.machine import SidecarStateChanged, State
-from agent.sidecar.profiles import ProfileError, describe, read_spec
+from agent.sidecar.profiles import NoAddress, ProfileError, describe, read_spec
 from agent.sidecar.supervisor import SidecarSnapshot, Supervisor
 
 log = logging.getLogger("agent.sidecar")
@@ -147,6 +147,11 @@ class SidecarPart:
         try:
             spec = read_spec(self.ctx.cfg.sidecar, self.ctx.layout, cluster_env=bundle.env_map,
                              hostname=socket.gethostname().split(".")[0], address=self.ctx.address)
+        except NoAddress as exc:
+            if self.ctx.address is None:  # the address part looks for one; its AddressChanged starts us
+                log.info("sidecar: waiting for this VM's address: %s", exc)
+                return
+            raise FatalError(f"sidecar: {exc}") from exc
         except ProfileError as exc:
             raise FatalError(f"sidecar: {exc}") from exc
         log.info("sidecar: %s", describe(spec))
@@ -158,6 +163,9 @@ class SidecarPart:
         """The istio profile gives the proxy the address as INSTANCE_IP (unless cluster.env fixes it as
         ISTIO_SVC_IP): istiod knows the proxy by it, so the proxy restarts with the new one. A spec the
         address does not enter (envoy) leaves the proxy be."""
+        if self.supervisor is None and self.bundle is not None and self.package == "ready":
+            self.start_proxy(self.bundle)  # it was waiting for an address
+            return
         if self.supervisor is None or self.bundle is None:
             return
         try:

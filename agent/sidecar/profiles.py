@@ -41,6 +41,10 @@ class ProfileError(ValueError):
     """The inputs cannot make a launch spec (e.g. an unreadable bootstrap); the message says why."""
 
 
+class NoAddress(ProfileError):
+    """The profile needs this VM's address and there is none yet."""
+
+
 @dataclass(frozen=True)
 class Policy:
     """How the proxy is supervised (from agent.yaml's sidecar section)."""
@@ -185,7 +189,7 @@ def istio_profile(cfg: SidecarConfig, *, sidecar_env: Mapping[str, str], cluster
 
     instance_ip = env.get("ISTIO_SVC_IP") or address
     if not instance_ip:
-        raise ProfileError("no address for INSTANCE_IP: cluster.env has no ISTIO_SVC_IP and no "
+        raise NoAddress("no address for INSTANCE_IP: cluster.env has no ISTIO_SVC_IP and no "
                            "address was detected (set registry.address)")
     namespace = env.get("ISTIO_NAMESPACE") or "default"
     service = env.get("ISTIO_SERVICE") or "rawvm"

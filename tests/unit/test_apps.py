@@ -73,3 +73,12 @@ def test_the_summary_names_each_app_when_there_are_several() -> None:
     assert summarize(Phase.RUNNING, ready, {"a": one(True, False, True), "b": one(True, False, True)}) \
         .startswith("maintenance: entries withdrawn")
     assert summarize(Phase.STOPPING, ready, {"a": one(True, True)}) == "stopping"
+
+
+def test_without_an_address_the_summary_and_status_say_why_nothing_is_registered() -> None:
+    from agent.status import _app_lines
+
+    waiting = {"state": "waiting", "registered": False, "message": "no address for this VM yet: no default route"}
+    apps = {"app": {"app": {"healthy": True}, "registration": waiting, "maintenance": False}}
+    assert summarize(Phase.RUNNING, {"ready": False, "state": "stopped"}, apps) == waiting["message"]
+    assert "  entry:        none: no address for this VM yet: no default route" in _app_lines({}, waiting, 0.0)

@@ -124,3 +124,37 @@ def test_with_two_apps_both_entries_move(tmp_path: Path) -> None:
                 assert r.stop_agent() == 0
             finally:
                 two.kill_ledger()
+
+
+def test_a_start_without_an_address_waits_for_one_and_registers_there(tmp_path: Path) -> None:
+    """DHCP still asking at boot: no address and no default route. The agent runs and says why it
+    waits; once the interface gets its address the entry is registered there, without a restart."""
+    with NetNs() as ns, ns.entered(), rig(tmp_path, registry={"address": {"watch": "0s"}}) as r:
+        r.svc_ip = None
+        r.prepare()
+        r.start_app()
+        r.start_agent()
+        status = wait_for(lambda: _waiting(r), 60, "status saying the agent waits for an address")
+        assert "no default route" in status["registration"]["message"]
+        assert r.agent is not None and r.agent.poll() is None
+        assert r.entry(r.entry_at(OLD)) is None
+
+        ns.ip("addr", "add", f"{OLD}/24", "dev", "eth0")
+        ns.set_default_route(4)
+        entry = wait_for(lambda: r.entry(r.entry_at(OLD)), 60, "registration at the address found")
+        assert entry["spec"]["address"] == OLD
+        assert f"address found: {OLD}" in r.log_text()
+        wait_for(lambda: json.loads(r.status_file.read_text())["registration"].get("registered"), 10,
+                 "status saying registered")
+        registration = json.loads(r.status_file.read_text())["registration"]
+        assert registration["address"] == OLD and registration["address_changes"] == 0
+        assert r.stop_agent() == 0
+        assert r.entry(r.entry_at(OLD)) is None
+
+
+def _waiting(r: Rig) -> dict[str, object] | None:
+    try:
+        status = json.loads(r.status_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return status if status.get("registration", {}).get("state") == "waiting" else None

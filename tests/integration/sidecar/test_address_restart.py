@@ -110,3 +110,20 @@ def test_an_address_fixed_by_istio_svc_ip_leaves_the_proxy_be(part: tuple[Sideca
     loop.run_until(lambda: False, timeout=1.0)
     assert sup.state is State.RUNNING and sup.requested_restarts == 0
     assert [c["env"]["INSTANCE_IP"] for c in proxies(standin)] == ["10.0.0.5"]
+
+
+def test_without_an_address_the_istio_proxy_waits_for_the_first(part: tuple[SidecarPart, Loop, IstioStandIn]) -> None:
+    """No ISTIO_SVC_IP and no address yet (DHCP at boot): no proxy, no failure; the first address
+    found starts it with that INSTANCE_IP."""
+    p, loop, standin = part
+    b = bundle(None)
+    p.bundle = b
+    p.ctx.address = None
+    p.start_proxy(b)
+    assert p.supervisor is None and proxies(standin) == []
+    p.ctx.address = "10.77.0.9"  # as the address part sets it before the other parts see the event
+    p.handle(AddressChanged(None, "10.77.0.9"), time.monotonic())
+    sup = p.supervisor
+    assert sup is not None
+    assert loop.run_until(lambda: sup.state is State.RUNNING), sup.reason
+    assert [c["env"]["INSTANCE_IP"] for c in proxies(standin)] == ["10.77.0.9"]

@@ -3,6 +3,8 @@ see it; no address at all changes nothing."""
 
 from __future__ import annotations
 
+import pytest
+
 from agent.registry.address import AddressError
 from agent.registry.address_part import AddressChanged, AddressWatcher
 
@@ -12,9 +14,9 @@ class Seen:
 
     def __init__(self, *answers: str | AddressError) -> None:
         self.answers = list(answers)
-        self.keeps: list[str] = []
+        self.keeps: list[str | None] = []
 
-    def __call__(self, keep: str) -> str:
+    def __call__(self, keep: str | None) -> str:
         self.keeps.append(keep)
         answer = self.answers.pop(0)
         if isinstance(answer, AddressError):
@@ -65,3 +67,34 @@ def test_after_a_reload_the_first_answer_counts_at_once() -> None:
     assert w.look() == AddressChanged("10.0.0.1", "203.0.113.7")
     assert w.look() is None  # later changes need their second look again
     assert w.look() == AddressChanged("203.0.113.7", "203.0.113.8")
+
+
+def test_without_an_address_the_first_one_found_counts_at_once() -> None:
+    posted: list[object] = []
+    none = AddressError("no default route with a usable IP address")
+    seen = Seen(none, none, "10.0.0.7", "10.0.0.7", "10.0.0.8")
+    w = AddressWatcher(seen, None, 5.0, posted.append)
+    assert w.look() is None and w.look() is None and posted == []
+    assert w.look() == AddressChanged(None, "10.0.0.7")  # no second look: nothing to flicker away from
+    assert w.look() is None and w.current == "10.0.0.7"
+    assert w.look() is None  # from here on, a new address needs two looks again
+    assert seen.keeps == [None, None, None, "10.0.0.7", "10.0.0.7"]
+
+
+def test_a_watch_that_only_waits_ends_with_the_first_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    import queue
+
+    from agent.registry import address_part
+
+    q: queue.SimpleQueue[object] = queue.SimpleQueue()
+    none = AddressError("no default route with a usable IP address")
+    seen = Seen(none, "10.0.0.3", *(["10.0.0.4"] * 100))
+    monkeypatch.setattr(address_part, "WAITING_EVERY", 0.01)
+    # interval 1000 s: a watch that went on after the first address would still be waiting
+    w = AddressWatcher(seen, None, 1000.0, q.put, until_found=True).start()
+    try:
+        assert q.get(timeout=10) == AddressChanged(None, "10.0.0.3")
+        w._thread.join(10)
+        assert not w._thread.is_alive() and len(seen.answers) == 100
+    finally:
+        w.stop()
