@@ -7,6 +7,7 @@ package installs before READY=1, the start timeout is extended so a slow mirror 
 
 from __future__ import annotations
 
+import enum
 import logging
 import socket
 
@@ -24,6 +25,16 @@ log = logging.getLogger("agent.sidecar")
 EXTEND_EVERY = 30.0  # while the package installs: ask systemd for more start time this often
 EXTEND_BY = 90.0
 
+
+
+class Package(enum.Enum):
+    """The istio-sidecar package, as far as this run knows: checked once, at the first bundle."""
+
+    UNCHECKED = "unchecked"
+    INSTALLING = "installing"  # a PackageJob thread runs
+    READY = "ready"  # installed as asked, or nothing asked
+
+
 # cluster.env and mesh.yaml are read by pilot-agent only when it starts.
 RESTART_ON = frozenset({"cluster.env", "mesh.yaml"})
 
@@ -35,7 +46,7 @@ class SidecarPart:
         self.ctx = ctx
         self.supervisor: Supervisor | None = None
         self.bundle: Bundle | None = None
-        self.package: str = "unchecked"  # unchecked -> installing -> ready
+        self.package = Package.UNCHECKED
         self.package_job: sidecar_package.PackageJob | None = None
         self.extend_at: float | None = None
         self.last_ready = False
@@ -67,7 +78,7 @@ class SidecarPart:
     def status(self) -> SidecarSnapshot:
         sup = self.supervisor
         if sup is None:
-            state = "installing-package" if self.package == "installing" else "stopped"
+            state = "installing-package" if self.package is Package.INSTALLING else "stopped"
             return SidecarSnapshot(state=state)
         return sup.snapshot()
 
@@ -89,7 +100,7 @@ class SidecarPart:
         return isinstance(event, SidecarStateChanged)  # read from the supervisor itself
 
     def tick(self, now: float) -> float | None:
-        if self.package == "installing" and self.extend_at is not None:
+        if self.package is Package.INSTALLING and self.extend_at is not None:
             if now >= self.extend_at:
                 systemd.extend_timeout(EXTEND_BY)
                 self.extend_at = now + EXTEND_EVERY
@@ -101,12 +112,12 @@ class SidecarPart:
         return deadline
 
     def bundle_seen(self, event: BundleWaiting | BundleInUse, now: float) -> None:
-        if self.package == "unchecked":
+        if self.package is Package.UNCHECKED:
             self.install_package(event.bundle, now)
         if isinstance(event, BundleInUse):
             self.bundle = event.bundle
             if self.supervisor is None:
-                if self.package == "ready":
+                if self.package is Package.READY:
                     self.start_proxy(event.bundle)
             elif event.changed & RESTART_ON and self.ctx.cfg.sidecar.profile == "istio" and not event.first:
                 log.info("cluster.env or mesh.yaml changed: restarting the proxy to use them")
@@ -122,10 +133,10 @@ class SidecarPart:
             self.ctx.cfg.sidecar.package,
             {"url": pkg.url, "version": pkg.version, "sha256": pkg.sha256} if pkg else None)
         if source is None:
-            self.package = "ready"
+            self.package = Package.READY
             self.ctx.post(PackageReady())
             return
-        self.package = "installing"
+        self.package = Package.INSTALLING
         self.extend_at = now
         self.package_job = sidecar_package.PackageJob(sidecar_package.Installer(self.ctx.layout), source,
                                                       self.ctx.post)
@@ -136,7 +147,7 @@ class SidecarPart:
         self.extend_at = None
         if isinstance(event, sidecar_package.PackageFailed):
             raise FatalError(f"sidecar package: {event.error}")
-        self.package = "ready"
+        self.package = Package.READY
         self.ctx.post(PackageReady())
         if self.bundle is not None and self.supervisor is None:
             self.start_proxy(self.bundle)
@@ -163,7 +174,7 @@ class SidecarPart:
         """The istio profile gives the proxy the address as INSTANCE_IP (unless cluster.env fixes it as
         ISTIO_SVC_IP): istiod knows the proxy by it, so the proxy restarts with the new one. A spec the
         address does not enter (envoy) leaves the proxy be."""
-        if self.supervisor is None and self.bundle is not None and self.package == "ready":
+        if self.supervisor is None and self.bundle is not None and self.package is Package.READY:
             self.start_proxy(self.bundle)  # it was waiting for an address
             return
         if self.supervisor is None or self.bundle is None:

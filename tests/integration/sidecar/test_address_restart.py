@@ -21,7 +21,7 @@ from agent.part import Context
 from agent.paths import Layout
 from agent.registry.address_part import AddressChanged
 from agent.sidecar.machine import State
-from agent.sidecar.part import SidecarPart
+from agent.sidecar.part import Package, SidecarPart
 from devkit import bundles as kit
 from devkit.netns import NetNs, unavailable
 
@@ -65,7 +65,7 @@ def part(tmp_path: Path) -> Iterator[tuple[SidecarPart, Loop, IstioStandIn]]:
         events: queue.SimpleQueue[object] = queue.SimpleQueue()
         ctx = Context(cfg, layout, events, Metrics())
         p = SidecarPart(ctx)
-        p.package = "ready"
+        p.package = Package.READY
         try:
             yield p, Loop(p, events), standin
         finally:
