@@ -9,8 +9,9 @@ Two steps:
   tools/record): an event whose regarding object, type, action, reason and reporting controller and
   instance match one observed less than SERIES_WINDOW ago is not a new object but the next of a series:
   a PATCH of `series.count` and `series.lastObservedTime` (the note of the first stays, as the API
-  keeps it immutable). Each repeat is patched at once, where tools/events batches them on a 30 s
-  heartbeat: the registry's changes are rare, and the spam filter bounds them. A token bucket per
+  keeps it immutable). Each repeat is patched at once, so `kubectl describe` shows the count as it
+  is; tools/events patches only the second at once and sends later counts every 30 minutes or when the
+  series ends. The registry's changes are rare, and the spam filter bounds them. A token bucket per
   regarding object (burst SPAM_BURST, one token every SPAM_REFILL seconds, as tools/record's spam
   filter) drops the excess.
 """
