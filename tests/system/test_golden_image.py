@@ -1,4 +1,4 @@
-"""The golden image, end to end on Debian 12 under a booted systemd: one image with mesh-agent installed
+"""The golden image, end to end on Debian 12 and Debian 13 under a booted systemd: one image with mesh-agent installed
 and configured with a cloud identity (gcp) and `bundle.source: kubernetes`, no credential of any kind;
 two clones of it join the mesh as two instances, stay joined across several token lifetimes, and when one
 instance is revoked only that one leaves.
@@ -55,7 +55,7 @@ from tests.system.netns import NetNamespace
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900), needs_daemon]
 
-SUITE = "bookworm"
+SUITES = ["bookworm", "trixie"]
 UNIT = "mesh-agent.service"
 NS, GROUP, SA = "vm-apps", "billing", "billing-vm"
 AUD = "https://kube.mesh.test"
@@ -109,6 +109,7 @@ class World:
     authn: dict[str, Any]
     tmp: Path
     stack: ExitStack
+    suite: str
     image: list[Path] = field(default_factory=list)  # the image's layers, topmost first
     secrets: list[str] = field(default_factory=list)  # credentials that existed while the image was made
     clones: list[Vm] = field(default_factory=list)
@@ -132,7 +133,7 @@ class World:
         ns = self.stack.enter_context(NetNamespace(f"mesh-golden-{os.getpid()}-{name}", f"{address(n)}/24"))
         ns.forward(self.api.port)
         ns.forward(self.md_port, to=gcp.port)
-        m = self.stack.enter_context(Machine.boot(SUITE, self.tmp / name, timeout=240, image=self.image,
+        m = self.stack.enter_context(Machine.boot(self.suite, self.tmp / name, timeout=240, image=self.image,
                                                   netns=ns.name))
         return Vm(m, gcp, cloud_id, n)
 
@@ -212,21 +213,22 @@ def _registered(vm: Vm, timeout: float = 120) -> None:
         raise AssertionError(f"{exc}\n{vm.m.journal(UNIT, lines=60)}") from None
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, deb: Path) -> Iterator[World]:
+@pytest.fixture(scope="module", params=SUITES)
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, deb: Path) -> Iterator[World]:
     """The cluster, and the golden image: installed and configured, then booted once as a test VM
     (registered, stopped, deprovisioned) and powered off."""
     require_root()
     if shutil.which("ip", path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
         pytest.skip("the clones' network namespaces need iproute2 (ip)")
-    tmp = tmp_path_factory.mktemp("golden")
+    suite: str = request.param
+    tmp = tmp_path_factory.mktemp(f"golden-{suite}")
     with ExitStack() as stack:
         issuer = stack.enter_context(TestIssuer())
         api = KubeAPI(state_dir=tmp / "kubeapi").start()
         stack.callback(api.stop)
-        w = World(api, issuer, {}, tmp, stack, md_port=free_port())
+        w = World(api, issuer, {}, tmp, stack, suite, md_port=free_port())
         w.secrets.append(api.admin_token)
-        with Machine.boot(SUITE, tmp / "install") as m:
+        with Machine.boot(suite, tmp / "install") as m:
             m.apt_update()
             m.write("/etc/hosts", "127.0.0.1 localhost\n::1 localhost ip6-localhost\n")  # a cloud image has one
             m.install_deb(deb)
@@ -316,7 +318,7 @@ def _scan(root: Path, secrets: list[str]) -> list[str]:
 def test_the_image_holds_no_credential(world: World, tmp_path: Path) -> None:
     view = tmp_path / "image"
     view.mkdir()
-    layers = ":".join(str(p) for p in (*world.image, rootfs.ensure(SUITE)))
+    layers = ":".join(str(p) for p in (*world.image, rootfs.ensure(world.suite)))
     # The image as its clones see it: the layers, read-only, with no upper layer of its own.
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={layers}", str(view)], check=True)
     try:

@@ -1,4 +1,4 @@
-"""Two apps on one VM under a booted systemd (Debian 12): the .deb installed by apt, agent.yaml with
+"""Two apps on one VM under a booted systemd (Debian 12 and Debian 13): the .deb installed by apt, agent.yaml with
 `apps:`, both apps' entries after `enable --now`; one app's unit stopped withdraws only its entry;
 `deregister --app` and `register --app`; `systemctl stop` withdraws both."""
 
@@ -45,13 +45,13 @@ class VM:
         return self.m.journal(UNIT, lines=60)
 
 
-@pytest.fixture(scope="module")
-def vm(tmp_path_factory: pytest.TempPathFactory, deb: Path) -> Iterator[VM]:
+@pytest.fixture(scope="module", params=["bookworm", "trixie"])
+def vm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, deb: Path) -> Iterator[VM]:
     require_root()
-    tmp = tmp_path_factory.mktemp("two-apps")
+    tmp = tmp_path_factory.mktemp(f"two-apps-{request.param}")
     api = KubeAPI(state_dir=tmp / "kubeapi").start()
     try:
-        with Machine.boot("bookworm", tmp / "machine") as m:
+        with Machine.boot(request.param, tmp / "machine") as m:
             m.apt_update()
             depends = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends"], capture_output=True, text=True,
                                      check=True).stdout.strip()
