@@ -104,7 +104,7 @@ class Child:
         from agent.registry.credentials import renew_own_token
 
         assert self.kube is not None
-        return renew_own_token(self.kube.api_client, token_file).expiry
+        return renew_own_token(self.kube, token_file).expiry
 
     def op_core(self, method: str, args: list[Any]) -> Any:
         """A call of the cluster bundle source's core/v1 layer (watch_configmap: its events)."""

@@ -1,5 +1,6 @@
-"""Faults a test injects: added latency, error statuses (429 with Retry-After, 5xx), connection resets.
-Outages (the port stops answering for N seconds) are handled by the server itself."""
+"""Faults a test injects: added latency, error statuses (429 with Retry-After, 5xx), connection resets,
+answers trickled a byte at a time. Outages (the port stops answering for N seconds) are handled by the
+server itself."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from dataclasses import dataclass
 
 @dataclass
 class Fault:
-    kind: str  # "latency" | "status" | "reset"
+    kind: str  # "latency" | "status" | "reset" | "trickle"
     method: str | None = None  # GET, PATCH, ...; None matches any
     path: str | None = None  # a regular expression searched in the request path
     times: int | None = None  # how many requests it hits; None until cleared
-    delay: float = 0.0
+    delay: float = 0.0  # latency: before the answer; trickle: between two bytes of it
     code: int = 0
     retry_after: int | None = None
     hits: int = 0
@@ -60,6 +61,15 @@ class Faults:
 
     def reset(self, *, method: str | None = None, path: str | None = None, times: int | None = 1) -> Fault:
         return self.add(Fault("reset", method, path, times))
+
+    def trickle(self, seconds_per_byte: float, *, method: str | None = None, path: str | None = None,
+                times: int | None = None) -> Fault:
+        """The answer's status line and headers at once, then its body one byte every seconds_per_byte
+        (the request itself is carried out). A watch trickles its events so, then a newline (which
+        clients skip) every seconds_per_byte, and never ends by itself: not at its timeoutSeconds
+        either. What a peer (or a man in the middle) looks like that holds a client without ever
+        tripping its read timeout."""
+        return self.add(Fault("trickle", method, path, times, delay=seconds_per_byte))
 
     def clear(self) -> None:
         with self._lock:
