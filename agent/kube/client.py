@@ -35,6 +35,7 @@ LEASES = ("coordination.k8s.io", "v1", "leases")
 EVENTS = ("events.k8s.io", "v1", "events")
 MERGE_PATCH = "application/merge-patch+json"
 DEADLINE = 30.0   # a whole request, retries included (registry.request_deadline)
+_END = object()
 Resource = tuple[str, str, str]
 
 
@@ -188,9 +189,10 @@ class Kube:
 
 
 def cut(verb: str, what: str, seconds: float, message: str = "") -> DeadlineExceeded:
-    """The error of a call its deadline cut, said once in the log (the caller's backoff follows)."""
+    """The error of a call its deadline cut. Logged by the caller, in its one line for any failed call
+    (the registrar's state, the group's follower), with its backoff."""
     err = DeadlineExceeded(verb, what, seconds, message)
-    log.warning("%s", err)
+    log.debug("%s", err)
     return err
 
 
@@ -217,16 +219,19 @@ def watch_one(list_fn: Callable[..., Any], args: tuple[Any, ...], name: str, res
                 # Only the client's own work runs under the deadline's scope, never the caller's
                 # between two events.
                 with scope(deadline):
-                    event = next(stream, None)
-                if event is None:
+                    got = next(stream, _END)
+                if got is _END:
                     return
+                event: Any = got
+                if not event:  # the newest client yields None for a blank line (a keep-alive)
+                    continue
                 raw = event.get("raw_object")  # typed calls (core/v1) deserialise `object` into a model
                 yield event["type"], raw if isinstance(raw, dict) else event["object"]
         except ApiError:
             raise
         except Exception as exc:
             if deadline.expired:
-                raise cut("watch", what, limit, f"not ended {limit:g}s after it began (the server was "
+                raise cut("watch", what, limit, f"not ended within its {limit:g}s deadline (the server was "
                           f"asked to end it after {timeout_seconds}s); connection cut") from None
             from kubernetes.client.exceptions import ApiException
 

@@ -138,7 +138,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._method, self._url = method, url
         body = self._read_body()
         try:
-            if not self._faults(method, url.path):
+            if not self._faults(method, url.path, url.query):
                 return
             self._dispatch(method, url.path, {k: v[-1] for k, v in parse_qs(url.query).items()}, body)
         except ApiError as exc:
@@ -164,8 +164,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _faults(self, method: str, path: str) -> bool:
-        for fault in self.api.faults.take(method, path):
+    def _faults(self, method: str, path: str, query: str) -> bool:
+        for fault in self.api.faults.take(method, path, query):
             if fault.kind == "latency":
                 time.sleep(fault.delay)
             elif fault.kind == "reset":
