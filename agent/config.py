@@ -272,7 +272,12 @@ class RegistryConfig:
         "delete", help="delete the entry, or keep it with condition Healthy=False")
     lease: LeaseConfig = field(factory=LeaseConfig)
     resync: Duration = field(_d("5m"), min=5.0, max=86400.0, help="re-read and fix the entry this often")
-    timeout: Duration = field(_d("10s"), min=0.5, max=300.0, help="per API request")
+    timeout: Duration = field(_d("10s"), min=0.5, max=300.0, help="per API request: connect, and each wait "
+                              "for bytes")
+    request_deadline: Duration = field(_d("30s"), min=1.0, max=600.0,
+                                       help="a whole API request, retries included: an API server that "
+                                       "trickles its answer is cut then; a watch is cut this long after the "
+                                       "server should have ended it")
     backoff: BackoffConfig = field(factory=lambda: BackoffConfig(_d("500ms"), _d("30s")))
     events: bool = field(True, help="record Kubernetes Events (events.k8s.io/v1) on the entry: why it was "
                          "registered, withdrawn or left alone")
@@ -282,6 +287,8 @@ class RegistryConfig:
         out = []
         if c.kubeconfig and c.server:
             out.append(("server", "set kubeconfig or server, not both"))
+        if c.request_deadline < c.timeout:
+            out.append(("request_deadline", "must not be shorter than timeout"))
         if c.lease.renew >= c.lease.duration:
             out.append(("lease.renew", "must be shorter than lease.duration"))
         if c.locality is not None and c.locality.count("/") > 2:

@@ -164,7 +164,8 @@ class Context:
 
             try:
                 creds = service.credentials(self.cfg.registry, self.shipped_kubeconfig(), self.identity_token())
-                self._kube = Kube.from_credentials(creds, timeout=self.cfg.registry.timeout)
+                self._kube = Kube.from_credentials(creds, timeout=self.cfg.registry.timeout,
+                                                   deadline=self.cfg.registry.request_deadline)
             except service.PlanError as exc:
                 raise FatalError(str(exc), config.EX_CONFIG) from exc
             except (ValueError, OSError) as exc:

@@ -32,7 +32,7 @@ class Child:
         self.events: Any = None
 
     def op_open(self, creds: dict[str, Any] | None = None, in_cluster: dict[str, Any] | None = None,
-                timeout: float = 5.0) -> dict[str, Any]:
+                timeout: float = 5.0, deadline: float = KC.DEADLINE) -> dict[str, Any]:
         """A Kube from Credentials fields, or from the in-cluster environment under a given root."""
         if self.kube is not None:
             self.kube.close()
@@ -42,7 +42,7 @@ class Child:
                 raise RuntimeError("no in-cluster credentials found")
         else:
             c = KA.Credentials(**(creds or {}))
-        self.kube = KC.Kube.from_credentials(c, timeout=timeout)
+        self.kube = KC.Kube.from_credentials(c, timeout=timeout, deadline=deadline)
         return {"version": kubernetes.__version__, "apply_style": KP.apply_style()}
 
     def op_kube(self, method: str, args: list[Any], kwargs: dict[str, Any] | None = None) -> Any:
@@ -104,7 +104,7 @@ class Child:
         from agent.registry.credentials import renew_own_token
 
         assert self.kube is not None
-        return renew_own_token(self.kube.api_client, token_file).expiry
+        return renew_own_token(self.kube, token_file).expiry
 
     def op_core(self, method: str, args: list[Any]) -> Any:
         """A call of the cluster bundle source's core/v1 layer (watch_configmap: its events)."""

@@ -43,7 +43,7 @@ from agent.bundle.cluster_inputs import (
 )
 from agent.kube.client import GROUPS, Kube
 from agent.kube.core import CoreCalls
-from agent.kube.errors import map_error
+from agent.kube.errors import ApiError, map_error
 from agent.kube.follow import Follower, Target, version_of
 from agent.retry import Backoff
 
@@ -379,11 +379,11 @@ def access_checks(kube: Kube, s: Settings, service_account: str) -> list[AccessC
                 "spec": {"resourceAttributes": attrs}}
         what = f'{verb} {resource}{"/" + sub if sub else ""} "{name}" in {ns}'
         try:
-            resp = api.create_self_subject_access_review(body, _preload_content=False,
-                                                         _request_timeout=(5.0, kube.timeout))
+            resp = kube.request("create", "selfsubjectaccessreviews", api.create_self_subject_access_review,
+                                body, _preload_content=False)
             allowed = bool((json.loads(resp.data).get("status") or {}).get("allowed"))
         except Exception as exc:  # reported as a failed check, with the reason
-            err = map_error(exc, "create", "selfsubjectaccessreviews")
+            err = exc if isinstance(exc, ApiError) else map_error(exc, "create", "selfsubjectaccessreviews")
             out.append(AccessCheck(what, False, required, f"cannot ask the API server: {err}"))
             continue
         hint = "" if allowed else "add the rule `mesh-agent manifests` prints" + \

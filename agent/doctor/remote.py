@@ -138,13 +138,14 @@ def check_api(ctx: Context, timeout: float) -> list[Check]:
         return [Check("API", FAIL, str(exc), "set registry.kubeconfig, or ship a kubeconfig in the bundle"),
                 Check("clock", SKIP, "no API server to compare with")]
     try:
-        ctx.kube = Kube.from_credentials(creds, timeout=timeout)
+        # The doctor's timeout bounds each of its requests as a whole.
+        ctx.kube = Kube.from_credentials(creds, timeout=timeout, deadline=timeout)
         from kubernetes import client
 
         started = time.time()
         # The raw answer (old and new clients alike): its Date header tells the clock skew.
-        resp = client.VersionApi(ctx.kube.api_client).get_code(_preload_content=False,
-                                                                _request_timeout=(timeout, timeout))
+        resp = ctx.kube.request("get", "/version", client.VersionApi(ctx.kube.api_client).get_code,
+                                _preload_content=False, _request_timeout=(timeout, timeout))
         finished = time.time()
     except Exception as exc:
         ctx.kube = None
@@ -188,8 +189,9 @@ def check_rbac(ctx: Context, timeout: float) -> list[Check]:
                     attrs["subresource"] = sub
                 body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
                         "spec": {"resourceAttributes": attrs}}
-                resp = api.create_self_subject_access_review(body, _preload_content=False,
-                                                             _request_timeout=(timeout, timeout))
+                resp = ctx.kube.request("create", "selfsubjectaccessreviews",
+                                        api.create_self_subject_access_review, body, _preload_content=False,
+                                        _request_timeout=(timeout, timeout))
                 asked += 1
                 if not (json.loads(resp.data).get("status") or {}).get("allowed"):
                     denied.append(f"{verb} {resource}")

@@ -118,11 +118,12 @@ def make_configuration(creds: Credentials) -> Any:
         cfg.refresh_api_key_hook = tf.hook
         tf.hook(cfg)
     # One quiet retry for a pooled connection the server closed meanwhile; never for a status
-    # (a 429 or 5xx goes back to the caller's backoff, which honours Retry-After).
-    import urllib3
+    # (a 429 or 5xx goes back to the caller's backoff, which honours Retry-After), nor for a request
+    # its deadline cut.
+    from agent.deadline import retry
 
-    cfg.retries = urllib3.util.Retry(total=1, connect=1, read=1, status=0, redirect=0, other=0,
-                                     raise_on_status=False, respect_retry_after_header=False)
+    cfg.retries = retry(total=1, connect=1, read=1, status=0, redirect=0, other=0,
+                        raise_on_status=False, respect_retry_after_header=False)
     return cfg
 
 

@@ -7,6 +7,12 @@ turn renewTime into a datetime and write it back in a format the server refuses 
 fractional digits), and dicts behave the same in the old (Debian 12: 22.6) and new (37.x) clients.
 Server-side applies are sent the way agent.kube.apply found this client needs; credentials and token
 rotation are agent.kube.auth's.
+
+Every request has an overall deadline (agent.deadline) on top of the client's connect and read timeouts,
+which bound only each wait: a server that trickles its answer is cut when the deadline is up, the call
+raises DeadlineExceeded (an Unavailable: callers back off as for any outage), and the cut connection
+never goes back to the pool. A watch's deadline is the server-side timeout it asks for plus one
+request's deadline, so a watch the server does not end in time is cut and the follower starts again.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from agent.deadline import Deadline, scope, track_pool_manager
 from agent.kube.apply import PER_CALL, apply_api, apply_args, apply_style
 from agent.kube.auth import Credentials, make_configuration
-from agent.kube.errors import ApiError, NotFound, Unavailable, map_error
+from agent.kube.errors import ApiError, DeadlineExceeded, NotFound, Unavailable, map_error
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +34,8 @@ GROUPS = ("networking.istio.io", "v1", "workloadgroups")
 LEASES = ("coordination.k8s.io", "v1", "leases")
 EVENTS = ("events.k8s.io", "v1", "events")
 MERGE_PATCH = "application/merge-patch+json"
+DEADLINE = 30.0   # a whole request, retries included (registry.request_deadline)
+_END = object()
 Resource = tuple[str, str, str]
 
 
@@ -46,22 +55,26 @@ class Kube:
     Thread-safe (the client's connection pool is). Each call raises one of the ApiError subclasses.
     """
 
-    def __init__(self, configuration: Any, timeout: float = 10.0) -> None:
+    def __init__(self, configuration: Any, timeout: float = 10.0, deadline: float = DEADLINE) -> None:
         from kubernetes import client
 
         self.configuration = configuration
         self.api_client = client.ApiClient(configuration)
         self.custom = client.CustomObjectsApi(self.api_client)
         self.timeout = timeout
+        self.deadline = deadline
         self._apply_style = apply_style()
         if self._apply_style == PER_CALL:
             self._apply_custom, self._apply_client = self.custom, None
         else:
             self._apply_custom, self._apply_client = apply_api(client, configuration, self._apply_style)
+        for c in (self.api_client, self._apply_client):
+            if c is not None:  # every generation keeps its urllib3 PoolManager here
+                track_pool_manager(c.rest_client.pool_manager)
 
     @classmethod
-    def from_credentials(cls, creds: Credentials, timeout: float = 10.0) -> Kube:
-        return cls(make_configuration(creds), timeout)
+    def from_credentials(cls, creds: Credentials, timeout: float = 10.0, deadline: float = DEADLINE) -> Kube:
+        return cls(make_configuration(creds), timeout, deadline)
 
     def close(self) -> None:
         for c in (self.api_client, self._apply_client):
@@ -71,13 +84,26 @@ class Kube:
             except Exception:  # closing a pool must never mask the reason we are closing
                 pass
 
+    def request(self, verb: str, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One generated call through this client (`fn(*args, **kwargs)`), under the request deadline,
+        its failures mapped. With `_preload_content=False` the raw answer comes back with its body
+        already read (`.data`), within the deadline too."""
+        kwargs.setdefault("_request_timeout", (min(5.0, self.timeout), self.timeout))
+        with Deadline(self.deadline) as deadline:
+            try:
+                with scope(deadline):
+                    out = fn(*args, **kwargs)
+                    if kwargs.get("_preload_content") is False:
+                        out.data  # noqa: B018 -- the body is read (and kept) here, under the deadline
+                return out
+            except Exception as exc:  # every client failure is mapped; nothing leaks unclassified
+                if deadline.expired:  # the cut, not the broken read it caused, is what happened
+                    raise cut(verb, what, self.deadline) from None
+                raise map_error(exc, verb, what) from exc
+
     def _call(self, verb: str, res: Resource, namespace: str | None, name: str | None,
               fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("_request_timeout", (min(5.0, self.timeout), self.timeout))
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # every client failure is mapped; nothing leaks unclassified
-            raise map_error(exc, verb, _describe(res, namespace, name)) from exc
+        return self.request(verb, _describe(res, namespace, name), fn, *args, **kwargs)
 
     # generic
     def get(self, res: Resource, namespace: str, name: str) -> dict[str, Any] | None:
@@ -158,15 +184,26 @@ class Kube:
               timeout_seconds: int) -> Iterator[tuple[str, dict[str, Any]]]:
         """Watch one object from resource_version; yields (type, object) until the server ends it."""
         return watch_one(self.custom.list_namespaced_custom_object, (*res[:2], namespace, res[2]), name,
-                         resource_version, timeout_seconds, self.timeout, _describe(res, namespace, name))
+                         resource_version, timeout_seconds, self.timeout, _describe(res, namespace, name),
+                         self.deadline)
+
+
+def cut(verb: str, what: str, seconds: float, message: str = "") -> DeadlineExceeded:
+    """The error of a call its deadline cut. Logged by the caller, in its one line for any failed call
+    (the registrar's state, the group's follower), with its backoff."""
+    err = DeadlineExceeded(verb, what, seconds, message)
+    log.debug("%s", err)
+    return err
 
 
 def watch_one(list_fn: Callable[..., Any], args: tuple[Any, ...], name: str, resource_version: str | None,
-              timeout_seconds: int, timeout: float, what: str) -> Iterator[tuple[str, dict[str, Any]]]:
+              timeout_seconds: int, timeout: float, what: str,
+              grace: float = DEADLINE) -> Iterator[tuple[str, dict[str, Any]]]:
     """Watch the object `name` through a generated list call (`list_fn(*args)`): yields (type, object as
     a dict) until the server ends the watch. An expired resourceVersion comes out as an ERROR event with
     code 410 whichever client generation is installed (the new one raises it, the old one yields it);
-    every other failure raises an ApiError."""
+    every other failure raises an ApiError. The server is asked to end the watch after timeout_seconds;
+    one that has not `grace` seconds later is cut (DeadlineExceeded)."""
     from kubernetes import watch
 
     w = watch.Watch()
@@ -174,18 +211,34 @@ def watch_one(list_fn: Callable[..., Any], args: tuple[Any, ...], name: str, res
                               "_request_timeout": (min(5.0, timeout), timeout_seconds + 10)}
     if resource_version:
         kwargs["resource_version"] = resource_version
-    try:
-        for event in w.stream(list_fn, *args, **kwargs):
-            raw = event.get("raw_object")  # typed calls (core/v1) deserialise `object` into a model
-            yield event["type"], raw if isinstance(raw, dict) else event["object"]
-    except ApiError:
-        raise
-    except Exception as exc:
-        from kubernetes.client.exceptions import ApiException
+    limit = timeout_seconds + grace
+    stream = w.stream(list_fn, *args, **kwargs)
+    with Deadline(limit) as deadline:
+        try:
+            while True:
+                # Only the client's own work runs under the deadline's scope, never the caller's
+                # between two events.
+                with scope(deadline):
+                    got = next(stream, _END)
+                if got is _END:
+                    return
+                event: Any = got
+                if not event:  # the newest client yields None for a blank line (a keep-alive)
+                    continue
+                raw = event.get("raw_object")  # typed calls (core/v1) deserialise `object` into a model
+                yield event["type"], raw if isinstance(raw, dict) else event["object"]
+        except ApiError:
+            raise
+        except Exception as exc:
+            if deadline.expired:
+                raise cut("watch", what, limit, f"not ended within its {limit:g}s deadline (the server was "
+                          f"asked to end it after {timeout_seconds}s); connection cut") from None
+            from kubernetes.client.exceptions import ApiException
 
-        if isinstance(exc, ApiException) and exc.status == 410:
-            yield "ERROR", {"code": 410, "reason": "Expired"}
-            return
-        raise map_error(exc, "watch", what) from exc
-    finally:
-        w.stop()
+            if isinstance(exc, ApiException) and exc.status == 410:
+                yield "ERROR", {"code": 410, "reason": "Expired"}
+                return
+            raise map_error(exc, "watch", what) from exc
+        finally:
+            w.stop()
+            stream.close()  # its response goes back (or, cut, is dropped) now, under this deadline

@@ -21,11 +21,10 @@ class CoreCalls:
         self.core = client.CoreV1Api(kube.api_client)
 
     def _call(self, verb: str, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("_request_timeout", (min(5.0, self.kube.timeout), self.kube.timeout))
+        resp = self.kube.request(verb, what, fn, *args, _preload_content=False, **kwargs)
         try:
-            resp = fn(*args, _preload_content=False, **kwargs)
             return json.loads(resp.data)
-        except Exception as exc:  # every client failure is mapped (agent.kube.errors)
+        except Exception as exc:  # an unreadable answer is mapped like every other failure
             raise map_error(exc, verb, what) from exc
 
     def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -55,4 +54,5 @@ class CoreCalls:
                         timeout_seconds: int) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yields (type, object) for one ConfigMap until the server ends the watch."""
         return watch_one(self.core.list_namespaced_config_map, (namespace,), name, resource_version,
-                         timeout_seconds, self.kube.timeout, f'configmaps "{name}" in namespace {namespace}')
+                         timeout_seconds, self.kube.timeout, f'configmaps "{name}" in namespace {namespace}',
+                         self.kube.deadline)

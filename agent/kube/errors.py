@@ -53,6 +53,15 @@ class Unavailable(ApiError, RetryableError):
         self.retry_after = retry_after
 
 
+class DeadlineExceeded(Unavailable):
+    """The call did not complete within its overall deadline; its connection was cut (agent.deadline)."""
+
+    def __init__(self, verb: str, resource: str, seconds: float, message: str = "") -> None:
+        super().__init__(verb, resource, 0, message or f"no complete answer within the {seconds:g}s "
+                         "deadline; connection cut")
+        self.seconds = seconds
+
+
 def _retry_after(headers: Any) -> float | None:
     if not headers:
         return None

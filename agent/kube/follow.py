@@ -15,6 +15,8 @@ rebuilds when the object is not the one it built from).
 - Every failure is reported and waited out with agent.retry's backoff (the server's Retry-After is a
   floor); an expired watch is waited out too (so a server that expires every watch at once is not
   hammered), without a report. The backoff resets once a watch ends normally.
+- A watch the server does not end when it was asked to (plus the request deadline) is cut by the client
+  (agent.kube.client, DeadlineExceeded): a failure like any other, so it is read and watched again.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.kube.client import Kube, Resource
-from agent.kube.errors import ApiError
+from agent.kube.errors import ApiError, DeadlineExceeded
 from agent.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -113,7 +115,10 @@ class Follower:
                 if self.failed is not None:
                     self.failed(exc)
                 delay = self.backoff.next_delay(getattr(exc, "retry_after", None))
-                log.debug("%s: %s; again in %.1fs", self.target.what, exc, delay)
+                # A cut is said once, here when no caller reports failures (an outage is not news).
+                level = logging.WARNING if isinstance(exc, DeadlineExceeded) and self.failed is None \
+                    else logging.DEBUG
+                log.log(level, "%s: %s; again in %.1fs", self.target.what, exc, delay)
                 self._stop.wait(delay)
                 continue
             except Exception:  # a bug here must not end the following: log it, read again later

@@ -15,7 +15,6 @@ service account (bound tokens die with it) or the rule ends that. See docs/bundl
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -80,36 +79,25 @@ def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
     atomic_write(target, data, mode)
 
 
-def renew_own_token(api_client: Any, token_file: str, *, lifetime: int | None = None,
-                    timeout: float = 10.0) -> TokenClaims:
+def renew_own_token(kube: Any, token_file: str, *, lifetime: int | None = None) -> TokenClaims:
     """Mint the next token for the service account the current one belongs to; write it to token_file.
 
-    api_client: a kubernetes.client.ApiClient authenticated with the current token (the registry's).
+    kube: an agent.kube.client.Kube authenticated with the current token (the registry's).
     Raises CredentialError for a token that cannot be renewed, or the registry's ApiError (Unauthorized
     names the missing RBAC rule) for a refused or failed call.
     """
-    from kubernetes import client
-
-    from agent.kube.errors import map_error
+    from agent.kube.core import CoreCalls
 
     try:
         with open(token_file, encoding="utf-8") as f:
             current = read_claims(f.read())
     except OSError as exc:
         raise CredentialError(f"cannot read {token_file}: {exc.strerror}") from None
-    seconds = int(lifetime or current.lifetime or 3600)
-    spec: dict[str, Any] = {"expirationSeconds": max(MIN_LIFETIME, seconds)}
-    if current.audiences:
-        spec["audiences"] = list(current.audiences)
-    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
+    seconds = max(MIN_LIFETIME, int(lifetime or current.lifetime or 3600))
     what = f'serviceaccounts/token "{current.service_account}" in namespace {current.namespace}'
-    try:
-        resp = client.CoreV1Api(api_client).create_namespaced_service_account_token(
-            current.service_account, current.namespace, body, _preload_content=False,
-            _request_timeout=(min(5.0, timeout), timeout))
-        answer = json.loads(resp.data)
-    except Exception as exc:  # mapped to the registry's errors, which say what to fix
-        raise map_error(exc, "create", what) from exc
+    # The registry's errors (mapped, under the request deadline), which say what to fix.
+    answer = CoreCalls(kube).create_token(current.namespace, current.service_account, seconds,
+                                          list(current.audiences) if current.audiences else None)
     token = ((answer.get("status") or {}).get("token") or "").strip()
     if not token:
         raise CredentialError(f"create {what}: the answer carried no token")
@@ -139,11 +127,11 @@ class OwnTokenRenewer:
     Failures are retried with agent.retry's backoff; the current token stays in use until it expires.
     """
 
-    def __init__(self, api_client: Any, token_file: str, post: Callable[[object], None], *,
+    def __init__(self, kube: Any, token_file: str, post: Callable[[object], None], *,
                  fraction: float = 0.7, backoff: Any = None, clock: Callable[[], float] = time.time) -> None:
         from agent.retry import Backoff
 
-        self.api_client = api_client
+        self.kube = kube
         self.token_file = token_file
         self.post = post
         self.fraction = fraction
@@ -177,7 +165,7 @@ class OwnTokenRenewer:
                 return
             claims = self._current()
             try:
-                new = renew_own_token(self.api_client, self.token_file)
+                new = renew_own_token(self.kube, self.token_file)
             except Exception as exc:  # reported and retried; the current token stays in use
                 delay = self.backoff.next_delay(getattr(exc, "retry_after", None))
                 log.warning("renewing the agent's own token failed (retry in %.1fs): %s", delay, exc)

@@ -39,6 +39,7 @@ class Plan:
     timeout: float
     build: Callable[[dict[str, Any]], dict[str, Any]]
     events: bool = True
+    deadline: float = 30.0
 
 
 def credentials(reg: Any, bundle_kubeconfig: str | None, identity_token: str | None = None) -> Credentials:
@@ -100,7 +101,7 @@ def make_plan(reg: Any, cluster_env: Mapping[str, str], *, machine_id: str, addr
                         lease_duration=float(reg.lease.duration), lease_renew=float(reg.lease.renew),
                         resync=float(reg.resync), condition_mode=condition,
                         backoff_initial=float(reg.backoff.initial), backoff_max=float(reg.backoff.max))
-    return Plan(settings, creds, float(reg.timeout), build, bool(reg.events))
+    return Plan(settings, creds, float(reg.timeout), build, bool(reg.events), float(reg.request_deadline))
 
 
 class RegistryService:
@@ -116,7 +117,7 @@ class RegistryService:
               count: Callable[[str], None] = lambda result: None) -> RegistryService:
         """`count(result)` counts the Events' writes (agent.registry.recorder)."""
         try:
-            kube = Kube.from_credentials(plan.credentials, plan.timeout)
+            kube = Kube.from_credentials(plan.credentials, plan.timeout, plan.deadline)
         except Exception as exc:  # the client's loaders raise their own types; all mean the same here
             raise PlanError(f"registry: cannot use the API credentials: {exc}") from exc
         worker = RegistryWorker(kube, post)

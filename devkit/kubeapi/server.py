@@ -134,10 +134,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._user = ""
         self._code = 0
         self._recorded = False
+        self._trickle = 0.0
         self._method, self._url = method, url
         body = self._read_body()
         try:
-            if not self._faults(method, url.path):
+            if not self._faults(method, url.path, url.query):
                 return
             self._dispatch(method, url.path, {k: v[-1] for k, v in parse_qs(url.query).items()}, body)
         except ApiError as exc:
@@ -163,8 +164,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _faults(self, method: str, path: str) -> bool:
-        for fault in self.api.faults.take(method, path):
+    def _faults(self, method: str, path: str, query: str) -> bool:
+        for fault in self.api.faults.take(method, path, query):
             if fault.kind == "latency":
                 time.sleep(fault.delay)
             elif fault.kind == "reset":
@@ -182,7 +183,24 @@ class _Handler(BaseHTTPRequestHandler):
                     details = {"retryAfterSeconds": fault.retry_after}
                 raise ApiError(fault.code, reason_for(fault.code), message_for(fault.code), details or None,
                                headers)
+            elif fault.kind == "trickle":
+                self._trickle = fault.delay
         return True
+
+    def _write_body(self, data: bytes) -> None:
+        if not self._trickle:
+            self.wfile.write(data)
+            return
+        try:
+            self.wfile.flush()
+            for i in range(len(data)):
+                if self.server.closing.wait(self._trickle):  # the server going away drops it
+                    self.close_connection = True
+                    return
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+        except OSError:  # the client cut it: what the fault is there to show
+            self.close_connection = True
 
     def _send_json(self, code: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(obj).encode()
@@ -197,7 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        self._write_body(data)
 
     def _send_text(self, code: int, text: str) -> None:
         data = text.encode()
@@ -207,7 +225,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        self._write_body(data)
 
     def _json_body(self, raw: bytes) -> Any:
         ctype = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip()
@@ -426,6 +444,10 @@ class _Handler(BaseHTTPRequestHandler):
         def send(etype: str, obj: dict[str, Any]) -> None:
             write(encode(etype, obj))
 
+        if self._trickle:
+            self._trickle_watch(b"".join(encode("ADDED", shape(cluster._out(rt, version, o)))
+                                         for o in initial))
+            return
         try:
             for obj in initial:
                 send("ADDED", shape(cluster._out(rt, version, obj)))
@@ -461,6 +483,19 @@ class _Handler(BaseHTTPRequestHandler):
                     next_bookmark = time.monotonic() + self.api.bookmark_interval
             if not self.server.closing.is_set():  # a server going away drops streams, it does not end them
                 self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+        except OSError:
+            pass
+
+    def _trickle_watch(self, events: bytes) -> None:
+        """The trickle fault on a watch: the events a byte per chunk, then newlines, until the client or
+        the server goes away."""
+        sent = 0
+        try:
+            while not self.server.closing.wait(self._trickle):
+                byte = events[sent:sent + 1] or b"\n"
+                sent += 1
+                self.wfile.write(b"1\r\n%s\r\n" % byte)
                 self.wfile.flush()
         except OSError:
             pass

@@ -175,7 +175,7 @@ def test_own_token_is_renewed_with_the_manifests_rules(world: World) -> None:
     old_token = world.token_file.read_text()
     before = read_claims(old_token)
     kube = world.kube()
-    new = renew_own_token(kube.api_client, str(world.token_file))
+    new = renew_own_token(kube, str(world.token_file))
     assert stat.S_IMODE(world.token_file.stat().st_mode) == 0o600
     assert claims(world.token_file.read_text())["jti"] != claims(old_token)["jti"]
     assert (new.namespace, new.service_account) == (before.namespace, before.service_account)
@@ -186,7 +186,7 @@ def test_own_token_is_renewed_with_the_manifests_rules(world: World) -> None:
     world.set_rules([r for r in manifest_rules(read_istio=False)[NS]
                      if r.resources != ("serviceaccounts/token",)])
     with pytest.raises(Unauthorized, match="serviceaccounts/token"):
-        renew_own_token(kube.api_client, str(world.token_file))
+        renew_own_token(kube, str(world.token_file))
 
 
 def test_access_checks_name_what_is_missing(world: World) -> None:
@@ -208,7 +208,7 @@ def test_own_token_renewer_thread_renews_before_expiry(world: World) -> None:
     kube = world.kube()
     before = read_claims(world.token_file.read_text())
     # A clock 70% into the token's life: the thread renews at once.
-    r = OwnTokenRenewer(kube.api_client, str(world.token_file), world.events.put, backoff=Backoff(0.2, 1.0),
+    r = OwnTokenRenewer(kube, str(world.token_file), world.events.put, backoff=Backoff(0.2, 1.0),
                         clock=lambda: before.issued + 0.7 * before.lifetime + 1).start()
     try:
         ev = world.next_event(OwnTokenRenewed)

@@ -4,6 +4,7 @@ outage."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import random
 from collections.abc import Iterator
@@ -206,3 +207,28 @@ def test_stop_ends_the_thread_while_it_waits(api: KubeAPI, follow: Any) -> None:
     s.next(skip_failures=False)
     f.stop(timeout=2.0)
     assert f.stopped and not f._thread.is_alive()
+
+
+def test_a_watch_the_server_never_ends_is_cut_said_once_and_followed_again(
+        api: KubeAPI, caplog: pytest.LogCaptureFixture) -> None:
+    """With no caller reporting failures (the cluster bundle source's followers), the follower itself
+    says each cut in one line, and follows on: changes are seen once the server behaves."""
+    caplog.set_level(logging.INFO)
+    kube = Kube.from_credentials(Credentials(kubeconfig=str(api.kubeconfig)), timeout=3.0, deadline=1.0)
+    s = Seen()
+    f = Follower(custom_object(kube, GROUPS, NS, NAME), seen=s.seen, gone=s.gone, watch_timeout=1,
+                 backoff=Backoff(0.1, 1.0, random.Random(1))).start()
+    try:
+        assert s.next() == ("seen", {"app": "billing"})
+        api.faults.trickle(0.5, path="workloadgroups", query="watch=")
+        before = len(requests(api, watch=True))
+        wait_for(lambda: len(requests(api, watch=True)) >= before + 2, timeout=20, what="a cut watch made again")
+        cuts = [r for r in caplog.records if r.name == "agent.kube.follow" and "deadline" in r.getMessage()]
+        assert cuts and all(r.levelno == logging.WARNING and r.exc_info is None for r in cuts)
+        api.faults.clear()
+        relabel(api, {"app": "billing", "tier": "gold"})
+        wait_for(lambda: ("seen", {"app": "billing", "tier": "gold"}) in list(s.q.queue), timeout=20,
+                 what="the change, once the server behaves")
+    finally:
+        f.stop(timeout=5.0)
+        kube.close()

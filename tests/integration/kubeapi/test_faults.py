@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import ssl
 import time
 
@@ -98,3 +99,73 @@ def test_but_a_patch_sees_the_429(api: KubeAPI, co: client.CustomObjectsApi) -> 
         co.patch_namespaced_custom_object(*WE, "a", body, field_manager="m",
                                           _content_type="application/apply-patch+yaml")
     assert exc.value.status == 429 and exc.value.headers["Retry-After"] == "1"
+
+
+def _open_raw(api: KubeAPI, path: str) -> tuple[ssl.SSLSocket, bytes]:
+    """A request on a TLS socket of our own; the status line and headers, and what came after them."""
+    ctx = ssl.create_default_context(cadata=api.ca_pem.decode())
+    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", api.port), timeout=20),
+                           server_hostname="127.0.0.1")
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {api.admin_token}\r\n\r\n"
+                 .encode())
+    got = b""
+    while b"\r\n\r\n" not in got:
+        chunk = sock.recv(4096)
+        assert chunk, "the server closed before its headers"
+        got += chunk
+    head, _, rest = got.partition(b"\r\n\r\n")
+    return sock, head + b"\r\n\r\n" + rest
+
+
+def _read_for(sock: ssl.SSLSocket, seconds: float) -> tuple[bytes, bool]:
+    """What arrives within `seconds`, and whether the server ended the connection meanwhile."""
+    end = time.monotonic() + seconds
+    got = b""
+    while (left := end - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            break
+        if not chunk:
+            return got, True
+        got += chunk
+    return got, False
+
+
+def test_trickle_sends_the_headers_then_the_body_a_byte_at_a_time(api: KubeAPI) -> None:
+    whole = get(api)
+    assert whole.status == 200
+    api.faults.trickle(0.5, path="workloadentries")
+    sock, first = _open_raw(api, PATH)
+    try:
+        head, _, body = first.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length:" in head
+        more, ended = _read_for(sock, 2.0)
+        # A list of no entries is well over 100 bytes; at two a second, only a few have come.
+        assert not ended and 0 < len(body + more) < 20
+    finally:
+        sock.close()
+    api.faults.clear()
+    fast = api.faults.trickle(0.001, path="workloadentries", times=1)
+    resp = get(api)  # the whole answer, correct, just slow
+    assert resp.status == 200 and fast.hits == 1
+
+
+def test_a_trickled_watch_never_ends_even_at_its_timeout(api: KubeAPI) -> None:
+    api.faults.trickle(0.2, path="workloadentries")
+    sock, first = _open_raw(api, PATH + "?watch=true&timeoutSeconds=1")
+    try:
+        assert first.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in first
+        more, ended = _read_for(sock, 3.0)  # three times the watch's timeout
+        assert not ended
+        assert more.count(b"1\r\n\n\r\n") >= 2  # newlines a byte per chunk: bytes, but no event
+    finally:
+        sock.close()
+    api.faults.clear()
+    sock, _ = _open_raw(api, PATH + "?watch=true&timeoutSeconds=1")
+    try:
+        _, ended = _read_for(sock, 15.0)
+        assert ended  # without the fault the watch ends at its timeout
+    finally:
+        sock.close()

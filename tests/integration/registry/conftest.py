@@ -52,8 +52,9 @@ class Cluster:
 
     def agent(self, instance: str = "inst-a", *, condition_mode: bool = False, lease: float = 3.0,
               renew: float = 0.5, resync: float = 5.0, creds: Credentials | None = None,
-              address: str = ADDRESS, watch_timeout: int = 5) -> Driver:
-        kube = Kube.from_credentials(creds or Credentials(kubeconfig=str(self.agent_kubeconfig)), timeout=3.0)
+              address: str = ADDRESS, watch_timeout: int = 5, deadline: float = 30.0) -> Driver:
+        kube = Kube.from_credentials(creds or Credentials(kubeconfig=str(self.agent_kubeconfig)), timeout=3.0,
+                                     deadline=deadline)
         settings = Settings(namespace=NS, group=GROUP, instance=instance, lease_duration=lease,
                             lease_renew=renew, resync=resync, condition_mode=condition_mode,
                             backoff_initial=0.2, backoff_max=2.0)
