@@ -128,7 +128,7 @@ def identity_bindings(docs: list[dict[str, Any]], namespace: str, group: str) ->
 
 
 def owner_policy(*, namespace: str, group: str, name: str, resource_rules: list[dict[str, Any]],
-                 owner_annotation: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+                 owner_annotation: str, labels: dict[str, str], token_audience: str) -> list[dict[str, Any]]:
     """A second ValidatingAdmissionPolicy and binding, for per-VM identities only: a VM writes and
     deletes only the WorkloadEntries and Leases that record its own API username in `owner_annotation`
     (the agent writes it there, agent.registry.entry.OWNER_ANNOTATION). On create and update the new
@@ -136,7 +136,9 @@ def owner_policy(*, namespace: str, group: str, name: str, resource_rules: list[
     lease can be withdrawn, rewritten or taken over, even one whose lease expired (the reaper, a
     service account, removes those). Matched: members of the group's identity group whose username is
     a per-VM one (`mesh-vm:...`), never a service account: those are shared by the group's VMs (and
-    the reaper), so pinning them would fence nothing."""
+    the reaper), so pinning them would fence nothing. The same VMs may ask TokenRequest (the bundle
+    source `kubernetes`) only for `token_audience` (istio-ca): a service-account token for the API
+    server's audience would let a VM write as the group's service account, round this policy."""
     user = "request.userInfo.username"
     ann = cel_str(owner_annotation)
 
@@ -151,13 +153,16 @@ def owner_policy(*, namespace: str, group: str, name: str, resource_rules: list[
         "metadata": {"name": name, "labels": dict(labels)},
         "spec": {
             "failurePolicy": "Fail",
-            "matchConstraints": {"resourceRules": resource_rules},
+            "matchConstraints": {"resourceRules": [*resource_rules, {
+                "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                "resources": ["serviceaccounts/token"]}]},
             "matchConditions": [
                 {"name": "group-vms", "expression": f"{cel_str(identity_group(namespace, group))} in "
                                                     "request.userInfo.groups"},
                 {"name": "per-vm-username", "expression": f"{user}.startsWith({cel_str(VM_USER_PREFIX)}) && "
                                                           f"!{user}.startsWith({cel_str(SERVICE_ACCOUNT_PREFIX)})"}],
             "variables": [
+                {"name": "isToken", "expression": "request.resource.resource == 'serviceaccounts'"},
                 {"name": "kind", "expression": "request.resource.resource == 'workloadentries' ? "
                                                "'WorkloadEntry' : 'Lease'"},
                 {"name": "newOwner", "expression": f"request.operation != 'DELETE' && {owner_of('object')} ? "
@@ -165,12 +170,17 @@ def owner_policy(*, namespace: str, group: str, name: str, resource_rules: list[
                 {"name": "oldOwner", "expression": f"request.operation != 'CREATE' && {owner_of('oldObject')} ? "
                                                    f"string(oldObject.metadata.annotations[{ann}]) : ''"}],
             "validations": [
-                {"expression": f"request.operation == 'CREATE' || variables.oldOwner == {user}",
+                {"expression": f"!variables.isToken || (has(object.spec.audiences) && size(object.spec.audiences) > 0 "
+                               f"&& object.spec.audiences.all(a, a == {cel_str(token_audience)}))",
+                 "message": f"a VM may ask for service-account tokens only for audience {token_audience}",
+                 "messageExpression": f"'a VM may ask for service-account tokens only for audience {token_audience}; "
+                                      f"this credential is ' + {user}"},
+                {"expression": f"variables.isToken || request.operation == 'CREATE' || variables.oldOwner == {user}",
                  "message": f"a VM may change or delete only the entries and leases whose {owner_annotation} "
                             "annotation names it",
                  "messageExpression": f"variables.kind + ' ' + request.name + ' belongs to ' + {shown('oldOwner')}"
                                       f" + '; this credential is ' + {user}"},
-                {"expression": f"request.operation == 'DELETE' || variables.newOwner == {user}",
+                {"expression": f"variables.isToken || request.operation == 'DELETE' || variables.newOwner == {user}",
                  "message": f"a VM must name itself in the {owner_annotation} annotation of what it writes",
                  "messageExpression": f"variables.kind + ' ' + request.name + ' must name its writer in "
                                       f"annotation {owner_annotation}, not ' + {shown('newOwner')} + "

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from agent.bundle.generate import TOKEN_AUDIENCE
 from agent.registry.entry import API_VERSION, FIELD_MANAGER, INSTANCE_ANNOTATION, MANAGED_BY_LABEL, OWNER_ANNOTATION
 from agent.registry.identity_manifests import (
     IDENTITY_PROVIDERS,
@@ -213,7 +214,7 @@ def admission_policy(*, group: str, namespace: str, service_account: str, select
         # Per-VM identities can be told apart: each VM only its own entries and leases.
         fenced += owner_policy(namespace=namespace, group=group, name=owner_policy_name(namespace, group),
                                resource_rules=[dict(r) for r in POLICY_RULES],
-                               owner_annotation=OWNER_ANNOTATION, labels=managed)
+                               owner_annotation=OWNER_ANNOTATION, labels=managed, token_audience=TOKEN_AUDIENCE)
     return fenced
 
 

@@ -262,3 +262,25 @@ def test_the_per_vm_policy_leaves_service_accounts_and_the_reaper_alone() -> Non
         assert per_vm("DELETE", None, theirs, who) is None, who
     # The group's policy still confines the service account (group-level fencing).
     assert judge("DELETE", None, owned_entry("mesh-vm:4001", "10.0.0.6") | {"spec": {}}) is not None
+
+
+def test_a_vm_may_mint_service_account_tokens_only_for_istio() -> None:
+    """A token of the group's service account for the API server's audience would let a VM write as the
+    service account, which the per-VM policy does not fence: per-VM identities get istio-ca tokens only."""
+    policy, binding = policy_and_binding(per_vm=True, identity=True)
+
+    def mint(audiences: list[str] | None, who: Identity = VM_A) -> str | None:
+        spec: dict[str, Any] = {"expirationSeconds": 3600}
+        if audiences is not None:
+            spec["audiences"] = audiences
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "metadata": {"name": SA, "namespace": NS}, "spec": spec}
+        attrs = Attributes("CREATE", "", "v1", "serviceaccounts", "TokenRequest", "token", NS, SA, who, body, None)
+        decision = evaluate(policy, binding, attrs, None)
+        return decision.message if decision else None
+
+    assert mint(["istio-ca"]) is None
+    for audiences in (None, [], ["https://kubernetes.default.svc"], ["istio-ca", "https://kube.mesh.test"]):
+        assert mint(audiences) == ("a VM may ask for service-account tokens only for audience istio-ca; "
+                                   "this credential is mesh-vm:4001"), audiences
+    assert mint(None, who=AGENT) is None  # the service-account path renews its own token (renew_token)
