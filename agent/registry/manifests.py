@@ -317,8 +317,9 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     ident = parser.add_argument_group("cloud identity (docs/identity.md)")
     ident.add_argument("--identity", choices=IDENTITY_PROVIDERS,
                        help="the VMs authenticate with their cloud's identity token: also bind the Roles to "
-                       "group mesh-vm:NAMESPACE:GROUP (which the admission policy then confines too) and write "
-                       "the API server's jwt authenticator")
+                       "group mesh-vm:NAMESPACE:GROUP (which the admission policy then confines too), fence each "
+                       "VM to its own entries and leases (a second policy) and write the API server's jwt "
+                       "authenticator")
     ident.add_argument("--authn-config", metavar="FILE",
                        help="where to write the AuthenticationConfiguration (with --identity)")
     ident.add_argument("--audience", help="the audience the agents ask for (identity.audience)")
