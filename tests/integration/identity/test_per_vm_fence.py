@@ -159,7 +159,7 @@ def test_a_vm_at_a_dead_siblings_address_waits_for_the_reaper(kubeapi: KubeAPI, 
         seen = len([q for q in list(kubeapi.requests) if q.user == "mesh-vm:5002" and q.code == 422])
         time.sleep(4.0)
         refusals = len([q for q in list(kubeapi.requests) if q.user == "mesh-vm:5002" and q.code == 422]) - seen
-        assert 1 <= refusals <= 12, refusals
+        assert 1 <= refusals <= 20, refusals  # at least 0.25 s apart, 1 s on average
         assert r.state is State.CONFLICT and E.owner_of(entry(kubeapi)) == "mesh-vm:5001"
         # The reaper (its own service account, wider rights) removes the dead entry; B then registers.
         kc = kubeapi.write_kubeconfig(tmp_path / "reaper.kubeconfig",
