@@ -259,6 +259,9 @@ class SimKube(Kube):
         raise Unavailable(verb, what, 0, "unreachable: " + ("timed out" if result == TIMEOUT
                                                              else "connection refused"))
 
+    def whoami(self) -> str | None:
+        return None  # owners are not simulated (the real client asks once per credential)
+
     def get(self, res: Resource, namespace: str, name: str) -> dict[str, Any] | None:
         self._req("get", res, name)
         return self.sim.store.get((res[2], namespace, name))

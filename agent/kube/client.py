@@ -33,6 +33,7 @@ ENTRIES = ("networking.istio.io", "v1", "workloadentries")
 GROUPS = ("networking.istio.io", "v1", "workloadgroups")
 LEASES = ("coordination.k8s.io", "v1", "leases")
 EVENTS = ("events.k8s.io", "v1", "events")
+SELF_SUBJECT_REVIEWS = ("authentication.k8s.io", "v1", "selfsubjectreviews")
 MERGE_PATCH = "application/merge-patch+json"
 DEADLINE = 30.0   # a whole request, retries included (registry.request_deadline)
 _END = object()
@@ -63,6 +64,8 @@ class Kube:
         self.custom = client.CustomObjectsApi(self.api_client)
         self.timeout = timeout
         self.deadline = deadline
+        self._username: str | None = None
+        self._asked_username = False
         self._apply_style = apply_style()
         if self._apply_style == PER_CALL:
             self._apply_custom, self._apply_client = self.custom, None
@@ -104,6 +107,31 @@ class Kube:
     def _call(self, verb: str, res: Resource, namespace: str | None, name: str | None,
               fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self.request(verb, _describe(res, namespace, name), fn, *args, **kwargs)
+
+    def whoami(self) -> str | None:
+        """This credential's API username, as the API server authenticates it (SelfSubjectReview,
+        authentication.k8s.io/v1): asked once per client, that is once per credential (a rotated token
+        of the same identity keeps its username). Sent through the generic call, which every client
+        generation has (Debian 12's lacks the typed one). None when the server does not serve the review
+        (before Kubernetes 1.28); a failure raises ApiError and is asked again next time."""
+        if not self._asked_username:
+            body = {"apiVersion": "/".join(SELF_SUBJECT_REVIEWS[:2]), "kind": "SelfSubjectReview"}
+            try:
+                raw = self._call("create", SELF_SUBJECT_REVIEWS, None, None,
+                                 self.custom.create_cluster_custom_object, *SELF_SUBJECT_REVIEWS, body,
+                                 _preload_content=False)
+                review = json.loads(raw.data)
+                if not isinstance(review, dict):
+                    raise ValueError("not an object")
+            except NotFound:
+                review = {}
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise Unavailable("create", "selfsubjectreviews.authentication.k8s.io", 0,
+                                  f"unreadable answer: {exc}") from exc
+            user = ((review.get("status") or {}).get("userInfo") or {}).get("username")
+            self._username = user if isinstance(user, str) and user else None
+            self._asked_username = True
+        return self._username
 
     # generic
     def get(self, res: Resource, namespace: str, name: str) -> dict[str, Any] | None:

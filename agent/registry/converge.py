@@ -4,7 +4,11 @@ timeout each, run in the registry's worker thread (agent.registry.worker); each 
 raises ApiError.
 
 Ownership (entry.ownership): never touch an entry held by another instance with a live lease. Nothing
-is deleted on uncertainty: a failed call raises, and the registrar retries later.
+is deleted on uncertainty: a failed call raises, and the registrar retries later. Every entry and lease
+written records this credential's API username (entry.OWNER_ANNOTATION, learned once per client with
+Kube.whoami); where the admission policy fences per-VM identities, the API server refuses (422) a
+write to an entry or lease another VM recorded, even one whose lease expired: that refusal comes back
+as an Outcome naming that VM (`fenced`), not as an error, and the entry is left to the reaper.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.kube.client import ENTRIES, LEASES, Kube
-from agent.kube.errors import ApiError, Conflict, NotFound
+from agent.kube.errors import ApiError, Conflict, Invalid, NotFound
 from agent.registry import entry as E
 
 
@@ -43,6 +47,9 @@ class Outcome:
     # When an entry that was already there is kept as ours: its instance annotation ("" when it had
     # none: written by hand). None when the entry was created or is absent.
     adopted_from: str | None = None
+    # The API server refused to let this credential write the entry or lease that another credential
+    # (conflict_holder, an API username) recorded: its message. Left alone until the reaper removes it.
+    fenced: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,23 @@ def converge(kube: Kube, want: Want, spec: Spec, now: Callable[[], dt.datetime] 
     found_uid = _uid(actual)
     if own.conflict:
         return Outcome(present=False, conflict_holder=own.holder, conflict_until=own.expires, entry_uid=found_uid)
+    writer = kube.whoami()
+    foreign = E.foreign_owner(writer, actual, lease)
+    try:
+        return _write(kube, want, spec, E.with_owner(desired, writer), writer, actual, lease, own, now)
+    except Invalid as exc:
+        # The policy's refusal names the recorded owner; any other 422 is an error as ever.
+        if foreign is None or foreign not in str(exc):
+            raise
+        return Outcome(present=False, conflict_holder=foreign, conflict_until=own.expires, entry_uid=found_uid,
+                       fenced=exc.detail or str(exc))
+
+
+def _write(kube: Kube, want: Want, spec: Spec, desired: dict[str, Any], writer: str | None,
+           actual: dict[str, Any] | None, lease: dict[str, Any] | None, own: E.Ownership,
+           now: Callable[[], dt.datetime]) -> Outcome:
+    ns, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+    found_uid = _uid(actual)
     adopted = None if actual is None else str(
         ((actual.get("metadata") or {}).get("annotations") or {}).get(E.INSTANCE_ANNOTATION) or "")
     wrote: list[str] = []
@@ -96,7 +120,7 @@ def converge(kube: Kube, want: Want, spec: Spec, now: Callable[[], dt.datetime] 
 
     # The lease first: a live lease is what makes the entry ours before we write the entry.
     new_lease = E.build_lease(name, ns, spec.instance, spec.lease_duration, now(), previous=lease,
-                              owner=_owner_ref(actual))
+                              owner=_owner_ref(actual), writer=writer)
     # A new lease is created, not applied: if another instance created it meanwhile, that is a 409
     # (read again) rather than a silent takeover. An existing one carries its resourceVersion.
     lease = kube.apply(LEASES, new_lease) if lease is not None else kube.create(LEASES, new_lease)
@@ -114,7 +138,7 @@ def converge(kube: Kube, want: Want, spec: Spec, now: Callable[[], dt.datetime] 
         wrote.append("entry")
         if _owner_ref(actual) and not (lease.get("metadata") or {}).get("ownerReferences"):
             lease = kube.apply(LEASES, E.build_lease(name, ns, spec.instance, spec.lease_duration, now(),
-                                                     previous=lease, owner=_owner_ref(actual)))
+                                                     previous=lease, owner=_owner_ref(actual), writer=writer))
     healthy = None
     if spec.condition_mode:
         healthy = want is Want.REGISTER
@@ -139,7 +163,7 @@ def renew(kube: Kube, lease: dict[str, Any], spec: Spec, now: Callable[[], dt.da
     """Renew our lease with its resourceVersion as precondition: one request at steady state."""
     meta = lease["metadata"]
     new = E.build_lease(meta["name"], meta["namespace"], spec.instance, spec.lease_duration, now(),
-                        previous=lease, owner=(meta.get("ownerReferences") or [None])[0])
+                        previous=lease, owner=(meta.get("ownerReferences") or [None])[0], writer=kube.whoami())
     try:
         return Outcome(present=True, lease=kube.apply(LEASES, new), wrote=("lease",))
     except (Conflict, NotFound):

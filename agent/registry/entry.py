@@ -30,6 +30,9 @@ LEASE_API_VERSION = "coordination.k8s.io/v1"
 FIELD_MANAGER = "mesh-agent"
 INSTANCE_ANNOTATION = "mesh-agent.io/instance"
 LEASE_ANNOTATION = "mesh-agent.io/lease"
+# The API username that wrote the entry or lease (SelfSubjectReview): with per-VM credentials the
+# admission policy compares it with the caller, which the hashed instance annotation cannot be.
+OWNER_ANNOTATION = "mesh-agent.io/owner"
 HEALTH_CHECKS_ANNOTATION = "proxy.istio.io/health-checks-enabled"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 NETWORK_LABEL = "topology.istio.io/network"
@@ -65,6 +68,7 @@ class EntryInputs:
     # entry naming another would make Istio expect a workload identity this proxy cannot present.
     sidecar_service_account: str | None = None
     condition_mode: bool = False          # on_unhealthy: condition
+    owner: str | None = None              # this credential's API username (OWNER_ANNOTATION)
 
 
 def instance_id(machine_id: str) -> str:
@@ -164,6 +168,8 @@ def build_entry(inp: EntryInputs) -> dict[str, Any]:
     annotations = dict(gmeta.get("annotations") or {})
     annotations[INSTANCE_ANNOTATION] = inp.instance
     annotations[LEASE_ANNOTATION] = name
+    if inp.owner:
+        annotations[OWNER_ANNOTATION] = inp.owner
     if inp.condition_mode:
         annotations[HEALTH_CHECKS_ANNOTATION] = "true"
     metadata: dict[str, Any] = {
@@ -210,8 +216,10 @@ def parse_time(text: str | None) -> dt.datetime | None:
 
 def build_lease(name: str, namespace: str, instance: str, duration: float, now: dt.datetime,
                 previous: dict[str, Any] | None = None,
-                owner: dict[str, Any] | None = None) -> dict[str, Any]:
+                owner: dict[str, Any] | None = None, writer: str | None = None) -> dict[str, Any]:
     """The Lease proving this instance is alive, renewed from `previous` (as read) when there is one.
+    `owner` is its ownerReference (the entry); `writer` this credential's API username, recorded in
+    OWNER_ANNOTATION as on the entry.
 
     Taking over another holder's lease sets acquireTime and counts a transition, as client-go does.
     The returned object carries previous' resourceVersion, so a replace fails with 409 if someone else
@@ -240,6 +248,8 @@ def build_lease(name: str, namespace: str, instance: str, duration: float, now: 
             metadata["labels"] = {**pmeta["labels"], MANAGED_BY_LABEL: FIELD_MANAGER}
     if owner is not None:
         metadata["ownerReferences"] = [owner]
+    if writer:
+        metadata["annotations"] = {OWNER_ANNOTATION: writer}
     return {"apiVersion": LEASE_API_VERSION, "kind": "Lease", "metadata": metadata, "spec": spec}
 
 
@@ -255,6 +265,33 @@ def lease_expiry(lease: dict[str, Any] | None) -> dt.datetime | None:
 
 
 # --- ownership ------------------------------------------------------------------------------------
+
+def with_owner(obj: dict[str, Any], writer: str | None) -> dict[str, Any]:
+    """`obj` (an entry as build_entry made it) recording `writer` in OWNER_ANNOTATION; unchanged when
+    the writer is not known."""
+    if not writer:
+        return obj
+    meta = obj["metadata"]
+    return {**obj, "metadata": {**meta, "annotations": {**(meta.get("annotations") or {}),
+                                                         OWNER_ANNOTATION: writer}}}
+
+
+def owner_of(obj: dict[str, Any] | None) -> str | None:
+    """The API username recorded on an entry or lease (None: none recorded, or no object)."""
+    return (((obj or {}).get("metadata") or {}).get("annotations") or {}).get(OWNER_ANNOTATION) or None
+
+
+def foreign_owner(writer: str | None, *objs: dict[str, Any] | None) -> str | None:
+    """The first API username other than `writer` recorded on these objects: whose they are when this
+    credential may not write them (with per-VM credentials the admission policy refuses it)."""
+    if not writer:
+        return None
+    for obj in objs:
+        owner = owner_of(obj)
+        if owner is not None and owner != writer:
+            return owner
+    return None
+
 
 @dataclass(frozen=True)
 class Ownership:

@@ -98,6 +98,10 @@ def notice(c: Change) -> Notice | None:
         return Notice(ref, "MaintenanceEnded", "Maintenance",
                       "maintenance ended on the VM (mesh-agent register): the entry is registered again once "
                       "the app is healthy")
+    if c.after is State.CONFLICT and c.fenced:
+        return Notice(_entry_ref(c), "EntryHeldByAnotherInstance", "Refuse",
+                      f"entry {c.entry} belongs to {c.holder}, and the API server refuses instance {c.instance}'s "
+                      "credential to touch it: left to the reaper (a clone, or a reused address?)", WARNING)
     if c.after is State.CONFLICT:
         until = f" until {E.format_time(c.holder_until)}" if c.holder_until is not None else ""
         return Notice(_entry_ref(c), "EntryHeldByAnotherInstance", "Refuse",

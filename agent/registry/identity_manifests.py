@@ -1,6 +1,7 @@
 """The cloud-identity part of `mesh-agent manifests` (docs/identity.md): the API server's `jwt`
-authenticator for a cloud's instance tokens, its AuthenticationConfiguration, and RoleBindings giving
-the VMs' identity group what the agents' service account has. Pure."""
+authenticator for a cloud's instance tokens, its AuthenticationConfiguration, RoleBindings giving
+the VMs' identity group what the agents' service account has, and the admission policy that fences
+each VM to its own entries and leases (the API server tells VMs apart by their usernames). Pure."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from typing import Any
 IDENTITY_PROVIDERS = ("gcp", "azure", "aws", "oidc")
 GCP_ISSUER = "https://accounts.google.com"
 AWS_CLAIMS = "claims['https://sts.amazonaws.com/']"
+# Every per-VM username the authenticator maps starts with this; service accounts never do.
+VM_USER_PREFIX = "mesh-vm:"
+SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 
 
 def cel_str(value: str) -> str:
@@ -121,3 +125,74 @@ def identity_bindings(docs: list[dict[str, Any]], namespace: str, group: str) ->
         binding["subjects"] = [dict(subject)]
         out.append(binding)
     return out
+
+
+def owner_policy(*, namespace: str, group: str, name: str, resource_rules: list[dict[str, Any]],
+                 owner_annotation: str, labels: dict[str, str], token_audience: str) -> list[dict[str, Any]]:
+    """A second ValidatingAdmissionPolicy and binding, for per-VM identities only: a VM writes and
+    deletes only the WorkloadEntries and Leases that record its own API username in `owner_annotation`
+    (the agent writes it there, agent.registry.entry.OWNER_ANNOTATION). On create and update the new
+    object must name the caller; on update and delete the old one must too, so no sibling's entry or
+    lease can be withdrawn, rewritten or taken over, even one whose lease expired (the reaper, a
+    service account, removes those). Matched: members of the group's identity group whose username is
+    a per-VM one (`mesh-vm:...`), never a service account: those are shared by the group's VMs (and
+    the reaper), so pinning them would fence nothing. The same VMs may ask TokenRequest (the bundle
+    source `kubernetes`) only for `token_audience` (istio-ca): a service-account token for the API
+    server's audience would let a VM write as the group's service account, round this policy."""
+    user = "request.userInfo.username"
+    ann = cel_str(owner_annotation)
+
+    def owner_of(o: str) -> str:
+        return f"has({o}.metadata.annotations) && {ann} in {o}.metadata.annotations"
+
+    def shown(var: str) -> str:
+        return f"(variables.{var} == '' ? 'nobody (no {owner_annotation} annotation)' : variables.{var})"
+
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name, "labels": dict(labels)},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [*resource_rules, {
+                "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                "resources": ["serviceaccounts/token"]}]},
+            "matchConditions": [
+                {"name": "group-vms", "expression": f"{cel_str(identity_group(namespace, group))} in "
+                                                    "request.userInfo.groups"},
+                {"name": "per-vm-username", "expression": f"{user}.startsWith({cel_str(VM_USER_PREFIX)}) && "
+                                                          f"!{user}.startsWith({cel_str(SERVICE_ACCOUNT_PREFIX)})"}],
+            "variables": [
+                {"name": "isToken", "expression": "request.resource.resource == 'serviceaccounts'"},
+                {"name": "kind", "expression": "request.resource.resource == 'workloadentries' ? "
+                                               "'WorkloadEntry' : 'Lease'"},
+                {"name": "newOwner", "expression": f"request.operation != 'DELETE' && {owner_of('object')} ? "
+                                                   f"string(object.metadata.annotations[{ann}]) : ''"},
+                {"name": "oldOwner", "expression": f"request.operation != 'CREATE' && {owner_of('oldObject')} ? "
+                                                   f"string(oldObject.metadata.annotations[{ann}]) : ''"}],
+            "validations": [
+                {"expression": f"!variables.isToken || (has(object.spec.audiences) && size(object.spec.audiences) > 0 "
+                               f"&& object.spec.audiences.all(a, a == {cel_str(token_audience)}))",
+                 "message": f"a VM may ask for service-account tokens only for audience {token_audience}",
+                 "messageExpression": f"'a VM may ask for service-account tokens only for audience {token_audience}; "
+                                      f"this credential is ' + {user}"},
+                {"expression": f"variables.isToken || request.operation == 'CREATE' || variables.oldOwner == {user}",
+                 "message": f"a VM may change or delete only the entries and leases whose {owner_annotation} "
+                            "annotation names it",
+                 "messageExpression": f"variables.kind + ' ' + request.name + ' belongs to ' + {shown('oldOwner')}"
+                                      f" + '; this credential is ' + {user}"},
+                {"expression": f"variables.isToken || request.operation == 'DELETE' || variables.newOwner == {user}",
+                 "message": f"a VM must name itself in the {owner_annotation} annotation of what it writes",
+                 "messageExpression": f"variables.kind + ' ' + request.name + ' must name its writer in "
+                                      f"annotation {owner_annotation}, not ' + {shown('newOwner')} + "
+                                      f"'; this credential is ' + {user}"},
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name, "labels": dict(labels)},
+        "spec": {"policyName": name, "validationActions": ["Deny"],
+                 "matchResources": {"namespaceSelector": {
+                     "matchLabels": {"kubernetes.io/metadata.name": namespace}}}},
+    }
+    return [policy, binding]

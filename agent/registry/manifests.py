@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from agent.registry.entry import API_VERSION, FIELD_MANAGER, INSTANCE_ANNOTATION, MANAGED_BY_LABEL
+from agent.bundle.generate import TOKEN_AUDIENCE
+from agent.registry.entry import API_VERSION, FIELD_MANAGER, INSTANCE_ANNOTATION, MANAGED_BY_LABEL, OWNER_ANNOTATION
 from agent.registry.identity_manifests import (
     IDENTITY_PROVIDERS,
     authentication_configuration,
@@ -24,6 +25,7 @@ from agent.registry.identity_manifests import (
     identity_authenticator,
     identity_bindings,
     identity_group,
+    owner_policy,
 )
 
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -110,6 +112,19 @@ def policy_name(namespace: str, group: str) -> str:
     return f"mesh-agent-{namespace}-{group}"
 
 
+def owner_policy_name(namespace: str, group: str) -> str:
+    """The per-VM policy's: a dot, which no group name has, keeps it apart from every group's."""
+    return f"{policy_name(namespace, group)}.per-vm"
+
+
+# What the policies judge: every write of entries (and their status) and leases.
+POLICY_RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["networking.istio.io"], "apiVersions": ["*"], "operations": ["CREATE", "UPDATE", "DELETE"],
+     "resources": ["workloadentries", "workloadentries/status"]},
+    {"apiGroups": ["coordination.k8s.io"], "apiVersions": ["*"], "operations": ["CREATE", "UPDATE", "DELETE"],
+     "resources": ["leases"]}]
+
+
 def admission_policy(*, group: str, namespace: str, service_account: str, selector: dict[str, str],
                      identity: bool = False) -> list[dict[str, Any]]:
     """A ValidatingAdmissionPolicy and its binding. RBAC lets the group's agents write any WorkloadEntry
@@ -119,7 +134,9 @@ def admission_policy(*, group: str, namespace: str, service_account: str, select
     selector labels in spec.labels and metadata.labels, managed by mesh-agent, an instance annotation;
     an entry changed must already be the group's; a deleted one is judged as it was (oldObject).
     Leases: named `<group>-...`, managed by mesh-agent (before and after a change), owned (if at all)
-    by the WorkloadEntry of the same name. The reaper's service account is not matched."""
+    by the WorkloadEntry of the same name. The reaper's service account is not matched. With
+    `identity`, also the per-VM policy (identity_manifests.owner_policy): a VM authenticated with its
+    own cloud identity writes only the entries and leases that name it as their owner."""
     name = policy_name(namespace, group)
     agent_user = f"system:serviceaccount:{namespace}:{service_account}"
     reaper_user = f"system:serviceaccount:{namespace}:mesh-agent-reaper-{group}"
@@ -175,12 +192,7 @@ def admission_policy(*, group: str, namespace: str, service_account: str, select
         "metadata": {"name": name, "labels": dict(managed)},
         "spec": {
             "failurePolicy": "Fail",
-            "matchConstraints": {"resourceRules": [
-                {"apiGroups": ["networking.istio.io"], "apiVersions": ["*"],
-                 "operations": ["CREATE", "UPDATE", "DELETE"],
-                 "resources": ["workloadentries", "workloadentries/status"]},
-                {"apiGroups": ["coordination.k8s.io"], "apiVersions": ["*"],
-                 "operations": ["CREATE", "UPDATE", "DELETE"], "resources": ["leases"]}]},
+            "matchConstraints": {"resourceRules": [dict(r) for r in POLICY_RULES]},
             "matchConditions": [
                 {"name": "group-agents", "expression": who},
                 {"name": "not-the-reaper", "expression": f"request.userInfo.username != {cel_str(reaper_user)}"}],
@@ -197,7 +209,13 @@ def admission_policy(*, group: str, namespace: str, service_account: str, select
                  "matchResources": {"namespaceSelector": {
                      "matchLabels": {"kubernetes.io/metadata.name": namespace}}}},
     }
-    return [policy, binding]
+    fenced = [policy, binding]
+    if identity:
+        # Per-VM identities can be told apart: each VM only its own entries and leases.
+        fenced += owner_policy(namespace=namespace, group=group, name=owner_policy_name(namespace, group),
+                               resource_rules=[dict(r) for r in POLICY_RULES],
+                               owner_annotation=OWNER_ANNOTATION, labels=managed, token_audience=TOKEN_AUDIENCE)
+    return fenced
 
 
 def build_manifests(*, group: str, namespace: str, service_account: str, ports: list[tuple[str, int]],
@@ -299,8 +317,9 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     ident = parser.add_argument_group("cloud identity (docs/identity.md)")
     ident.add_argument("--identity", choices=IDENTITY_PROVIDERS,
                        help="the VMs authenticate with their cloud's identity token: also bind the Roles to "
-                       "group mesh-vm:NAMESPACE:GROUP (which the admission policy then confines too) and write "
-                       "the API server's jwt authenticator")
+                       "group mesh-vm:NAMESPACE:GROUP (which the admission policy then confines too), fence each "
+                       "VM to its own entries and leases (a second policy) and write the API server's jwt "
+                       "authenticator")
     ident.add_argument("--authn-config", metavar="FILE",
                        help="where to write the AuthenticationConfiguration (with --identity)")
     ident.add_argument("--audience", help="the audience the agents ask for (identity.audience)")

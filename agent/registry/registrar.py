@@ -13,7 +13,8 @@ The decisions:
   mode) when unhealthy, withdraw in maintenance, when the group is deleted and at shutdown; HOLD while
   health or the group is not known yet, which keeps (and keeps leasing) an entry we already own, so a
   restart or upgrade never drops the VM from the mesh;
-- who owns the entry (entry.ownership): never touch one held by another instance with a live lease;
+- who owns the entry (entry.ownership): never touch one another instance holds with a live lease, or
+  that the API server refuses this credential (agent.registry.fencing: back off, the reaper removes it);
 - failures: never delete on uncertainty; retry with agent.retry's backoff (Retry-After honoured, 30 s
   cap) and converge with a full read when the API answers again; resync every `resync` seconds;
 - a new address (move): the entry at the new address is converged first, then the one at the old
@@ -37,6 +38,7 @@ from agent.kube.client import Kube
 from agent.kube.errors import ApiError, Conflict, Invalid, Unauthorized, Unavailable
 from agent.registry import entry as E
 from agent.registry.converge import Outcome, Spec, Want, converge, renew
+from agent.registry.fencing import Fence
 from agent.registry.group import GroupGone, GroupSeen, GroupUnavailable
 from agent.registry.states import Change, RegistrationStatus, Settings, State, decide_want
 from agent.registry.worker import RegistryResult
@@ -79,6 +81,7 @@ class Registrar:
         self.message = "not reconciled yet"
         self.conflict_holder: str | None = None
         self._backoff = Backoff(settings.backoff_initial, settings.backoff_max, self.rng)
+        self._fence = Fence(settings, self.rng)   # an entry that is not ours: agent.registry.fencing
         self._seq = 0
         self._in_flight: int | None = None
         self._in_flight_want: Want | None = None
@@ -322,22 +325,19 @@ class Registrar:
             self._conflicts_in_row += 1
             self.conflict_holder = out.conflict_holder
             self._lease, self._next_renew = None, None
-            until = out.conflict_until
-            wait = self.s.resync
-            if until is not None:
-                wait = min(wait, max(1.0, (until - dt.datetime.now(dt.UTC)).total_seconds() + 1.0))
+            wait, message = self._fence.wait(out, self._name(), dt.datetime.now(dt.UTC))
             self._next_converge = now + wait
-            self._set(State.CONFLICT, f"entry {self._name()} belongs to instance {out.conflict_holder}, "
-                                      "whose lease is live: not touching it")
+            self._set(State.CONFLICT, message)
             self._entry_uid = out.entry_uid
             if self._known is not State.CONFLICT:
                 self._note(self._change(self._known, State.CONFLICT, holder=out.conflict_holder,
-                                                  holder_until=out.conflict_until))
+                                        holder_until=out.conflict_until, fenced=out.fenced))
             self._confirmed(State.CONFLICT, now)
             if self.inputs.shutting_down:
                 self._finish_or_retire("the entry is another instance's")
             return
         self.conflict_holder = None
+        self._fence.clear()
         self._converged = want
         self._next_converge = now + self.s.resync * self.rng.uniform(0.9, 1.0)
         self._lease = out.lease if out.present else None

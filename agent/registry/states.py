@@ -68,6 +68,7 @@ class Change:
     holder: str | None = None            # CONFLICT: the instance holding the entry
     holder_until: dt.datetime | None = None
     maintenance_changed: bool | None = None  # set for a maintenance switch: on (True) or off (False)
+    fenced: str = ""                     # CONFLICT: the API server refused this credential (Outcome.fenced)
 
 
 @dataclass

@@ -628,13 +628,21 @@ class Cluster:
         sa = self.store.get(("", "serviceaccounts"), ns, name)
         return sa["metadata"]["uid"] if sa else None
 
-    def token_request(self, ns: str, sa_name: str, body: Any) -> dict[str, Any]:
+    def token_request(self, ns: str, sa_name: str, body: Any, req: Request | None = None) -> dict[str, Any]:
+        """TokenRequest (serviceaccounts/token); with `req` (a client's request) admitted first, as the
+        API server does (a policy can pin the audiences a caller may ask for)."""
         if not isinstance(body, dict) or body.get("kind") not in (None, "TokenRequest"):
             raise bad_request("the body must be a TokenRequest")
         sa = self.store.get(("", "serviceaccounts"), ns, sa_name)
         if sa is None:
             raise not_found("serviceaccounts", "", sa_name)
         spec = body.get("spec") or {}
+        if req is not None:
+            shown = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                     "metadata": {"name": sa_name, "namespace": ns}, "spec": spec}
+            attrs = admission.Attributes("CREATE", "", "v1", "serviceaccounts", "TokenRequest", "token", ns, sa_name,
+                                         req.identity, shown, None, req.dry_run)
+            admission.admit(self.store, attrs, ("v1",), self._warn, self.audit)
         audiences = spec.get("audiences") or [API_AUDIENCE]
         seconds = spec.get("expirationSeconds", 3600)
         if not isinstance(seconds, int) or isinstance(seconds, bool):

@@ -306,7 +306,7 @@ class _Handler(BaseHTTPRequestHandler):
         if route.special == "token":
             if method != "POST":
                 raise method_not_allowed()
-            self._send_json(201, cluster.token_request(ns, route.name, self._json_body(raw)))
+            self._send_json(201, cluster.token_request(ns, route.name, self._json_body(raw), req))
             return
         if route.subresource and route.subresource != "status":
             raise ApiError(404, "NotFound", "the server could not find the requested resource")

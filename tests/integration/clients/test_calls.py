@@ -83,6 +83,19 @@ def test_register_renew_and_withdraw(setup: Setup) -> None:
     assert setup.api.get("Lease", NS, ENTRY) is None
 
 
+def test_the_credential_learns_its_username_once_and_records_it(setup: Setup) -> None:
+    """SelfSubjectReview through the generic call (Debian 12's client has no typed one), asked once per
+    client; converge and renew record the username on the entry and the lease."""
+    agent = opened(setup)
+    assert agent.kube("whoami") == AGENT_USER
+    agent.call("converge", want="REGISTER", instance="vm-1", **WHO)
+    agent.call("renew", instance="vm-1", **WHO)
+    assert agent.kube("whoami") == AGENT_USER
+    assert [r.user for r in setup.api.requests if r.path.endswith("/selfsubjectreviews")] == [AGENT_USER]
+    assert E.owner_of(setup.api.get("WorkloadEntry", NS, ENTRY)) == AGENT_USER
+    assert E.owner_of(setup.api.get("Lease", NS, ENTRY)) == AGENT_USER
+
+
 def test_apply_conflicts_and_delete_preconditions(setup: Setup) -> None:
     agent = opened(setup)
     group = setup.api.get("WorkloadGroup", NS, GROUP)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from devkit.identity import TestIssuer
+from tests.integration.identity.cloudvm import VM
 
 
 @pytest.fixture(scope="module")
@@ -25,3 +26,13 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(k, v)
     for k in ("AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION"):
         monkeypatch.delenv(k, raising=False)
+
+
+@pytest.fixture
+def vms() -> Iterator[list[VM]]:
+    """The VMs a test starts (tests.integration.identity.cloudvm.start_vm), killed at its end."""
+    started: list[VM] = []
+    yield started
+    for vm in started:
+        vm.driver.kill()
+        vm.refresher.stop()

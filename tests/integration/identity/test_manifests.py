@@ -4,6 +4,8 @@ matching token and refusing others."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +18,9 @@ import yaml
 from agent.registry.identity_manifests import identity_authenticator, identity_bindings
 from agent.registry.manifests import build_manifests
 from devkit.identity import FakeAzure, TestIssuer
+from devkit.kubeapi.fixtures import kubeapi  # noqa: F401
 from devkit.kubeapi.oidc import OIDCAuthenticators
+from devkit.kubeapi.server import KubeAPI
 
 REPO = Path(__file__).resolve().parents[3]
 AUD = "https://kube.mesh.test"
@@ -102,3 +106,27 @@ def test_azure_authenticator_pins_tenant_subscription_and_group(issuer: TestIssu
     assert authn.authenticate(issuer.sign(claims())).user == "mesh-vm:o-1"  # type: ignore[union-attr]
     assert authn.authenticate(issuer.sign(claims(tid="another-tenant"))) is None
     assert authn.authenticate(issuer.sign(claims(xms_mirid=f"/subscriptions/{sub}/resourcegroups/other/x"))) is None
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_the_printed_manifests_apply_with_kubectl(kubeapi: KubeAPI, tmp_path: Path,  # noqa: F811
+                                                  issuer: TestIssuer) -> None:
+    """What `manifests --identity gcp` prints, both admission policies included, is accepted by the API
+    server (the emulator checks each object's schema and compiles every CEL expression) through kubectl's
+    server-side apply, and applying it again changes nothing."""
+    kubeapi.create_namespace("vm-apps")
+    done = manifests("--identity", "gcp", "--audience", AUD, "--project", "mesh-project",
+                     "--authn-config", str(tmp_path / "authn.yaml"))
+    assert done.returncode == 0, done.stderr
+    env = {**os.environ, "HOME": str(tmp_path), "KUBECONFIG": str(kubeapi.kubeconfig)}
+    for _ in range(2):
+        applied = subprocess.run(["kubectl", "--cache-dir", str(tmp_path / "cache"), "apply", "--server-side",
+                                  "--field-manager", "mesh-agent-manifests", "-f", "-"], input=done.stdout,
+                                 capture_output=True, text=True, timeout=60, env=env)
+        assert applied.returncode == 0, applied.stderr
+    for name in ("mesh-agent-vm-apps-billing", "mesh-agent-vm-apps-billing.per-vm"):
+        policy = kubeapi.get("ValidatingAdmissionPolicy", "", name)
+        assert policy is not None and policy["spec"]["validations"], name
+        assert kubeapi.get("ValidatingAdmissionPolicyBinding", "", name)["spec"]["policyName"] == name
+    assert kubeapi.get("RoleBinding", "vm-apps", "mesh-agent-billing-identity") is not None

@@ -25,9 +25,11 @@ def docs(**kw: Any) -> list[dict[str, Any]]:
                               labels={"tier": "gold"}, **kw)
 
 
-def policy_and_binding(**kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    out = docs(**kw)
-    return out[-2], out[-1]
+def policy_and_binding(per_vm: bool = False, **kw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The group's policy and binding (per_vm: the per-VM owner policy's, printed with identity=True)."""
+    name = (MF.owner_policy_name if per_vm else MF.policy_name)(NS, GROUP)
+    out = {(d["kind"], d["metadata"]["name"]): d for d in docs(**kw)}
+    return out["ValidatingAdmissionPolicy", name], out["ValidatingAdmissionPolicyBinding", name]
 
 
 def group() -> dict[str, Any]:
@@ -187,3 +189,98 @@ def test_the_reaper_and_others_are_not_matched() -> None:
     assert judge("DELETE", None, forged, who=reaper) is None
     assert judge("DELETE", None, forged, who=Identity("admin", ("system:masters",))) is None
     assert judge("DELETE", None, forged) is not None
+
+
+# --- the per-VM policy (identity=True): each VM only its own entries and leases --------------------------
+
+VM_A = Identity("mesh-vm:4001", (f"mesh-vm:{NS}:{GROUP}", "system:authenticated"))
+VM_B = Identity("mesh-vm:4002", (f"mesh-vm:{NS}:{GROUP}", "system:authenticated"))
+
+
+def owned_entry(owner: str | None, address: str = "10.0.0.5") -> dict[str, Any]:
+    return E.build_entry(E.EntryInputs(group=group(), address=address, instance="3f2a9c0d1e2b4a5c", owner=owner))
+
+
+def owned_lease(writer: str | None) -> dict[str, Any]:
+    return E.build_lease("billing-10.0.0.5", NS, "3f2a9c0d1e2b4a5c", 40, NOW, writer=writer)
+
+
+def per_vm(operation: str, obj: dict[str, Any] | None, old: dict[str, Any] | None = None,
+           who: Identity = VM_A, subresource: str = "") -> str | None:
+    return judge(operation, obj, old, who=who, subresource=subresource, per_vm=True, identity=True)
+
+
+def test_the_per_vm_policy_is_printed_only_with_identity() -> None:
+    names = {d["metadata"]["name"] for d in docs() if "AdmissionPolicy" in d["kind"]}
+    assert names == {f"mesh-agent-{NS}-{GROUP}"}
+    names = {d["metadata"]["name"] for d in docs(identity=True) if "AdmissionPolicy" in d["kind"]}
+    assert names == {f"mesh-agent-{NS}-{GROUP}", f"mesh-agent-{NS}-{GROUP}.per-vm"}
+    policy, binding = policy_and_binding(per_vm=True, identity=True)
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    for item in spec["validations"] + spec["matchConditions"] + spec["variables"]:
+        cel.Expression(item["expression"])
+    for item in spec["validations"]:
+        cel.Expression(item["messageExpression"])
+
+
+def test_a_vm_writes_and_deletes_its_own_entry_and_lease() -> None:
+    mine, lease = owned_entry("mesh-vm:4001"), owned_lease("mesh-vm:4001")
+    for obj in (mine, lease):
+        assert per_vm("CREATE", obj) is None
+        assert per_vm("UPDATE", obj, obj) is None
+        assert per_vm("DELETE", None, obj) is None
+    assert per_vm("UPDATE", mine, mine, subresource="status") is None
+
+
+def test_a_vm_cannot_touch_a_siblings_entry_or_lease() -> None:
+    theirs, their_lease = owned_entry("mesh-vm:4001"), owned_lease("mesh-vm:4001")
+    taken, taken_lease = owned_entry("mesh-vm:4002"), owned_lease("mesh-vm:4002")
+    belongs = "belongs to mesh-vm:4001; this credential is mesh-vm:4002"
+    assert per_vm("DELETE", None, theirs, VM_B) == f"WorkloadEntry billing-10.0.0.5 {belongs}"
+    assert per_vm("UPDATE", theirs, theirs, VM_B) == f"WorkloadEntry billing-10.0.0.5 {belongs}"
+    assert per_vm("UPDATE", theirs, theirs, VM_B, "status") == f"WorkloadEntry billing-10.0.0.5 {belongs}"
+    assert per_vm("UPDATE", taken, theirs, VM_B) == f"WorkloadEntry billing-10.0.0.5 {belongs}"  # take-over
+    assert per_vm("DELETE", None, their_lease, VM_B) == f"Lease billing-10.0.0.5 {belongs}"
+    assert per_vm("UPDATE", taken_lease, their_lease, VM_B) == f"Lease billing-10.0.0.5 {belongs}"
+    # Creating one that claims a sibling as its writer, or names nobody.
+    assert per_vm("CREATE", theirs, None, VM_B) == (
+        "WorkloadEntry billing-10.0.0.5 must name its writer in annotation mesh-agent.io/owner, not "
+        "mesh-vm:4001; this credential is mesh-vm:4002")
+    assert "not nobody (no mesh-agent.io/owner annotation)" in per_vm("CREATE", owned_lease(None), None, VM_B)
+    # An entry from before owners were recorded is nobody's: only the reaper or an admin removes it.
+    assert "belongs to nobody (no mesh-agent.io/owner annotation)" in per_vm("DELETE", None, owned_entry(None))
+
+
+def test_the_per_vm_policy_leaves_service_accounts_and_the_reaper_alone() -> None:
+    theirs = owned_entry("mesh-vm:4001")
+    reaper = Identity(f"system:serviceaccount:{NS}:mesh-agent-reaper-{GROUP}")
+    stranger = Identity("mesh-vm:9999", ("mesh-vm:other-ns:billing",))
+    for who in (AGENT, reaper, Identity("admin", ("system:masters",)), stranger):
+        assert per_vm("DELETE", None, theirs, who) is None, who
+    # The group's policy still confines the service account (group-level fencing).
+    assert judge("DELETE", None, owned_entry("mesh-vm:4001", "10.0.0.6") | {"spec": {}}) is not None
+
+
+def test_a_vm_may_mint_service_account_tokens_only_for_istio() -> None:
+    """A token of the group's service account for the API server's audience would let a VM write as the
+    service account, which the per-VM policy does not fence: per-VM identities get istio-ca tokens only."""
+    policy, binding = policy_and_binding(per_vm=True, identity=True)
+
+    def mint(audiences: list[str] | None, who: Identity = VM_A) -> str | None:
+        spec: dict[str, Any] = {"expirationSeconds": 3600}
+        if audiences is not None:
+            spec["audiences"] = audiences
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "metadata": {"name": SA, "namespace": NS}, "spec": spec}
+        attrs = Attributes("CREATE", "", "v1", "serviceaccounts", "TokenRequest", "token", NS, SA, who, body, None)
+        decision = evaluate(policy, binding, attrs, None)
+        return decision.message if decision else None
+
+    assert mint(["istio-ca"]) is None
+    for audiences in (None, [], ["https://kubernetes.default.svc"], ["istio-ca", "https://kube.mesh.test"]):
+        assert mint(audiences) == ("a VM may ask for service-account tokens only for audience istio-ca; "
+                                   "this credential is mesh-vm:4001"), audiences
+    assert mint(None, who=AGENT) is None  # the service-account path renews its own token (renew_token)

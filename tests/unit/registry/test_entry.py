@@ -154,3 +154,22 @@ def test_an_app_sharing_the_sidecar_must_run_as_its_service_account() -> None:
     g = group()
     del g["spec"]["template"]["serviceAccount"]
     assert "serviceAccount" not in E.build_entry(inputs(group=g, sidecar_service_account="ledger-vm"))["spec"]
+
+
+def test_the_writer_is_recorded_on_the_entry_and_the_lease() -> None:
+    group = {"metadata": {"name": "g", "namespace": "ns", "uid": "u"}, "spec": {"template": {}}}
+    plain = E.build_entry(E.EntryInputs(group=group, address="10.0.0.1", instance="i"))
+    assert E.OWNER_ANNOTATION not in plain["metadata"]["annotations"]
+    mine = E.build_entry(E.EntryInputs(group=group, address="10.0.0.1", instance="i", owner="mesh-vm:1"))
+    assert E.owner_of(mine) == "mesh-vm:1"
+    assert E.with_owner(plain, "mesh-vm:1") == mine and E.with_owner(plain, None) is plain
+    assert E.owner_of(plain) is None
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    lease = E.build_lease("g-10.0.0.1", "ns", "i", 40, when, writer="mesh-vm:1")
+    assert E.owner_of(lease) == "mesh-vm:1"
+    assert "annotations" not in E.build_lease("g-10.0.0.1", "ns", "i", 40, when)["metadata"]
+    # Whose an existing entry or lease is, when it is not this writer's.
+    assert E.foreign_owner("mesh-vm:2", mine, lease) == "mesh-vm:1"
+    assert E.foreign_owner("mesh-vm:1", mine, lease) is None
+    assert E.foreign_owner("mesh-vm:2", plain, None) is None   # nothing recorded: not fenced
+    assert E.foreign_owner(None, mine) is None                  # the writer is not known

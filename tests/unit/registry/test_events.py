@@ -113,6 +113,18 @@ def test_conflict_is_a_warning_once() -> None:
     assert answer(r, 1, present=False, conflict_holder="other") == []  # still held: nothing new
 
 
+def test_a_fenced_conflict_says_the_api_server_refused_and_names_the_owner() -> None:
+    r = make()
+    r.handle(GroupSeen(GROUP), 0)
+    r.set_health(Health.HEALTHY)
+    past = dt.datetime(2026, 1, 1, 0, 0, 40, tzinfo=dt.UTC)
+    [n] = answer(r, 0, present=False, conflict_holder="mesh-vm:4001", conflict_until=past, entry_uid="theirs",
+                 fenced="WorkloadEntry g-10.0.0.1 belongs to mesh-vm:4001; this credential is mesh-vm:4002")
+    assert (n.reason, n.type, n.action) == ("EntryHeldByAnotherInstance", "Warning", "Refuse")
+    assert "belongs to mesh-vm:4001" in n.note and "refuses" in n.note and "reaper" in n.note
+    assert "lease is live" not in n.note
+
+
 def test_adoption() -> None:
     # A restart finds the entry its previous run left: kept while health is unknown, and said so.
     r = make()

@@ -118,6 +118,36 @@ def test_conflict_hands_off_until_the_other_lease_expires() -> None:
     assert len(rec.ops) == 1
 
 
+def test_an_entry_the_api_fences_off_is_retried_with_backoff_and_registered_once_gone() -> None:
+    """Another VM's entry at this address (a clone, a reused address): the API server refuses this
+    credential (fenced). The registrar says who holds it, looks again with a growing, jittered delay
+    (never at once, though the lease expired), and registers once the reaper has removed the entry."""
+    import datetime as dt
+
+    r, rec = make(lease_renew=10.0, lease_duration=40.0, backoff_max=30.0)
+    r.handle(GroupSeen(GROUP), 0)
+    r.set_health(Health.HEALTHY)
+    now, delays = 0.0, []
+    expired = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30)
+    for _ in range(6):
+        r.tick(now)
+        ops = len(rec.ops)
+        result(r, now, present=False, conflict_holder="mesh-vm:4001", conflict_until=expired,
+               fenced="WorkloadEntry g-10.0.0.1 belongs to mesh-vm:4001; this credential is mesh-vm:4002")
+        assert r.state is State.CONFLICT and r.conflict_holder == "mesh-vm:4001"
+        assert "belongs to mesh-vm:4001 (its lease expired at" in r.message
+        assert "waiting for the reaper" in r.message and "this credential is mesh-vm:4002" in r.message
+        due = r.tick(now)
+        assert due - now >= 5.0 and len(rec.ops) == ops  # nothing more until then
+        delays.append(due - now)
+        now = due
+    assert max(delays) <= 40.0 and max(delays) > 10.0  # the ceiling grew past the first period
+    r.tick(now)
+    result(r, now, present=True, lease=LEASE, wrote=("lease", "entry"))
+    assert r.state is State.REGISTERED and r.conflict_holder is None
+    assert r._fence._backoff.attempts == 0
+
+
 def test_stale_resource_version_reads_again_at_once() -> None:
     r, rec = make()
     r.handle(GroupSeen(GROUP), 0)
