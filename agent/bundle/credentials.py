@@ -12,6 +12,7 @@ import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from agent import jwtclaims
 
@@ -73,7 +74,7 @@ def _read_cert(body: str) -> _Cert:
     found = ctx.get_ca_certs()
     if not found:
         raise _NotCA("not a CA certificate (basicConstraints CA:TRUE missing)")
-    info = found[0]
+    info: dict[str, Any] = found[0]  # typeshed gives every value the union of all fields' types
     return _Cert(subject=_rfc4514(info["subject"]), not_before=float(ssl.cert_time_to_seconds(info["notBefore"])),
                  not_after=float(ssl.cert_time_to_seconds(info["notAfter"])))
 
