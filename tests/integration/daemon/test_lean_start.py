@@ -1,6 +1,8 @@
 """The running agent loads only what it uses: after registering with a local bundle, no part of the
 `cryptography` package is mapped into the agent's memory (root-cert.pem is read through the ssl module),
-while the extension modules it does use are."""
+while the extension modules it does use are. And the proxy is spawned before the registry builds its
+API client (importing the kubernetes client takes a few hundred milliseconds of the loop's time, which
+then overlaps Envoy's own start)."""
 
 from __future__ import annotations
 
@@ -24,4 +26,6 @@ def test_a_registered_agent_has_not_loaded_cryptography(tmp_path: Path) -> None:
                   if len(line.split(maxsplit=5)) == 6}
         assert any("/_yaml" in p for p in mapped), "the check sees extension modules: yaml's is mapped"
         assert not [p for p in mapped if "/cryptography/" in p], sorted(mapped)
+        log = r.log_text()
+        assert log.index("sidecar: envoy") < log.index("registering as 127.0.0.1")
         assert r.stop_agent() == 0
