@@ -39,8 +39,15 @@ def cert_with(name: x509.Name, *, ca: bool | None = True, days_valid: float = 36
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
+def _utc(pem: bytes, name: str) -> float:
+    """not_valid_after/before as a timestamp; the *_utc properties are cryptography >= 42 (Debian 12 has 38)."""
+    cert = x509.load_pem_x509_certificate(pem)
+    when = getattr(cert, f"{name}_utc", None) or getattr(cert, name).replace(tzinfo=dt.UTC)
+    return float(when.timestamp())
+
+
 def after_of(pem: bytes) -> float:
-    return x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()
+    return _utc(pem, "not_valid_after")
 
 
 def iso(epoch: float) -> str:
@@ -124,7 +131,7 @@ def test_a_root_close_to_expiry_is_a_warning() -> None:
 def test_a_root_not_valid_yet_is_a_warning_about_the_clock() -> None:
     pem = kit.make_cert(NOW, days_before=-2)
     expiry, problems, warnings = check(pem)
-    before = x509.load_pem_x509_certificate(pem).not_valid_before_utc.timestamp()
+    before = _utc(pem, "not_valid_before")
     assert expiry == after_of(pem) and problems == []
     assert warnings == [f"root-cert.pem: certificate 1 (CN=Mesh Root CA,O=cluster.local) is not valid before "
                         f"{iso(before)}; is this machine's clock right?"]
