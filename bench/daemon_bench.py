@@ -35,8 +35,10 @@ from devkit.ports import listening
 from devkit.rig import GROUP, NS, REPO, Rig, agent_env, rig
 from devkit.waiting import wait_for
 
-STEPS = [("config loaded", r"mesh-agent .* starting"), ("sidecar started", r"sidecar: envoy"),
-         ("sidecar ready", r"sidecar ready"), ("app healthy", r"app healthy"),
+STEPS = [("config loaded", r"mesh-agent .* starting"), ("bundle installed", r"installed bundle"),
+         ("sidecar started", r"sidecar: envoy"),
+         ("API client built", r"registering as"), ("sidecar ready", r"sidecar ready"),
+         ("app healthy", r"app healthy"),
          ("entry applied", r"-> registered|status: registered")]
 
 
@@ -193,7 +195,7 @@ def main() -> int:
         r.prepare()
         r.start_app()
         alone = envoy_alone(tmp)
-        t0 = time.monotonic()
+        t0, t0_wall = time.monotonic(), time.time()
         r.start_agent()
         wait_for(r.entry, 120, "registration")
         total = time.monotonic() - t0
@@ -204,6 +206,8 @@ def main() -> int:
         log = r.log_text()
         stamps = _stamps(log)
         first = stamps[0][0] if stamps else 0.0
+        if stamps:  # the interpreter, the daemon's imports and agent.yaml, before it logs anything
+            print(f"  first log line   +{(first - t0_wall) * 1000:.0f} ms after the agent was started")
         for name, pattern in STEPS:
             at = next((t for t, line in stamps if re.search(pattern, line)), None)
             print(f"  {name:16} {'?' if at is None else f'+{(at - first) * 1000:.0f} ms'} after the first log line")

@@ -1,12 +1,15 @@
-"""The bundle's credentials: root-cert.pem (readable certificates only, not expired; a warning near
+"""The bundle's credentials: root-cert.pem (readable CA certificates only, not expired; a warning near
 expiry) and istio-token (the JWT's claims against cluster.env). Pure: text and the time in, facts and
 problems out. Signatures are not checked here: the API server checks the token when istiod asks it.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,19 +25,58 @@ CLOCK_SKEW = 300.0  # a token issued this far in the future means the VM's clock
 
 _PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
 
-
-def _not_after(cert: Any) -> float:
-    after = getattr(cert, "not_valid_after_utc", None)  # cryptography >= 42
-    if after is None:
-        after = cert.not_valid_after.replace(tzinfo=dt.UTC)
-    return after.timestamp()
+# OpenSSL's long attribute names, as RFC 4514 writes them; others are shown as OpenSSL names them.
+_SHORT_NAMES = {"commonName": "CN", "localityName": "L", "stateOrProvinceName": "ST", "organizationName": "O",
+                "organizationalUnitName": "OU", "countryName": "C", "streetAddress": "STREET",
+                "domainComponent": "DC", "userId": "UID"}
 
 
-def _not_before(cert: Any) -> float:
-    before = getattr(cert, "not_valid_before_utc", None)
-    if before is None:
-        before = cert.not_valid_before.replace(tzinfo=dt.UTC)
-    return before.timestamp()
+@dataclass(frozen=True)
+class _Cert:
+    subject: str
+    not_before: float
+    not_after: float
+
+
+class _NotCA(ValueError):
+    pass
+
+
+def _escape(value: str) -> str:
+    out = "".join("\\" + c if c in '\\"+,;<>' else "\\00" if c == "\0" else c for c in value)
+    if out[:1] in ("#", " "):
+        out = "\\" + out
+    if out.endswith(" ") and not out.endswith("\\ "):
+        out = out[:-1] + "\\ "
+    return out
+
+
+def _rfc4514(name: tuple[tuple[tuple[str, str], ...], ...]) -> str:
+    """The subject as RFC 4514 writes it (last RDN first), from the ssl module's nested tuples."""
+    return ",".join("+".join(f"{_SHORT_NAMES.get(k, k)}={_escape(v)}" for k, v in rdn) for rdn in reversed(name))
+
+
+def _read_cert(body: str) -> _Cert:
+    """One PEM block's body through OpenSSL, as the standard library's ssl module exposes it: loaded as a
+    trust anchor, since that is what root-cert.pem holds. Raises ValueError (ssl.SSLError is an OSError,
+    mapped here) when it cannot be read, _NotCA when it reads but is not a CA certificate."""
+    try:
+        der = base64.b64decode("".join(body.split()), validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"bad base64: {exc}") from None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # an empty store: never the system's CAs
+    try:
+        ctx.load_verify_locations(cadata=der)
+    except ssl.SSLError as exc:
+        raise ValueError(exc.reason or str(exc)) from None
+    # get_ca_certs() lists only certificates OpenSSL accepts as CAs (X509_check_ca: basicConstraints
+    # CA:TRUE, or an old self-signed v1 root); a leaf certificate loads but is not listed.
+    found = ctx.get_ca_certs()
+    if not found:
+        raise _NotCA("not a CA certificate (basicConstraints CA:TRUE missing)")
+    info: dict[str, Any] = found[0]  # typeshed gives every value the union of all fields' types
+    return _Cert(subject=_rfc4514(info["subject"]), not_before=float(ssl.cert_time_to_seconds(info["notBefore"])),
+                 not_after=float(ssl.cert_time_to_seconds(info["notAfter"])))
 
 
 def _when(epoch: float) -> str:
@@ -44,8 +86,6 @@ def _when(epoch: float) -> str:
 def check_root_cert(text: str, now: float, problems: list[str], warnings: list[str],
                     file: str = "root-cert.pem") -> float | None:
     """The earliest expiry among the certificates, or None when unusable."""
-    from cryptography import x509
-
     blocks = list(_PEM_BLOCK.finditer(text))
     if not blocks:
         problems.append(f"{file}: no PEM certificate found")
@@ -59,12 +99,15 @@ def check_root_cert(text: str, now: float, problems: list[str], warnings: list[s
             problems.append(f"{file}:{line}: block {i} is {what}, not a CERTIFICATE")
             continue
         try:
-            cert = x509.load_pem_x509_certificate(m.group(0).encode("ascii"))
-        except (ValueError, UnicodeEncodeError) as exc:
+            cert = _read_cert(m.group(2))
+        except _NotCA as exc:
+            problems.append(f"{file}:{line}: certificate {i} is {exc}; root-cert.pem holds the mesh's root CA")
+            continue
+        except ValueError as exc:
             problems.append(f"{file}:{line}: certificate {i} cannot be read: {exc}")
             continue
-        subject = cert.subject.rfc4514_string() or "(empty subject)"
-        after, before = _not_after(cert), _not_before(cert)
+        subject = cert.subject or "(empty subject)"
+        after, before = cert.not_after, cert.not_before
         if after <= now:
             problems.append(f"{file}:{line}: certificate {i} ({subject}) expired at {_when(after)}")
             continue

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agent.bundle")
 
+CLUSTER_SOURCE = "agent.bundle.cluster_source"  # the module of the cluster source's events
+
 
 @dataclass(frozen=True)
 class _Pending:
@@ -120,25 +122,17 @@ class BundlePart:
     # --- events ---
 
     def handle(self, event: object, now: float) -> bool:
-        from agent.bundle import cluster_source
-
+        if type(event).__module__ == CLUSTER_SOURCE:
+            return self.cluster_event(event)
         if isinstance(event, bundle_update.BundleFetched):
             self.last_fetch_attempt = time.time()
             self.accept(event.files, event.source, event.validators)
-        elif isinstance(event, cluster_source.ClusterBundleFetched):
-            self.last_fetch_attempt = time.time()
-            cluster_source.observe(self.ctx.metrics, event)
-            self.accept(dict(event.files), cluster_source.SOURCE_NAME, None)
         elif isinstance(event, bundle_update.BundleNotModified):
             self.last_fetch_attempt = time.time()
             self.schedule_refresh()
         elif isinstance(event, bundle_update.BundleFetchFailed):
             self.last_fetch_attempt = time.time()
             self.refused(f"fetch failed (retry in {event.retry_in:.0f}s): {event.error}")
-        elif isinstance(event, cluster_source.ClusterFetchFailed):
-            cluster_source.observe(self.ctx.metrics, event)
-            self.refused(f"building the bundle from the cluster failed (retry in {event.retry_in:.0f}s): "
-                         f"{event.error}")
         elif isinstance(event, bundle_watch.BundleFilesChanged):
             self.restore_tampered()
         elif isinstance(event, PackageReady):
@@ -150,6 +144,22 @@ class BundlePart:
         else:
             return False
         return True
+
+    def cluster_event(self, event: object) -> bool:
+        # Imported here: only `bundle.source: kubernetes` loads the cluster source (and so makes its events).
+        from agent.bundle import cluster_source
+
+        if isinstance(event, cluster_source.ClusterBundleFetched):
+            self.last_fetch_attempt = time.time()
+            cluster_source.observe(self.ctx.metrics, event)
+            self.accept(dict(event.files), cluster_source.SOURCE_NAME, None)
+            return True
+        if isinstance(event, cluster_source.ClusterFetchFailed):
+            cluster_source.observe(self.ctx.metrics, event)
+            self.refused(f"building the bundle from the cluster failed (retry in {event.retry_in:.0f}s): "
+                         f"{event.error}")
+            return True
+        return False
 
     # --- accepting a bundle ---
 

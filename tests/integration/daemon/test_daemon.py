@@ -260,6 +260,8 @@ def test_bad_bundle_is_refused_and_the_last_good_keeps_running(r: Rig) -> None:
     r.agent.send_signal(signal.SIGHUP)  # reload re-reads the bundle
     wait_for(lambda: "refused, keeping the last good one" in r.log_text(), 20, "the refusal")
     assert (r.root / "var/lib/istio/envoy/cluster.env").read_bytes() == good
+    # status.json is written at the end of the loop's pass that logged the refusal: a moment later.
+    wait_for(lambda: json.loads(r.status_file.read_text())["bundle"].get("error"), 5, "the error in status.json")
     status = json.loads(r.status_file.read_text())
     assert "istio-token" in status["bundle"]["error"]
     assert r.entry() is not None and r.agent.poll() is None
