@@ -127,6 +127,14 @@ def make_configuration(creds: Credentials) -> Any:
     return cfg
 
 
+def token_file_of(creds: Credentials) -> str | None:
+    """The file the bearer token is read from, if it is read from one: token_file, else the kubeconfig
+    user's tokenFile."""
+    if creds.token_file or not creds.kubeconfig:
+        return creds.token_file
+    return _kubeconfig_token_file(creds.kubeconfig, creds.context)
+
+
 def _kubeconfig_token_file(path: str, context: str | None) -> str | None:
     """The `tokenFile` of the kubeconfig's current user, which the client would read only once."""
     import yaml
