@@ -119,14 +119,15 @@ class StatusWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._last = ""
+        self._last: dict[str, Any] | None = None
 
     def write(self, status: Status) -> bool:
+        # Compared as data (a copy), encoded only when it changed: most loop passes change nothing.
         status.updated_at = 0.0
-        body = status.as_json()
-        if body == self._last:
+        data = asdict(status)
+        if data == self._last:
             return False
-        self._last = body
+        self._last = data
         status.updated_at = time.time()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, status.as_json().encode(), 0o644)
