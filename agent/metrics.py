@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -64,7 +65,7 @@ class Metrics:
         if prom is None or not self.enabled:
             log.warning("metrics are off: python3-prometheus-client is not installed")
             return False
-        prom.start_http_server(port, addr=address, registry=self.registry)
+        _serve(prom.make_wsgi_app(self.registry), address, port)
         log.info("metrics on http://%s:%d/metrics", address, port)
         return True
 
@@ -89,3 +90,26 @@ class Metrics:
 
     def render(self) -> bytes:
         return prom.generate_latest(self.registry) if prom is not None and self.enabled else b""
+
+
+def _serve(app: Any, address: str, port: int) -> None:
+    """Serve `app` in a daemon thread that sleeps until a request comes.
+
+    Not prometheus_client.start_http_server: its serve_forever wakes every 0.5 s to look for a
+    shutdown request, 120 wake-ups a minute of an idle agent. The server here is never shut down (it
+    ends with the process), so it polls once an hour."""
+    import socket
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # no line on stderr per scrape
+
+    httpd = make_server(address, port, app, Server, handler_class=Quiet)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 3600.0}, daemon=True,
+                     name="metrics").start()

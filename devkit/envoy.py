@@ -80,11 +80,21 @@ def bootstrap(admin_port: int, listener_port: int | None = None, upstream_port: 
     return json.dumps(bootstrap_doc(admin_port, listener_port, upstream_port), indent=1)
 
 
+def free_base_id() -> int:
+    """A random Envoy --base-id whose hot-restart shared memory is not there yet. A SIGKILLed Envoy
+    leaves /dev/shm/envoy_shared_memory_<id * 10> behind; an Envoy of another user cannot replace it
+    ("cannot open shared memory region ... File exists"), so a test reusing the id would fail."""
+    while True:
+        base_id = random.randint(1000, 60000)
+        if not Path(f"/dev/shm/envoy_shared_memory_{base_id * 10}").exists():
+            return base_id
+
+
 def sidecar_config(tmp: Path, admin_port: int, **overrides: object) -> SidecarConfig:
     """The envoy profile on the real Envoy, its bootstrap at tmp/bootstrap.json, quick to back off."""
     values: dict[str, Any] = dict(
         profile="envoy", envoy_binary=envoy_binary(), bootstrap=str(tmp / "bootstrap.json"),
-        base_id=random.randint(1000, 60000), admin_address=f"127.0.0.1:{admin_port}",
+        base_id=free_base_id(), admin_address=f"127.0.0.1:{admin_port}",
         ready_timeout=Duration(20.0), backoff=BackoffConfig(Duration(0.05), Duration(0.5)),
         crash_loop=CrashLoopConfig(5, Duration(60.0)), drain_timeout=Duration(5.0),
         stop_grace=Duration(5.0))

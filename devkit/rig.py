@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from devkit import bundles
-from devkit.envoy import bootstrap_doc, envoy_binary
+from devkit.envoy import bootstrap_doc, envoy_binary, free_base_id
 from devkit.kubeapi.server import KubeAPI
 from devkit.ports import free_port, listening
 from devkit.waiting import wait_for
@@ -129,7 +129,7 @@ class Rig:
             "root": str(self.root),
             "bundle": {"source": source, "allow_insecure": False},
             "sidecar": {"profile": "envoy", "envoy_binary": envoy_binary(),
-                        "bootstrap": str(self.tmp / "envoy.yaml"), "base_id": random.randint(1000, 60000),
+                        "bootstrap": str(self.tmp / "envoy.yaml"), "base_id": free_base_id(),
                         "admin_address": f"127.0.0.1:{self.admin_port}", "ready_timeout": "30s",
                         "backoff": {"initial": "100ms", "max": "1s"}, "drain_timeout": "3s",
                         "stop_grace": "3s"},

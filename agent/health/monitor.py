@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from agent import clock
 from agent.health import probes
 from agent.health.config import AppConfig, FlapConfig, ProbeConfig
 from agent.health.portwatch import ListenerDown, ListenerUp, OwnerExited, PortWatch
@@ -66,18 +67,19 @@ class HealthSnapshot:
     ports: dict[int, dict[str, object]] = field(default_factory=dict)  # port -> listening, pids
 
     def to_dict(self, now: float | None = None) -> dict[str, object]:
-        now = time.monotonic() if now is None else now
-        wall = time.time()
+        # On the monotonic clock, the offset is agent.clock's: the same moment reads the same in every
+        # snapshot, so status.json is not rewritten for nothing.
+        offset = clock.wall_offset() if now is None else time.time() - now
         last = self.last_result
         return {
             "state": self.state.value,
             "cause": self.cause.value,
             "reason": self.reason,
-            "since": wall - (now - self.since),
+            "since": self.since + offset,
             "probe": self.probe,
             "last_probe": None if last is None else {
                 "ok": last.ok, "reason": last.reason, "latency_ms": round(last.latency * 1000, 1),
-                "at": None if self.last_probe_at is None else wall - (now - self.last_probe_at)},
+                "at": None if self.last_probe_at is None else self.last_probe_at + offset},
             "sidecar_ready": self.sidecar_ready,
             "damped": self.damped,
             "transitions_in_window": self.transitions_in_window,

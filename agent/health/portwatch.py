@@ -1,8 +1,11 @@
 """Which app ports are listening, which processes own them, and the moment an owner dies.
 
-Cheap at rest: once per `interval` (1 s) while every port listens, it asks the kernel for the
-listening TCP sockets (sock_diag over netlink, about 0.1 ms; reading /proc/net/tcp{,6} instead, the
-fallback, walks every socket and costs milliseconds on a busy host) to learn their inodes. While a
+Cheap at rest: once per `interval` (1 s) while every port listens, and once per `watched_interval`
+(5 s) while moreover every listening port's owners are watched through pidfds (their exit wakes the
+watcher at once, so the scan only has to catch a port closed by a process that lives on, or a socket
+replaced), it asks the kernel for the listening TCP sockets (sock_diag over netlink, about 0.1 ms;
+reading /proc/net/tcp{,6} instead, the fallback, walks every socket and costs milliseconds on a busy
+host) to learn their inodes. While a
 watched port is not listening it asks every `down_interval` (50 ms) instead, so an app that comes
 back is seen at once; that cost (about 0.5 % of a core) is paid only while the app is down, and only
 for its first minute down (then every 250 ms; on the /proc fallback always 250 ms).
@@ -85,9 +88,11 @@ class PortWatch:
 
     def __init__(self, ports: Iterable[int], post: Callable[[object], None], *, interval: float = 1.0,
                  down_interval: float = 0.05, watch_process: bool = True, fallback_interval: float = 0.05,
-                 owner_retry: float = 30.0, use_pidfd: bool | None = None) -> None:
+                 owner_retry: float = 30.0, use_pidfd: bool | None = None,
+                 watched_interval: float = 5.0) -> None:
         self._post = post
         self.interval = interval
+        self.watched_interval = max(interval, watched_interval)
         self.down_interval = min(down_interval, interval)
         self._down_since: float | None = None  # since when a watched port has not been listening
         self.watch_process = watch_process
@@ -200,11 +205,20 @@ class PortWatch:
         now = time.monotonic()
         if not down:
             self._down_since = None
-            return self.interval
+            return self.watched_interval if self._owners_watched() else self.interval
         if self._down_since is None:
             self._down_since = now
         fast = listeners.sock_diag_in_use() and now - self._down_since < _FAST_FOR
         return self.down_interval if fast else min(self.interval, max(self.down_interval, _SLOW_DOWN_INTERVAL))
+
+    def _owners_watched(self) -> bool:
+        """Every port's owners are known and each waited on with a pidfd: their exit wakes us."""
+        if not (self.use_pidfd and self.watch_process):
+            return False
+        with self._lock:
+            return all(state.pids and all(self._owners.get(pid) is not None
+                                          and self._owners[pid].pidfd is not None for pid in state.pids)
+                       for state in self._ports.values())
 
     def _scan(self) -> None:
         with self._lock:

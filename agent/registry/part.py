@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import apps, config
+from agent import apps, clock, config
 from agent.bundle.model import Bundle
 from agent.health.monitor import HealthChanged
 from agent.health.state import Health
@@ -89,7 +89,7 @@ class RegistryPart:
 
     def status(self) -> RegistrationSnapshot:
         return RegistrationSnapshot(self.registrar.status() if self.registrar is not None else None,
-                                    time.time() - time.monotonic(), self.last_write, self.lease)
+                                    clock.wall_offset(), self.last_write, self.lease)
 
     @property
     def maintenance(self) -> bool:

@@ -33,8 +33,8 @@ from agent.sidecar.profiles import LaunchSpec
 log = logging.getLogger(__name__)
 
 KILL_WAIT = 5.0            # after SIGKILL, how long to wait for the exit to be seen
-READY_POLL = 0.02          # readiness is polled often while a start is usually done (Envoy: ~0.2 s) ...
-READY_POLL_FAST_FOR = 2.0
+READY_POLL = 0.005         # readiness is polled often while a start is usually done (Envoy: 60-200 ms) ...
+READY_POLL_FAST_FOR = 1.0
 READY_POLL_MAX = 0.5       # ... then less and less often, so a slow start costs little
 COMMAND_TIMEOUT = 30.0     # each pre-start / post-stop command
 

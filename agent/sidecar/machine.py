@@ -4,8 +4,9 @@ No I/O, no threads, no clock of its own: every input carries `now`. agent.sideca
 carries the decisions out.
 
 States: STOPPED -> STARTING -> RUNNING (ready); an exit -> BACKOFF (exponential with full jitter,
-agent.retry.Backoff) -> STARTING; more than `max_exits` exits within `window` -> FATAL; not ready
-within `ready_timeout` -> the proxy is killed, which counts as an exit.
+agent.retry.Backoff; none for the first exit after STABLE_AFTER seconds ready) -> STARTING; more
+than `max_exits` exits within `window` -> FATAL; not ready within `ready_timeout` -> the proxy is
+killed, which counts as an exit.
 
 A restart the agent asks for (Supervisor.restart) goes STARTING / RUNNING / BACKOFF -> RESTARTING
 while the old proxy is stopped, then -> STARTING. It is not a crash: the old proxy's exit is not an
@@ -116,7 +117,10 @@ class Machine:
             return Action.NONE
         if self.killed_because:
             what, self.killed_because = f"{self.killed_because}: {what}", None
-        if self.ready_since is not None and now - self.ready_since >= STABLE_AFTER:
+        # A first exit after a stable run is restarted at once: waiting would only lengthen the
+        # outage. The next exits (a crash loop) back off as usual, from the bottom.
+        stable = self.ready_since is not None and now - self.ready_since >= STABLE_AFTER
+        if stable:
             self.backoff.reset()
         self.ready_since = None
         self.exits.append(now)
@@ -126,7 +130,7 @@ class Machine:
             self._go(State.FATAL, f"{what}; {len(self.exits)} exits within {self.policy.window:g}s "
                                   "(crash loop), giving up")
             return Action.NONE
-        delay = self.backoff.next_delay()
+        delay = 0.0 if stable else self.backoff.next_delay()
         self._go(State.BACKOFF, f"{what}; restarting in {delay:.2f}s", now + delay)
         return Action.NONE
 

@@ -5,6 +5,7 @@ killed by systemd in the middle of an install."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -121,6 +122,28 @@ def test_the_watchdog_is_fed_while_the_sidecar_package_downloads_and_installs(r:
         server.close()
 
 
+def test_an_idle_agent_still_pings_the_watchdog_within_its_interval(tmp_path: Path) -> None:
+    # Idle, the loop sleeps until its parts' next deadline; the watchdog's ping is one of them.
+    # WatchdogSec=4s: a ping is due every 2 s, more often than anything else wakes an idle agent.
+    notify = NotifySocket()
+    try:
+        with rig(tmp_path) as r:
+            r.prepare()
+            r.start_app()
+            r.start_agent({"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "4000000"})
+            wait_for(r.entry, 60, "registration")
+            wait_for(lambda: notify.first("READY=1"), 30, "READY=1")
+            since = time.monotonic()
+            time.sleep(9)
+            pings = [t for t, fields in list(notify.messages) if "WATCHDOG=1" in fields and t >= since - 4]
+            gaps = [b - a for a, b in itertools.pairwise(pings)]
+            # systemd kills a unit whose pings are 4 s apart; at half the interval there are 4-5 here.
+            assert len(pings) >= 4 and max(gaps) < 4.0, gaps
+            assert r.stop_agent() == 0
+    finally:
+        notify.close()
+
+
 SLOW_PILOT_AGENT = '''
 import os, signal, subprocess, sys, time
 
@@ -147,13 +170,12 @@ note("exited")
 
 def test_the_watchdog_is_fed_while_the_proxy_restarts_slowly(tmp_path: Path) -> None:
     """istio profile: a changed cluster.env restarts pilot-agent; this one takes 5 s to stop."""
-    import random
     import signal as sig
     import tempfile
 
     import yaml
 
-    from devkit.envoy import reachable_envoy
+    from devkit.envoy import free_base_id, reachable_envoy
     from devkit.rig import envoy_bootstrap
 
     shared = Path(tempfile.mkdtemp(prefix="mesh-agent-slow-"))  # the proxy's user (nobody) reads it
@@ -173,7 +195,7 @@ def test_the_watchdog_is_fed_while_the_proxy_restarts_slowly(tmp_path: Path) -> 
             env_file.parent.mkdir(parents=True)
             env_file.write_text(f"STANDIN_RECORD={record}\nSTANDIN_ENVOY={reachable_envoy()}\n"
                                 f"STANDIN_BOOTSTRAP={shared / 'bootstrap.yaml'}\n"
-                                f"STANDIN_BASE_ID={random.randint(1000, 60000)}\nSTANDIN_STOP_DELAY=5\n")
+                                f"STANDIN_BASE_ID={free_base_id()}\nSTANDIN_STOP_DELAY=5\n")
             r.overrides = {"sidecar": {"profile": "istio", "pilot_agent_binary": str(shared / "pilot-agent"),
                                        "user": "nobody", "manage_iptables": False,
                                        "readiness_url": f"http://127.0.0.1:{r.admin_port}/ready",

@@ -257,6 +257,35 @@ def test_a_listener_that_comes_back_is_seen_within_a_scan_at_the_down_pace(apps:
         w.stop()
 
 
+def test_a_listener_whose_owner_is_watched_by_pidfd_is_scanned_at_the_slow_pace(apps: Apps, events: Events) -> None:
+    # While the owner's exit wakes the watcher, the resting scans slow down to watched_interval (here
+    # longer than the test); without pidfds they keep the plain interval.
+    app = apps.start("tcp")
+    w = PortWatch([app.port], events.post, interval=0.05, watched_interval=3600.0, use_pidfd=True)
+    w.start()
+    try:
+        assert isinstance(events.next(3), ListenerUp)
+        time.sleep(0.1)   # the scan under way when the owner was found is done
+        scans = w.scans
+        assert events.drain(0.5) == []
+        assert w.scans == scans
+        os.kill(app.pid, signal.SIGKILL)   # still seen at once: the pidfd, not a scan
+        gone = events.next(3)
+        assert isinstance(gone, OwnerExited) and gone.pid == app.pid
+    finally:
+        w.stop()
+    app2 = apps.start("tcp")
+    w = PortWatch([app2.port], events.post, interval=0.05, watched_interval=3600.0, use_pidfd=False)
+    w.start()
+    try:
+        assert isinstance(events.next(3), ListenerUp)
+        scans = w.scans
+        time.sleep(0.5)
+        assert w.scans > scans
+    finally:
+        w.stop()
+
+
 def test_exit_status_of_an_app_its_parent_reaps_at_once(events: Events, tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import queue
-import random
 import shutil
 import sys
 import threading
@@ -20,7 +19,7 @@ from agent.config import BackoffConfig, SidecarConfig
 from agent.sidecar.machine import SidecarStateChanged
 from agent.sidecar.supervisor import Supervisor
 from agent.units import Duration
-from devkit.envoy import bootstrap, reachable_envoy
+from devkit.envoy import bootstrap, free_base_id, reachable_envoy
 from devkit.ports import free_port
 
 
@@ -140,7 +139,7 @@ class IstioStandIn:
         self.record.chmod(0o666)   # written by the agent (root) and the proxy user
         self.sidecar_env = {"STANDIN_RECORD": str(self.record), "STANDIN_ENVOY": reachable_envoy(),
                             "STANDIN_BOOTSTRAP": str(self.bootstrap),
-                            "STANDIN_BASE_ID": str(random.randint(1000, 60000))}
+                            "STANDIN_BASE_ID": str(free_base_id())}
         values: dict = dict(
             profile="istio", pilot_agent_binary=str(self.pilot_agent), user=user or "istio-proxy",
             admin_address=f"127.0.0.1:{self.admin}",

@@ -18,7 +18,7 @@ import pytest
 from agent.paths import Layout
 from agent.sidecar import profiles
 from agent.sidecar.adopt import read_pidfile
-from agent.sidecar.machine import SidecarStateChanged, State
+from agent.sidecar.machine import STABLE_AFTER, SidecarStateChanged, State
 from agent.sidecar.supervisor import Supervisor
 from devkit.envoy import bootstrap, sidecar_config
 from devkit.ports import free_port
@@ -91,6 +91,43 @@ def test_crash_loop_goes_fatal(tmp_path: Path, layout: Layout) -> None:
     assert sup.restarts == 3  # 4 exits: the first start and 3 restarts
     assert sup.pid is None
     sup.stop()
+
+
+def test_a_first_crash_after_a_healthy_run_restarts_at_once_and_a_crash_loop_still_ends_fatal(
+        tmp_path: Path, layout: Layout) -> None:
+    from dataclasses import replace
+
+    spec = make(tmp_path)
+    spec = replace(spec, policy=replace(spec.policy, max_exits=3, window=600.0))
+    shift = [0.0]   # the supervisor's clock, moved on to stand for a long healthy run
+    loop = Loop()
+    sup = Supervisor(spec, layout, loop.post, clock=lambda: time.monotonic() + shift[0])
+    sup.start()
+    try:
+        assert loop.run_until(sup, lambda: sup.state is State.RUNNING), sup.reason
+        shift[0] += STABLE_AFTER
+        first = sup.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        assert loop.run_until(sup, lambda: sup.state is not State.RUNNING)
+        assert sup.state is State.BACKOFF and sup.reason.endswith("restarting in 0.00s")
+        assert sup.machine.backoff.attempts == 0   # no backoff step drawn
+        assert loop.run_until(sup, lambda: sup.state is State.RUNNING and sup.pid != first), sup.reason
+        # Killed again as soon as it is up, again and again: each restart draws a growing backoff
+        # step, and the fourth exit within the window is a crash loop.
+        for n in (1, 2, 3):
+            pid = sup.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            assert loop.run_until(sup, lambda: sup.state in (State.BACKOFF, State.FATAL)), sup.reason
+            if n == 3:
+                break
+            assert sup.state is State.BACKOFF and sup.machine.backoff.attempts == n
+            assert loop.run_until(sup, lambda p=pid: sup.state is State.RUNNING and sup.pid != p), sup.reason
+        assert sup.state is State.FATAL and "4 exits within 600s (crash loop)" in sup.reason
+        assert sup.restarts == 3
+    finally:
+        sup.stop(drain=False)
 
 
 def test_not_ready_in_time_is_restarted(tmp_path: Path, layout: Layout) -> None:

@@ -31,3 +31,17 @@ def test_snapshot_to_dict_uses_wall_clock_times() -> None:
     assert d["last_probe"]["latency_ms"] == 1.2
     assert d["last_probe"]["at"] - d["since"] == pytest.approx(5.0)
     assert d["ports"] == {"8080": {"listening": False, "pids": []}}
+
+
+def test_snapshot_wall_times_do_not_jitter_between_snapshots() -> None:
+    # The same monotonic moments give the same wall times on every call: status.json is written
+    # when something changed, not because two reads of the clocks disagree in the last digits.
+    import time
+
+    snap = HealthSnapshot(Health.HEALTHY, Cause.PROBE_SUCCEEDED, "ok", since=time.monotonic() - 30,
+                          probe="tcp://127.0.0.1:8080", last_result=ProbeResult(True, "ok", 0.001),
+                          last_probe_at=time.monotonic() - 3, sidecar_ready=True, damped=False,
+                          transitions_in_window=0)
+    first = snap.to_dict()
+    assert all(snap.to_dict() == first for _ in range(200))
+    assert first["since"] == pytest.approx(time.time() - 30, abs=1.0)

@@ -85,15 +85,40 @@ def test_not_ready_in_time_kills_and_the_exit_says_why() -> None:
 
 
 def test_a_stable_run_resets_the_backoff() -> None:
-    m = machine()
+    m = machine(max_exits=10)
     m.start(0.0)
     for i in range(4):
         m.exited(float(i), "exit")
         m.tick(m.deadline or 0.0)
     assert m.backoff.attempts == 4
     m.ready(10.0)
-    m.exited(25.0, "exit")           # ran ready for 15 s: back to the first delay
-    assert m.backoff.attempts == 1
+    m.exited(25.0, "exit")           # ran ready for 15 s: restarted at once, the backoff from the bottom
+    assert m.state is State.BACKOFF and m.deadline == 25.0 and m.backoff.attempts == 0
+    assert m.tick(25.0) is Action.SPAWN
+    m.ready(25.1)
+    m.exited(25.5, "exit")           # the next exit soon after: the first backoff step again
+    assert m.backoff.attempts == 1 and m.deadline is not None and 25.5 <= m.deadline <= 25.7
+
+
+def test_a_first_crash_after_a_stable_run_restarts_at_once_but_a_crash_loop_still_backs_off_and_is_fatal() -> None:
+    m = machine(max_exits=4, window=60.0)
+    m.start(0.0)
+    m.ready(0.1)
+    m.exited(100.0, "proxy pid 1 killed by SIGKILL")
+    assert m.state is State.BACKOFF and m.deadline == 100.0
+    assert "restarting in 0.00s" in m.reason
+    assert m.tick(100.0) is Action.SPAWN and m.restarts == 1
+    # Now it crashes again and again without ever getting ready: growing waits, then FATAL.
+    now, delays = 100.0, []
+    for _ in range(3):
+        m.exited(now, "proxy pid 2 exited with status 1")
+        assert m.state is State.BACKOFF and m.deadline is not None
+        delays.append(m.deadline - now)
+        now = m.deadline
+        assert m.tick(now) is Action.SPAWN
+    assert m.backoff.attempts == 3 and all(d <= c for d, c in zip(delays, [0.2, 0.4, 0.8], strict=True))
+    m.exited(now, "proxy pid 3 exited with status 1")
+    assert m.state is State.FATAL and "5 exits within 60s" in m.reason
 
 
 def test_stop_and_fatal_ignore_late_exits_and_start_again_from_fatal() -> None:
