@@ -129,6 +129,19 @@ class CrashLoopConfig:
 
 
 @dataclass(frozen=True)
+class LivenessConfig:
+    """Once ready, the proxy's readiness URL keeps being asked: a proxy that stops answering (hung,
+    overloaded) is taken out of the mesh, and restarted if it does not recover."""
+
+    period: Duration = field(_d("10s"), min=0.0, max=3600.0, help="ask this often once ready; 0: never")
+    timeout: Duration = field(_d("1s"), min=0.1, max=60.0, help="each answer's time limit")
+    failure_threshold: int = field(3, min=1, max=100, help="failed answers in a row after which the proxy "
+                                   "is not ready (the entries are withdrawn)")
+    restart_threshold: int = field(6, min=0, max=1000, help="failed answers in a row after which the proxy "
+                                   "is killed and restarted (counted as a crash); 0: never")
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     """The proxy the agent installs, runs, supervises and drains."""
 
@@ -146,6 +159,7 @@ class SidecarConfig:
                                     help="not ready within this after start: restart it")
     backoff: BackoffConfig = field(factory=BackoffConfig)
     crash_loop: CrashLoopConfig = field(factory=CrashLoopConfig)
+    liveness: LivenessConfig = field(factory=LivenessConfig)
     drain_timeout: Duration = field(_d("20s"), min=0.0, max=3600.0,
                                     help="longest wait for in-flight requests when stopping")
     stop_grace: Duration = field(_d("10s"), min=0.1, max=600.0, help="SIGTERM to SIGKILL")
@@ -164,6 +178,9 @@ class SidecarConfig:
             out.append(("backoff.initial", "must not be larger than backoff.max"))
         if ":" not in c.admin_address:
             out.append(("admin_address", f'expected host:port, got "{c.admin_address}"'))
+        live = c.liveness
+        if live.restart_threshold and live.restart_threshold < live.failure_threshold:
+            out.append(("liveness.restart_threshold", "must be 0 or at least liveness.failure_threshold"))
         return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -27,7 +28,7 @@ import psutil
 from agent import manifest, proc
 from agent.paths import Layout
 from agent.sidecar import envoy_admin
-from agent.sidecar.machine import ProxyExited, ProxyReady
+from agent.sidecar.machine import ProxyExited, ProxyLiveness, ProxyReady
 from agent.sidecar.profiles import LaunchSpec
 
 log = logging.getLogger(__name__)
@@ -136,9 +137,10 @@ def terminate(child: Child, spec: LaunchSpec, drain: bool, cut_short: threading.
 
 
 def watch(child: Child, generation: int, post: Callable[[object], None],
-          ready: Callable[[], bool] | None) -> None:
-    """A thread that polls ready() until it holds (posting ProxyReady), then waits for the exit
-    (posting ProxyExited). ready None: only wait for the exit (an adopted, already ready proxy)."""
+          ready: Callable[[], bool] | None, live: Callable[[], bool] | None = None, period: float = 0.0) -> None:
+    """A thread that polls ready() until it holds (posting ProxyReady), then asks live() every `period`
+    seconds (posting ProxyLiveness when the count of failures in a row changes) until the exit (posting
+    ProxyExited). ready None: an adopted, already ready proxy; live None or period 0: no asking."""
     def run() -> None:
         if ready is not None:
             delay, fast_until = READY_POLL, time.monotonic() + READY_POLL_FAST_FOR
@@ -149,10 +151,36 @@ def watch(child: Child, generation: int, post: Callable[[object], None],
                 time.sleep(delay)
                 if time.monotonic() > fast_until:
                     delay = min(READY_POLL_MAX, delay * 1.5)
+        if live is not None and period > 0:
+            keep_asking(child, generation, post, live, period)
         _, code = child.wait()
         post(ProxyExited(generation, child.pid, code))
 
     threading.Thread(target=run, daemon=True, name=f"sidecar-watch-{generation}").start()
+
+
+def keep_asking(child: Child, generation: int, post: Callable[[object], None], live: Callable[[], bool],
+                period: float) -> None:
+    """Ask live() every `period` seconds until the proxy exits. The wait is a poll on a pidfd, so an
+    idle proxy costs one wake-up a period and its exit ends the wait at once."""
+    try:
+        pidfd = os.pidfd_open(child.pid)
+    except OSError:  # gone already, or no pidfds (Linux < 5.3): only its exit is waited for
+        return
+    failures = 0
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while not poller.poll(period * 1000):
+            if live():
+                if failures:
+                    failures = 0
+                    post(ProxyLiveness(generation, 0))
+            else:
+                failures += 1
+                post(ProxyLiveness(generation, failures))
+    finally:
+        os.close(pidfd)
 
 
 def kill_now(child: Child) -> None:

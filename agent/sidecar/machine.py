@@ -8,6 +8,10 @@ agent.retry.Backoff; none for the first exit after STABLE_AFTER seconds ready) -
 than `max_exits` exits within `window` -> FATAL; not ready within `ready_timeout` -> the proxy is
 killed, which counts as an exit.
 
+Once ready, the proxy's readiness keeps being asked (Policy.liveness_period): `failure_threshold`
+failed answers in a row take it RUNNING -> UNRESPONSIVE (not ready: the entries are withdrawn), an
+answer again takes it back; `restart_threshold` failures in a row kill it, which counts as an exit.
+
 A restart the agent asks for (Supervisor.restart) goes STARTING / RUNNING / BACKOFF -> RESTARTING
 while the old proxy is stopped, then -> STARTING. It is not a crash: the old proxy's exit is not an
 exit, `restarts` (crash restarts) does not grow, the backoff is neither advanced nor reset, and a
@@ -31,6 +35,7 @@ class State(enum.Enum):
     STOPPED = "stopped"
     STARTING = "starting"
     RUNNING = "running"
+    UNRESPONSIVE = "unresponsive"  # running, but not answering its readiness check
     BACKOFF = "backoff"
     RESTARTING = "restarting"
     STOPPING = "stopping"
@@ -56,6 +61,14 @@ class ProxyExited:
     generation: int
     pid: int
     returncode: int | None     # None: an adopted proxy, whose status we cannot read
+
+
+@dataclass(frozen=True)
+class ProxyLiveness:
+    """Posted by the watch thread when the count of failed readiness answers in a row changes (0: it
+    answered again)."""
+    generation: int
+    failures: int
 
 
 @dataclass(frozen=True)
@@ -112,8 +125,23 @@ class Machine:
             self.ready_since = now
             self._go(State.RUNNING, "ready")
 
+    def liveness(self, now: float, failures: int) -> Action:
+        """The readiness answers of a ready proxy: `failures` failed in a row (0: it answered)."""
+        p = self.policy
+        if self.state is State.RUNNING and failures >= p.failure_threshold:
+            self._go(State.UNRESPONSIVE, f"not answering its readiness check ({failures} times in a row)")
+        elif self.state is State.UNRESPONSIVE and failures == 0:
+            self._go(State.RUNNING, "ready again")
+        elif self.state is State.UNRESPONSIVE:
+            self.reason = f"not answering its readiness check ({failures} times in a row)"
+        if self.state is State.UNRESPONSIVE and p.restart_threshold and failures >= p.restart_threshold \
+                and self.killed_because is None:
+            self.killed_because = f"not answering its readiness check {failures} times in a row"
+            return Action.KILL
+        return Action.NONE
+
     def exited(self, now: float, what: str) -> Action:
-        if self.state not in (State.STARTING, State.RUNNING):
+        if self.state not in (State.STARTING, State.RUNNING, State.UNRESPONSIVE):
             return Action.NONE
         if self.killed_because:
             what, self.killed_because = f"{self.killed_because}: {what}", None
@@ -154,11 +182,11 @@ class Machine:
         self._go(State.STARTING, f"hot restart to epoch {epoch}", now + self.policy.ready_timeout)
 
     def restarting(self, now: float, why: str = "asked") -> bool:
-        """STARTING / RUNNING / BACKOFF -> RESTARTING: stop the proxy and start it again.
+        """STARTING / RUNNING / UNRESPONSIVE / BACKOFF -> RESTARTING: stop the proxy and start it again.
 
         False when there is nothing to do: a restart already runs (this one is folded into it), or
         no proxy is meant to run (STOPPED, STOPPING, FATAL: start() starts one)."""
-        if self.state not in (State.STARTING, State.RUNNING, State.BACKOFF):
+        if self.state not in (State.STARTING, State.RUNNING, State.UNRESPONSIVE, State.BACKOFF):
             return False
         self.ready_since = None
         self.killed_because = None   # a proxy killed for being slow is being replaced anyway

@@ -55,11 +55,17 @@ class Policy:
     window: float = 120.0
     drain_timeout: float = 20.0
     stop_grace: float = 10.0
+    liveness_period: float = 10.0      # once ready, readiness asked this often (0: never)
+    liveness_timeout: float = 1.0
+    failure_threshold: int = 3         # failed answers in a row: not ready
+    restart_threshold: int = 6         # failed answers in a row: killed (0: never)
 
     @classmethod
     def from_config(cls, cfg: SidecarConfig) -> Policy:
+        live = cfg.liveness
         return cls(cfg.ready_timeout, cfg.backoff.initial, cfg.backoff.max, cfg.crash_loop.max_exits,
-                   cfg.crash_loop.window, cfg.drain_timeout, cfg.stop_grace)
+                   cfg.crash_loop.window, cfg.drain_timeout, cfg.stop_grace, live.period, live.timeout,
+                   live.failure_threshold, live.restart_threshold)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,16 @@ from agent.retry import Backoff
 from agent.sidecar import adopt, ports
 from agent.sidecar.child import Child, kill_now, run_commands, spawn, terminate, watch
 from agent.sidecar.envoy_admin import expected_ready_body, probe_ready, server_epoch
-from agent.sidecar.machine import Action, Machine, ProxyExited, ProxyReady, RestartStopped, SidecarStateChanged, State
+from agent.sidecar.machine import (
+    Action,
+    Machine,
+    ProxyExited,
+    ProxyLiveness,
+    ProxyReady,
+    RestartStopped,
+    SidecarStateChanged,
+    State,
+)
 from agent.sidecar.profiles import LaunchSpec, describe
 
 log = logging.getLogger(__name__)
@@ -146,13 +155,22 @@ class Supervisor:
         if isinstance(event, RestartStopped):
             self._restart_stopped(event)
             return True
-        if not isinstance(event, ProxyReady | ProxyExited):
+        if not isinstance(event, ProxyReady | ProxyExited | ProxyLiveness):
             return False
         if event.generation != self._generation or self._child is None:
             return True  # about a proxy we already gave up on or stopped
         now = self._clock()
         previous = self.state
-        if isinstance(event, ProxyReady):
+        if isinstance(event, ProxyLiveness):
+            if self.machine.liveness(now, event.failures) is Action.KILL:
+                log.warning("sidecar %s; killing pid %d", self.machine.killed_because, self._child.pid)
+                proc.kill_group(self._child.pid, signal.SIGKILL)
+            elif event.failures:
+                log.warning("sidecar did not answer its readiness check (%d in a row)", event.failures)
+            if self.state is not previous:
+                log.log(logging.WARNING if self.state is State.UNRESPONSIVE else logging.INFO,
+                        "sidecar %s", self.reason)
+        elif isinstance(event, ProxyReady):
             self.machine.ready(now)
             if self.state is not previous:
                 log.info("sidecar ready (pid %d)", event.pid)
@@ -381,7 +399,12 @@ class Supervisor:
             # After a hot restart the admin port may still be the previous epoch's for a moment.
             return epoch == 0 or server_epoch(spec) == epoch
 
-        watch(child, gen, self._post, ready if wait_ready else None)
+        policy = self.machine.policy
+
+        def live() -> bool:
+            return probe_ready(spec.readiness_url, expect, timeout=policy.liveness_timeout)
+
+        watch(child, gen, self._post, ready if wait_ready else None, live, policy.liveness_period)
 
     def _adopt_or_clean(self) -> bool:
         """Find proxies left by a killed agent: adopt one that is ours and healthy, stop the rest."""

@@ -341,3 +341,35 @@ def test_a_missing_binary_is_fatal_at_once(tmp_path: Path, layout: Layout) -> No
     assert sup.state is State.FATAL
     assert sup.reason.startswith(f"cannot start {tmp_path / 'no-envoy'}: ")
     assert "No such file" in sup.reason
+
+
+def test_a_hung_envoy_is_taken_out_comes_back_and_if_hung_for_good_is_restarted(
+        tmp_path: Path, layout: Layout) -> None:
+    """SIGSTOP freezes the real Envoy: its /ready no longer answers. After failure_threshold missed
+    answers the sidecar is not ready; SIGCONT brings it back; frozen past restart_threshold it is
+    killed and replaced, which counts as a crash."""
+    from dataclasses import replace
+
+    spec = make(tmp_path)
+    spec = replace(spec, policy=replace(spec.policy, liveness_period=0.2, liveness_timeout=0.2,
+                                        failure_threshold=2, restart_threshold=8))
+    loop = Loop()
+    sup = Supervisor(spec, layout, loop.post)
+    sup.start()
+    try:
+        assert loop.run_until(sup, lambda: sup.state is State.RUNNING), sup.reason
+        first = sup.pid
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)
+        assert loop.run_until(sup, lambda: sup.state is State.UNRESPONSIVE, timeout=20), sup.reason
+        assert not sup.ready and "not answering its readiness check" in sup.reason
+        os.kill(first, signal.SIGCONT)
+        assert loop.run_until(sup, lambda: sup.state is State.RUNNING, timeout=20), sup.reason
+        assert sup.pid == first and sup.restarts == 0  # the same proxy, nothing counted
+
+        os.kill(first, signal.SIGSTOP)
+        assert loop.run_until(sup, lambda: sup.state is State.RUNNING and sup.pid != first, timeout=30), sup.reason
+        assert sup.restarts == 1 and len(sup.machine.exits) == 1  # a crash, counted
+        assert not psutil.pid_exists(first)
+    finally:
+        sup.stop(drain=False)

@@ -244,3 +244,35 @@ def test_a_stop_during_a_restart_wins() -> None:
     m.stopped()
     assert m.state is State.STOPPED
     assert m.start(3.0) is Action.SPAWN
+
+
+def test_a_ready_proxy_that_stops_answering_is_taken_out_then_back_or_killed() -> None:
+    m = machine(failure_threshold=3, restart_threshold=5)
+    m.start(0.0)
+    m.ready(0.5)
+    # Fewer failures than the threshold: still ready.
+    assert m.liveness(10.0, 1) is Action.NONE and m.liveness(20.0, 2) is Action.NONE
+    assert m.state is State.RUNNING
+    assert m.liveness(30.0, 3) is Action.NONE
+    assert m.state is State.UNRESPONSIVE and "3 times in a row" in m.reason
+    # It answers again: ready again, nothing counted.
+    assert m.liveness(40.0, 0) is Action.NONE and m.state is State.RUNNING and m.restarts == 0
+    # Hung for good: out at 3, killed at 5 (once), and its exit is a crash with the reason told.
+    for n in (1, 2, 3, 4):
+        assert m.liveness(50.0 + n, n) is Action.NONE
+    assert m.state is State.UNRESPONSIVE
+    assert m.liveness(55.0, 5) is Action.KILL
+    assert m.liveness(56.0, 6) is Action.NONE  # the kill is under way
+    m.exited(56.5, "process 7 (envoy) killed by SIGKILL")
+    assert m.state is State.BACKOFF and "not answering its readiness check 5 times in a row" in m.reason
+    assert len(m.exits) == 1
+
+
+def test_without_a_restart_threshold_an_unresponsive_proxy_is_only_taken_out() -> None:
+    m = machine(failure_threshold=2, restart_threshold=0)
+    m.start(0.0)
+    m.ready(0.5)
+    assert all(m.liveness(10.0 * n, n) is Action.NONE for n in range(1, 50))
+    assert m.state is State.UNRESPONSIVE
+    assert m.restarting(600.0, "asked")  # a restart the agent asks for still works from here
+    assert m.state is State.RESTARTING
