@@ -16,10 +16,8 @@ The decisions:
 - who owns the entry (entry.ownership): never touch one held by another instance with a live lease;
 - failures: never delete on uncertainty; retry with agent.retry's backoff (Retry-After honoured, 30 s
   cap) and converge with a full read when the API answers again; resync every `resync` seconds. A
-  renewal the API did not answer (unreachable, timeout, 5xx, 429) is retried as a renewal: one write
-  carrying the lease's resourceVersion, which fails with 409 or 404 if the lease changed or went (the
-  reaper deletes it first; the entry owns it), and that converges in full. A fleet coming back from an
-  outage thus costs one request per agent, not three;
+  renewal not answered (unreachable, timeout, 5xx, 429) is retried as a renewal, one write (a lease
+  changed, gone or created anew converges in full: converge.renew): after an outage, one request;
 - a new address (move): the entry at the new address is converged first, then the one at the old
   address is withdrawn with its lease (make before break: the VM stays in the mesh throughout). The
   withdrawal is an ordinary convergence to WITHDRAW, so the old entry is left alone if another instance
@@ -399,8 +397,7 @@ class Registrar:
             if self._renew_retry is None:
                 self._renew_retry = (self.state, self.message)
             self._next_renew = now + self._backoff.next_delay(err.retry_after)
-            self._set(State.RETRYING, f"{err}; renewing in {self._next_renew - now:.1f}s (nothing is deleted "
-                      "meanwhile)")
+            self._set(State.RETRYING, f"{err}; renewing in {self._next_renew - now:.1f}s (nothing is deleted)")
             return
         self._renew_retry = None
         if isinstance(err, Unavailable):
