@@ -264,7 +264,7 @@ class LeaseConfig:
 
     duration: Duration = field(_d("40s"), min=5.0, max=3600.0,
                                help="leaseDurationSeconds: silent this long, the VM counts as dead")
-    renew: Duration = field(_d("10s"), min=1.0, max=1800.0, help="renewal period (jittered)")
+    renew: Duration = field(_d("20s"), min=1.0, max=1800.0, help="renewal period (jittered)")
 
 
 @dataclass(frozen=True)
@@ -288,14 +288,14 @@ class RegistryConfig:
     on_unhealthy: Literal["delete", "condition"] = field(
         "delete", help="delete the entry, or keep it with condition Healthy=False")
     lease: LeaseConfig = field(factory=LeaseConfig)
-    resync: Duration = field(_d("5m"), min=5.0, max=86400.0, help="re-read and fix the entry this often")
+    resync: Duration = field(_d("15m"), min=5.0, max=86400.0, help="re-read and fix the entry this often")
     timeout: Duration = field(_d("10s"), min=0.5, max=300.0, help="per API request: connect, and each wait "
                               "for bytes")
     request_deadline: Duration = field(_d("30s"), min=1.0, max=600.0,
                                        help="a whole API request, retries included: an API server that "
                                        "trickles its answer is cut then; a watch is cut this long after the "
                                        "server should have ended it")
-    backoff: BackoffConfig = field(factory=lambda: BackoffConfig(_d("500ms"), _d("30s")))
+    backoff: BackoffConfig = field(factory=lambda: BackoffConfig(_d("500ms"), _d("18s")))
     events: bool = field(True, help="record Kubernetes Events (events.k8s.io/v1) on the entry: why it was "
                          "registered, withdrawn or left alone")
 

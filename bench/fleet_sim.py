@@ -2,15 +2,17 @@
 
     python -m bench.fleet_sim --agents 10000
     python bench/fleet_sim.py --agents 500 --latency lognormal:0.004:0.5 --seats 0 --outage 60
-    python -m bench.fleet_sim --agents 500 --renew 20 --resync 900     # try other timings
+    python -m bench.fleet_sim --agents 500 --renew 10 --resync 300     # try other timings
 
 Each agent is the real registration state machine (agent.registry.registrar.Registrar) with its real
 operations (converge, renew) and the real backoff (agent.retry), driven on a simulated clock: the
 operation a registrar submits runs at once against an in-memory store through SimKube, whose every
 call is one request to the API model and advances the operation's own clock by that request's time;
 the outcome reaches the registrar when the last request is answered. The WorkloadGroup watcher (a
-thread in the agent) is modelled here: list, then a watch that the server ends after `--watch-timeout`,
-list again; on failure a wait from the same backoff the agent's watcher uses (0.5 s doubling to 30 s).
+thread in the agent, agent.registry.group) is modelled here: list once, then watches, each asking for
+a timeout uniform in [`--watch-timeout`, twice that]; when one ends or breaks the next resumes from its
+resourceVersion without a list (the model keeps every version, so it never answers 410 Gone); on
+failure a wait from the same backoff the agent's watcher uses (0.5 s doubling to 30 s).
 
 The API model:
 - every request takes a service time drawn from `--latency` and holds one seat meanwhile;
@@ -307,7 +309,7 @@ GROUP_OBJ = {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup",
 
 class Agent:
     __slots__ = ("entry", "idx", "recovered", "reg", "sim", "state", "wake_at", "watch_backoff", "watch_gen",
-                 "watch_until")
+                 "watch_rng", "watch_until")
 
     def __init__(self, sim: Sim, idx: int, settings: Settings, rng: random.Random) -> None:
         self.sim, self.idx = sim, idx
@@ -315,12 +317,12 @@ class Agent:
         address = f"10.{(n >> 16) & 255}.{(n >> 8) & 255}.{n & 255}"
         self.entry = E.build_entry(E.EntryInputs(group=GROUP_OBJ, address=address,
                                                  instance=settings.instance))
-        cls = RenewRetryRegistrar if sim.what_if.renew_retry else Registrar
-        self.reg = cls(settings, self.build, self.submit, rng)
+        self.reg = Registrar(settings, self.build, self.submit, rng)
         if sim.what_if.retry_after_jitter:
             self.reg._backoff = RetryAfterJitterBackoff(settings.backoff_initial, settings.backoff_max, rng)
         self.wake_at = math.inf
         self.watch_backoff = Backoff(*WATCHER_BACKOFF, rng=rng)
+        self.watch_rng = random.Random(rng.getrandbits(64))  # the follower's own, as in the agent
         self.watch_gen, self.watch_until = 0, -math.inf  # the open watch (its end, when it has one)
         self.state = self.reg.state
         self.recovered = False
@@ -339,11 +341,8 @@ class Agent:
 
 @dataclass(frozen=True)
 class WhatIf:
-    """Behaviours the agent does not have (yet), to weigh them; all off by default."""
+    """Behaviours the agent does not have, to weigh them; off by default."""
 
-    renew_retry: bool = False    # a renewal the API did not answer is retried as a renewal
-    watch_resume: bool = False   # a broken group watch resumes from its resourceVersion, without a list
-    watch_jitter: bool = False   # the watch's timeout is uniform in [T, 2T], as client-go's reflectors do
     retry_after_jitter: bool = False  # wait Retry-After plus a jitter of up to as much again
 
 
@@ -359,33 +358,6 @@ class RetryAfterJitterBackoff(Backoff):
         delay = ra + self.rng.uniform(0, min(self.ceiling(), max(ra, self.initial)))
         self.attempts += 1
         return delay
-
-
-class RenewRetryRegistrar(Registrar):
-    """What-if: when a renewal finds the API unavailable, retry the renewal (one request) with the same
-    backoff instead of a full convergence (three). A renewal that then finds the lease changed or gone
-    converges as before; and since the lease is owned by the entry, an entry deleted meanwhile takes its
-    lease along, so a successful renewal still means the entry is there."""
-
-    _before_retry: State | None = None
-
-    def _on_error(self, err: ApiError, now: float, want: Any) -> None:
-        lease, resync_at, state = self._lease, self._next_converge, self.state
-        super()._on_error(err, now, want)
-        if want is None and isinstance(err, Unavailable) and lease is not None:
-            if self._before_retry is None:
-                self._before_retry = state
-            self._lease, self._next_renew, self._next_converge = lease, self._next_converge, resync_at
-
-    def _on_result(self, ev: RegistryResult, now: float) -> None:
-        current = ev.seq == self._in_flight
-        renewal = current and self._in_flight_want is None
-        super()._on_result(ev, now)
-        if not current or ev.outcome.error is not None:
-            return  # a failed renewal was handled by _on_error
-        if renewal and not ev.outcome.lost_lease and self._before_retry is not None:
-            self._set(self._before_retry, "lease renewed after the API came back")
-        self._before_retry = None
 
 
 class Sim:
@@ -461,7 +433,9 @@ class Sim:
                 self.recovered >= len(self.agents) and self.registered >= len(self.agents):
             self.all_recovered_at = t
 
-    # The group watcher: list (field selector on the name), watch until the server ends it, again.
+    # The group watcher (agent.registry.group): list once (field selector on the name), then watch, each
+    # watch asking for a timeout uniform in [T, 2T]; when one ends or breaks, the next resumes from the
+    # resourceVersion it had, without a list. (The model keeps every version: no 410 Gone.)
     def _list(self, a: Agent, t: float, resume: bool) -> None:
         done = t
         if not resume:
@@ -472,9 +446,9 @@ class Sim:
             self.push(done, GROUP_SEEN, a.idx, GroupSeen(GROUP_OBJ))
         result, done2, ra = self.api.request(done, "watch workloadgroups")
         if result != OK:
-            self.push(done2 + a.watch_backoff.next_delay(ra), LIST, a.idx, resume or None)
+            self.push(done2 + a.watch_backoff.next_delay(ra), LIST, a.idx, True)
             return
-        ends = done2 + self.watch_timeout * (1.0 + a.reg.rng.random() if self.what_if.watch_jitter else 1.0)
+        ends = done2 + self.watch_timeout * (1.0 + a.watch_rng.random())
         cut = self.api._next_outage(done2)
         a.watch_gen += 1
         a.watch_until = min(ends, cut)
@@ -491,11 +465,11 @@ class Sim:
 
     def _watch_ended(self, a: Agent, t: float, failed: bool) -> None:
         a.watch_until = -math.inf
-        if failed:  # the stream broke: list again (or watch on from where it was) after a backoff
-            self.push(t + a.watch_backoff.next_delay(), LIST, a.idx, self.what_if.watch_resume or None)
+        if failed:  # the stream broke: watch on from where it was, after a backoff
+            self.push(t + a.watch_backoff.next_delay(), LIST, a.idx, True)
         else:
             a.watch_backoff.reset()
-            self.push(t, LIST, a.idx, None)
+            self.push(t, LIST, a.idx, True)
 
 
 # --- the run and its report -------------------------------------------------------------------------------
@@ -539,7 +513,7 @@ def simulate(args: argparse.Namespace) -> Report:
                    queue_capacity=args.hand_size * args.queue_length, wait_limit=args.wait_limit,
                    client_timeout=args.timeout)
     timings = {k: getattr(args, k) for k in agent_defaults()}
-    what_if = WhatIf(args.renew_retry, args.watch_resume, args.watch_jitter, args.retry_after_jitter)
+    what_if = WhatIf(args.retry_after_jitter)
     sim = Sim(args.agents, timings, api, args.seed, args.ramp, what_if)
     n = args.agents
     limit = args.ramp + 120 + n * 0.3
@@ -587,7 +561,7 @@ def print_report(r: Report, args: argparse.Namespace) -> None:
     print(f"API model: latency {args.latency}, {args.seats or 'unlimited'} seats, "
           f"{args.hand_size}x{args.queue_length} queued, wait limit {args.wait_limit:g}s; "
           f"outage {args.outage:g}s; seed {args.seed}")
-    ifs = [k for k in ("renew_retry", "watch_resume", "watch_jitter", "retry_after_jitter") if getattr(args, k)]
+    ifs = [k for k in ("retry_after_jitter",) if getattr(args, k)]
     if ifs:
         print("what-ifs (not the agent's behaviour today): " + ", ".join(k.replace("_", "-") for k in ifs))
     bucket = args.bucket
@@ -641,7 +615,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--backoff-max", type=float, default=d["backoff_max"])
     g.add_argument("--timeout", type=float, default=d["timeout"], help="registry.timeout (s)")
     g.add_argument("--watch-timeout", type=float, default=d["watch_timeout"],
-                   help="the group watch's timeoutSeconds (s)")
+                   help="the group watch's shortest timeoutSeconds (s); each watch's is uniform in [T, 2T]")
     a = p.add_argument_group("API server model")
     a.add_argument("--latency", default="lognormal:0.01:0.5",
                    help="service time: const:S, uniform:LO:HI, exp:MEAN, lognormal:MEDIAN:SIGMA")
@@ -652,12 +626,6 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--queue-length", type=int, default=50, help="requests per queue")
     a.add_argument("--wait-limit", type=float, default=15.0, help="longest wait in a queue (s)")
     w = p.add_argument_group("what-ifs: behaviours the agent does not have, to weigh them")
-    w.add_argument("--renew-retry", action="store_true",
-                   help="retry a renewal the API did not answer as a renewal, not a full convergence")
-    w.add_argument("--watch-resume", action="store_true",
-                   help="resume a broken group watch from its resourceVersion instead of listing again")
-    w.add_argument("--watch-jitter", action="store_true",
-                   help="group watch timeout uniform in [T, 2T] (client-go's reflectors) instead of T")
     w.add_argument("--retry-after-jitter", action="store_true",
                    help="wait Retry-After plus up to as much again, instead of exactly Retry-After")
     r = p.add_argument_group("reaping (printed, not simulated)")

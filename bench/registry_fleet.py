@@ -1,12 +1,12 @@
 """A fleet of registrars against one Kubernetes API emulator: steady-state cost and outage recovery.
 
-    python bench/registry_fleet.py                # 500 agents, 300 s steady window, 60 s outage
+    python bench/registry_fleet.py                # 500 agents, a steady window of one resync, 60 s outage
     python bench/registry_fleet.py --quick        # 50 agents, 30 s window, 10 s outage
 
 Each agent is a real Registrar + worker + group watcher (the daemon's registry parts, threads), with
 its own client and connections; the agents run in --procs child processes so that they do not share
-the emulator's interpreter, production lease timings (40 s lease, renewed every 10 s, resync
-5 min) unless overridden. Prints:
+the emulator's interpreter, with the agent's default timings (agent.config: lease, renew, resync,
+backoff, request timeout) unless overridden. Prints:
 - API requests per agent per minute at steady state (by verb and resource);
 - after an outage of the API server: the time until every agent has renewed its lease again and is
   REGISTERED, the peak request rate (per second) and the requests spent on recovery.
@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from agent.config import RegistryConfig  # noqa: E402
 from agent.health.state import Health  # noqa: E402
 from agent.kube.auth import Credentials  # noqa: E402
 from agent.kube.client import Kube  # noqa: E402
@@ -80,15 +81,18 @@ class Counter:
 
 
 def main() -> int:
+    reg = RegistryConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--agents", type=int, default=500)
-    p.add_argument("--steady", type=float, default=300.0, help="steady-state window, seconds")
+    p.add_argument("--steady", type=float, default=None,
+                   help="steady-state window, seconds (default: the longer of 300 s and --resync)")
     p.add_argument("--outage", type=float, default=60.0, help="API outage, seconds")
-    p.add_argument("--lease", type=float, default=40.0)
-    p.add_argument("--renew", type=float, default=10.0)
-    p.add_argument("--resync", type=float, default=300.0)
-    p.add_argument("--backoff-initial", type=float, default=0.5)
-    p.add_argument("--backoff-max", type=float, default=30.0)
+    p.add_argument("--lease", type=float, default=float(reg.lease.duration), help="registry.lease.duration")
+    p.add_argument("--renew", type=float, default=float(reg.lease.renew), help="registry.lease.renew")
+    p.add_argument("--resync", type=float, default=float(reg.resync), help="registry.resync")
+    p.add_argument("--backoff-initial", type=float, default=float(reg.backoff.initial))
+    p.add_argument("--backoff-max", type=float, default=float(reg.backoff.max))
+    p.add_argument("--timeout", type=float, default=float(reg.timeout), help="registry.timeout (per request)")
     p.add_argument("--ramp", type=float, default=20.0, help="spread the agents' starts over this long")
     p.add_argument("--quick", action="store_true", help="50 agents, 30 s window, 10 s outage")
     p.add_argument("--procs", type=int, default=4,
@@ -98,6 +102,8 @@ def main() -> int:
     args = p.parse_args()
     if args.quick:
         args.agents, args.steady, args.outage, args.ramp = 50, 30.0, 10.0, 5.0
+    if args.steady is None:
+        args.steady = max(300.0, args.resync)
     if args.child:
         return child(args)
 
@@ -121,7 +127,7 @@ def main() -> int:
     t0 = time.monotonic()
     print(f"starting {args.agents} agents in {args.procs} processes over {args.ramp:.0f}s (lease "
           f"{args.lease:g}s, renew {args.renew:g}s, resync {args.resync:g}s, backoff {args.backoff_initial:g}s.."
-          f"{args.backoff_max:g}s)", flush=True)
+          f"{args.backoff_max:g}s, request timeout {args.timeout:g}s; steady window {args.steady:g}s)", flush=True)
     fleet = Fleet(args, str(kc))
 
     def all_registered() -> bool:
@@ -212,7 +218,7 @@ class Fleet:
             cmd = [sys.executable, __file__, "--child", str(first), str(count), "--kubeconfig", kubeconfig,
                    "--lease", str(args.lease), "--renew", str(args.renew), "--resync", str(args.resync),
                    "--backoff-initial", str(args.backoff_initial), "--backoff-max", str(args.backoff_max),
-                   "--ramp", str(args.ramp)]
+                   "--timeout", str(args.timeout), "--ramp", str(args.ramp)]
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             self.procs.append(proc)
             threading.Thread(target=self._read, args=(k, proc), daemon=True).start()
@@ -247,7 +253,7 @@ def child(args: argparse.Namespace) -> int:
 
         def build(group: dict, address: str = address, instance: str = instance) -> dict:
             return E.build_entry(E.EntryInputs(group=group, address=address, instance=instance))
-        kube = Kube.from_credentials(Credentials(kubeconfig=args.kubeconfig), timeout=10.0)
+        kube = Kube.from_credentials(Credentials(kubeconfig=args.kubeconfig), timeout=args.timeout)
         settings = Settings(NS, GROUP, instance, args.lease, args.renew, args.resync,
                             backoff_initial=args.backoff_initial, backoff_max=args.backoff_max)
         d = Driver(kube, settings, build).start()

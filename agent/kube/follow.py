@@ -12,6 +12,8 @@ rebuilds when the object is not the one it built from).
 - When a watch ends (the server's timeout, or it broke), the follower reads and watches again; with
   `resume`, it watches on from the last resourceVersion it saw instead, and reads again only when the
   server says that version is gone.
+- With `jitter`, each watch asks for a timeout drawn uniformly in [T, 2T] (as client-go's reflectors
+  do), so that followers started together do not all end their watches together ever after.
 - Every failure is reported and waited out with agent.retry's backoff (the server's Retry-After is a
   floor); an expired watch is waited out too (so a server that expires every watch at once is not
   hammered), without a report. The backoff resets once a watch ends normally.
@@ -22,6 +24,7 @@ rebuilds when the object is not the one it built from).
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -69,14 +72,17 @@ class Follower:
     def __init__(self, target: Target, *, seen: Callable[[Obj], None], gone: Callable[[], None],
                  failed: Callable[[ApiError], None] | None = None, watch_timeout: int = 300,
                  backoff: Backoff | None = None, resume: bool = False, since: str | None = None,
-                 name: str = "follow") -> None:
+                 name: str = "follow", jitter: bool = False, rng: random.Random | None = None) -> None:
         """`since`: a resourceVersion already known (what the caller last read itself): the first watch
-        starts there, without a read."""
+        starts there, without a read. `jitter`: each watch's timeout is drawn in [watch_timeout,
+        2 x watch_timeout]."""
         self.target = target
         self.seen, self.gone, self.failed = seen, gone, failed
         self.watch_timeout = watch_timeout
         self.backoff = backoff or Backoff(0.5, 30.0)
         self.resume = resume
+        self.jitter = jitter
+        self.rng = rng or random.Random()
         self.version: str | None = since or None   # where the next watch starts; None: read first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.run, name=name, daemon=True)
@@ -130,8 +136,14 @@ class Follower:
             if not self.resume:
                 self.version = None
 
+    def next_timeout(self) -> int:
+        """The timeoutSeconds of the next watch."""
+        if not self.jitter:
+            return self.watch_timeout
+        return self.watch_timeout + int(self.rng.random() * (self.watch_timeout + 1))
+
     def _watch(self) -> None:
-        for kind, obj in self.target.watch(self.version, self.watch_timeout):
+        for kind, obj in self.target.watch(self.version, self.next_timeout()):
             if self._stop.is_set():
                 return
             if kind == "ERROR":

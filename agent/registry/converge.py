@@ -160,11 +160,16 @@ def _cond(entry_obj: dict[str, Any] | None) -> bool | None:
 
 
 def renew(kube: Kube, lease: dict[str, Any], spec: Spec, now: Callable[[], dt.datetime] = now) -> Outcome:
-    """Renew our lease with its resourceVersion as precondition: one request at steady state."""
+    """Renew our lease with its resourceVersion as precondition: one request at steady state. The lease
+    changed (409), gone (404), or created anew by the apply (a new uid: a server that creates on apply
+    despite the resourceVersion; the reaper deletes the lease before the entry) is a lost lease."""
     meta = lease["metadata"]
     new = E.build_lease(meta["name"], meta["namespace"], spec.instance, spec.lease_duration, now(),
                         previous=lease, owner=(meta.get("ownerReferences") or [None])[0], writer=kube.whoami())
     try:
-        return Outcome(present=True, lease=kube.apply(LEASES, new), wrote=("lease",))
+        renewed = kube.apply(LEASES, new)
     except (Conflict, NotFound):
         return Outcome(lost_lease=True)
+    if meta.get("uid") and _uid(renewed) != meta["uid"]:
+        return Outcome(lost_lease=True)
+    return Outcome(present=True, lease=renewed, wrote=("lease",))

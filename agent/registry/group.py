@@ -1,6 +1,10 @@
 """The registry's WorkloadGroup follower (agent.kube.follow): what it sees, posted to the loop as
-GroupSeen / GroupGone / GroupUnavailable. It lists the group by name, watches it until the server ends
-the watch (WATCH_TIMEOUT), and lists again; failures are backed off (BACKOFF) and reported."""
+GroupSeen / GroupGone / GroupUnavailable. It lists the group by name once, then watches it: each watch
+asks for a timeout drawn in [WATCH_TIMEOUT, 2 x WATCH_TIMEOUT] (so a fleet started together does not
+list and watch together every period), and when it ends or breaks the next one resumes from the last
+resourceVersion seen; it lists again only when the server says that version is gone (410 Gone).
+Failures are backed off (BACKOFF) and reported. After an API outage an agent thus costs one watch
+request, not a list and a watch."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from agent.kube.errors import ApiError
 from agent.kube.follow import Follower, custom_object
 from agent.retry import Backoff
 
-WATCH_TIMEOUT = 300         # seconds: the watch's timeoutSeconds
+WATCH_TIMEOUT = 300         # seconds: the shortest watch timeoutSeconds (jittered up to twice as long)
 BACKOFF = (0.5, 30.0)       # seconds: the first and the longest wait after a failure
 
 
@@ -47,4 +51,5 @@ def follow_group(kube: Kube, namespace: str, name: str, post: Callable[[object],
 
     return Follower(custom_object(kube, GROUPS, namespace, name, f"WorkloadGroup {namespace}/{name}"),
                     seen=seen, gone=lambda: post(GroupGone(namespace, name)), failed=failed,
-                    watch_timeout=watch_timeout, backoff=backoff or Backoff(*BACKOFF), name="group-watcher")
+                    watch_timeout=watch_timeout, backoff=backoff or Backoff(*BACKOFF), name="group-watcher",
+                    resume=True, jitter=True)

@@ -16,7 +16,9 @@ The decisions:
 - who owns the entry (entry.ownership): never touch one another instance holds with a live lease, or
   that the API server refuses this credential (agent.registry.fencing: back off, the reaper removes it);
 - failures: never delete on uncertainty; retry with agent.retry's backoff (Retry-After honoured, 30 s
-  cap) and converge with a full read when the API answers again; resync every `resync` seconds;
+  cap) and converge with a full read when the API answers again; resync every `resync` seconds. A
+  renewal not answered (unreachable, timeout, 5xx, 429) is retried as a renewal, one write (a lease
+  changed, gone or created anew converges in full: converge.renew): after an outage, one request;
 - a new address (move): the entry at the new address is converged first, then the one at the old
   address is withdrawn with its lease (make before break: the VM stays in the mesh throughout). The
   withdrawal is an ordinary convergence to WITHDRAW, so the old entry is left alone if another instance
@@ -30,7 +32,7 @@ import datetime as dt
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from agent.health.state import Health
@@ -40,7 +42,7 @@ from agent.registry import entry as E
 from agent.registry.converge import Outcome, Spec, Want, converge, renew
 from agent.registry.fencing import Fence
 from agent.registry.group import GroupGone, GroupSeen, GroupUnavailable
-from agent.registry.states import Change, RegistrationStatus, Settings, State, decide_want
+from agent.registry.states import Change, Inputs, RegistrationStatus, Settings, State, decide_want, why_withdrawn
 from agent.registry.worker import RegistryResult
 from agent.retry import Backoff
 
@@ -50,17 +52,6 @@ log = logging.getLogger(__name__)
 # --- the state machine (runs in the loop) ---------------------------------------------------------
 
 MAX_CHANGES = 64
-
-@dataclass
-class _Inputs:
-    health: Health = Health.UNKNOWN
-    message: str = ""
-    cause: str = ""
-    maintenance: bool = False
-    group: dict[str, Any] | None = None
-    group_deleted: bool = False
-    shutting_down: bool = False
-
 
 class Registrar:
     """The registration state machine. Loop-thread only; see the module docstring.
@@ -76,7 +67,7 @@ class Registrar:
         self.build = build
         self.submit = submit
         self.rng = rng or random.Random()
-        self.inputs = _Inputs()
+        self.inputs = Inputs()
         self.state = State.STARTING
         self.message = "not reconciled yet"
         self.conflict_holder: str | None = None
@@ -105,6 +96,7 @@ class Registrar:
         self._retire_seq: int | None = None
         self._retire_at = 0.0
         self._finish_pending: str | None = None   # shutdown done but for the old entry
+        self._renew_retry: tuple[State, str] | None = None  # retrying a renewal: the state it had
 
     # inputs ----------------------------------------------------------------------------------------
     def set_health(self, health: Health, message: str = "", cause: str = "") -> None:
@@ -222,6 +214,8 @@ class Registrar:
         if self._dirty and self._next_converge > now and self.state not in (State.RETRYING, State.REFUSED,
                                                                              State.CONFLICT):
             self._next_converge = now
+        elif self._dirty and self._renew_retry is not None and self._next_renew is not None:
+            self._next_converge = min(self._next_converge, self._next_renew)  # converge at the next try
         if now >= self._next_converge:
             self._start_converge(now)
             return now + self.s.lease_renew
@@ -250,7 +244,7 @@ class Registrar:
             self._next_converge = now + self.s.backoff_max
             self._dirty = False
             return
-        self._entry_name = desired["metadata"]["name"]
+        self._entry_name, self._renew_retry = desired["metadata"]["name"], None
         self._address = str((desired.get("spec") or {}).get("address") or "")
         spec = Spec(desired, self.s.instance, self.s.lease_duration, self.s.condition_mode,
                     self.inputs.message)
@@ -320,6 +314,9 @@ class Registrar:
                 self._lease = out.lease
                 self._schedule_renew(now)
                 self._confirmed(self._known, now)
+                if self._renew_retry is not None:
+                    self._set(*self._renew_retry)
+            self._renew_retry = None
             return
         if out.conflict_holder is not None:
             self._conflicts_in_row += 1
@@ -348,7 +345,7 @@ class Registrar:
         if out.wrote:
             log.info("registry: %s (%s)", ", ".join(out.wrote), self._name())
         if not out.present:
-            reason = self._why_withdrawn() if want is not Want.HOLD else (
+            reason = why_withdrawn(self.inputs, self.s) if want is not Want.HOLD else (
                 "not registered; waiting for " + ("the WorkloadGroup" if self.inputs.group is None
                                                   else "the app's health"))
             self._set(State.WITHDRAWN if want is not Want.HOLD else State.HELD, reason)
@@ -395,6 +392,14 @@ class Registrar:
             return
         self._conflicts_in_row = 0
         self._unconfirmed(now)
+        if want is None and isinstance(err, Unavailable) and self._lease is not None:
+            # A renewal not answered: renew again (the resync stays as it was).
+            if self._renew_retry is None:
+                self._renew_retry = (self.state, self.message)
+            self._next_renew = now + self._backoff.next_delay(err.retry_after)
+            self._set(State.RETRYING, f"{err}; renewing in {self._next_renew - now:.1f}s (nothing is deleted)")
+            return
+        self._renew_retry = None
         if isinstance(err, Unavailable):
             delay = self._backoff.next_delay(err.retry_after)
             self._set(State.RETRYING, f"{err}; retrying in {delay:.1f}s (nothing is deleted meanwhile)")
@@ -405,24 +410,12 @@ class Registrar:
             delay = self._backoff.next_delay()
             self._set(State.RETRYING, str(err))
         self._next_converge = now + delay
-        # A renewal that failed is retried as a full convergence, which renews too.
+        # Any other failed renewal is retried as a full convergence, which renews too.
         self._next_renew = None
 
     def _schedule_renew(self, now: float) -> None:
         self._conflicts_in_row = 0
         self._next_renew = now + self.s.lease_renew * self.rng.uniform(0.8, 1.0)
-
-    def _why_withdrawn(self) -> str:
-        i = self.inputs
-        if i.shutting_down:
-            return "withdrawn for shutdown"
-        if i.maintenance:
-            return "withdrawn: maintenance (mesh-agent register ends it)"
-        if i.group_deleted:
-            return f"withdrawn: the WorkloadGroup {self.s.namespace}/{self.s.group} was deleted"
-        if i.health is Health.UNHEALTHY:
-            return f"withdrawn: the app is unhealthy{': ' + i.message if i.message else ''}"
-        return "not registered"
 
     def _finish_or_retire(self, why: str) -> None:
         """Shutdown is done with the entry; withdraw the one at an old address first, if any."""

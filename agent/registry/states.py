@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from agent.health.state import Health
 from agent.registry.converge import Want
@@ -77,15 +78,40 @@ class Settings:
     group: str
     instance: str
     lease_duration: float = 40.0
-    lease_renew: float = 10.0
-    resync: float = 300.0
+    lease_renew: float = 20.0
+    resync: float = 900.0
     condition_mode: bool = False
     backoff_initial: float = 0.5
-    backoff_max: float = 30.0
+    backoff_max: float = 18.0
     withdraw_on_shutdown: bool = True
 
 
 # --- inputs and the wanted outcome ----------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    """What the registrar is told: the app's health (and why), maintenance, the group, the stop."""
+
+    health: Health = Health.UNKNOWN
+    message: str = ""
+    cause: str = ""
+    maintenance: bool = False
+    group: dict[str, Any] | None = None
+    group_deleted: bool = False
+    shutting_down: bool = False
+
+
+def why_withdrawn(i: Inputs, s: Settings) -> str:
+    if i.shutting_down:
+        return "withdrawn for shutdown"
+    if i.maintenance:
+        return "withdrawn: maintenance (mesh-agent register ends it)"
+    if i.group_deleted:
+        return f"withdrawn: the WorkloadGroup {s.namespace}/{s.group} was deleted"
+    if i.health is Health.UNHEALTHY:
+        return f"withdrawn: the app is unhealthy{': ' + i.message if i.message else ''}"
+    return "not registered"
+
 
 def decide_want(health: Health, maintenance: bool, group_known: bool, group_deleted: bool,
                 condition_mode: bool, shutting_down: bool, withdraw_on_shutdown: bool = True) -> Want:

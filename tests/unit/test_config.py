@@ -235,8 +235,8 @@ def test_minimal_file_gets_documented_defaults() -> None:
     assert cfg.sidecar.profile == "istio"
     assert cfg.sidecar.backoff.initial == 0.2 and cfg.sidecar.backoff.max == 30.0
     assert cfg.sidecar.crash_loop.max_exits == 5 and cfg.sidecar.crash_loop.window == 120.0
-    assert cfg.registry.lease.duration == 40.0 and cfg.registry.lease.renew == 10.0
-    assert cfg.registry.resync == 300.0
+    assert cfg.registry.lease.duration == 40.0 and cfg.registry.lease.renew == 20.0
+    assert cfg.registry.resync == 900.0 and cfg.registry.backoff.max == 18.0
     assert cfg.registry.on_unhealthy == "delete"
     assert cfg.shutdown.propagation == 5.0
     assert cfg.app.probe is None

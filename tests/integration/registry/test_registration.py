@@ -245,3 +245,113 @@ def test_group_watch_survives_compacted_history(cluster: Cluster, drivers: list[
     watches = [r for r in list(cluster.api.requests)
                if "watch=" in r.query and "/workloadgroups" in r.path and r.user.endswith("billing-vm")]
     assert len(watches) == 1
+
+
+def test_a_renewal_not_answered_costs_one_request_per_try(cluster: Cluster, drivers: list[Driver]) -> None:
+    """The lease's writes fail twice (503): each retry is the renewal alone (a PATCH of the lease with its
+    resourceVersion), no reads, and the third one renews it."""
+    d = cluster.agent(lease=6.0, renew=0.5, resync=600.0)
+    drivers.append(d)
+    healthy(d)
+    wait_for(cluster.entry, what="the entry")
+    wait_for(lambda: state_is(d, State.REGISTERED), what="REGISTERED")
+    n0 = len(cluster.api.requests)
+    cluster.api.faults.status(503, method="PATCH", path="leases", times=2)
+
+    def registry_requests() -> list:
+        return [r for r in list(cluster.api.requests)[n0:] if "/workloadentries" in r.path or "/leases" in r.path]
+    wait_for(lambda: [r.code for r in registry_requests()][:3] == [503, 503, 200], timeout=15,
+             what="two failed renewals and a third that renewed")
+    wait_for(lambda: state_is(d, State.REGISTERED), what="REGISTERED again")
+    reqs = registry_requests()
+    assert reqs and all(r.method == "PATCH" and r.path.endswith(f"/leases/{ENTRY}") for r in reqs)
+
+
+def test_a_renewal_that_finds_the_lease_gone_converges(cluster: Cluster, drivers: list[Driver]) -> None:
+    """The lease is deleted (as the reaper does first) while renewals fail: the next renewal finds it gone
+    (a 404, or the emulator's apply creates it anew, as kube-apiserver may: a new uid) and the registrar
+    reads the entry and converges in full."""
+    d = cluster.agent(lease=6.0, renew=0.5, resync=600.0)
+    drivers.append(d)
+    healthy(d)
+    wait_for(cluster.entry, what="the entry")
+    wait_for(lambda: state_is(d, State.REGISTERED), what="REGISTERED")
+    n0 = len(cluster.api.requests)
+    cluster.api.faults.status(503, method="PATCH", path="leases", times=1)
+    wait_for(lambda: any(r.code == 503 for r in list(cluster.api.requests)[n0:]), what="a failed renewal")
+    cluster.api.delete("Lease", NS, ENTRY)
+    wait_for(lambda: any(r.method == "GET" and r.path.endswith(f"/workloadentries/{ENTRY}")
+                         for r in list(cluster.api.requests)[n0:]), timeout=15, what="a full convergence")
+    wait_for(lambda: state_is(d, State.REGISTERED), what="REGISTERED")
+    entry = cluster.entry()
+    assert entry is not None
+    wait_for(lambda: (cluster.lease() or {}).get("metadata", {}).get("ownerReferences", [{}])[0].get("uid")
+             == entry["metadata"]["uid"], what="a lease owned by the entry")
+
+
+def test_a_renewed_lease_whose_entry_was_deleted_brings_the_entry_back(cluster: Cluster,
+                                                                        drivers: list[Driver]) -> None:
+    """The reaper's order (lease, then entry) while the agent cannot reach the API: when it comes back,
+    its renewal does not pass for a registration; the entry is written again."""
+    d = cluster.agent(lease=6.0, renew=0.5, resync=600.0)
+    drivers.append(d)
+    healthy(d)
+    uid = wait_for(cluster.entry, what="the entry")["metadata"]["uid"]
+    wait_for(lambda: state_is(d, State.REGISTERED), what="REGISTERED")
+    cluster.api.faults.status(503, method="PATCH", path="leases", times=3)
+    wait_for(lambda: state_is(d, State.RETRYING), what="renewals failing")
+    cluster.api.delete("Lease", NS, ENTRY)
+    cluster.api.delete("WorkloadEntry", NS, ENTRY)
+    wait_for(lambda: (cluster.entry() or {}).get("metadata", {}).get("uid") not in (None, uid), timeout=20,
+             what="the entry written again")
+    wait_for(lambda: state_is(d, State.REGISTERED), what="REGISTERED")
+
+
+def group_requests(cluster: Cluster, watch: bool) -> list:
+    return [r for r in list(cluster.api.requests) if r.path.endswith(f"/namespaces/{NS}/workloadgroups")
+            and r.user.endswith("billing-vm") and ("watch=" in r.query) == watch]
+
+
+def test_group_watch_resumes_after_an_outage_without_listing(cluster: Cluster, drivers: list[Driver]) -> None:
+    """The API goes away under the open group watch; the group changes meanwhile. The watcher watches on
+    from the resourceVersion it had (no list) and the change comes through: the entry gets the label."""
+    d = cluster.agent(watch_timeout=30)
+    drivers.append(d)
+    healthy(d)
+    wait_for(cluster.entry, what="the entry")
+    wait_for(lambda: group_requests(cluster, watch=True), what="the group watch")
+    assert len(group_requests(cluster, watch=False)) == 1
+    cluster.api.outage(1.0)
+    relabel_store(cluster, {"app": GROUP, "tier": "gold"})
+    wait_for(lambda: (cluster.entry() or {}).get("metadata", {}).get("labels", {}).get("tier") == "gold",
+             timeout=20, what="the new label through the resumed watch")
+    watches = group_requests(cluster, watch=True)
+    assert len(watches) >= 2 and all("resourceVersion=" in r.query for r in watches)
+    assert len(group_requests(cluster, watch=False)) == 1  # resumed: no list
+
+
+def test_group_watch_lists_again_when_its_version_is_gone(cluster: Cluster, drivers: list[Driver]) -> None:
+    """While the watch is broken the group changes and the history is compacted: the resumed watch gets
+    410 Gone, and the watcher lists again, which brings the change."""
+    d = cluster.agent(watch_timeout=30)
+    drivers.append(d)
+    healthy(d)
+    wait_for(cluster.entry, what="the entry")
+    wait_for(lambda: group_requests(cluster, watch=True), what="the group watch")
+    cluster.api.outage(1.5)
+    relabel_store(cluster, {"app": GROUP, "tier": "silver"})
+    cluster.api.compact()
+    wait_for(lambda: (cluster.entry() or {}).get("metadata", {}).get("labels", {}).get("tier") == "silver",
+             timeout=20, what="the new label through a new list")
+    assert len(group_requests(cluster, watch=False)) == 2
+
+
+def relabel_store(cluster: Cluster, labels: dict[str, str]) -> None:
+    """Change the group in the emulator's store directly (no request: it works during an outage too)."""
+    from devkit.kubeapi.auth import Identity
+    from devkit.kubeapi.cluster import Request
+    rt = cluster.api.cluster.by_kind("WorkloadGroup")
+    obj = cluster.api.get("WorkloadGroup", NS, GROUP)
+    assert obj is not None
+    obj["spec"]["metadata"]["labels"] = labels
+    cluster.api.cluster.update(rt, "v1", NS, GROUP, obj, Request(Identity("admin")))

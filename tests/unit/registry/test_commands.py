@@ -87,7 +87,7 @@ def test_plan_from_config_and_cluster_env() -> None:
            "ISTIO_METAJSON_LABELS": '{"app":"billing","version":"v1"}', "ISTIO_META_NETWORK": "net1"}
     plan = make_plan(cfg.registry, env, machine_id="m" * 32, address="10.0.0.5", bundle_kubeconfig="/b/kc")
     assert plan.settings.namespace == "vm-apps" and plan.settings.group == "billing"
-    assert plan.settings.lease_duration == 40 and plan.settings.lease_renew == 10
+    assert plan.settings.lease_duration == 40 and plan.settings.lease_renew == 20
     assert plan.settings.condition_mode and plan.credentials.kubeconfig == "/b/kc"
     assert plan.events  # Kubernetes Events by default
     quiet = C.parse("bundle: {source: /b}\nregistry: {events: false}\n")

@@ -53,7 +53,7 @@ def test_decide_want_table() -> None:
 
 
 def test_register_renew_and_resync() -> None:
-    r, rec = make()
+    r, rec = make(lease_renew=10.0, resync=300.0)
     r.handle(GroupSeen(GROUP), 0)
     r.set_health(Health.HEALTHY)
     r.tick(0)
@@ -264,3 +264,95 @@ def test_a_confirmed_withdrawal_and_an_unhealthy_mark_are_known_as_such() -> Non
     r2.tick(0)
     result(r2, 3, present=True, healthy=False, lease=LEASE)
     assert r2.status().known is State.UNHEALTHY
+
+
+def registered(**kw: object) -> tuple[Registrar, Rec]:
+    """A registrar that registered at t=1 and is due to renew."""
+    r, rec = make(**kw)
+    r.handle(GroupSeen(GROUP), 0)
+    r.set_health(Health.HEALTHY)
+    r.tick(0)
+    result(r, 1, present=True, lease=LEASE, wrote=("lease", "entry"))
+    assert r.state is State.REGISTERED
+    return r, rec
+
+
+def test_a_renewal_not_answered_is_retried_as_a_renewal() -> None:
+    """Unreachable, timed out, 5xx or 429: the lease is renewed again (one write), not converged (three
+    requests); the resync keeps its time, and the state is what it was once the renewal succeeds."""
+    r, rec = registered()
+    resync = r._next_converge
+    t = r._next_renew
+    assert t is not None
+    for i, err in enumerate([Unavailable("patch", "x", None, "connection refused"),
+                             Unavailable("patch", "x", 503, "down"),
+                             Unavailable("patch", "x", 429, "slow down", retry_after=7.0)]):
+        r.tick(t)
+        assert r._in_flight_want is None and len(rec.ops) == 2 + i  # a renewal
+        result(r, t, error=err)
+        assert r.state is State.RETRYING and "nothing is deleted" in r.message
+        assert r._lease is LEASE and r._next_converge == resync
+        assert r.status().unknown_since is not None
+        t = r.tick(t)
+        assert t == r._next_renew
+    assert t >= 1 + 7.0  # Retry-After is a floor of the wait
+    r.tick(t)
+    assert r._in_flight_want is None  # still a renewal
+    renewed = {**LEASE, "metadata": {**LEASE["metadata"], "resourceVersion": "9"}}
+    result(r, t + 0.1, present=True, lease=renewed)
+    assert (r.state, r.message) == (State.REGISTERED, "registered")
+    assert r._lease is renewed and r.status().unknown_since is None and r._backoff.attempts == 0
+    assert r._next_converge == resync
+    assert r._next_renew is not None and t + 0.1 + 0.8 * r.s.lease_renew <= r._next_renew
+
+
+def test_a_renewal_that_finds_the_lease_changed_or_gone_converges() -> None:
+    """409 or 404 (renew() says lost_lease): someone else wrote the lease, or the reaper deleted it (it
+    deletes the lease before the entry): the next operation is a full convergence, at once."""
+    r, _ = registered()
+    t = r._next_renew
+    assert t is not None
+    r.tick(t)
+    result(r, t, error=Unavailable("patch", "x", 503, "down"))
+    t = r.tick(t)
+    r.tick(t)
+    assert r._in_flight_want is None
+    result(r, t, lost_lease=True)
+    assert r._lease is None
+    r.tick(t)
+    assert r._in_flight_want is Want.REGISTER
+    result(r, t + 1, present=True, lease=LEASE, wrote=("lease", "entry"))
+    assert r.state is State.REGISTERED
+
+
+def test_other_renewal_failures_converge_as_before() -> None:
+    r, _ = registered()
+    t = r._next_renew
+    assert t is not None
+    r.tick(t)
+    result(r, t, error=Unauthorized("patch", "leases", 403, "forbidden"))
+    assert r.state is State.REFUSED and r._next_renew is None
+    r.tick(r._next_converge)
+    assert r._in_flight_want is Want.REGISTER
+
+
+def test_a_change_while_renewals_are_retried_converges_at_the_next_try() -> None:
+    """The app goes down while the API is away: the next try is the withdrawal, not a renewal, and it
+    does not wait for the resync."""
+    r, _ = registered()
+    t = r._next_renew
+    assert t is not None
+    r.tick(t)
+    result(r, t, error=Unavailable("patch", "x", 503, "down"))
+    retry_at = r._next_renew
+    assert retry_at is not None and retry_at < r._next_converge
+    r.set_health(Health.UNHEALTHY, "probe failed")
+    assert r.tick(t + 0.01) == retry_at
+    r.tick(retry_at)
+    assert r._in_flight_want is Want.WITHDRAW
+    result(r, retry_at, error=Unavailable("delete", "x", 503, "down"))  # a convergence's failure: as before
+    assert r.state is State.RETRYING and r._next_renew is None
+    r.tick(r._next_converge)
+    assert r._in_flight_want is Want.WITHDRAW
+    result(r, r._next_converge, present=False, wrote=("delete entry", "delete lease"))
+    assert r.state is State.WITHDRAWN
