@@ -190,12 +190,14 @@ def main() -> int:
     print("load average at the start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     tmp = Path(tempfile.mkdtemp(prefix="mesh-agent-bench-"))
     # Damping off: the benchmark kills the app on purpose, many times in a row.
-    # Production timings (probe every 10 s, lease 40 s renewed every 10 s), so the idle numbers are the
-    # defaults'; the app's death is seen through its process, not the probe.
+    # Production timings (probe every 10 s; lease 40 s renewed every 20 s, resync 15 m: the defaults, in
+    # place of the rig's quick test timings), so the idle numbers are the defaults'; the app's death is
+    # seen through its process, not the probe.
     app = {"flap": {"max_transitions": 1000, "window": "1s"},
            "probe": {"period": "10s", "timeout": "1s", "failure_threshold": 3}}
     # The proxy is killed on purpose too: a crash-loop budget that allows it.
-    with rig(tmp, logging={"level": "info"}, app=app, registry={"lease": {"duration": "40s", "renew": "10s"}},
+    registry = {"lease": {"duration": "40s", "renew": "20s"}, "resync": "15m", "timeout": "10s"}
+    with rig(tmp, logging={"level": "info"}, app=app, registry=registry,
              metrics={"enabled": True}, sidecar={"crash_loop": {"max_exits": 1000}}) as r:
         r.prepare()
         r.start_app()
