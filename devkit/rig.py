@@ -223,3 +223,12 @@ def rig(tmp: Path, **overrides: Any) -> Iterator[Rig]:
     finally:
         r.cleanup()
         api.stop()
+
+
+@contextlib.contextmanager
+def app_rig(tmp: Path, **overrides: Any) -> Iterator[Rig]:
+    """A rig with its inputs written and the sample app running: where most whole-agent tests start."""
+    with rig(tmp, **overrides) as r:
+        r.prepare()
+        r.start_app()
+        yield r

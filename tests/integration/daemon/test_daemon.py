@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from devkit.bundleserver import serve
-from devkit.rig import NS, REPO, Rig, agent_env, rig
+from devkit.rig import NS, REPO, Rig, agent_env, app_rig, rig
 from devkit.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -68,9 +68,7 @@ def notify() -> Iterator[NotifySocket]:
 
 @pytest.fixture
 def r(tmp_path: Path) -> Iterator[Rig]:
-    with rig(tmp_path) as rg:
-        rg.prepare()
-        rg.start_app()
+    with app_rig(tmp_path) as rg:
         yield rg
 
 

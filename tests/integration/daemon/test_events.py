@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from devkit.kubeapi.events import core_view
-from devkit.rig import GROUP, NS, REPO, Rig, agent_env, rig
+from devkit.rig import GROUP, NS, REPO, Rig, agent_env, app_rig
 from devkit.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -23,9 +23,7 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.fixture
 def r(tmp_path: Path) -> Iterator[Rig]:
     # Flap damping would hold the app unhealthy after a few flaps; here every flap must go through.
-    with rig(tmp_path, app={"flap": {"min_dwell": "0s", "max_transitions": 100}}) as rg:
-        rg.prepare()
-        rg.start_app()
+    with app_rig(tmp_path, app={"flap": {"min_dwell": "0s", "max_transitions": 100}}) as rg:
         yield rg
 
 

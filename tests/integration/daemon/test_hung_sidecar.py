@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from devkit.rig import Rig, rig
+from devkit.rig import Rig, app_rig
 from devkit.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -21,9 +21,7 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture
 def r(tmp_path: Path) -> Iterator[Rig]:
     live = {"period": "200ms", "timeout": "200ms", "failure_threshold": 2, "restart_threshold": 0}
-    with rig(tmp_path, sidecar={"liveness": live}) as rg:
-        rg.prepare()
-        rg.start_app()
+    with app_rig(tmp_path, sidecar={"liveness": live}) as rg:
         yield rg
 
 

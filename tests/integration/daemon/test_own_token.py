@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from agent import jwtclaims
-from devkit.rig import GROUP, NS, REPO, Rig, agent_env, rig
+from devkit.rig import GROUP, NS, REPO, Rig, agent_env, app_rig
 from devkit.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -28,9 +28,7 @@ SA = "billing-vm"
 
 @pytest.fixture
 def r(tmp_path: Path) -> Iterator[Rig]:
-    with rig(tmp_path) as rg:
-        rg.prepare()
-        rg.start_app()
+    with app_rig(tmp_path) as rg:
         yield rg
 
 

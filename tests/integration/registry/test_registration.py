@@ -247,14 +247,20 @@ def test_group_watch_survives_compacted_history(cluster: Cluster, drivers: list[
     assert len(watches) == 1
 
 
-def test_a_renewal_not_answered_costs_one_request_per_try(cluster: Cluster, drivers: list[Driver]) -> None:
-    """The lease's writes fail twice (503): each retry is the renewal alone (a PATCH of the lease with its
-    resourceVersion), no reads, and the third one renews it."""
+def renewing_often(cluster: Cluster, drivers: list[Driver]) -> Driver:
+    """A registered agent that renews its lease every half second and resyncs hardly ever."""
     d = cluster.agent(lease=6.0, renew=0.5, resync=600.0)
     drivers.append(d)
     healthy(d)
     wait_for(cluster.entry, what="the entry")
     wait_for(lambda: state_is(d, State.REGISTERED), what="REGISTERED")
+    return d
+
+
+def test_a_renewal_not_answered_costs_one_request_per_try(cluster: Cluster, drivers: list[Driver]) -> None:
+    """The lease's writes fail twice (503): each retry is the renewal alone (a PATCH of the lease with its
+    resourceVersion), no reads, and the third one renews it."""
+    d = renewing_often(cluster, drivers)
     n0 = len(cluster.api.requests)
     cluster.api.faults.status(503, method="PATCH", path="leases", times=2)
 
@@ -271,11 +277,7 @@ def test_a_renewal_that_finds_the_lease_gone_converges(cluster: Cluster, drivers
     """The lease is deleted (as the reaper does first) while renewals fail: the next renewal finds it gone
     (a 404, or the emulator's apply creates it anew, as kube-apiserver may: a new uid) and the registrar
     reads the entry and converges in full."""
-    d = cluster.agent(lease=6.0, renew=0.5, resync=600.0)
-    drivers.append(d)
-    healthy(d)
-    wait_for(cluster.entry, what="the entry")
-    wait_for(lambda: state_is(d, State.REGISTERED), what="REGISTERED")
+    d = renewing_often(cluster, drivers)
     n0 = len(cluster.api.requests)
     cluster.api.faults.status(503, method="PATCH", path="leases", times=1)
     wait_for(lambda: any(r.code == 503 for r in list(cluster.api.requests)[n0:]), what="a failed renewal")
@@ -293,11 +295,8 @@ def test_a_renewed_lease_whose_entry_was_deleted_brings_the_entry_back(cluster: 
                                                                         drivers: list[Driver]) -> None:
     """The reaper's order (lease, then entry) while the agent cannot reach the API: when it comes back,
     its renewal does not pass for a registration; the entry is written again."""
-    d = cluster.agent(lease=6.0, renew=0.5, resync=600.0)
-    drivers.append(d)
-    healthy(d)
+    d = renewing_often(cluster, drivers)
     uid = wait_for(cluster.entry, what="the entry")["metadata"]["uid"]
-    wait_for(lambda: state_is(d, State.REGISTERED), what="REGISTERED")
     cluster.api.faults.status(503, method="PATCH", path="leases", times=3)
     wait_for(lambda: state_is(d, State.RETRYING), what="renewals failing")
     cluster.api.delete("Lease", NS, ENTRY)
