@@ -1,11 +1,11 @@
 """Which app ports are listening, which processes own them, and the moment an owner dies.
 
-Cheap at rest: once per `interval` (1 s) while every port listens, and once per `watched_interval`
-(5 s) while moreover every listening port's owners are watched through pidfds (their exit wakes the
-watcher at once, so the scan only has to catch a port closed by a process that lives on, or a socket
-replaced), it asks the kernel for the listening TCP sockets (sock_diag over netlink, about 0.1 ms;
-reading /proc/net/tcp{,6} instead, the fallback, walks every socket and costs milliseconds on a busy
-host) to learn their inodes. While a
+Cheap at rest: once per `interval` (1 s) while every port listens (`watched_interval`, by default the
+same 1 s, while moreover every listening port's owners are watched through pidfds: their exit wakes the
+watcher at once, so the scan then only has to catch a port closed by a process that lives on, or a
+socket replaced; the agent keeps that within a second), it asks the kernel for the listening TCP
+sockets (sock_diag over netlink, about 0.1 ms; reading /proc/net/tcp{,6} instead, the fallback, walks
+every socket and costs milliseconds on a busy host) to learn their inodes. While a
 watched port is not listening it asks every `down_interval` (50 ms) instead, so an app that comes
 back is seen at once; that cost (about 0.5 % of a core) is paid only while the app is down, and only
 for its first minute down (then every 250 ms; on the /proc fallback always 250 ms).
@@ -89,7 +89,7 @@ class PortWatch:
     def __init__(self, ports: Iterable[int], post: Callable[[object], None], *, interval: float = 1.0,
                  down_interval: float = 0.05, watch_process: bool = True, fallback_interval: float = 0.05,
                  owner_retry: float = 30.0, use_pidfd: bool | None = None,
-                 watched_interval: float = 5.0) -> None:
+                 watched_interval: float = 1.0) -> None:
         self._post = post
         self.interval = interval
         self.watched_interval = max(interval, watched_interval)
