@@ -12,12 +12,12 @@ refresher only watches it and reports.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent.background import Background
 from agent.fsutil import atomic_write
 from agent.identity.common import Provider, Token
 from agent.redact import register_secret
@@ -118,7 +118,7 @@ def instance_key(token: Token, provider: str) -> str | None:
     return f"{provider}:{value}"
 
 
-class IdentityRefresher:
+class IdentityRefresher(Background):
     """Fetches the token now and before each one expires; posts IdentityRefreshed / ...Failed."""
 
     def __init__(self, provider: Provider, path: str | None, post: Callable[[object], None], *,
@@ -129,8 +129,7 @@ class IdentityRefresher:
         self.fraction = fraction
         self.backoff = backoff or Backoff(initial=1.0, max=60.0)
         self.current: Token | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="identity-refresh", daemon=True)
+        super().__init__("identity-refresh")
 
     def refresh_once(self) -> Token:
         token = self.provider.fetch()
@@ -151,16 +150,7 @@ class IdentityRefresher:
         wait = max(1.0, token.refresh_in(self.fraction))
         return min(wait, FILE_POLL) if self.provider.name == "oidc-file" else wait
 
-    def start(self) -> IdentityRefresher:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _loop(self) -> None:
+    def run(self) -> None:
         wait = self.wait_after(self.current) if self.current is not None else 0.0
         while not self._stop.is_set():
             if wait and self._stop.wait(wait):

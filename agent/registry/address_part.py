@@ -26,12 +26,12 @@ the question to the watcher, whose first look then counts at once.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from agent import config
+from agent.background import Background
 from agent.bundle.model import Bundle
 from agent.part import BundleInUse, Context, FatalError
 from agent.registry.address import AddressError, decide, fixed
@@ -51,7 +51,7 @@ class AddressChanged:
 WAITING_EVERY = 1.0  # seconds between looks while this VM has no address at all
 
 
-class AddressWatcher:
+class AddressWatcher(Background):
     """A thread that decides the address every `interval` seconds and posts AddressChanged when a new
     one is seen twice in a row. Without a current address it looks every WAITING_EVERY seconds, and the
     first address found counts at once; with `until_found`, the watch ends there."""
@@ -62,21 +62,11 @@ class AddressWatcher:
         self._until_found = until_found
         # A new configuration: its first answer is no flicker and counts without a second look.
         self._trust_first = trust_first
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="address-watch", daemon=True)
+        super().__init__("address-watch")
         self._candidate: str | None = None
         self._problem: str | None = None
 
-    def start(self) -> AddressWatcher:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
+    def run(self) -> None:
         if self._trust_first:
             self.look()
         while not self._stop.wait(self.interval if self.current is not None else WAITING_EVERY):

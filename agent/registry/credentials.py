@@ -16,7 +16,6 @@ service account (bound tokens die with it) or the rule ends that. See docs/bundl
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import jwtclaims
+from agent.background import Background
 from agent.fsutil import atomic_write
 from agent.redact import register_secret
 
@@ -121,7 +121,7 @@ class OwnTokenRenewFailed:
     expiry: float | None  # of the token still in use
 
 
-class OwnTokenRenewer:
+class OwnTokenRenewer(Background):
     """A thread that renews the agent's token at `fraction` of its lifetime and posts the outcome.
 
     Failures are retried with agent.retry's backoff; the current token stays in use until it expires.
@@ -137,16 +137,7 @@ class OwnTokenRenewer:
         self.fraction = fraction
         self.backoff = backoff or Backoff(initial=1.0, max=60.0)
         self.clock = clock
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="own-token-renew", daemon=True)
-
-    def start(self) -> OwnTokenRenewer:
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
+        super().__init__("own-token-renew")
 
     def _current(self) -> TokenClaims | None:
         try:
@@ -155,7 +146,7 @@ class OwnTokenRenewer:
         except (OSError, CredentialError):
             return None
 
-    def _loop(self) -> None:
+    def run(self) -> None:
         # The first wait comes from the token's claims and this VM's clock; after a renewal, from the
         # new token's lifetime alone, so a skewed clock cannot make it renew in a loop.
         claims = self._current()
